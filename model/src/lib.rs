@@ -1,0 +1,1 @@
+//! Shared model of nix-tier.
