@@ -1,0 +1,109 @@
+//! Compiles the C++ shim (cpp-shim/) against the exact Nix that will load the plugin.
+//!
+//! Nix is found through pkg-config (`nix-expr`); its version becomes preprocessor defines so that
+//! cpp-shim/nix-compat.hh can pick the right API, and is recorded in the plugin so a plugin loaded
+//! into a different Nix refuses to register instead of crashing on a changed C++ ABI.
+//! The shim is linked `+whole-archive`: its only entry points are static registrations, which the
+//! linker would otherwise drop as unreferenced.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+/// Debian installs Nix's pkg-config files outside the default search path.
+const DEBIAN_NIX_PKGCONFIG: &str = "/usr/lib/nix/pkgconfig";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let workspace = manifest_dir.parent().unwrap().to_path_buf();
+    let shim = workspace.join("cpp-shim");
+
+    let nix = probe_nix_expr();
+    let version = parse_version(&nix.version);
+    let include = nix_include_dir(&workspace, &nix);
+    // Tests set this to build a plugin that claims another Nix version (the mismatch guard).
+    let recorded = env::var("NIX_TIER_RECORDED_NIX_VERSION").unwrap_or_else(|_| nix.version.clone());
+
+    let mut build = cxx_build::bridge("src/ffi.rs");
+    build
+        .file(shim.join("shim.cc"))
+        .include(&shim)
+        // -isystem: Nix's headers are not ours to warn about.
+        .flag("-isystem")
+        .flag(include.to_str().expect("UTF-8 include path"))
+        .flag("-isystem")
+        .flag(include.join("nix").to_str().expect("UTF-8 include path"))
+        .std("c++17")
+        .define("NIX_TIER_NIX_VERSION_MAJOR", version.0.to_string().as_str())
+        .define("NIX_TIER_NIX_VERSION_MINOR", version.1.to_string().as_str())
+        .define("NIX_TIER_NIX_VERSION_PATCH", version.2.to_string().as_str())
+        .define("NIX_TIER_BUILT_FOR_NIX", format!("\"{recorded}\"").as_str())
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .link_lib_modifier("+whole-archive")
+        .compile("nix_tier_shim");
+
+    for path in &nix.link_paths {
+        println!("cargo:rustc-link-search=native={}", path.display());
+    }
+    for lib in &nix.libs {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
+    for file in ["shim.cc", "shim.hh", "nix-compat.hh"] {
+        println!("cargo:rerun-if-changed={}", shim.join(file).display());
+    }
+    println!("cargo:rerun-if-changed=src/ffi.rs");
+    println!("cargo:rerun-if-env-changed=NIX_TIER_NIX_INCLUDE");
+    println!("cargo:rerun-if-env-changed=NIX_TIER_RECORDED_NIX_VERSION");
+    println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
+}
+
+fn probe_nix_expr() -> pkg_config::Library {
+    let probe = || pkg_config::Config::new().cargo_metadata(false).probe("nix-expr");
+    if let Ok(lib) = probe() {
+        return lib;
+    }
+    let path = match env::var("PKG_CONFIG_PATH") {
+        Ok(p) if !p.is_empty() => format!("{DEBIAN_NIX_PKGCONFIG}:{p}"),
+        _ => DEBIAN_NIX_PKGCONFIG.to_string(),
+    };
+    env::set_var("PKG_CONFIG_PATH", path);
+    probe().unwrap_or_else(|e| {
+        panic!(
+            "nix-tier: pkg-config cannot find `nix-expr` ({e}).\n\
+             Install Nix's development files: on Debian bookworm run ./scripts/setup; \
+             with Nix, build through flake.nix (`nix build` or `nix develop`)."
+        )
+    })
+}
+
+/// Finds the directory holding `nix/eval.hh` (or `eval.hh` directly under a `nix` include path).
+fn nix_include_dir(workspace: &Path, nix: &pkg_config::Library) -> PathBuf {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Ok(dir) = env::var("NIX_TIER_NIX_INCLUDE") {
+        candidates.push(dir.into());
+    }
+    candidates.push(workspace.join("build/nix-headers").join(&nix.version));
+    for path in &nix.include_paths {
+        candidates.push(path.parent().map(Path::to_path_buf).unwrap_or_else(|| path.clone()));
+    }
+    if let Some(found) = candidates.iter().find(|dir| dir.join("nix/eval.hh").is_file()) {
+        return found.clone();
+    }
+    panic!(
+        "nix-tier: found Nix {} through pkg-config, but not its headers (nix/eval.hh) in any of: {}.\n\
+         Debian's nix-bin ships no headers: run ./scripts/setup, which unpacks them from Debian's \
+         `nix` source package, or set NIX_TIER_NIX_INCLUDE to a directory containing nix/eval.hh.",
+        nix.version,
+        candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )
+}
+
+fn parse_version(version: &str) -> (u32, u32, u32) {
+    let mut parts = version
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
+}

@@ -1,0 +1,19 @@
+//! The bridge between the C++ shim (cpp-shim/shim.cc) and Rust.
+//!
+//! Every function here returns `Result`: cxx turns an `Err` into a C++ `rust::Error`, which the
+//! shim rethrows as a positioned Nix evaluation error. Panics are caught before they reach cxx
+//! (which would abort Nix) and reported as errors too.
+
+#[cxx::bridge(namespace = "nix_tier")]
+mod bridge {
+    extern "Rust" {
+        /// JSON of the hardware profile: the file at `pinned_path` when not empty, else detected.
+        fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String>;
+    }
+}
+
+use crate::{catch_panics, PluginError};
+
+fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String, PluginError> {
+    catch_panics(|| crate::hardware_profile::json(pinned_path, pure_eval))
+}
