@@ -1,0 +1,966 @@
+//! `builtins.optimizeFor` (docs/optimize-for.md) against the real Nix of this machine, on the
+//! nixpkgs-lite fixture (tests/fixtures/nixpkgs-lite): a pure-Nix stand-in for nixpkgs'
+//! mkDerivation, overrideAttrs and override, with one package per language case.
+//!
+//! What the plugin did is read back from the .drv files Nix writes (their environment), from
+//! `passthru.nixTier`, and, end to end, from the machine code of a program built both ways.
+//! Every test has its own store (NixSandbox), so they run in parallel.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix_tier_tests::{stderr, NixSandbox};
+use serde_json::Value;
+
+// ---------------------------------------------------------------------------------------------
+// Expressions over the fixture
+// ---------------------------------------------------------------------------------------------
+
+fn fixture_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nixpkgs-lite");
+    fs::canonicalize(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// The version of the host's gcc, which the fixture's builds run (`stdenv.cc.version`).
+fn host_gcc_version() -> String {
+    let out = Command::new("gcc").arg("-dumpfullversion").output().expect("run gcc");
+    assert!(out.status.success(), "gcc -dumpfullversion failed: {}", stderr(&out));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `body` evaluated with `pkgs` (the fixture), `lib`, `profile` (builtins.hardwareProfile, only
+/// forced when used) and `optimizeFor` in scope. `body` starts on line 2, column 3 of «string».
+fn with_pkgs(body: &str) -> String {
+    let dir = fixture_dir();
+    let dir = dir.to_str().expect("fixture path is UTF-8");
+    assert!(
+        !dir.contains(char::is_whitespace),
+        "fixture path {dir:?} cannot be a Nix path literal"
+    );
+    format!(
+        "let pkgs = import {dir} {{ gccVersion = \"{}\"; }}; inherit (pkgs) lib; \
+         profile = builtins.hardwareProfile; optimizeFor = builtins.optimizeFor; in\n  {body}",
+        host_gcc_version()
+    )
+}
+
+/// Instantiates `body` (a derivation) with nix-instantiate, which writes the .drv (an `--eval`
+/// of `.drvPath` would only compute its path), and returns the .drv's path.
+fn instantiate(sandbox: &NixSandbox, body: &str) -> PathBuf {
+    let expr = with_pkgs(body);
+    let out = sandbox
+        .command("nix-instantiate")
+        .args(["--expr", &expr])
+        .output()
+        .expect("run nix-instantiate");
+    assert!(out.status.success(), "instantiating {body} failed:\n{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let path = PathBuf::from(text.lines().last().expect("nix-instantiate printed a path").trim());
+    assert!(path.is_file(), "{} is not a file", path.display());
+    path
+}
+
+/// Builds `body` (a derivation) with nix-build and `extra` arguments; returns the output path.
+fn build(sandbox: &NixSandbox, body: &str, extra: &[&str]) -> PathBuf {
+    let expr = with_pkgs(body);
+    let out = sandbox
+        .command("nix-build")
+        .args(["--no-out-link"])
+        .args(extra)
+        .args(["--expr", &expr])
+        .output()
+        .expect("run nix-build");
+    assert!(out.status.success(), "building {body} failed:\n{}", stderr(&out));
+    let text = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(text.lines().last().expect("nix-build printed a path").trim())
+}
+
+fn eval(sandbox: &NixSandbox, body: &str) -> Value {
+    sandbox.eval_json(&with_pkgs(body))
+}
+
+fn eval_error(sandbox: &NixSandbox, body: &str) -> String {
+    sandbox.eval_error(&with_pkgs(body), &[])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading .drv files
+// ---------------------------------------------------------------------------------------------
+
+/// A term of the ATerm syntax .drv files are written in.
+#[derive(Debug)]
+enum ATerm {
+    Str(String),
+    List(Vec<ATerm>),
+    Tuple(Vec<ATerm>),
+    App(String, Vec<ATerm>),
+}
+
+struct ATermParser<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+impl ATermParser<'_> {
+    fn parse(text: &str) -> ATerm {
+        let mut p = ATermParser {
+            text: text.as_bytes(),
+            at: 0,
+        };
+        let term = p.term();
+        assert_eq!(p.at, p.text.len(), "trailing text after the derivation");
+        term
+    }
+
+    fn peek(&self) -> u8 {
+        *self.text.get(self.at).expect("derivation text ended early")
+    }
+
+    fn expect(&mut self, byte: u8) {
+        assert_eq!(
+            self.peek() as char,
+            byte as char,
+            "unexpected character at byte {}",
+            self.at
+        );
+        self.at += 1;
+    }
+
+    fn term(&mut self) -> ATerm {
+        match self.peek() {
+            b'"' => ATerm::Str(self.string()),
+            b'[' => ATerm::List(self.sequence(b'[', b']')),
+            b'(' => ATerm::Tuple(self.sequence(b'(', b')')),
+            _ => {
+                let start = self.at;
+                while self.peek().is_ascii_alphanumeric() {
+                    self.at += 1;
+                }
+                let name = String::from_utf8(self.text[start..self.at].to_vec()).unwrap();
+                ATerm::App(name, self.sequence(b'(', b')'))
+            }
+        }
+    }
+
+    fn sequence(&mut self, open: u8, close: u8) -> Vec<ATerm> {
+        self.expect(open);
+        let mut items = Vec::new();
+        while self.peek() != close {
+            if !items.is_empty() {
+                self.expect(b',');
+            }
+            items.push(self.term());
+        }
+        self.expect(close);
+        items
+    }
+
+    fn string(&mut self) -> String {
+        self.expect(b'"');
+        let mut bytes = Vec::new();
+        loop {
+            let c = self.peek();
+            self.at += 1;
+            match c {
+                b'"' => break,
+                b'\\' => {
+                    let escaped = self.peek();
+                    self.at += 1;
+                    bytes.push(match escaped {
+                        b'n' => b'\n',
+                        b'r' => b'\r',
+                        b't' => b'\t',
+                        other => other,
+                    });
+                }
+                other => bytes.push(other),
+            }
+        }
+        String::from_utf8(bytes).expect("derivation strings are UTF-8")
+    }
+}
+
+/// The environment of the derivation at `drv` (the last field of `Derive(...)`).
+fn drv_env(drv: &Path) -> BTreeMap<String, String> {
+    let text = fs::read_to_string(drv).unwrap_or_else(|e| panic!("{}: {e}", drv.display()));
+    let ATerm::App(name, fields) = ATermParser::parse(&text) else {
+        panic!("{}: not Derive(...)", drv.display())
+    };
+    assert_eq!(name, "Derive", "{}", drv.display());
+    let Some(ATerm::List(pairs)) = fields.last() else {
+        panic!("{}: no environment", drv.display())
+    };
+    pairs
+        .iter()
+        .map(|pair| match pair {
+            ATerm::Tuple(kv) => match kv.as_slice() {
+                [ATerm::Str(k), ATerm::Str(v)] => (k.clone(), v.clone()),
+                other => panic!("bad environment entry {other:?}"),
+            },
+            other => panic!("bad environment entry {other:?}"),
+        })
+        .collect()
+}
+
+/// One binding of a .drv's environment as `nix-store --query --binding` reports it, or None.
+fn query_binding(sandbox: &NixSandbox, drv: &Path, name: &str) -> Option<String> {
+    let out = sandbox
+        .command("nix-store")
+        .args(["--query", "--binding", name])
+        .arg(drv)
+        .output()
+        .expect("run nix-store");
+    if !out.status.success() {
+        let err = stderr(&out);
+        assert!(
+            err.contains("has no attribute") || err.contains(name),
+            "nix-store --query failed: {err}"
+        );
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    Some(text.strip_suffix('\n').unwrap_or(&text).to_string())
+}
+
+fn binding<'a>(env: &'a BTreeMap<String, String>, name: &str) -> &'a str {
+    env.get(name)
+        .unwrap_or_else(|| panic!("the .drv has no {name}; it has {:?}", env.keys().collect::<Vec<_>>()))
+}
+
+fn words(s: &str) -> Vec<&str> {
+    s.split_whitespace().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The profile
+// ---------------------------------------------------------------------------------------------
+
+/// What the tests need from the evaluated `builtins.hardwareProfile`.
+struct Host {
+    profile: Value,
+}
+
+impl Host {
+    fn of(sandbox: &NixSandbox) -> Host {
+        Host {
+            profile: sandbox.eval_json("builtins.hardwareProfile"),
+        }
+    }
+
+    fn microarchitecture(&self) -> &str {
+        self.profile["cpu"]["microarchitecture"]
+            .as_str()
+            .expect("cpu.microarchitecture")
+    }
+
+    fn gcc_arch(&self) -> &str {
+        self.profile["cpu"]["gcc"]["arch"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no cpu.gcc.arch in {}", self.profile["cpu"]))
+    }
+
+    /// `-mtune=` expected after `-march=`: the profile's when it records one.
+    fn gcc_tune(&self) -> Option<&str> {
+        self.profile["cpu"]["gcc"]["tune"].as_str()
+    }
+
+    fn features(&self) -> Vec<&str> {
+        self.profile["cpu"]["features"]
+            .as_array()
+            .expect("cpu.features")
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect()
+    }
+
+    fn has(&self, feature: &str) -> bool {
+        self.features().contains(&feature)
+    }
+
+    fn is_x86_64(&self) -> bool {
+        std::env::consts::ARCH == "x86_64"
+    }
+
+    fn cores(&self, tier: &str) -> String {
+        let cores = &self.profile["build"]["tiers"][tier]["cores"];
+        cores
+            .as_u64()
+            .unwrap_or_else(|| panic!("no build.tiers.{tier}.cores"))
+            .to_string()
+    }
+
+    /// `system-features` for a nix-build that may run builds optimised for this host.
+    fn system_features(&self) -> String {
+        format!(
+            "gccarch-{} big-parallel benchmark nixos-test kvm",
+            self.microarchitecture()
+        )
+    }
+}
+
+/// Asserts that `flags` is `original` followed by `-march=<arch>` and a `-mtune=` (plus, when
+/// `opt_level` is given, `-O<level>`), and that nothing else was added.
+fn assert_cpu_flags_appended(host: &Host, flags: &str, original: &str, opt_level: Option<&str>) {
+    let all = words(flags);
+    let before = words(original);
+    assert!(
+        all.starts_with(&before),
+        "the package's own flags {original:?} are not kept first: {flags:?}"
+    );
+    let added = &all[before.len()..];
+    let march = format!("-march={}", host.gcc_arch());
+    assert!(added.contains(&march.as_str()), "{march} not appended: {flags:?}");
+    match host.gcc_tune() {
+        Some(tune) => {
+            let mtune = format!("-mtune={tune}");
+            assert!(added.contains(&mtune.as_str()), "{mtune} not appended: {flags:?}")
+        }
+        None => assert!(
+            added.iter().any(|w| w.starts_with("-mtune=")),
+            "no -mtune= appended: {flags:?}"
+        ),
+    }
+    let levels: Vec<_> = added.iter().filter(|w| w.starts_with("-O")).collect();
+    match opt_level {
+        Some(level) => assert_eq!(levels, [&format!("-O{level}")], "optimisation level in {flags:?}"),
+        None => assert!(
+            levels.is_empty(),
+            "optLevel = null must keep the package's level: {flags:?}"
+        ),
+    }
+}
+
+/// Asserts that the JSON text of `value` mentions one of `keywords` (case-insensitively).
+fn assert_mentions(value: &Value, keywords: &[&str], what: &str) {
+    let text = value.to_string().to_lowercase();
+    assert!(
+        keywords.iter().any(|k| text.contains(&k.to_lowercase())),
+        "{what} mentions none of {keywords:?}: {value}"
+    );
+}
+
+fn assert_tiered(host: &Host, env: &BTreeMap<String, String>, tier: &str) {
+    assert_eq!(binding(env, "NIX_TIER"), tier, "NIX_TIER");
+    assert_eq!(
+        binding(env, "NIX_BUILD_CORES"),
+        host.cores(tier),
+        "NIX_BUILD_CORES of the {tier} tier"
+    );
+}
+
+fn assert_requires_arch(host: &Host, env: &BTreeMap<String, String>) {
+    let feature = format!("gccarch-{}", host.microarchitecture());
+    let features = env.get("requiredSystemFeatures").map(String::as_str).unwrap_or("");
+    assert!(
+        words(features).contains(&feature.as_str()),
+        "requiredSystemFeatures {features:?} lacks {feature}"
+    );
+}
+
+/// The tier optimizeFor picks for a package with no rule: the one it records in passthru.
+fn default_tier(sandbox: &NixSandbox, package: &str) -> String {
+    let tier = eval(
+        sandbox,
+        &format!("(optimizeFor {{ }} pkgs.{package}).passthru.nixTier.tier"),
+    );
+    let tier = tier.as_str().expect("passthru.nixTier.tier is a string").to_string();
+    assert!(["heavy", "medium", "light"].contains(&tier.as_str()), "tier {tier:?}");
+    tier
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fixture alone (no plugin): it must behave like nixpkgs for the tests below to mean anything
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn fixture_builds_and_runs_without_the_plugin() {
+    let sandbox = NixSandbox::with_conf("");
+    let out = build(&sandbox, "pkgs.vecsum", &[]);
+    let run = Command::new(out.join("bin/vecsum")).output().expect("run vecsum");
+    assert!(run.status.success(), "vecsum failed: {}", stderr(&run));
+    assert!(String::from_utf8_lossy(&run.stdout).starts_with("vecsum checksum "));
+    // The cc-wrapper emulation passed the package's NIX_CFLAGS_COMPILE after its arguments.
+    let commands = fs::read_to_string(out.join("nix-support/cc-commands")).unwrap();
+    assert!(
+        commands.trim_end().ends_with("vecsum.c -O3 -DVECSUM_FIXTURE"),
+        "{commands}"
+    );
+
+    for package in [
+        "envflags",
+        "rusty",
+        "gopkg",
+        "python-like",
+        "bigpkg",
+        "gsl",
+        "hello",
+        "fixpoint",
+    ] {
+        build(&sandbox, &format!("pkgs.{package}"), &[]);
+    }
+}
+
+#[test]
+fn fixture_follows_the_nixpkgs_interface() {
+    let sandbox = NixSandbox::with_conf("");
+    let v = eval(
+        &sandbox,
+        r#"{
+          name = pkgs.vecsum.name;
+          switches = builtins.attrNames (lib.functionArgs pkgs.python-like.override);
+          cc = { inherit (pkgs.vecsum.stdenv.cc) isGNU isClang version; };
+          withLto = (pkgs.python-like.override { enableLTO = true; }).configureFlags;
+          prevForm = (pkgs.vecsum.overrideAttrs (old: { NIX_CFLAGS_COMPILE = old.NIX_CFLAGS_COMPILE + " -X"; })).NIX_CFLAGS_COMPILE;
+          finalPrevForm = (pkgs.vecsum.overrideAttrs (final: prev: { NIX_CFLAGS_COMPILE = prev.NIX_CFLAGS_COMPILE + " -Y"; })).NIX_CFLAGS_COMPILE;
+          fixpoint = (pkgs.fixpoint.overrideAttrs { NIX_CFLAGS_COMPILE = "-O3"; }).buildPhase;
+          keepsOverride = (pkgs.python-like.overrideAttrs (old: { })) ? override;
+          passthru = (pkgs.vecsum.overrideAttrs (old: { passthru = (old.passthru or { }) // { t = 1; }; })).passthru.t;
+          passthruNotInDrv = (pkgs.vecsum.overrideAttrs { passthru.t = 1; }).drvPath == pkgs.vecsum.drvPath;
+        }"#,
+    );
+    assert_eq!(v["name"], "vecsum-1.0");
+    assert_eq!(
+        v["switches"],
+        serde_json::json!(["enableLTO", "enableOptimizations", "stdenv"])
+    );
+    assert_eq!(
+        v["cc"],
+        serde_json::json!({ "isGNU": true, "isClang": false, "version": host_gcc_version() })
+    );
+    assert_eq!(v["withLto"], serde_json::json!(["--with-lto"]));
+    assert_eq!(v["prevForm"], "-O3 -DVECSUM_FIXTURE -X");
+    assert_eq!(v["finalPrevForm"], "-O3 -DVECSUM_FIXTURE -Y");
+    assert!(
+        v["fixpoint"].as_str().unwrap().contains("final=-O3"),
+        "{}",
+        v["fixpoint"]
+    );
+    assert_eq!(v["keepsOverride"], true);
+    assert_eq!(v["passthru"], 1);
+    assert_eq!(v["passthruNotInDrv"], true);
+
+    // As in nixpkgs, an attribute both in `env` and at the top level is an error.
+    let err = eval_error(
+        &sandbox,
+        r#"(pkgs.envflags.overrideAttrs { NIX_CFLAGS_COMPILE = "-O2"; }).drvPath"#,
+    );
+    assert!(
+        err.contains("overlapping") && err.contains("NIX_CFLAGS_COMPILE"),
+        "{err}"
+    );
+
+    // The .drv helpers agree with nix-store.
+    let drv = instantiate(&sandbox, "pkgs.vecsum");
+    let env = drv_env(&drv);
+    assert_eq!(binding(&env, "NIX_CFLAGS_COMPILE"), "-O3 -DVECSUM_FIXTURE");
+    assert_eq!(
+        query_binding(&sandbox, &drv, "NIX_CFLAGS_COMPILE").as_deref(),
+        Some("-O3 -DVECSUM_FIXTURE")
+    );
+    assert_eq!(query_binding(&sandbox, &drv, "NO_SUCH_BINDING"), None);
+    assert_eq!(
+        query_binding(&sandbox, &drv, "buildPhase").as_deref(),
+        Some(binding(&env, "buildPhase"))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// What optimizeFor writes into the derivation, per language case
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn c_flags_are_appended_and_the_package_flags_kept() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let drv = instantiate(&sandbox, "optimizeFor { optLevel = 3; } pkgs.vecsum");
+    let env = drv_env(&drv);
+    let flags = binding(&env, "NIX_CFLAGS_COMPILE");
+    assert_cpu_flags_appended(&host, flags, "-O3 -DVECSUM_FIXTURE", Some("3"));
+    assert_eq!(
+        query_binding(&sandbox, &drv, "NIX_CFLAGS_COMPILE").as_deref(),
+        Some(flags)
+    );
+    assert_requires_arch(&host, &env);
+    assert_tiered(&host, &env, &default_tier(&sandbox, "vecsum"));
+
+    // optLevel = null (the default) keeps the package's own level.
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.vecsum"));
+    assert_cpu_flags_appended(&host, binding(&env, "NIX_CFLAGS_COMPILE"), "-O3 -DVECSUM_FIXTURE", None);
+
+    // A package without flags of its own gets them too.
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.hello"));
+    assert_cpu_flags_appended(&host, binding(&env, "NIX_CFLAGS_COMPILE"), "", None);
+}
+
+#[test]
+fn flags_kept_in_env_stay_in_env() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    // A top-level NIX_CFLAGS_COMPILE next to env.NIX_CFLAGS_COMPILE would fail to instantiate
+    // (the fixture checks it as nixpkgs does), so instantiating at all shows it went into env.
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { optLevel = 3; } pkgs.envflags"));
+    assert_cpu_flags_appended(
+        &host,
+        binding(&env, "NIX_CFLAGS_COMPILE"),
+        "-O3 -DVECSUM_FIXTURE",
+        Some("3"),
+    );
+    assert_requires_arch(&host, &env);
+}
+
+#[test]
+fn final_attrs_see_the_appended_flags() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.fixpoint"));
+    let flags = binding(&env, "NIX_CFLAGS_COMPILE");
+    assert_cpu_flags_appended(&host, flags, "-O2", None);
+    assert!(
+        binding(&env, "buildPhase").contains(&format!("final={flags}")),
+        "{}",
+        binding(&env, "buildPhase")
+    );
+}
+
+#[test]
+fn rust_gets_target_cpu() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let target_cpu = host.profile["cpu"]["rustTargetCpu"]
+        .as_str()
+        .expect("cpu.rustTargetCpu");
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.rusty"));
+    assert_eq!(
+        binding(&env, "RUSTFLAGS"),
+        format!("-C debuginfo=0 -C target-cpu={target_cpu}")
+    );
+    assert_cpu_flags_appended(&host, binding(&env, "NIX_CFLAGS_COMPILE"), "", None);
+    assert_requires_arch(&host, &env);
+    let applied = eval(&sandbox, "(optimizeFor { } pkgs.rusty).passthru.nixTier.applied");
+    assert_mentions(&applied, &["RUSTFLAGS", "target-cpu", "rust"], "applied");
+}
+
+#[test]
+fn go_gets_goamd64() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.gopkg"));
+    match host.profile["cpu"]["goamd64"].as_str() {
+        Some(level) => {
+            assert!(host.is_x86_64());
+            assert!(["v1", "v2", "v3", "v4"].contains(&level), "goamd64 {level:?}");
+            assert_eq!(binding(&env, "GOAMD64"), level);
+            let applied = eval(&sandbox, "(optimizeFor { } pkgs.gopkg).passthru.nixTier.applied");
+            assert_mentions(&applied, &["GOAMD64"], "applied");
+        }
+        None => {
+            assert!(!host.is_x86_64(), "an x86-64 profile without cpu.goamd64");
+            assert!(
+                !env.contains_key("GOAMD64"),
+                "GOAMD64 set off x86-64: {:?}",
+                env.get("GOAMD64")
+            );
+        }
+    }
+    // vendorHash = null stays out of the environment (__ignoreNulls, as in nixpkgs).
+    assert!(!env.contains_key("vendorHash"));
+}
+
+#[test]
+fn pgo_and_lto_go_through_override() {
+    let sandbox = NixSandbox::with_plugin("");
+    let body = "optimizeFor { pgo = true; lto = true; } pkgs.python-like";
+    let env = drv_env(&instantiate(&sandbox, body));
+    assert_eq!(binding(&env, "configureFlags"), "--enable-optimizations --with-lto");
+    let phase = binding(&env, "buildPhase");
+    assert!(
+        phase.contains("enableOptimizations=true") && phase.contains("enableLTO=true"),
+        "{phase}"
+    );
+    let v = eval(&sandbox, &format!("let r = {body}; in {{ inherit (r) configureFlags; override = r ? override; applied = r.passthru.nixTier.applied; }}"));
+    assert_eq!(
+        v["configureFlags"],
+        serde_json::json!(["--enable-optimizations", "--with-lto"])
+    );
+    assert_eq!(v["override"], true, "the result lost override");
+    assert_mentions(&v["applied"], &["enableOptimizations", "pgo"], "applied");
+    assert_mentions(&v["applied"], &["enableLTO", "lto"], "applied");
+
+    // Not asked: the switches stay off.
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.python-like"));
+    assert_eq!(binding(&env, "configureFlags"), "");
+
+    // A package without the switches: nothing to override, and the result says so.
+    let skipped = eval(
+        &sandbox,
+        "(optimizeFor { pgo = true; lto = true; } pkgs.vecsum).passthru.nixTier.skipped",
+    );
+    assert_mentions(&skipped, &["pgo", "enableOptimizations"], "skipped");
+    assert_mentions(&skipped, &["lto", "enableLTO"], "skipped");
+}
+
+#[test]
+fn builds_are_tiered() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    // big-parallel: the heavy tier (the default rules name no fixture package).
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { } pkgs.bigpkg"));
+    assert_tiered(&host, &env, "heavy");
+    let features = words(binding(&env, "requiredSystemFeatures"))
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+    assert!(
+        features.contains(&"big-parallel".to_string()),
+        "big-parallel dropped: {features:?}"
+    );
+    assert_requires_arch(&host, &env);
+
+    // An explicit tier wins.
+    for tier in ["heavy", "medium", "light"] {
+        let env = drv_env(&instantiate(
+            &sandbox,
+            &format!("optimizeFor {{ tier = \"{tier}\"; }} pkgs.vecsum"),
+        ));
+        assert_tiered(&host, &env, tier);
+    }
+}
+
+#[test]
+fn passthru_records_what_was_done() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let v = eval(
+        &sandbox,
+        "let r = optimizeFor { optLevel = 3; } pkgs.vecsum; n = r.passthru.nixTier; in {
+           inherit (n) target tier cores applied skipped;
+           original = n.original.drvPath == pkgs.vecsum.drvPath;
+           keepsOwnPassthru = r.passthru ? nixTier && r ? overrideAttrs && r ? override;
+         }",
+    );
+    assert_eq!(v["target"], host.microarchitecture());
+    let tier = v["tier"].as_str().expect("tier");
+    assert_eq!(v["cores"].to_string(), host.cores(tier));
+    assert!(
+        v["applied"].as_array().is_some_and(|a| !a.is_empty()),
+        "applied: {}",
+        v["applied"]
+    );
+    assert_mentions(&v["applied"], &["march", "NIX_CFLAGS_COMPILE", "cflags"], "applied");
+    assert!(
+        v["skipped"].is_object(),
+        "skipped is adaptation → reason: {}",
+        v["skipped"]
+    );
+    assert_eq!(v["original"], true, "original is not the derivation before");
+    assert_eq!(v["keepsOwnPassthru"], true);
+}
+
+#[test]
+fn opted_out_packages_keep_their_flags_but_are_tiered() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let env = drv_env(&instantiate(&sandbox, "optimizeFor { optLevel = 3; } pkgs.gsl"));
+    assert_eq!(
+        binding(&env, "NIX_CFLAGS_COMPILE"),
+        "-DGSL_FIXTURE",
+        "gsl is on the default opt-out list"
+    );
+    assert!(
+        env.contains_key("NIX_TIER") && env.contains_key("NIX_BUILD_CORES"),
+        "an opted-out package is still tiered"
+    );
+    let n = eval(
+        &sandbox,
+        "let n = (optimizeFor { optLevel = 3; } pkgs.gsl).passthru.nixTier; in { inherit (n) applied skipped; }",
+    );
+    assert!(!n["applied"].to_string().contains("march"), "applied: {}", n["applied"]);
+    assert_mentions(&n["skipped"], &["opt-out", "optout", "opted out", "gsl"], "skipped");
+
+    // Merged over the defaults: re-enabling gsl optimises it, and opting out another works.
+    let env = drv_env(&instantiate(
+        &sandbox,
+        "optimizeFor { optLevel = 3; optOut = { gsl = false; }; } pkgs.gsl",
+    ));
+    assert_cpu_flags_appended(&host, binding(&env, "NIX_CFLAGS_COMPILE"), "-DGSL_FIXTURE", Some("3"));
+    let env = drv_env(&instantiate(
+        &sandbox,
+        "optimizeFor { optOut = { vecsum = true; }; } pkgs.vecsum",
+    ));
+    assert_eq!(binding(&env, "NIX_CFLAGS_COMPILE"), "-O3 -DVECSUM_FIXTURE");
+}
+
+#[test]
+fn applying_twice_equals_applying_once_with_the_last_options() {
+    let sandbox = NixSandbox::with_plugin("");
+    let v = eval(
+        &sandbox,
+        r#"let o = { optLevel = 3; }; once = optimizeFor o pkgs.vecsum; in {
+             same = (optimizeFor o once).drvPath == once.drvPath;
+             last = (optimizeFor o (optimizeFor { optLevel = 2; tier = "light"; lto = true; } pkgs.vecsum)).drvPath == once.drvPath;
+             lastPython = (optimizeFor { } (optimizeFor { pgo = true; } pkgs.python-like)).drvPath
+               == (optimizeFor { } pkgs.python-like).drvPath;
+             original = (optimizeFor o once).passthru.nixTier.original.drvPath == pkgs.vecsum.drvPath;
+           }"#,
+    );
+    assert_eq!(
+        v,
+        serde_json::json!({ "same": true, "last": true, "lastPython": true, "original": true })
+    );
+}
+
+#[test]
+fn a_profile_is_accepted_as_the_options() {
+    let sandbox = NixSandbox::with_plugin("");
+    let v = eval(
+        &sandbox,
+        "let d = (optimizeFor { } pkgs.vecsum).drvPath; in {
+           bare = (optimizeFor profile pkgs.vecsum).drvPath == d;
+           wrapped = (optimizeFor { inherit profile; } pkgs.vecsum).drvPath == d;
+         }",
+    );
+    assert_eq!(v, serde_json::json!({ "bare": true, "wrapped": true }));
+}
+
+#[test]
+fn target_names_are_archspec_names_with_dashes_accepted() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    if !host.is_x86_64() {
+        eprintln!("skipped: x86-64 levels need an x86-64 host");
+        return;
+    }
+    let v = eval(
+        &sandbox,
+        r#"let a = optimizeFor { target = "x86_64_v3"; forAnotherMachine = true; } pkgs.vecsum;
+               b = optimizeFor { target = "x86-64-v3"; forAnotherMachine = true; } pkgs.vecsum; in {
+             same = a.drvPath == b.drvPath;
+             target = b.passthru.nixTier.target;
+           }"#,
+    );
+    assert_eq!(v, serde_json::json!({ "same": true, "target": "x86_64_v3" }));
+    let env = drv_env(&instantiate(
+        &sandbox,
+        r#"optimizeFor { target = "x86-64-v3"; forAnotherMachine = true; } pkgs.vecsum"#,
+    ));
+    let flags = binding(&env, "NIX_CFLAGS_COMPILE");
+    // archspec spells it -march=x86-64-v3 for gcc >= 11.1, and with a -m list before.
+    let major: u32 = host_gcc_version().split('.').next().unwrap().parse().unwrap();
+    if major >= 12 {
+        assert!(words(flags).contains(&"-march=x86-64-v3"), "{flags}");
+    } else {
+        assert!(flags.contains("-march=x86-64"), "{flags}");
+    }
+    let features = binding(&env, "requiredSystemFeatures");
+    assert!(words(features).contains(&"gccarch-x86_64_v3"), "{features}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the optimised program uses the wider vectors the host allows
+// ---------------------------------------------------------------------------------------------
+
+fn disassemble(binary: &Path) -> String {
+    let out = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(binary)
+        .output()
+        .expect("run objdump");
+    assert!(out.status.success(), "objdump failed: {}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run_program(binary: &Path) -> String {
+    let out = Command::new(binary)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
+    assert!(out.status.success(), "{} failed: {}", binary.display(), stderr(&out));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn optimised_build_uses_the_host_vector_width() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let features = host.system_features();
+    let conf = ["--option", "system-features", features.as_str()];
+
+    let plain = build(&sandbox, "pkgs.vecsum", &conf);
+    let optimised = build(&sandbox, "optimizeFor { optLevel = 3; } pkgs.vecsum", &conf);
+    assert_ne!(plain, optimised);
+
+    // The flags reached the compiler, after the package's own.
+    let commands = fs::read_to_string(optimised.join("nix-support/cc-commands")).unwrap();
+    assert!(
+        commands.contains(&format!("-O3 -DVECSUM_FIXTURE -march={}", host.gcc_arch())),
+        "{commands}"
+    );
+
+    let plain_out = run_program(&plain.join("bin/vecsum"));
+    let optimised_out = run_program(&optimised.join("bin/vecsum"));
+    assert_eq!(
+        plain_out, optimised_out,
+        "the optimised program computes something else"
+    );
+    assert!(plain_out.starts_with("vecsum checksum "), "{plain_out}");
+
+    if !host.is_x86_64() {
+        eprintln!("skipped the machine-code check: it knows x86-64 vector registers only");
+        return;
+    }
+    if !host.has("avx2") {
+        eprintln!("skipped the machine-code check: this host has no avx2 (only SSE vectors), so both builds use xmm");
+        return;
+    }
+    let plain_asm = disassemble(&plain.join("bin/vecsum"));
+    let optimised_asm = disassemble(&optimised.join("bin/vecsum"));
+    assert!(plain_asm.contains("%xmm"), "the plain build did not vectorise at all");
+    assert!(
+        !plain_asm.contains("%ymm"),
+        "the plain build already uses 256-bit vectors"
+    );
+    assert!(
+        optimised_asm.contains("%ymm"),
+        "the optimised build uses no 256-bit vectors though the host has avx2"
+    );
+}
+
+#[test]
+fn a_build_for_another_machine_is_refused_here() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let Some((target, _, _)) = unrunnable_target(&host) else {
+        eprintln!("skipped: this host can run every candidate target");
+        return;
+    };
+    let features = host.system_features();
+    let expr = with_pkgs(&format!(
+        "optimizeFor {{ target = \"{target}\"; forAnotherMachine = true; }} pkgs.vecsum"
+    ));
+    let out = sandbox
+        .command("nix-build")
+        .args([
+            "--no-out-link",
+            "--option",
+            "system-features",
+            &features,
+            "--expr",
+            &expr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "built for {target} on a host that cannot run it");
+    assert!(stderr(&out).contains(&format!("gccarch-{target}")), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// Nix 2.8 prints the position of an `--expr` call as `at «string»:LINE:COLUMN:`, the column
+/// being where the application starts; `with_pkgs` puts the body at line 2, column 3, so this is
+/// where an unparenthesised `optimizeFor …` body is.
+const CALL_SITE: &str = "«string»:2:3";
+
+#[test]
+fn a_non_derivation_is_a_positioned_error() {
+    let sandbox = NixSandbox::with_plugin("");
+    let err = eval_error(&sandbox, "optimizeFor { } 42");
+    assert!(err.contains("derivation"), "{err}");
+    assert!(err.contains(CALL_SITE), "not positioned at the call: {err}");
+    let err = eval_error(&sandbox, "optimizeFor { } { name = \"not-a-drv\"; }");
+    assert!(err.contains("derivation"), "{err}");
+}
+
+#[test]
+fn bad_options_are_named() {
+    let sandbox = NixSandbox::with_plugin("");
+    let err = eval_error(&sandbox, "optimizeFor { optlevel = 3; } pkgs.vecsum");
+    assert!(err.contains("optlevel"), "unknown option not named: {err}");
+    assert!(err.contains(CALL_SITE), "not positioned at the call: {err}");
+
+    let err = eval_error(&sandbox, "(optimizeFor { lto = \"yes\"; } pkgs.vecsum).drvPath");
+    assert!(
+        err.contains("lto") && err.to_lowercase().contains("bool"),
+        "wrong type not explained: {err}"
+    );
+
+    let err = eval_error(&sandbox, "(optimizeFor { optLevel = 4; } pkgs.vecsum).drvPath");
+    assert!(err.contains("optLevel"), "{err}");
+
+    let err = eval_error(&sandbox, "(optimizeFor { tier = \"huge\"; } pkgs.vecsum).drvPath");
+    assert!(err.contains("huge") && err.contains("heavy"), "{err}");
+
+    let err = eval_error(&sandbox, "(optimizeFor 42 pkgs.vecsum).drvPath");
+    assert!(err.contains("attribute set") || err.contains("options"), "{err}");
+}
+
+#[test]
+fn an_unknown_microarchitecture_is_named() {
+    let sandbox = NixSandbox::with_plugin("");
+    let err = eval_error(&sandbox, "optimizeFor { target = \"pentium9000\"; } pkgs.vecsum");
+    assert!(err.contains("pentium9000"), "{err}");
+    assert!(err.contains(CALL_SITE), "not positioned at the call: {err}");
+}
+
+/// Targets the host may lack, each with features it requires that tell it apart and the `-march`
+/// archspec spells for gcc: the first whose features the host lacks, with the missing ones.
+fn unrunnable_target(host: &Host) -> Option<(&'static str, Vec<&'static str>, Option<&'static str>)> {
+    let candidates: &[(&str, &[&str], Option<&str>)] = if host.is_x86_64() {
+        &[
+            ("haswell", &["avx2", "fma", "bmi2"], Some("-march=haswell")),
+            (
+                "skylake_avx512",
+                &["avx512f", "avx512bw", "avx512vl"],
+                Some("-march=skylake-avx512"),
+            ),
+            (
+                "sapphirerapids",
+                &["amx_tile", "amx_bf16", "amx_int8", "waitpkg", "serialize"],
+                Some("-march=sapphirerapids"),
+            ),
+            ("zen", &["sse4a", "clzero"], Some("-march=znver1")),
+        ]
+    } else {
+        &[
+            ("a64fx", &["sve"], None),
+            ("neoverse_v2", &["sve2", "i8mm", "bf16"], None),
+        ]
+    };
+    candidates.iter().find_map(|(target, features, march)| {
+        let missing: Vec<_> = features.iter().copied().filter(|f| !host.has(f)).collect();
+        (!missing.is_empty()).then_some((*target, missing, *march))
+    })
+}
+
+#[test]
+fn a_target_the_host_cannot_run_needs_for_another_machine() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let Some((target, missing, march)) = unrunnable_target(&host) else {
+        eprintln!("skipped: this host can run every candidate target");
+        return;
+    };
+    let err = eval_error(
+        &sandbox,
+        &format!("(optimizeFor {{ target = \"{target}\"; }} pkgs.vecsum).drvPath"),
+    );
+    assert!(err.contains(target), "target not named: {err}");
+    for feature in &missing {
+        assert!(err.contains(feature), "missing feature {feature} not named: {err}");
+    }
+    assert!(err.contains("forAnotherMachine"), "the way out is not named: {err}");
+
+    let body = format!("optimizeFor {{ target = \"{target}\"; forAnotherMachine = true; }} pkgs.vecsum");
+    let env = drv_env(&instantiate(&sandbox, &body));
+    let flags = binding(&env, "NIX_CFLAGS_COMPILE");
+    if let Some(march) = march {
+        assert!(words(flags).contains(&march), "{march} not in {flags:?}");
+    }
+    let features = binding(&env, "requiredSystemFeatures");
+    assert!(
+        words(features).contains(&format!("gccarch-{target}").as_str()),
+        "{features}"
+    );
+}
