@@ -1,1 +1,36 @@
-//! Shared model of nix-tier.
+//! Shared model of nix-tier: the hardware profile, its detection, and build tiers.
+//!
+//! A [`Profile`] describes the machine Nix builds on (CPU microarchitecture and compiler
+//! targets, memory, swap, GPUs) and how builds share it ([`Build`]: a memory budget and
+//! three [`Tier`]s with per-build job, core and memory limits). A profile is either
+//! detected on the host ([`Profile::detect`]) or pinned in a JSON file
+//! ([`Profile::load_pinned`]); `docs/profile.md` documents the JSON schema.
+//!
+//! This crate needs no Nix headers: the Nix plugin receives profiles as JSON (see
+//! [`hardware_profile_json`]) and the `nix-tier` binary uses the types directly.
+
+#![warn(missing_docs)]
+
+pub mod build;
+pub mod detect;
+pub mod profile;
+pub mod tiers;
+
+use std::path::Path;
+
+pub use build::{Build, Pattern, Rule};
+pub use detect::DetectError;
+pub use profile::{Cpu, GccTarget, Gpu, Memory, Profile, ProfileError, Source, Swap, Zram};
+pub use tiers::{Tier, TierLimits, TierTable};
+
+/// Returns the hardware profile as compact JSON: the pinned profile at `pinned` when given
+/// (validated, with `source` set to `"pinned"`), else the profile detected on this host.
+///
+/// This is the one call the Nix plugin needs; errors render as complete user-facing messages.
+pub fn hardware_profile_json(pinned: Option<&Path>) -> Result<String, ProfileError> {
+    let profile = match pinned {
+        Some(path) => Profile::load_pinned(path)?,
+        None => Profile::detect()?,
+    };
+    Ok(profile.to_json())
+}
