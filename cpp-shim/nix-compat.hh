@@ -17,6 +17,7 @@
 // Nix's own headers expect config.h first (it decides HAVE_BOEHMGC and thus class layouts).
 #include <config.h>
 #include <eval.hh>
+#include <eval-inline.hh>
 #include <globals.hh>
 #include <json-to-value.hh>
 #include <primops.hh>

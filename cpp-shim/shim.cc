@@ -45,6 +45,68 @@ void primHardwareProfile(nix::EvalState & state, compat::PrimOpPos pos, nix::Val
     nix::parseJSON(state, json, v);
 }
 
+/// Strict JSON of a value, for Rust; errors (a function inside, say) are Nix's own, at `pos`.
+std::string toJson(nix::EvalState & state, nix::Value & v, compat::PrimOpPos pos)
+{
+    std::ostringstream out;
+    nix::PathSet context;
+    nix::printValueAsJSON(state, true, v, pos, out, context);
+    return out.str();
+}
+
+/// The Nix half of optimizeFor (plugin/nix/optimize-for.nix): `{ inspect; apply; }`, evaluated
+/// once per EvalState as the hidden constant builtins.nixTierGlue, so it lives in that state's
+/// garbage-collected heap and symbol table.
+void primGlue(nix::EvalState & state, compat::PrimOpPos, nix::Value **, nix::Value & v)
+{
+    auto source = optimize_for_glue();
+    state.eval(state.parseExprFromString(std::string(source.data(), source.size()), "/"), v);
+}
+
+nix::Value & glueFunction(nix::EvalState & state, const char * name, compat::PrimOpPos pos)
+{
+    auto & glue = state.getBuiltin("nixTierGlue");
+    state.forceAttrs(glue, pos);
+    auto attr = glue.attrs->find(state.symbols.create(name));
+    return *attr->value;
+}
+
+void primOptimizeFor(nix::EvalState & state, compat::PrimOpPos pos, nix::Value ** args, nix::Value & v)
+{
+    auto & options = *args[0];
+    auto & drv = *args[1];
+    state.forceValue(options, pos);
+    if (options.type() != nix::nAttrs)
+        compat::throwEvalError(pos, "builtins.optimizeFor: the first argument must be an attribute set "
+            "of options or a hardware profile, but it is " + nix::showType(options));
+    state.forceValue(drv, pos);
+    if (!state.isDerivation(drv))
+        compat::throwEvalError(pos, "builtins.optimizeFor: the second argument must be a derivation "
+            "(as made by stdenv.mkDerivation), but it is " + nix::showType(drv));
+
+    nix::Value facts;
+    state.callFunction(glueFunction(state, "inspect", pos), drv, facts, pos);
+    auto factsJson = toJson(state, facts, pos);
+    auto optionsJson = toJson(state, options, pos);
+    auto planJson = callRust(pos, [&] {
+        return optimize_plan_json(optionsJson, factsJson, settings().hardwareProfile.get(),
+            compat::pureEval(state));
+    });
+
+    auto plan = state.allocValue();
+    nix::parseJSON(state, planJson, *plan);
+    nix::Value applyToPlan;
+    state.callFunction(glueFunction(state, "apply", pos), *plan, applyToPlan, pos);
+    state.callFunction(applyToPlan, drv, v, pos);
+}
+
+const char * const optimizeForDoc = R"(
+  Returns the derivation rebuilt for a CPU: -march/-mtune (and -O) in NIX_CFLAGS_COMPILE, Rust
+  target-cpu, GOAMD64, PGO/LTO switches where the package has them, gccarch-* system features,
+  and the build tier with its cores. Refuses targets this host cannot run unless
+  forAnotherMachine = true. See docs/optimize-for.md.
+)";
+
 const char * const hardwareProfileDoc = R"(
   The host's hardware as an attribute set: CPU (vendor, model, microarchitecture, ISA level,
   gcc arch/tune, Rust target CPU, GOAMD64, features, cores, threads), memory, swap and zram,
@@ -66,6 +128,8 @@ struct Registration
         }
         static nix::GlobalConfig::Register config(&settings());
         compat::registerPrimOp("__hardwareProfile", {}, 0, hardwareProfileDoc, primHardwareProfile);
+        compat::registerPrimOp("__optimizeFor", {"options", "drv"}, 2, optimizeForDoc, primOptimizeFor);
+        compat::registerPrimOp("__nixTierGlue", {}, 0, nullptr, primGlue);
     }
 } registration;
 

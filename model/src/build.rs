@@ -36,15 +36,35 @@ impl Build {
         }
     }
 
-    /// The tier of the derivation named `drv_name` (e.g. `nodejs-22.11.0`): the tier of the
-    /// first rule whose pattern matches its [package name](package_name), else the default.
-    pub fn tier_for(&self, drv_name: &str) -> Tier {
+    /// Classifies a build, in this order: the tier it is `marked` with (by `optimizeFor`), the
+    /// first rule matching its [package name](package_name), `big-parallel` in its
+    /// `requiredSystemFeatures` (heavy), else the default tier.
+    pub fn classify(&self, drv_name: &str, required_features: &[String], marked: Option<Tier>) -> Classification {
+        let decided = |tier: Tier, reason: String| Classification { tier, reason };
+        if let Some(tier) = marked {
+            return decided(tier, format!("marked {tier}"));
+        }
         let name = package_name(drv_name);
-        self.rules
-            .iter()
-            .find(|rule| rule.pattern.matches(name))
-            .map_or(self.default_tier, |rule| rule.tier)
+        if let Some(rule) = self.rules.iter().find(|rule| rule.pattern.matches(name)) {
+            return decided(rule.tier, format!("rule \"{}\" matches {name}", rule.pattern));
+        }
+        if required_features.iter().any(|f| f == BIG_PARALLEL) {
+            return decided(Tier::Heavy, format!("requiredSystemFeatures has {BIG_PARALLEL}"));
+        }
+        decided(self.default_tier, "the default tier".to_string())
     }
+}
+
+/// The system feature nixpkgs gives its heaviest builds (kernels, compilers, browsers).
+pub const BIG_PARALLEL: &str = "big-parallel";
+
+/// A build's tier and the rule that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classification {
+    /// The tier.
+    pub tier: Tier,
+    /// Why, for `nix-tier explain` and `drv.nixTier.tierReason`.
+    pub reason: String,
 }
 
 /// A rule putting matching packages into a tier, e.g. `{ "match": "nodejs*", "tier": "heavy" }`.
@@ -210,10 +230,19 @@ mod tests {
     }
 
     #[test]
-    fn first_matching_rule_wins_else_default() {
+    fn classification_order_is_mark_rule_big_parallel_default() {
         let build = build_with(&[("nodejs", Tier::Heavy), ("node*", Tier::Medium)]);
-        assert_eq!(build.tier_for("nodejs-22.11.0"), Tier::Heavy);
-        assert_eq!(build.tier_for("node-gyp-10.0.1"), Tier::Medium);
-        assert_eq!(build.tier_for("hello-2.12.1"), Tier::Light);
+        let tier = |name: &str, features: &[&str], marked| {
+            let features: Vec<String> = features.iter().map(|f| f.to_string()).collect();
+            build.classify(name, &features, marked).tier
+        };
+        assert_eq!(tier("nodejs-22.11.0", &[], None), Tier::Heavy);
+        assert_eq!(tier("node-gyp-10.0.1", &[], None), Tier::Medium);
+        assert_eq!(tier("hello-2.12.1", &[], None), Tier::Light);
+        assert_eq!(tier("llvm-18.1.0", &["big-parallel"], None), Tier::Heavy);
+        assert_eq!(tier("node-gyp-10.0.1", &["big-parallel"], None), Tier::Medium);
+        assert_eq!(tier("nodejs-22.11.0", &[], Some(Tier::Light)), Tier::Light);
+        let why = build.classify("node-gyp-1", &[], None).reason;
+        assert!(why.contains("node*") && why.contains("node-gyp"), "{why}");
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod build;
 pub mod detect;
+pub mod optimize;
 pub mod profile;
 pub mod tiers;
 

@@ -9,6 +9,17 @@ mod bridge {
     extern "Rust" {
         /// JSON of the hardware profile: the file at `pinned_path` when not empty, else detected.
         fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String>;
+
+        /// The Nix source of optimizeFor's glue (`{ inspect; apply; }`).
+        fn optimize_for_glue() -> &'static str;
+
+        /// The plan for `builtins.optimizeFor`: what to change in a derivation, as JSON.
+        fn optimize_plan_json(
+            options_json: &str,
+            facts_json: &str,
+            pinned_path: &str,
+            pure_eval: bool,
+        ) -> Result<String>;
     }
 }
 
@@ -16,4 +27,17 @@ use crate::{catch_panics, PluginError};
 
 fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String, PluginError> {
     catch_panics(|| crate::hardware_profile::json(pinned_path, pure_eval))
+}
+
+fn optimize_for_glue() -> &'static str {
+    include_str!("../nix/optimize-for.nix")
+}
+
+fn optimize_plan_json(
+    options_json: &str,
+    facts_json: &str,
+    pinned_path: &str,
+    pure_eval: bool,
+) -> Result<String, PluginError> {
+    catch_panics(|| crate::optimize_for::plan_json(options_json, facts_json, pinned_path, pure_eval))
 }

@@ -1,4 +1,4 @@
-//! The nix-tier Nix plugin: `builtins.hardwareProfile` (and, later, `builtins.optimizeFor`).
+//! The nix-tier Nix plugin: `builtins.hardwareProfile` and `builtins.optimizeFor`.
 //!
 //! Nix `dlopen`s the library built from this crate (`plugin-files` in nix.conf). The C++ shim in
 //! `cpp-shim/` registers the builtins and converts values; this crate makes every decision, using
@@ -6,6 +6,7 @@
 
 mod ffi;
 mod hardware_profile;
+mod optimize_for;
 
 use std::fmt;
 use std::panic::{self, AssertUnwindSafe};

@@ -244,29 +244,71 @@ struct Flags {
 /// The flags of the newest entry archspec lists for `compiler` (`gcc`, `clang`) on `m`:
 /// the entry whose version range starts highest, preferring open-ended ranges.
 fn newest_flags(m: &Microarchitecture, compiler: &str) -> Option<Flags> {
-    let entries = MicroarchitecturesSchema::schema()
-        .microarchitectures
-        .get(m.name())?
-        .compilers
-        .as_ref()?
-        .get(compiler)?;
-    let entries: &[Compiler] = match entries {
-        CompilerSet::Several(several) => several,
-        CompilerSet::Single(single) => std::slice::from_ref(single),
-    };
-    let newest = entries.iter().max_by_key(|entry| {
+    newest_entry(m, compiler).map(|entry| parse_flags(&entry_flags(m, entry)))
+}
+
+/// The entry for the newest versions of `compiler`.
+fn newest_entry(m: &Microarchitecture, compiler: &str) -> Option<&'static Compiler> {
+    compiler_entries(m, compiler).iter().max_by_key(|entry| {
         let (low, high) = entry
             .versions
             .split_once(':')
             .unwrap_or((&entry.versions, ""));
         (version_key(low), high.is_empty())
-    })?;
-    let name = newest.name.as_deref().unwrap_or(m.name());
-    let flags = newest
+    })
+}
+
+/// archspec's flag entries for `compiler` (`gcc`, `clang`, …) targeting `m`.
+fn compiler_entries(m: &Microarchitecture, compiler: &str) -> &'static [Compiler] {
+    let entries = MicroarchitecturesSchema::schema()
+        .microarchitectures
+        .get(m.name())
+        .and_then(|schema| schema.compilers.as_ref())
+        .and_then(|compilers| compilers.get(compiler));
+    match entries {
+        Some(CompilerSet::Several(several)) => several,
+        Some(CompilerSet::Single(single)) => std::slice::from_ref(single),
+        None => &[],
+    }
+}
+
+/// An entry's flags with its placeholders filled in.
+fn entry_flags(m: &Microarchitecture, entry: &Compiler) -> String {
+    let name = entry.name.as_deref().unwrap_or(m.name());
+    entry
         .flags
         .replace("{name}", name)
-        .replace("{family}", m.family().name());
-    Some(parse_flags(&flags))
+        .replace("{family}", m.family().name())
+}
+
+/// The flags archspec gives `compiler` (`gcc` or `clang`) at `version` for targeting `m`, e.g.
+/// `-march=skylake -mtune=skylake`, or for gcc 10 and `x86_64_v3` the explicit feature flags;
+/// the newest entry when the version is unknown. The error says why there are none.
+pub fn compiler_flags(m: &Microarchitecture, compiler: &str, version: Option<&str>) -> Result<String, String> {
+    let entries = compiler_entries(m, compiler);
+    let entry = match version {
+        Some(version) => entries.iter().find(|entry| version_in_range(version, &entry.versions)),
+        None => newest_entry(m, compiler),
+    };
+    entry
+        .map(|entry| entry_flags(m, entry))
+        .ok_or_else(|| match version {
+            Some(version) if !entries.is_empty() => format!("{compiler} {version} cannot target {}", m.name()),
+            _ => format!("archspec has no {compiler} flags for {}", m.name()),
+        })
+}
+
+/// Whether `version` lies in an archspec range `low:high` (either side may be empty; `high`
+/// matches as a prefix, so `11.0` includes `11.0.4`).
+fn version_in_range(version: &str, range: &str) -> bool {
+    let (low, high) = range.split_once(':').unwrap_or((range, range));
+    let v = version_key(version);
+    let above_low = low.is_empty() || v >= version_key(low);
+    let below_high = high.is_empty() || {
+        let h = version_key(high);
+        v.iter().take(h.len()).copied().collect::<Vec<_>>() <= h
+    };
+    above_low && below_high
 }
 
 /// Numeric components of a version like `10.3` (non-numeric parts count as 0).
