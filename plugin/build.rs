@@ -43,6 +43,8 @@ fn main() {
 
     for path in &nix.link_paths {
         println!("cargo:rustc-link-search=native={}", path.display());
+        // Lets the unit-test binary find libnix*.so; inside Nix they are already loaded.
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", path.display());
     }
     for lib in &nix.libs {
         println!("cargo:rustc-link-lib=dylib={lib}");

@@ -278,23 +278,17 @@ pub fn find_target(name: &str) -> Result<std::sync::Arc<Microarchitecture>, Opti
 }
 
 fn check_host_can_run(target: &Microarchitecture, host: &Profile) -> Result<(), OptimizeError> {
-    let host_features: BTreeSet<&str> = host.cpu.features.iter().map(String::as_str).collect();
+    let host_features: BTreeSet<String> = host.cpu.features.iter().cloned().collect();
     let host_family = find_target(&host.cpu.microarchitecture)
         .map(|m| m.family().name().to_string())
         .unwrap_or_default();
-    let target_family = target.family().name();
-    let mut missing: Vec<String> = target
-        .all_features()
-        .into_iter()
-        .filter(|f| !host_features.contains(f.as_str()))
-        .collect();
-    if target_family != host_family && missing.is_empty() {
-        missing.push(format!("the {target_family} instruction set"));
+    let mut missing = detect::missing_features(target, &host_features);
+    if target.family().name() != host_family {
+        missing.insert(0, format!("the {} instruction set", target.family().name()));
     }
     if missing.is_empty() {
         return Ok(());
     }
-    missing.sort();
     Err(OptimizeError::HostCannotRun {
         host: host.cpu.microarchitecture.clone(),
         target: target.name().to_string(),

@@ -40,3 +40,16 @@ fn catch_panics<T>(call: impl FnOnce() -> Result<T, PluginError>) -> Result<T, P
         )))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_become_errors_that_name_the_cause() {
+        let result: Result<(), _> = catch_panics(|| panic!("boom at {}", 42));
+        let message = result.unwrap_err().to_string();
+        assert!(message.contains("internal error (boom at 42)"), "{message}");
+        assert_eq!(catch_panics(|| Ok(7)).unwrap(), 7);
+    }
+}

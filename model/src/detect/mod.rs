@@ -13,7 +13,7 @@ pub mod gpu;
 pub mod memory;
 mod uarch;
 
-pub use uarch::{compiler_flags, gcc_target, goamd64, isa_level, llvm_cpu_name};
+pub use uarch::{compiler_flags, gcc_target, goamd64, isa_level, llvm_cpu_name, missing_features};
 
 use std::io;
 use std::path::{Path, PathBuf};

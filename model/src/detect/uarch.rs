@@ -214,6 +214,22 @@ fn node_set(m: &Microarchitecture) -> HashSet<&str> {
         .collect()
 }
 
+/// The features code built for `target` needs that `host_features` (as /proc/cpuinfo spells
+/// them) lack, sorted: what archspec requires of `target` and of all its ancestors.
+pub fn missing_features(target: &Microarchitecture, host_features: &BTreeSet<String>) -> Vec<String> {
+    let mut missing: BTreeSet<&str> = BTreeSet::new();
+    for name in node_set(target) {
+        for feature in schema_features(name) {
+            // The one name archspec and the kernel spell differently (Linux: "pni").
+            let spelled = if feature == "sse3" { "pni" } else { feature.as_str() };
+            if !host_features.contains(feature) && !host_features.contains(spelled) {
+                missing.insert(feature);
+            }
+        }
+    }
+    missing.into_iter().map(str::to_string).collect()
+}
+
 /// The features archspec requires for the microarchitecture `name`.
 fn schema_features(name: &str) -> &'static [String] {
     MicroarchitecturesSchema::schema()
