@@ -1,0 +1,189 @@
+//! `nix-tier-testbuilder`: the builder of nix-tier's test derivations.
+//!
+//! It stands in for a real build: it holds some memory for some time, records when it ran, and
+//! writes its output. It uses only `std` so that it can be linked statically and run inside a
+//! chroot store's build sandbox, where there is no `/bin/sh` and no dynamic loader.
+//!
+//! Everything comes from the environment (a derivation's attributes become its builder's
+//! environment), so the derivation needs no `args`:
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `out` | output path (set by Nix); gets a file holding `<name>\n` and one line per dependency |
+//! | `name` | the derivation's name (set by Nix) |
+//! | `TB_SLEEP_MS` | how long to run, in milliseconds (default 0) |
+//! | `TB_MEM_MIB` | memory to allocate and hold while running, in MiB; every page is written so it is resident (default 0) |
+//! | `NIX_TIER` | the tier, only recorded (default `-`) |
+//! | `TB_DEPS` | whitespace-separated paths that must exist (the outputs of dependencies); the build fails when one is missing |
+//! | `RECORD_DIR` | optional directory outside the store where the run is recorded (see below) |
+//! | `TB_FAIL` | when set to `1`, exit with status 1 after recording (for failure tests) |
+//!
+//! With `RECORD_DIR` set, the builder
+//! - creates `RECORD_DIR/started/<name>` at start, containing `<pid> <pgid> <start_unix_ms>\n`
+//!   (tests watch it to know a build is running and whom to kill);
+//! - at the end appends one line `<name> <start_unix_ms> <end_unix_ms> <tier> <memMiB>\n` to
+//!   `RECORD_DIR/records`, with a single `write` on an `O_APPEND` descriptor, so concurrent
+//!   builders never interleave lines.
+//!
+//! Command-line arguments `--sleep-ms N` and `--mem-mib N` override the environment (handy by
+//! hand); `--help` prints this summary.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const PAGE: usize = 4096;
+
+fn now_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn env_u64(name: &str) -> Result<u64, String> {
+    match std::env::var(name) {
+        Ok(v) if v.trim().is_empty() => Ok(0),
+        Ok(v) => v.trim().parse().map_err(|_| format!("{name}={v:?} is not an unsigned integer")),
+        Err(_) => Ok(0),
+    }
+}
+
+/// The process group of this process, read from /proc (std has no getpgid).
+fn pgid() -> String {
+    fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // pid (comm) state ppid pgrp ...; comm may hold spaces, so split after the last ')'.
+            let rest = &s[s.rfind(')')? + 1..];
+            rest.split_whitespace().nth(2).map(str::to_string)
+        })
+        .unwrap_or_else(|| "?".to_string())
+}
+
+struct Config {
+    name: String,
+    sleep_ms: u64,
+    mem_mib: u64,
+    tier: String,
+    deps: Vec<PathBuf>,
+    record_dir: Option<PathBuf>,
+    out: Option<PathBuf>,
+    fail: bool,
+}
+
+fn config() -> Result<Config, String> {
+    let mut config = Config {
+        name: std::env::var("name").unwrap_or_else(|_| "unnamed".to_string()),
+        sleep_ms: env_u64("TB_SLEEP_MS")?,
+        mem_mib: env_u64("TB_MEM_MIB")?,
+        tier: std::env::var("NIX_TIER").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "-".to_string()),
+        deps: std::env::var("TB_DEPS")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(PathBuf::from)
+            .collect(),
+        record_dir: std::env::var_os("RECORD_DIR").filter(|d| !d.is_empty()).map(PathBuf::from),
+        out: std::env::var_os("out").map(PathBuf::from),
+        fail: std::env::var("TB_FAIL").map(|v| v == "1").unwrap_or(false),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut number = |flag: &str| -> Result<u64, String> {
+            let v = args.next().ok_or(format!("{flag} needs a value"))?;
+            v.parse().map_err(|_| format!("{flag} {v:?}: not an unsigned integer"))
+        };
+        match arg.as_str() {
+            "--sleep-ms" => config.sleep_ms = number("--sleep-ms")?,
+            "--mem-mib" => config.mem_mib = number("--mem-mib")?,
+            "--help" | "-h" => {
+                println!("nix-tier-testbuilder: env out, name, TB_SLEEP_MS, TB_MEM_MIB, NIX_TIER, TB_DEPS, RECORD_DIR, TB_FAIL; args --sleep-ms N --mem-mib N");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(config)
+}
+
+fn append_line(path: &Path, line: &str) -> Result<(), String> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o666)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    // One write on an O_APPEND descriptor: atomic with respect to other appenders.
+    let n = file.write(line.as_bytes()).map_err(|e| format!("write {}: {e}", path.display()))?;
+    if n != line.len() {
+        return Err(format!("short write to {}", path.display()));
+    }
+    Ok(())
+}
+
+fn run() -> Result<(), String> {
+    let config = config()?;
+    let start = now_ms();
+
+    if let Some(dir) = &config.record_dir {
+        let started = dir.join("started");
+        fs::create_dir_all(&started).map_err(|e| format!("create {}: {e}", started.display()))?;
+        let marker = started.join(&config.name);
+        fs::write(&marker, format!("{} {} {start}\n", std::process::id(), pgid()))
+            .map_err(|e| format!("write {}: {e}", marker.display()))?;
+    }
+
+    for dep in &config.deps {
+        if !dep.exists() {
+            return Err(format!("dependency {} does not exist", dep.display()));
+        }
+    }
+
+    // Allocate and touch every page so the memory is resident, then hold it while sleeping.
+    let bytes = usize::try_from(config.mem_mib).map_err(|_| "TB_MEM_MIB too large")? * 1024 * 1024;
+    let mut memory: Vec<u8> = Vec::new();
+    memory.try_reserve_exact(bytes).map_err(|e| format!("allocating {} MiB: {e}", config.mem_mib))?;
+    memory.resize(bytes, 0);
+    for i in (0..bytes).step_by(PAGE) {
+        memory[i] = (i / PAGE) as u8 | 1;
+    }
+    std::hint::black_box(&memory);
+
+    std::thread::sleep(Duration::from_millis(config.sleep_ms));
+
+    // Read the memory back so the allocation cannot be optimised away.
+    let checksum = (0..bytes).step_by(PAGE).fold(0u8, |acc, i| acc ^ memory[i]);
+    std::hint::black_box(checksum);
+    drop(memory);
+
+    if let Some(out) = &config.out {
+        let mut text = format!("{}\n", config.name);
+        for dep in &config.deps {
+            text.push_str(&format!("{}\n", dep.display()));
+        }
+        fs::write(out, text).map_err(|e| format!("write {}: {e}", out.display()))?;
+    }
+
+    let end = now_ms();
+    if let Some(dir) = &config.record_dir {
+        append_line(
+            &dir.join("records"),
+            &format!("{} {start} {end} {} {}\n", config.name, config.tier, config.mem_mib),
+        )?;
+    }
+
+    if config.fail {
+        return Err("TB_FAIL=1: failing on purpose".to_string());
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nix-tier-testbuilder: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
