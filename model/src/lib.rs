@@ -11,7 +11,9 @@
 
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod build;
+pub mod derivation;
 pub mod detect;
 pub mod optimize;
 pub mod profile;
@@ -20,6 +22,7 @@ pub mod tiers;
 use std::path::Path;
 
 pub use build::{Build, Pattern, Rule};
+pub use derivation::{Derivation, DerivationError, DerivationOutput, OutputKind};
 pub use detect::DetectError;
 pub use profile::{Cpu, GccTarget, Gpu, Memory, Profile, ProfileError, Source, Swap, Zram};
 pub use tiers::{Tier, TierLimits, TierTable};

@@ -60,6 +60,18 @@ impl Tier {
     }
 }
 
+impl std::str::FromStr for Tier {
+    type Err = String;
+
+    /// Parses `heavy`, `medium` or `light`.
+    fn from_str(text: &str) -> Result<Tier, String> {
+        Tier::ALL
+            .into_iter()
+            .find(|tier| tier.as_str() == text)
+            .ok_or_else(|| format!("unknown tier \"{text}\"; expected heavy, medium or light"))
+    }
+}
+
 impl fmt::Display for Tier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

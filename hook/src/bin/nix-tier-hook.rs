@@ -1,0 +1,114 @@
+//! `nix-tier-hook`: the program `build-hook` names in nix.conf.
+//!
+//! It must never wedge or crash Nix: every internal error (unreadable .drv, corrupt state, bad
+//! profile, a panic) becomes `# decline`, so Nix builds the derivation as it would without the
+//! hook, plus one line on stderr saying why.
+
+use std::io::{self, Write};
+use std::panic::{self, AssertUnwindSafe};
+use std::process::ExitCode;
+
+use nix_tier_hook::config;
+use nix_tier_hook::dispatch::{Answer, Dispatcher};
+use nix_tier_hook::protocol::{self, Reply};
+use nix_tier_hook::relay::Relay;
+use nix_tier_hook::state::StateDir;
+
+fn main() -> ExitCode {
+    let verbosity = std::env::args().nth(1).unwrap_or_else(|| "3".to_string());
+    let mut input = io::stdin().lock();
+    let settings = match protocol::read_settings(&mut input) {
+        Ok(settings) => settings,
+        Err(error) => {
+            say(&[format!("nix-tier-hook: cannot read Nix's settings ({error}); exiting, Nix builds without tier limits")]);
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let mut notes = Vec::new();
+    let profile = match config::load_profile(config::profile_path(&settings).as_deref()) {
+        Ok((profile, note)) => {
+            notes.extend(note.map(|n| format!("nix-tier-hook: {n}")));
+            Some(profile)
+        }
+        Err(error) => {
+            notes.push(format!("nix-tier-hook: no usable hardware profile ({error}); builds run without tier limits"));
+            None
+        }
+    };
+    let relay = match settings.get("builders").map(String::as_str) {
+        None | Some("") => None,
+        Some(_) => match Relay::start(&config::build_remote_program(), &verbosity, &settings) {
+            Ok(relay) => Some(relay),
+            Err(error) => {
+                notes.push(format!("nix-tier-hook: cannot start Nix's build-remote ({error}); remote builders are not used"));
+                None
+            }
+        },
+    };
+    let mut dispatcher = profile.map(|p| Dispatcher::new(p, &settings, StateDir::from_env(), relay));
+
+    loop {
+        let request = match protocol::read_request(&mut input) {
+            Ok(Some(request)) => request,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(error) => {
+                say(&[format!("nix-tier-hook: reading Nix's request failed ({error}); exiting")]);
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut lines = std::mem::take(&mut notes);
+        let Some(dispatcher) = dispatcher.as_mut() else {
+            lines.push(Reply::Decline.line().to_string());
+            say(&lines);
+            continue;
+        };
+        let answer = panic::catch_unwind(AssertUnwindSafe(|| dispatcher.answer(&request)))
+            .unwrap_or_else(|panic| Err(format!("internal error: {}", panic_message(&*panic))));
+        match answer {
+            Ok(Answer::Reply { lines: said, reply }) => {
+                lines.extend(said);
+                lines.push(reply.line().to_string());
+                say(&lines);
+            }
+            Ok(Answer::HandOver { lines: said, relay }) => {
+                lines.extend(said);
+                lines.push(Reply::Accept.line().to_string());
+                say(&lines);
+                return match relay.hand_over() {
+                    Ok(0) => ExitCode::SUCCESS,
+                    Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
+                    Err(error) => {
+                        say(&[format!("nix-tier-hook: relaying to build-remote failed: {error}")]);
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            Err(error) => {
+                lines.push(format!(
+                    "nix-tier-hook: {error}; declining, so Nix builds {} without tier limits",
+                    request.drv_path
+                ));
+                lines.push(Reply::Decline.line().to_string());
+                say(&lines);
+            }
+        }
+    }
+}
+
+/// Writes whole lines to stderr, where Nix reads the hook's replies.
+fn say(lines: &[String]) {
+    let mut stderr = io::stderr().lock();
+    for line in lines {
+        let _ = writeln!(stderr, "{line}");
+    }
+    let _ = stderr.flush();
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}

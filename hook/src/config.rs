@@ -1,0 +1,54 @@
+//! Where the hook and `nix-tier` find the hardware profile and Nix's build-remote.
+
+use std::path::{Path, PathBuf};
+
+use nix_tier_model::Profile;
+
+use crate::protocol::Settings;
+
+/// Finds the profile: the `hardware-profile` setting (Nix forwards it when the nix-tier plugin
+/// is loaded), else `$NIX_TIER_PROFILE`, else `$NIX_CONF_DIR/hardware-profile.json` (default
+/// `/etc/nix/hardware-profile.json`) when it exists; `None` means "detect the host".
+pub fn profile_path(settings: &Settings) -> Option<PathBuf> {
+    if let Some(path) = settings.get("hardware-profile").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    if let Some(path) = std::env::var_os("NIX_TIER_PROFILE").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(path));
+    }
+    let conf_dir = std::env::var_os("NIX_CONF_DIR").map_or_else(|| PathBuf::from("/etc/nix"), PathBuf::from);
+    Some(conf_dir.join("hardware-profile.json")).filter(|p| p.is_file())
+}
+
+/// Loads the profile at `path` (or detects the host). A bad profile never stops builds: the
+/// host's defaults are used instead and the second value says what was wrong. `Err` only when
+/// the host cannot be detected either.
+pub fn load_profile(path: Option<&Path>) -> Result<(Profile, Option<String>), String> {
+    let Some(path) = path else {
+        return Profile::detect().map(|p| (p, None)).map_err(|e| e.to_string());
+    };
+    match Profile::load_pinned(path) {
+        Ok(profile) => Ok((profile, None)),
+        Err(error) => {
+            let note = format!("{error}; using tier limits derived from this machine instead");
+            Profile::detect().map(|p| (p, Some(note))).map_err(|e| format!("{error}; and {e}"))
+        }
+    }
+}
+
+/// Nix's own build hook, which handles `builders`: `$NIX_TIER_BUILD_REMOTE`, else
+/// `libexec/nix/build-remote` beside the `nix` on `PATH` (Debian: /usr/libexec/nix/build-remote).
+pub fn build_remote_program() -> PathBuf {
+    if let Some(path) = std::env::var_os("NIX_TIER_BUILD_REMOTE") {
+        return PathBuf::from(path);
+    }
+    let from_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("nix"))
+            .find(|nix| nix.is_file())
+            .and_then(|nix| nix.canonicalize().ok())
+            .and_then(|nix| Some(nix.parent()?.parent()?.join("libexec/nix/build-remote")))
+            .filter(|p| p.exists())
+    });
+    from_path.unwrap_or_else(|| PathBuf::from("/usr/libexec/nix/build-remote"))
+}

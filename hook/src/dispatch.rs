@@ -1,0 +1,174 @@
+//! The hook's decision for each derivation Nix is about to build.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use nix_tier_model::admission::{self, Admission, Claim};
+use nix_tier_model::build::Classification;
+use nix_tier_model::derivation::Derivation;
+use nix_tier_model::optimize::TIER_ATTRIBUTE;
+use nix_tier_model::{Profile, Tier};
+
+use crate::output_locks::{self, HeldLocks};
+use crate::protocol::{self, Reply, Settings, TryRequest};
+use crate::relay::Relay;
+use crate::state::{self, Lease, StateDir, Waiter};
+
+/// A derivation's tier, the rule that decided it, and the memory it reserves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The derivation's name.
+    pub name: String,
+    /// Tier and reason.
+    pub classification: Classification,
+    /// Memory to reserve, MiB.
+    pub memory_mib: u64,
+}
+
+/// Classifies the derivation at `drv_path` under `profile`.
+pub fn place(profile: &Profile, drv: &Derivation) -> Placement {
+    let name = drv.name().unwrap_or("unnamed").to_string();
+    let marked = drv.env.get(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
+    let classification = profile.build.classify(&name, &drv.required_system_features(), marked);
+    let memory_mib = profile.build.tiers.get(classification.tier).memory_mib;
+    Placement { name, classification, memory_mib }
+}
+
+/// What to tell Nix about one request.
+pub enum Answer {
+    /// Print `lines` (messages for the user), then the reply.
+    Reply { lines: Vec<String>, reply: Reply },
+    /// build-remote accepted: print `lines`, then hand the session over to it.
+    HandOver { lines: Vec<String>, relay: Relay },
+}
+
+/// One hook process: the settings of its Nix worker, the profile, the shared state.
+pub struct Dispatcher {
+    profile: Profile,
+    state_dir: StateDir,
+    waiter_ttl: u64,
+    relay: Option<Relay>,
+    /// What each waiting derivation was last announced as waiting for, so it is not announced
+    /// anew at every poll.
+    announced: HashMap<String, String>,
+}
+
+impl Dispatcher {
+    /// A dispatcher for a worker with `settings`. `relay` is Nix's build-remote when builders
+    /// are configured.
+    pub fn new(profile: Profile, settings: &Settings, state_dir: StateDir, relay: Option<Relay>) -> Dispatcher {
+        // A postponed build asks again every poll interval; three missed polls mean it is gone.
+        let waiter_ttl = 3 * protocol::poll_interval_secs(settings).max(1) + 2;
+        Dispatcher { profile, state_dir, waiter_ttl, relay, announced: HashMap::new() }
+    }
+
+    /// Answers one `try`. Errors are internal: the caller declines and reports them.
+    pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
+        let mut lines = Vec::new();
+        if let Some(relay) = self.relay.as_mut() {
+            match relay.ask(request) {
+                Ok(answer) => {
+                    lines.extend(answer.lines);
+                    match answer.reply {
+                        Reply::Accept => {
+                            let relay = self.relay.take().expect("relay present");
+                            return Ok(Answer::HandOver { lines, relay });
+                        }
+                        Reply::Postpone => return Ok(Answer::Reply { lines, reply: Reply::Postpone }),
+                        Reply::DeclinePermanently => self.relay.take().into_iter().for_each(Relay::stop),
+                        Reply::Decline => {}
+                    }
+                }
+                Err(error) => {
+                    lines.push(format!("nix-tier-hook: Nix's build-remote failed ({error}); building locally from now on"));
+                    self.relay.take().into_iter().for_each(Relay::stop);
+                }
+            }
+        }
+        let reply = self.admit_locally(request, &mut lines)?;
+        Ok(Answer::Reply { lines, reply })
+    }
+
+    fn admit_locally(&mut self, request: &TryRequest, lines: &mut Vec<String>) -> Result<Reply, String> {
+        // No free local slot: Nix waits for one and asks again; reserve nothing meanwhile.
+        if !request.am_willing {
+            return Ok(Reply::Decline);
+        }
+        let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
+        let placement = place(&self.profile, &drv);
+        let tier = placement.classification.tier;
+
+        let locked = self.state_dir.lock().map_err(|e| format!("state directory {}: {e}", self.state_dir.path().display()))?;
+        let (mut state, repaired) = locked.load();
+        if let Some(note) = repaired {
+            lines.push(format!("nix-tier-hook: {note}"));
+        }
+        let held = HeldLocks::read().map_err(|e| format!("reading /proc/locks: {e}"))?;
+        let now = state::now();
+        state.prune(&held, now, self.waiter_ttl);
+        // Asked again for a build it admitted (Nix found no slot after all): start over.
+        state.running.retain(|lease| lease.drv != request.drv_path);
+
+        let candidate = Claim { tier, memory_mib: placement.memory_mib };
+        let waiting_heavy = state.oldest_waiting_heavy(&request.drv_path).map(|w| w.memory_mib);
+        let reply = match admission::decide(&self.profile.build, &state.claims(), waiting_heavy, candidate) {
+            Admission::Admit => {
+                state.waiting.retain(|w| w.drv != request.drv_path);
+                state.running.push(Lease {
+                    drv: request.drv_path.clone(),
+                    name: placement.name,
+                    tier,
+                    memory_mib: placement.memory_mib,
+                    lock_files: output_locks::lock_files(&drv, &request.drv_path),
+                    started: now,
+                    nix_pid: std::os::unix::process::parent_id(),
+                });
+                self.announced.remove(&request.drv_path);
+                Reply::Decline
+            }
+            Admission::Wait(reason) => {
+                let holders: Vec<&Lease> = state
+                    .running
+                    .iter()
+                    .filter(|l| matches!(reason, admission::WaitReason::TierFull { .. }) == (l.tier == tier))
+                    .collect();
+                let shown: Vec<String> =
+                    holders.iter().map(|l| format!("{}, {}", l.name, age(now.saturating_sub(l.started)))).collect();
+                // Announce again only when the reason or the builds it waits on change, not as they age.
+                let key = format!("{reason} {:?}", holders.iter().map(|l| &l.drv).collect::<Vec<_>>());
+                let reason = format!("{reason} ({})", shown.join("; "));
+                match state.waiting.iter_mut().find(|w| w.drv == request.drv_path) {
+                    Some(waiter) => {
+                        waiter.seen = now;
+                        waiter.reason = reason.clone();
+                    }
+                    None => state.waiting.push(Waiter {
+                        drv: request.drv_path.clone(),
+                        name: placement.name.clone(),
+                        tier,
+                        memory_mib: placement.memory_mib,
+                        since: now,
+                        seen: now,
+                        reason: reason.clone(),
+                    }),
+                }
+                if self.announced.get(&request.drv_path) != Some(&key) {
+                    lines.push(protocol::log_message(&format!("waiting: {reason} — {} ({tier})", placement.name)));
+                    self.announced.insert(request.drv_path.clone(), key);
+                }
+                Reply::Postpone
+            }
+        };
+        locked.save(&state).map_err(|e| format!("writing state in {}: {e}", self.state_dir.path().display()))?;
+        Ok(reply)
+    }
+}
+
+/// A duration for people: `42 s`, `12 min`, `3 h`.
+pub fn age(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s => format!("{} h", s / 3600),
+    }
+}

@@ -1,0 +1,200 @@
+//! Tier admission: whether a build may start now, given the builds already running.
+//!
+//! The policy (pure; the build hook feeds it the machine-wide state):
+//!
+//! 1. **Job slots.** A build starts only while fewer than its tier's `maxJobs` builds of that tier
+//!    run.
+//! 2. **Memory budget.** The reservations of running builds plus its own must fit in
+//!    `build.memoryBudgetMiB`. A build that could never fit (nothing else runs and it still does
+//!    not) is admitted alone rather than left waiting forever.
+//! 3. **No starvation of heavy builds.** Once a heavy build waits, a lighter build is admitted
+//!    only if it cannot delay it: the memory the waiting heavy build needs must still be free
+//!    when the running heavy builds end. With `reserved` the running reservations, `heavy` the
+//!    part of them held by heavy builds, `waiting` the oldest waiting heavy build's reservation
+//!    and `new` the candidate's: `reserved + new - heavy + waiting <= budget`.
+
+use std::fmt;
+
+use crate::{Build, Tier};
+
+/// A running (or candidate) build's claim on the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    /// Its tier.
+    pub tier: Tier,
+    /// The memory reserved for it, in MiB.
+    pub memory_mib: u64,
+}
+
+/// The decision for one build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Start it now.
+    Admit,
+    /// Not now; the reason says what it waits for.
+    Wait(WaitReason),
+}
+
+/// What a build waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    /// Its tier's job slots are all taken.
+    TierFull {
+        /// The tier.
+        tier: Tier,
+        /// Builds of that tier running.
+        running: u32,
+        /// The tier's `maxJobs`.
+        max_jobs: u32,
+    },
+    /// The memory budget cannot hold its reservation now.
+    Memory {
+        /// Its reservation, MiB.
+        needed_mib: u64,
+        /// Budget not reserved by running builds, MiB.
+        free_mib: u64,
+    },
+    /// Starting it could delay a heavy build that is already waiting.
+    HeavyWaiting {
+        /// The waiting heavy build's reservation, MiB.
+        heavy_mib: u64,
+    },
+}
+
+impl fmt::Display for WaitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WaitReason::TierFull { tier, running, max_jobs } => {
+                write!(f, "{tier} tier {running}/{max_jobs} busy")
+            }
+            WaitReason::Memory { needed_mib, free_mib } => {
+                write!(f, "memory budget: needs {needed_mib} MiB, {free_mib} MiB free")
+            }
+            WaitReason::HeavyWaiting { heavy_mib } => {
+                write!(f, "a waiting heavy build needs {heavy_mib} MiB first")
+            }
+        }
+    }
+}
+
+/// Decides whether `candidate` may start while `running` builds hold their claims.
+/// `waiting_heavy` is the reservation of the oldest heavy build waiting (other than the
+/// candidate itself), if any.
+pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, candidate: Claim) -> Admission {
+    let limits = build.tiers.get(candidate.tier);
+    let same_tier = running.iter().filter(|c| c.tier == candidate.tier).count() as u32;
+    if same_tier >= limits.max_jobs {
+        return Admission::Wait(WaitReason::TierFull {
+            tier: candidate.tier,
+            running: same_tier,
+            max_jobs: limits.max_jobs,
+        });
+    }
+    let reserved: u64 = running.iter().map(|c| c.memory_mib).sum();
+    let budget = build.memory_budget_mib;
+    if reserved + candidate.memory_mib > budget && !running.is_empty() {
+        return Admission::Wait(WaitReason::Memory {
+            needed_mib: candidate.memory_mib,
+            free_mib: budget.saturating_sub(reserved),
+        });
+    }
+    if let (Some(heavy_mib), true) = (waiting_heavy, candidate.tier != Tier::Heavy) {
+        let heavy_running: u64 = running.iter().filter(|c| c.tier == Tier::Heavy).map(|c| c.memory_mib).sum();
+        if reserved + candidate.memory_mib - heavy_running + heavy_mib > budget {
+            return Admission::Wait(WaitReason::HeavyWaiting { heavy_mib });
+        }
+    }
+    Admission::Admit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiers::{TierLimits, TierTable};
+
+    fn build() -> Build {
+        let limits = |max_jobs, memory_mib| TierLimits { max_jobs, cores: 1, memory_mib };
+        Build {
+            memory_budget_mib: 1000,
+            default_tier: Tier::Light,
+            rules: Vec::new(),
+            tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
+        }
+    }
+
+    fn claim(tier: Tier) -> Claim {
+        Claim { tier, memory_mib: build().tiers.get(tier).memory_mib }
+    }
+
+    #[test]
+    fn job_slots_bind_per_tier() {
+        let b = build();
+        assert_eq!(decide(&b, &[], None, claim(Tier::Heavy)), Admission::Admit);
+        assert!(matches!(
+            decide(&b, &[claim(Tier::Heavy)], None, claim(Tier::Heavy)),
+            Admission::Wait(WaitReason::TierFull { running: 1, max_jobs: 1, .. })
+        ));
+        let four_light = [claim(Tier::Light); 4];
+        assert!(matches!(decide(&b, &four_light, None, claim(Tier::Light)), Admission::Wait(_)));
+        assert_eq!(decide(&b, &four_light, None, claim(Tier::Medium)), Admission::Admit);
+    }
+
+    #[test]
+    fn memory_budget_binds_across_tiers() {
+        let b = build();
+        let running = [claim(Tier::Heavy), claim(Tier::Medium)];
+        assert_eq!(
+            decide(&b, &running, None, claim(Tier::Medium)),
+            Admission::Wait(WaitReason::Memory { needed_mib: 300, free_mib: 100 })
+        );
+        assert_eq!(decide(&b, &running, None, claim(Tier::Light)), Admission::Admit);
+    }
+
+    #[test]
+    fn a_build_larger_than_the_budget_runs_alone() {
+        let b = build();
+        let huge = Claim { tier: Tier::Heavy, memory_mib: 5000 };
+        assert_eq!(decide(&b, &[], None, huge), Admission::Admit);
+        assert!(matches!(decide(&b, &[claim(Tier::Light)], None, huge), Admission::Wait(_)));
+    }
+
+    #[test]
+    fn lighter_builds_cannot_delay_a_waiting_heavy_build() {
+        let b = build();
+        // Heavy waits for memory held by two medium builds: no new light build may start.
+        let running = [claim(Tier::Medium), claim(Tier::Medium)];
+        assert_eq!(decide(&b, &running, None, claim(Tier::Light)), Admission::Admit);
+        assert_eq!(
+            decide(&b, &running, Some(600), claim(Tier::Light)),
+            Admission::Wait(WaitReason::HeavyWaiting { heavy_mib: 600 })
+        );
+        // Heavy waits for the heavy slot: light builds that leave room for it still start.
+        let running = [claim(Tier::Heavy)];
+        assert_eq!(decide(&b, &running, Some(600), claim(Tier::Light)), Admission::Admit);
+        let running = [claim(Tier::Heavy), claim(Tier::Light), claim(Tier::Light), claim(Tier::Light)];
+        assert_eq!(decide(&b, &running, Some(600), claim(Tier::Light)), Admission::Admit);
+        let running = [claim(Tier::Heavy), claim(Tier::Light), claim(Tier::Light), claim(Tier::Light), claim(Tier::Light)];
+        assert!(matches!(decide(&b, &running, Some(600), claim(Tier::Medium)), Admission::Wait(_)));
+    }
+
+    #[test]
+    fn admitted_sets_never_exceed_limits() {
+        // Greedy admission of any sequence keeps every tier within maxJobs and the budget.
+        let b = build();
+        let order = [Tier::Light, Tier::Heavy, Tier::Medium, Tier::Light, Tier::Medium, Tier::Light,
+            Tier::Heavy, Tier::Light, Tier::Light, Tier::Medium];
+        for rotation in 0..order.len() {
+            let mut running: Vec<Claim> = Vec::new();
+            for tier in order.iter().cycle().skip(rotation).take(order.len()) {
+                if decide(&b, &running, None, claim(*tier)) == Admission::Admit {
+                    running.push(claim(*tier));
+                }
+            }
+            assert!(running.iter().map(|c| c.memory_mib).sum::<u64>() <= b.memory_budget_mib);
+            for tier in Tier::ALL {
+                let n = running.iter().filter(|c| c.tier == tier).count() as u32;
+                assert!(n <= b.tiers.get(tier).max_jobs);
+            }
+        }
+    }
+}
