@@ -13,4 +13,5 @@ pub mod output_locks;
 pub mod protocol;
 pub mod relay;
 pub mod state;
+pub mod status;
 pub mod wire;

@@ -1,8 +1,9 @@
 //! `nix-tier`: the command line of nix-tier, hardware-aware Nix builds.
 //!
-//! Each subcommand lives in its own module with an `Args` struct and a `run` function.
+//! Each subcommand lives in its own module under `cli/` with an `Args` struct and a `run`
+//! function; the build hook's machinery is the `nix_tier_hook` library.
 
-mod profile;
+mod cli;
 
 use std::error::Error;
 use std::process::ExitCode;
@@ -24,13 +25,17 @@ struct Cli {
 /// The subcommands.
 #[derive(Subcommand)]
 enum Command {
-    Profile(profile::Args),
+    Profile(cli::profile::Args),
+    Status(cli::status::Args),
+    Explain(cli::explain::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Profile(args) => profile::run(&args),
+        Command::Profile(args) => cli::profile::run(&args),
+        Command::Status(args) => cli::status::run(&args),
+        Command::Explain(args) => cli::explain::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
