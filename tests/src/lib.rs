@@ -11,6 +11,8 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+pub mod hook_env;
+
 /// Directory holding the release build of the workspace.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("NIX_TIER_TARGET_DIR")

@@ -1,0 +1,388 @@
+//! The `nix-tier-hook` build hook inside real Nix 2.8 builds: tier limits and the memory budget
+//! hold within one `nix-build`, across clients of one `nix-daemon`, and after a client is killed;
+//! internal errors never stop builds; remote builders still work through the relayed
+//! build-remote.
+//!
+//! Derivations come from `tests/fixtures/dag` and are built by `nix-tier-testbuilder`, which
+//! records `<name> <start_ms> <end_ms> <tier> <memMiB>` per run; the peaks of those intervals are
+//! what the assertions check. A builder runs strictly inside the hook's admission (admitted before
+//! it starts, released after Nix drops the output lock), so recorded overlaps can never exceed
+//! what the hook admitted.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use nix_tier_tests::hook_env::*;
+use nix_tier_tests::NixSandbox;
+
+const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// heavy 1 job, medium 2, light 4; 600 + 2×300 + 4×100 = 1600 > budget 1000, so the budget binds.
+fn binding_limits() -> Limits {
+    Limits {
+        budget_mib: 1000,
+        heavy: TierLimits { max_jobs: 1, cores: 2, memory_mib: 600 },
+        medium: TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 },
+        light: TierLimits { max_jobs: 4, cores: 1, memory_mib: 100 },
+    }
+}
+
+/// Limits where only the heavy tier's single slot matters.
+fn roomy_limits() -> Limits {
+    Limits {
+        budget_mib: 8000,
+        heavy: TierLimits { max_jobs: 1, cores: 2, memory_mib: 2000 },
+        medium: TierLimits { max_jobs: 2, cores: 1, memory_mib: 1000 },
+        light: TierLimits { max_jobs: 4, cores: 1, memory_mib: 250 },
+    }
+}
+
+/// 2 heavy, 3 medium, 8 light (half of them depending on a medium), plus the aggregator.
+fn mixed_dag(record_dir: &Path) -> Dag {
+    Dag::new(
+        "dag",
+        PerTier { heavy: 2, medium: 3, light: 8 },
+        PerTier { heavy: 1000, medium: 600, light: 300 },
+        record_dir,
+    )
+}
+
+/// Every derivation of `dag` ran exactly once.
+fn assert_each_ran_once(records: &[Record], dag: &Dag) {
+    let mut ran: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    ran.sort();
+    let mut expected = dag.names();
+    expected.sort();
+    assert_eq!(ran, expected, "builder runs vs the DAG's derivations; timeline:\n{}", timeline(records));
+}
+
+fn assert_within(limits: &Limits, records: &[Record]) {
+    let peaks = peaks(records, |tier| limits.tier(tier).memory_mib);
+    let table = timeline(records);
+    for tier in ["heavy", "medium", "light"] {
+        let max = limits.tier(tier).max_jobs as usize;
+        assert!(
+            peaks.tier(tier) <= max,
+            "{} {tier} builds ran at once, maxJobs is {max}; peaks {peaks:?}; timeline (ms start end):\n{table}",
+            peaks.tier(tier)
+        );
+    }
+    assert!(
+        peaks.reserved_mib <= limits.budget_mib,
+        "builds reserving {} MiB ran at once ({:?}), budget {} MiB; timeline:\n{table}",
+        peaks.reserved_mib,
+        peaks.reserved_at_peak,
+        limits.budget_mib
+    );
+}
+
+fn hook_lines(stderr: &str) -> Vec<&str> {
+    stderr.lines().filter(|l| l.trim_start().starts_with("nix-tier-hook:")).collect()
+}
+
+#[test]
+fn without_the_hook_the_dag_exceeds_the_limits() {
+    // Control: the same DAG and -j as below, with Nix's default hook; proves the DAG can fail.
+    let _machine = shared_machine();
+    let sandbox = NixSandbox::with_conf("build-poll-interval = 1");
+    let records_dir = sandbox.path().join("records");
+    let dag = mixed_dag(&records_dir);
+    run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT)
+        .assert_success("nix-build of the DAG without the hook");
+
+    let records = read_records(&records_dir);
+    assert_each_ran_once(&records, &dag);
+    let limits = binding_limits();
+    let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);
+    assert!(
+        peaks.tier("heavy") > 1 && peaks.reserved_mib > limits.budget_mib,
+        "without the hook -j 8 should run both heavy builds together and overrun the budget: {peaks:?}\n{}",
+        timeline(&records)
+    );
+}
+
+#[test]
+fn tier_limits_and_budget_hold_within_one_nix_build() {
+    let _machine = shared_machine();
+    let limits = binding_limits();
+    let (sandbox, _) = hook_sandbox(&limits, "");
+    let records_dir = sandbox.path().join("records");
+    let dag = mixed_dag(&records_dir);
+    let build =
+        run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT);
+    build.assert_success("nix-build -j 8 of the DAG with the hook");
+    assert!(build.stdout.trim().ends_with("-dag-all"), "nix-build printed {:?}", build.stdout);
+    assert!(hook_lines(&build.stderr).is_empty(), "the hook reported errors:\n{}", build.stderr);
+
+    let records = read_records(&records_dir);
+    assert_each_ran_once(&records, &dag);
+    assert_within(&limits, &records);
+    // Admission limits, it does not serialise: four light builds (400 MiB) fit.
+    let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);
+    assert!(peaks.total >= 2, "the hook never let two builds run at once: {peaks:?}\n{}", timeline(&records));
+}
+
+/// Two clients of one private nix-daemon, each `nix-build -j 8` of three heavy builds; the
+/// records of both.
+fn two_daemon_clients(sandbox: &NixSandbox) -> (Vec<Record>, Vec<Dag>) {
+    let daemon = NixDaemon::start(sandbox);
+    let records_dir = sandbox.path().join("records");
+    let counts = PerTier { heavy: 3, medium: 0, light: 0 };
+    let sleeps = PerTier { heavy: 500, medium: 300, light: 300 };
+    let dags = [Dag::new("a", counts, sleeps, &records_dir), Dag::new("b", counts, sleeps, &records_dir)];
+
+    let clients: Vec<Running> = dags
+        .iter()
+        .map(|dag| Running::spawn(dag.build_command(daemon.command("nix-build"), 8, None), sandbox.path(), &dag.prefix))
+        .collect();
+    for (client, dag) in clients.into_iter().zip(&dags) {
+        let finished = client.wait(BUILD_TIMEOUT);
+        assert!(
+            finished.status.success(),
+            "client {} failed ({}):\n{}\ndaemon log:\n{}",
+            dag.prefix,
+            finished.status,
+            tail(&finished.stderr, 40),
+            tail(&daemon.log(), 40)
+        );
+    }
+
+    // Both clients went through the daemon, not straight to the store.
+    let connections = daemon.log().matches("accepted connection").count();
+    assert!(connections >= 2, "the daemon saw {connections} connections:\n{}", daemon.log());
+
+    let records = read_records(&records_dir);
+    let mut expected: Vec<String> = dags.iter().flat_map(Dag::names).collect();
+    expected.sort();
+    let mut ran: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+    ran.sort();
+    assert_eq!(ran, expected, "timeline:\n{}", timeline(&records));
+    (records, dags.to_vec())
+}
+
+#[test]
+fn without_the_hook_daemon_clients_run_heavy_builds_together() {
+    // Control for the next test (and a check of the daemon harness).
+    let _machine = shared_machine();
+    let sandbox = NixSandbox::with_conf("build-poll-interval = 1");
+    let (records, _) = two_daemon_clients(&sandbox);
+    let peaks = peaks(&records, |_| 0);
+    assert!(peaks.tier("heavy") > 1, "{peaks:?}\n{}", timeline(&records));
+}
+
+#[test]
+fn heavy_limit_holds_across_daemon_clients() {
+    let _machine = shared_machine();
+    let limits = roomy_limits();
+    let (sandbox, _) = hook_sandbox(&limits, "");
+    let (records, _) = two_daemon_clients(&sandbox);
+    assert_within(&limits, &records);
+    let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);
+    assert_eq!(peaks.tier("heavy"), 1, "{peaks:?}\n{}", timeline(&records));
+}
+
+#[test]
+fn a_killed_client_frees_its_heavy_slot_within_a_poll_interval() {
+    let _machine = exclusive_machine();
+    let limits = roomy_limits();
+    let (sandbox, _) = hook_sandbox(&limits, "");
+    let records_dir = sandbox.path().join("records");
+    let counts = PerTier { heavy: 1, medium: 0, light: 0 };
+    let long = Dag::new("a", counts, PerTier { heavy: 120_000, medium: 0, light: 0 }, &records_dir);
+    let short = Dag::new("b", counts, PerTier { heavy: 500, medium: 0, light: 0 }, &records_dir);
+
+    // Client a holds the heavy slot with a long build.
+    let client_a = Running::spawn(long.build_command(sandbox.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "a");
+    let (builder_pid, builder_pgid, _) = wait_started(&records_dir, "a-heavy-0", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("a-heavy-0 never started:\n{}", client_a.stderr()));
+
+    // Client b's heavy build waits for it.
+    let client_b = Running::spawn(short.build_command(sandbox.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "b");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        started(&records_dir, "b-heavy-0").is_none(),
+        "b-heavy-0 started while a-heavy-0 held the only heavy slot; b's stderr:\n{}",
+        client_b.stderr()
+    );
+
+    // While both wait, `nix-tier status --json` shows the running build and the waiting one.
+    let status_problem = match status_json(&sandbox) {
+        Err(e) => Some(e),
+        Ok(status) => {
+            let running = status["running"].as_array().cloned().unwrap_or_default();
+            let heavy_running = status["tiers"]["heavy"]["running"].as_u64();
+            let a_running = running.iter().any(|r| r["name"] == "a-heavy-0" && r["tier"] == "heavy");
+            let b_waiting = status["waiting"].to_string().contains("b-heavy-0");
+            (!(a_running && heavy_running == Some(1) && b_waiting)).then(|| {
+                format!("status while a runs and b waits: expected a-heavy-0 running (heavy running 1) and b-heavy-0 waiting, got {status:#}")
+            })
+        }
+    };
+
+    // kill -9 the client (its process group) and the builder's own process group (Nix puts the
+    // builder in a session of its own).
+    let killed_at = now_ms();
+    client_a.kill9();
+    kill_group(builder_pgid);
+    assert!(wait_gone(&[builder_pid], Duration::from_secs(10)), "builder {builder_pid} survived kill -9");
+    let gone_at = now_ms();
+
+    let (_, _, b_start) = wait_started(&records_dir, "b-heavy-0", Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("b-heavy-0 never started after a was killed; b's stderr:\n{}", client_b.stderr()));
+    client_b.wait(BUILD_TIMEOUT).assert_success("client b after a was killed");
+    let delay = b_start as i64 - gone_at as i64;
+    assert!(b_start >= killed_at, "b-heavy-0 started before a was killed");
+    // One poll interval (1 s) plus 3 s of slack.
+    assert!(delay <= 4000, "b-heavy-0 started {delay} ms after a's processes were gone (limit 4000 ms)");
+    if let Some(problem) = status_problem {
+        panic!("{problem}");
+    }
+}
+
+#[test]
+fn a_corrupt_state_file_does_not_stop_builds() {
+    let _machine = shared_machine();
+    let (sandbox, _) = hook_sandbox(&roomy_limits(), "");
+    let records_dir = sandbox.path().join("records");
+    let counts = PerTier { heavy: 1, medium: 1, light: 2 };
+    let sleeps = PerTier { heavy: 300, medium: 300, light: 300 };
+
+    let first = Dag::new("first", counts, sleeps, &records_dir);
+    run_with_timeout(first.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "first", BUILD_TIMEOUT)
+        .assert_success("first build");
+
+    // The hook keeps its shared state in $NIX_STATE_DIR/nix-tier/state.json (hook/src/state.rs).
+    let state_dir = sandbox.path().join("state/nix-tier");
+    assert!(state_dir.is_dir(), "the hook left no state directory {}", state_dir.display());
+    fs::write(state_dir.join("state.json"), "\u{0}garbage{{{ not json \u{7f}\n").unwrap();
+
+    let second = Dag::new("second", counts, sleeps, &records_dir);
+    let build =
+        run_with_timeout(second.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "second", BUILD_TIMEOUT);
+    build.assert_success("build after corrupting the state file");
+    let ran: Vec<String> = read_records(&records_dir).into_iter().map(|r| r.name).collect();
+    for name in second.names() {
+        assert!(ran.contains(&name), "{name} never ran; runs: {ran:?}");
+    }
+    let lines = hook_lines(&build.stderr);
+    assert!(
+        lines.iter().any(|l| l.to_lowercase().contains("state")),
+        "expected a nix-tier-hook: line about the corrupt state; stderr:\n{}",
+        build.stderr
+    );
+}
+
+#[test]
+fn a_bad_profile_does_not_stop_builds() {
+    let _machine = shared_machine();
+    let (sandbox, profile) = hook_sandbox(&roomy_limits(), "");
+    fs::write(&profile, "{ \"schemaVersion\": 1, this is not json").unwrap();
+    let records_dir = sandbox.path().join("records");
+    let dag = Dag::new(
+        "bad",
+        PerTier { heavy: 1, medium: 1, light: 2 },
+        PerTier { heavy: 300, medium: 300, light: 300 },
+        &records_dir,
+    );
+    let build =
+        run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT);
+    build.assert_success("build with an invalid profile");
+    assert_each_ran_once(&read_records(&records_dir), &dag);
+    let lines = hook_lines(&build.stderr);
+    assert!(
+        lines.iter().any(|l| l.contains(&profile.display().to_string()) || l.to_lowercase().contains("profile")),
+        "expected a nix-tier-hook: line naming the bad profile; stderr:\n{}",
+        build.stderr
+    );
+}
+
+/// A derivation that needs the `remote-only` feature, which only the `local?root=` machine has.
+///
+/// How Nix 2.8 builds on `local?root=DIR` (libstore/local-fs-store.hh, build-remote.cc,
+/// build/local-derivation-goal.cc): the remote store's logical store directory is the client's
+/// (`store=` param, default `$NIX_STORE_DIR`, which build-remote inherits), its files live under
+/// `DIR/nix/store` and its database under `DIR/nix/var/nix`. Since the logical and real store
+/// directories differ, every build there is a chroot build (forced, whatever `sandbox` says),
+/// which sees only the input closure: hence the static builder, imported into the store by the
+/// DAG, and no record directory. No path under /nix is touched.
+fn remote_setup(with_hook: bool) -> (NixSandbox, Dag, std::path::PathBuf) {
+    let remote_root = |sandbox: &NixSandbox| sandbox.path().join("remote");
+    let builders = |sandbox: &NixSandbox| {
+        format!(
+            "builders = local?root={}&store={} x86_64-linux - 1 1 remote-only remote-only\n\
+             system-features = big-parallel\nbuilders-use-substitutes = false\n",
+            remote_root(sandbox).display(),
+            sandbox.path().join("store").display()
+        )
+    };
+    let sandbox = if with_hook {
+        let (sandbox, profile) = hook_sandbox(&roomy_limits(), "");
+        let conf = format!("{}{}{}", base_conf(), hook_conf(&profile), builders(&sandbox));
+        sandbox.write("conf/nix.conf", &conf);
+        sandbox
+    } else {
+        let sandbox = NixSandbox::with_conf("build-poll-interval = 1");
+        let conf = format!("{}build-poll-interval = 1\n{}", base_conf(), builders(&sandbox));
+        sandbox.write("conf/nix.conf", &conf);
+        sandbox
+    };
+    fs::create_dir_all(remote_root(&sandbox)).unwrap();
+    let mut dag = Dag::new(
+        "rem",
+        PerTier { heavy: 1, medium: 0, light: 0 },
+        PerTier { heavy: 300, medium: 0, light: 0 },
+        Path::new(""),
+    );
+    dag.extra_attrs = "{ heavy = { requiredSystemFeatures = [ \"remote-only\" ]; }; }".to_string();
+    let root = remote_root(&sandbox);
+    (sandbox, dag, root)
+}
+
+fn check_remote_build(with_hook: bool) {
+    let _machine = shared_machine();
+    let (sandbox, dag, remote_root) = remote_setup(with_hook);
+    let build =
+        run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT);
+    build.assert_success("nix-build of a remote-only derivation");
+    if with_hook {
+        assert!(hook_lines(&build.stderr).is_empty(), "the hook reported errors:\n{}", build.stderr);
+    }
+
+    // Already built: this only prints the output path.
+    let out = run_with_timeout(
+        dag.build_command(sandbox.command("nix-build"), 1, Some("heavy-0")),
+        sandbox.path(),
+        "path",
+        BUILD_TIMEOUT,
+    );
+    out.assert_success("nix-build -A heavy-0");
+    let path = out.stdout.trim().to_string();
+    assert!(path.ends_with("-rem-heavy-0"), "nix-build -A heavy-0 printed {path:?}");
+    let base = Path::new(&path).file_name().unwrap();
+
+    let remote_copy = remote_root.join("nix/store").join(base);
+    assert_eq!(
+        fs::read_to_string(&remote_copy).map_err(|e| format!("{}: {e}", remote_copy.display())),
+        Ok("rem-heavy-0\n".to_string()),
+        "the remote store holds the output it built"
+    );
+    assert_eq!(fs::read_to_string(&path).ok().as_deref(), Some("rem-heavy-0\n"), "local copy of {path}");
+    assert!(is_valid(sandbox.command("nix-store"), &path), "{path} is not valid in the local store");
+    // The aggregator has no special feature: built locally, never remotely.
+    let all = build.stdout.trim();
+    let all_base = Path::new(all).file_name().unwrap();
+    assert!(Path::new(all).exists(), "{all} missing");
+    assert!(!remote_root.join("nix/store").join(all_base).exists(), "the aggregator was built remotely");
+}
+
+#[test]
+fn remote_builders_work_without_the_hook() {
+    // Baseline: this machine can build on a local?root= store with Nix's own build-remote.
+    check_remote_build(false);
+}
+
+#[test]
+fn remote_builders_work_through_the_hook() {
+    check_remote_build(true);
+}
