@@ -971,3 +971,144 @@ fn a_target_the_host_cannot_run_needs_for_another_machine() {
         "{features}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Flags spelled for the compiler version of the package's stdenv (archspec's per-compiler table)
+// ---------------------------------------------------------------------------------------------
+
+/// As `with_pkgs`, but with the fixture's `stdenv.cc.version` set to `gcc_version` instead of the
+/// host gcc's: the .drv is only instantiated, never built, so the version need not exist here.
+fn with_pkgs_gcc(gcc_version: &str, body: &str) -> String {
+    let dir = fixture_dir();
+    let dir = dir.to_str().expect("fixture path is UTF-8");
+    assert!(
+        !dir.contains(char::is_whitespace),
+        "fixture path {dir:?} cannot be a Nix path literal"
+    );
+    format!(
+        "let pkgs = import {dir} {{ gccVersion = \"{gcc_version}\"; }}; inherit (pkgs) lib; \
+         profile = builtins.hardwareProfile; optimizeFor = builtins.optimizeFor; in\n  {body}"
+    )
+}
+
+/// As `instantiate`, with the fixture's gcc at `gcc_version`.
+fn instantiate_gcc(sandbox: &NixSandbox, gcc_version: &str, body: &str) -> PathBuf {
+    let expr = with_pkgs_gcc(gcc_version, body);
+    let out = sandbox
+        .command("nix-instantiate")
+        .args(["--expr", &expr])
+        .output()
+        .expect("run nix-instantiate");
+    assert!(
+        out.status.success(),
+        "instantiating {body} with gcc {gcc_version} failed:\n{}",
+        stderr(&out)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let path = PathBuf::from(text.lines().last().expect("nix-instantiate printed a path").trim());
+    assert!(path.is_file(), "{} is not a file", path.display());
+    path
+}
+
+/// `forAnotherMachine = true;` when the host lacks one of `features` (as /proc/cpuinfo spells
+/// them), else nothing: the option must not be needed for a target the host runs.
+fn for_another_machine_unless(host: &Host, features: &[&str]) -> &'static str {
+    if features.iter().all(|f| host.has(f)) {
+        ""
+    } else {
+        "forAnotherMachine = true;"
+    }
+}
+
+/// The features archspec's x86_64_v3 adds to v2 (cpuinfo spelling: `abm` is lzcnt, `bmi1` bmi).
+const X86_64_V3_FEATURES: &[&str] = &[
+    "avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "sse4_2", "popcnt",
+];
+
+#[test]
+fn x86_64_v3_is_spelled_per_gcc_version() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    if !host.is_x86_64() {
+        eprintln!("skipped: x86-64 levels need an x86-64 host");
+        return;
+    }
+    let body = format!(
+        "optimizeFor {{ target = \"x86_64_v3\"; {} }} pkgs.vecsum",
+        for_another_machine_unless(&host, X86_64_V3_FEATURES)
+    );
+
+    // gcc 10 predates -march=x86-64-v3 (GCC 11.1): archspec spells the level as the baseline
+    // -march=x86-64 plus one -m flag per feature, after the package's own flags.
+    let env = drv_env(&instantiate_gcc(&sandbox, "10.2.0", &body));
+    let flags = binding(&env, "NIX_CFLAGS_COMPILE");
+    let w = words(flags);
+    assert!(flags.starts_with("-O3 -DVECSUM_FIXTURE "), "package flags not first: {flags}");
+    assert!(w.contains(&"-march=x86-64"), "{flags}");
+    for feature in ["-mavx", "-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c", "-mmovbe", "-msse4.2"] {
+        assert!(w.contains(&feature), "{feature} missing for gcc 10: {flags}");
+    }
+    assert!(
+        !w.iter().any(|f| f.starts_with("-march=x86-64-v")),
+        "gcc 10 cannot take -march=x86-64-v3: {flags}"
+    );
+    // nixpkgs' feature name follows gcc.arch, whatever this compiler version spells.
+    let features = binding(&env, "requiredSystemFeatures");
+    assert!(words(features).contains(&"gccarch-x86-64-v3"), "{features}");
+
+    // gcc 12 knows the level by name: no feature list.
+    let env = drv_env(&instantiate_gcc(&sandbox, "12.2.0", &body));
+    let flags = binding(&env, "NIX_CFLAGS_COMPILE");
+    let w = words(flags);
+    assert!(flags.starts_with("-O3 -DVECSUM_FIXTURE "), "package flags not first: {flags}");
+    assert!(w.contains(&"-march=x86-64-v3"), "{flags}");
+    assert!(!w.contains(&"-march=x86-64"), "{flags}");
+    assert!(!w.contains(&"-mavx2"), "gcc 12 needs no feature list: {flags}");
+    let features = binding(&env, "requiredSystemFeatures");
+    assert!(words(features).contains(&"gccarch-x86-64-v3"), "{features}");
+}
+
+#[test]
+fn a_compiler_too_old_for_the_target_gets_no_march() {
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    if !host.is_x86_64() {
+        eprintln!("skipped: skylake is an x86-64 target");
+        return;
+    }
+    // archspec's skylake entries start at gcc 6.0.
+    let skylake = ["avx2", "fma", "bmi2", "adx", "rdseed", "clflushopt", "xsavec"];
+    let body = format!(
+        "optimizeFor {{ target = \"skylake\"; {} }} pkgs.vecsum",
+        for_another_machine_unless(&host, &skylake)
+    );
+    let env = drv_env(&instantiate_gcc(&sandbox, "4.1", &body));
+    assert_eq!(
+        binding(&env, "NIX_CFLAGS_COMPILE"),
+        "-O3 -DVECSUM_FIXTURE",
+        "no CPU flags for a gcc that cannot target skylake"
+    );
+    let features = env.get("requiredSystemFeatures").map(String::as_str).unwrap_or("");
+    assert!(
+        !words(features).iter().any(|f| f.starts_with("gccarch-")),
+        "no gccarch- feature without -march: {features:?}"
+    );
+    // Still tiered.
+    assert!(env.contains_key("NIX_TIER") && env.contains_key("NIX_BUILD_CORES"));
+
+    let n = sandbox.eval_json(&with_pkgs_gcc(
+        "4.1",
+        &format!("let n = ({body}).passthru.nixTier; in {{ inherit (n) applied skipped; }}"),
+    ));
+    let reason = n["skipped"]["march"]
+        .as_str()
+        .unwrap_or_else(|| panic!("skipped.march missing: {}", n["skipped"]));
+    for word in ["gcc", "4.1", "cannot", "skylake"] {
+        assert!(reason.contains(word), "skipped.march does not say {word:?}: {reason}");
+    }
+    assert!(
+        !n["applied"].to_string().contains("march"),
+        "applied: {}",
+        n["applied"]
+    );
+}
