@@ -1,0 +1,216 @@
+//! Learning a build's memory reservation from the peaks of its past builds.
+//!
+//! The build hook reserves memory for every build it admits. Without history that is the
+//! tier's `memoryMiB`, sized for the largest build the tier may hold; most builds use far less.
+//! Once a package has been built a few times, its measured peaks say what it really needs.
+//!
+//! # The rule
+//!
+//! Given the memory peaks of a package's recent **successful** builds (newest first) and its
+//! tier's `memoryMiB`:
+//!
+//! 1. Use at most the [`MAX_SAMPLES`] (20) newest peaks: old builds of a package that has since
+//!    grown (or shrunk) should stop counting.
+//! 2. With fewer than [`MIN_SAMPLES`] (3) peaks, reserve the tier's `memoryMiB`
+//!    ([`ReservationSource::Tier`]): one or two builds say too little about the spread.
+//! 3. Otherwise take the 95th percentile by nearest rank, `p95 = sorted[ceil(0.95 n) - 1]`
+//!    (with up to 19 samples that is the largest peak, with 20 the second largest: one
+//!    outlier among 20 builds is forgiven) and reserve
+//!    `clamp(ceil(p95 × 1.25), 64 MiB, memoryMiB)` ([`ReservationSource::Learned`]).
+//!
+//! Why these figures:
+//!
+//! * **p95, not the mean**: a reservation below what a build needs is the failure that
+//!   matters (the machine swaps or the OOM killer strikes), so the rule follows the high end
+//!   of the observed peaks rather than the typical one.
+//! * **× 1.25**: peaks vary with the inputs (a new version, more tests, a different parallel
+//!   schedule); a quarter on top of the worst observed case absorbs ordinary growth while still
+//!   freeing most of an oversized tier reservation.
+//! * **at least 64 MiB**: tiny builds (writing a file, copying a script) still need a shell,
+//!   the builder's own memory and page cache; reserving less would only make the budget's
+//!   arithmetic pretend. 64 MiB is small next to any tier, so it rarely binds.
+//! * **at most the tier's `memoryMiB`**: learning only ever lowers a reservation. The tier's
+//!   figure stays the ceiling the profile promises per build; a package that needs more belongs
+//!   in a heavier tier (a profile rule), not in a larger learned figure.
+//!
+//! Which builds count is up to the caller: the hook passes the succeeded builds of the package
+//! *since its last OOM kill* (see `nix_tier_hook::history::History::learning_peaks`), so a
+//! build killed for lack of memory sends the package back to the tier's figure until it has
+//! succeeded [`MIN_SAMPLES`] more times. Failed builds are ignored (their peaks say nothing
+//! about what a whole build needs).
+
+use std::fmt;
+
+/// Fewest peaks from which a reservation is learned.
+pub const MIN_SAMPLES: usize = 3;
+
+/// Most peaks (the newest) a reservation is learned from.
+pub const MAX_SAMPLES: usize = 20;
+
+/// The percentile of the peaks the reservation covers.
+pub const PERCENTILE: u32 = 95;
+
+/// The safety margin on top of the percentile, as a fraction `MARGIN_NUM / MARGIN_DEN` (1.25).
+pub const MARGIN_NUM: u64 = 5;
+/// See [`MARGIN_NUM`].
+pub const MARGIN_DEN: u64 = 4;
+
+/// The smallest learned reservation, MiB (unless the tier's figure is smaller still).
+pub const FLOOR_MIB: u64 = 64;
+
+/// The memory a build reserves and where the figure comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    /// Memory to reserve, MiB.
+    pub memory_mib: u64,
+    /// Where it comes from.
+    pub source: ReservationSource,
+}
+
+/// Where a reservation comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationSource {
+    /// The tier's `memoryMiB`: too few past builds to learn from.
+    Tier,
+    /// Learned from past builds.
+    Learned {
+        /// How many peaks it was learned from (at most [`MAX_SAMPLES`]).
+        samples: usize,
+        /// Their 95th percentile (nearest rank), MiB.
+        p95_mib: u64,
+    },
+}
+
+impl ReservationSource {
+    /// `"tier"` or `"learned"`, as `nix-tier explain --json` spells it.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ReservationSource::Tier => "tier",
+            ReservationSource::Learned { .. } => "learned",
+        }
+    }
+}
+
+impl fmt::Display for ReservationSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReservationSource::Tier => f.write_str("the tier's memoryMiB"),
+            ReservationSource::Learned { samples, p95_mib } => {
+                write!(f, "learned from {samples} builds (p95 {p95_mib} MiB × 1.25)")
+            }
+        }
+    }
+}
+
+/// The reservation for a build whose package peaked at `peaks_mib` (MiB, newest first) in its
+/// past builds, in a tier whose `memoryMiB` is `tier_limit_mib`. See the [module docs](self)
+/// for the rule.
+pub fn reservation(peaks_mib: &[u64], tier_limit_mib: u64) -> Reservation {
+    let mut recent: Vec<u64> = peaks_mib.iter().take(MAX_SAMPLES).copied().collect();
+    if recent.len() < MIN_SAMPLES {
+        return Reservation { memory_mib: tier_limit_mib, source: ReservationSource::Tier };
+    }
+    recent.sort_unstable();
+    let p95_mib = nearest_rank(&recent, PERCENTILE).expect("at least MIN_SAMPLES peaks");
+    // ceil(p95 × 5/4) without overflow.
+    let margin = (u128::from(p95_mib) * u128::from(MARGIN_NUM)).div_ceil(u128::from(MARGIN_DEN));
+    let with_margin = u64::try_from(margin).unwrap_or(u64::MAX);
+    let memory_mib = with_margin.max(FLOOR_MIB).min(tier_limit_mib);
+    Reservation { memory_mib, source: ReservationSource::Learned { samples: recent.len(), p95_mib } }
+}
+
+/// The `percent`th percentile of `sorted` (ascending) by nearest rank:
+/// `sorted[ceil(percent/100 × n) - 1]`, the smallest value at least `percent`% of the values
+/// do not exceed. `None` when `sorted` is empty; `percent` is capped at 100.
+pub fn nearest_rank(sorted: &[u64], percent: u32) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let n = sorted.len();
+    let rank = (n * percent.min(100) as usize).div_ceil(100).max(1);
+    Some(sorted[rank - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn too_few_samples_use_the_tier() {
+        for peaks in [&[][..], &[100], &[100, 200]] {
+            assert_eq!(reservation(peaks, 4096), Reservation { memory_mib: 4096, source: ReservationSource::Tier });
+        }
+    }
+
+    #[test]
+    fn three_samples_learn_p95_times_1_25() {
+        // p95 of three is the largest; 330 × 1.25 = 412.5 → 413.
+        let r = reservation(&[300, 330, 250], 8192);
+        assert_eq!(r, Reservation { memory_mib: 413, source: ReservationSource::Learned { samples: 3, p95_mib: 330 } });
+        assert_eq!(r.source.to_string(), "learned from 3 builds (p95 330 MiB × 1.25)");
+    }
+
+    #[test]
+    fn only_the_twenty_newest_count_and_one_outlier_in_twenty_is_forgiven() {
+        let mut peaks = vec![100; 20];
+        peaks[7] = 5000; // one outlier among the 20 newest
+        peaks.push(9000); // 21st newest: ignored
+        let r = reservation(&peaks, 8192);
+        assert_eq!(r.source, ReservationSource::Learned { samples: 20, p95_mib: 100 });
+        assert_eq!(r.memory_mib, 125);
+        // Two outliers among 20: p95 is an outlier.
+        peaks[8] = 4000;
+        assert_eq!(reservation(&peaks, 8192).source, ReservationSource::Learned { samples: 20, p95_mib: 4000 });
+    }
+
+    #[test]
+    fn floor_and_ceiling() {
+        assert_eq!(reservation(&[1, 2, 3], 8192).memory_mib, FLOOR_MIB);
+        assert_eq!(reservation(&[1, 2, 3], 32).memory_mib, 32);
+        let capped = reservation(&[7000, 7000, 7000], 8192);
+        assert_eq!(capped.memory_mib, 8192);
+        assert_eq!(capped.source, ReservationSource::Learned { samples: 3, p95_mib: 7000 });
+        assert_eq!(reservation(&[u64::MAX; 3], u64::MAX).memory_mib, u64::MAX);
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        assert_eq!(nearest_rank(&[], 95), None);
+        assert_eq!(nearest_rank(&[5], 95), Some(5));
+        assert_eq!(nearest_rank(&[1, 2, 3, 4], 50), Some(2));
+        assert_eq!(nearest_rank(&[1, 2, 3, 4, 5], 50), Some(3));
+        let twenty: Vec<u64> = (1..=20).collect();
+        assert_eq!(nearest_rank(&twenty, 95), Some(19));
+        assert_eq!(nearest_rank(&twenty[..19], 95), Some(19));
+        assert_eq!(nearest_rank(&twenty, 100), Some(20));
+        assert_eq!(nearest_rank(&twenty, 0), Some(1));
+    }
+
+    proptest! {
+        #[test]
+        fn reservation_stays_within_bounds(peaks in proptest::collection::vec(0u64..1 << 40, 0..40), limit in 0u64..1 << 41) {
+            let r = reservation(&peaks, limit);
+            prop_assert!(r.memory_mib >= FLOOR_MIB.min(limit), "{r:?} below the floor");
+            prop_assert!(r.memory_mib <= limit, "{r:?} above the tier's {limit}");
+            match r.source {
+                ReservationSource::Tier => {
+                    prop_assert!(peaks.len() < MIN_SAMPLES);
+                    prop_assert_eq!(r.memory_mib, limit);
+                }
+                ReservationSource::Learned { samples, p95_mib } => {
+                    prop_assert_eq!(samples, peaks.len().min(MAX_SAMPLES));
+                    prop_assert!(peaks[..samples].contains(&p95_mib));
+                    // Whenever the margin fits under the tier, the reservation covers the p95.
+                    if u128::from(p95_mib) * 5 <= u128::from(limit) * 4 {
+                        prop_assert!(r.memory_mib >= p95_mib);
+                        prop_assert!(r.memory_mib >= p95_mib + p95_mib / 4);
+                    }
+                    // At least 95% of the samples fit in the reservation's p95.
+                    let covered = peaks[..samples].iter().filter(|&&p| p <= p95_mib).count();
+                    prop_assert!(covered * 100 >= samples * 95);
+                }
+            }
+        }
+    }
+}
