@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use nix_tier_model::admission::{self, Admission, Claim};
-use nix_tier_model::build::Classification;
+use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
 use nix_tier_model::optimize::TIER_ATTRIBUTE;
 use nix_tier_model::{Profile, Tier};
@@ -29,7 +29,7 @@ pub struct Placement {
 pub fn place(profile: &Profile, drv: &Derivation) -> Placement {
     let name = drv.name().unwrap_or("unnamed").to_string();
     let marked = drv.env.get(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
-    let classification = profile.build.classify(&name, &drv.required_system_features(), marked);
+    let classification = profile.build.classify(package_name(&name), &drv.required_system_features(), marked);
     let memory_mib = profile.build.tiers.get(classification.tier).memory_mib;
     Placement { name, classification, memory_mib }
 }

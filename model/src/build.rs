@@ -36,17 +36,17 @@ impl Build {
         }
     }
 
-    /// Classifies a build, in this order: the tier it is `marked` with (by `optimizeFor`), the
-    /// first rule matching its [package name](package_name), `big-parallel` in its
+    /// Classifies the build of `package` (a name without version: a `pname`, or
+    /// [`package_name`] of a derivation name), in this order: the tier it is `marked` with (by
+    /// `optimizeFor`), the first rule matching the package, `big-parallel` in its
     /// `requiredSystemFeatures` (heavy), else the default tier.
-    pub fn classify(&self, drv_name: &str, required_features: &[String], marked: Option<Tier>) -> Classification {
+    pub fn classify(&self, package: &str, required_features: &[String], marked: Option<Tier>) -> Classification {
         let decided = |tier: Tier, reason: String| Classification { tier, reason };
         if let Some(tier) = marked {
             return decided(tier, format!("marked {tier}"));
         }
-        let name = package_name(drv_name);
-        if let Some(rule) = self.rules.iter().find(|rule| rule.pattern.matches(name)) {
-            return decided(rule.tier, format!("rule \"{}\" matches {name}", rule.pattern));
+        if let Some(rule) = self.rules.iter().find(|rule| rule.pattern.matches(package)) {
+            return decided(rule.tier, format!("rule \"{}\" matches {package}", rule.pattern));
         }
         if required_features.iter().any(|f| f == BIG_PARALLEL) {
             return decided(Tier::Heavy, format!("requiredSystemFeatures has {BIG_PARALLEL}"));
@@ -234,7 +234,7 @@ mod tests {
         let build = build_with(&[("nodejs", Tier::Heavy), ("node*", Tier::Medium)]);
         let tier = |name: &str, features: &[&str], marked| {
             let features: Vec<String> = features.iter().map(|f| f.to_string()).collect();
-            build.classify(name, &features, marked).tier
+            build.classify(package_name(name), &features, marked).tier
         };
         assert_eq!(tier("nodejs-22.11.0", &[], None), Tier::Heavy);
         assert_eq!(tier("node-gyp-10.0.1", &[], None), Tier::Medium);
@@ -242,7 +242,7 @@ mod tests {
         assert_eq!(tier("llvm-18.1.0", &["big-parallel"], None), Tier::Heavy);
         assert_eq!(tier("node-gyp-10.0.1", &["big-parallel"], None), Tier::Medium);
         assert_eq!(tier("nodejs-22.11.0", &[], Some(Tier::Light)), Tier::Light);
-        let why = build.classify("node-gyp-1", &[], None).reason;
+        let why = build.classify("node-gyp", &[], None).reason;
         assert!(why.contains("node*") && why.contains("node-gyp"), "{why}");
     }
 }

@@ -311,13 +311,10 @@ fn add_cpu_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Mic
         _ => "gcc",
     };
     let version = compiler.and_then(|c| c.version.as_deref());
+    let mut cflags = Vec::new();
     match detect::compiler_flags(target, family, version) {
-        Ok(mut cflags) => {
-            if let Some(level) = options.opt_level {
-                cflags.push_str(&format!(" -O{}", level.0));
-                plan.info.applied.push(format!("-O{}", level.0));
-            }
-            plan.append.insert("NIX_CFLAGS_COMPILE".into(), cflags);
+        Ok(march) => {
+            cflags.push(march);
             plan.info.applied.push("march".into());
             // nixpkgs' convention: gccarch-<gcc.arch>, whatever this compiler version spells.
             plan.system_features.push(format!("gccarch-{}", detect::gcc_target(target).arch));
@@ -326,6 +323,13 @@ fn add_cpu_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Mic
         Err(reason) => {
             plan.info.skipped.insert("march".into(), reason);
         }
+    }
+    if let Some(level) = options.opt_level {
+        cflags.push(level.to_string());
+        plan.info.applied.push(level.to_string());
+    }
+    if !cflags.is_empty() {
+        plan.append.insert("NIX_CFLAGS_COMPILE".into(), cflags.join(" "));
     }
     if facts.has_cargo_deps {
         let cpu = detect::llvm_cpu_name(target);
@@ -371,5 +375,49 @@ fn add_switches(plan: &mut Plan, options: &Options, facts: &Facts) {
 impl fmt::Display for OptLevel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "-O{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(gcc_version: &str) -> Facts {
+        Facts {
+            name: "tool-3d-1.0".into(),
+            pname: Some("tool-3d".into()),
+            required_system_features: vec![],
+            has_override_attrs: true,
+            has_cargo_deps: false,
+            has_go_modules: false,
+            override_args: vec![],
+            compiler: Some(Compiler { gnu: true, clang: false, version: Some(gcc_version.into()) }),
+        }
+    }
+
+    fn host() -> Result<Profile, String> {
+        Profile::detect().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn opt_level_applies_even_when_the_compiler_cannot_target_the_cpu() {
+        let options = r#"{ "target": "skylake", "optLevel": 3, "forAnotherMachine": true }"#;
+        let plan = plan(options, &facts("4.1"), host).unwrap();
+        assert_eq!(plan.append.get("NIX_CFLAGS_COMPILE").map(String::as_str), Some("-O3"));
+        assert!(plan.info.skipped["march"].contains("gcc 4.1 cannot target skylake"));
+        assert!(plan.system_features.is_empty());
+
+        let plan = plan(options, &facts("12.2.0"), host).unwrap();
+        assert_eq!(plan.append["NIX_CFLAGS_COMPILE"], "-march=skylake -mtune=skylake -O3");
+        assert_eq!(plan.system_features, ["gccarch-skylake"]);
+    }
+
+    #[test]
+    fn rules_match_the_pname_as_given() {
+        let mut profile = host().unwrap();
+        profile.build.rules = vec![crate::Rule { pattern: crate::Pattern::new("tool-3d").unwrap(), tier: Tier::Heavy }];
+        let options = serde_json::json!({ "profile": profile, "forAnotherMachine": true, "target": "x86_64" });
+        let plan = plan(&options.to_string(), &facts("12.2.0"), host).unwrap();
+        assert_eq!(plan.info.tier, Tier::Heavy, "{}", plan.info.tier_reason);
     }
 }
