@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod dispatch;
+pub mod history;
 pub mod output_locks;
 pub mod protocol;
 pub mod relay;
