@@ -6,9 +6,11 @@ use std::path::Path;
 use nix_tier_model::admission::{self, Admission, Claim};
 use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
+use nix_tier_model::learning::{self, ReservationSource};
 use nix_tier_model::optimize::TIER_ATTRIBUTE;
 use nix_tier_model::{Profile, Tier};
 
+use crate::history::History;
 use crate::output_locks::{self, HeldLocks};
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
@@ -23,15 +25,28 @@ pub struct Placement {
     pub classification: Classification,
     /// Memory to reserve, MiB.
     pub memory_mib: u64,
+    /// Where `memory_mib` comes from: the tier's `memoryMiB`, or learned from the package's
+    /// past builds.
+    pub memory_source: ReservationSource,
+    /// Why the build history could not be read, when it could not (the tier's figure is used).
+    pub history_error: Option<String>,
 }
 
-/// Classifies the derivation at `drv_path` under `profile`.
-pub fn place(profile: &Profile, drv: &Derivation) -> Placement {
+/// Classifies `drv` under `profile` and sizes its reservation: learned from its package's past
+/// builds in `history` when there are enough (`nix_tier_model::learning`), else its tier's
+/// `memoryMiB`. One indexed query.
+pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> Placement {
     let name = drv.name().unwrap_or("unnamed").to_string();
     let marked = drv.env.get(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
     let classification = profile.build.classify(package_name(&name), &drv.required_system_features(), marked);
-    let memory_mib = profile.build.tiers.get(classification.tier).memory_mib;
-    Placement { name, classification, memory_mib }
+    let tier_mib = profile.build.tiers.get(classification.tier).memory_mib;
+    let (peaks, history_error) = match history.map(|h| h.learning_peaks(nix_tier_model::build::package_name(&name))) {
+        Some(Ok(peaks)) => (peaks, None),
+        Some(Err(error)) => (Vec::new(), Some(error.to_string())),
+        None => (Vec::new(), None),
+    };
+    let reservation = learning::reservation(&peaks, tier_mib);
+    Placement { name, classification, memory_mib: reservation.memory_mib, memory_source: reservation.source, history_error }
 }
 
 /// What to tell Nix about one request.
@@ -51,6 +66,10 @@ pub struct Dispatcher {
     /// What each waiting derivation was last announced as waiting for, so it is not announced
     /// anew at every poll.
     announced: HashMap<String, String>,
+    /// The build history, to learn reservations from; `None` when it cannot be opened.
+    history: Option<History>,
+    /// Said once per hook process: why the history cannot be used.
+    history_note: Option<String>,
 }
 
 impl Dispatcher {
@@ -59,12 +78,16 @@ impl Dispatcher {
     pub fn new(profile: Profile, settings: &Settings, state_dir: StateDir, relay: Option<Relay>) -> Dispatcher {
         // A postponed build asks again every poll interval; three missed polls mean it is gone.
         let waiter_ttl = 3 * protocol::poll_interval_secs(settings).max(1) + 2;
-        Dispatcher { profile, state_dir, waiter_ttl, relay, announced: HashMap::new() }
+        let (history, history_note) = match History::open(state_dir.path()) {
+            Ok(history) => (Some(history), None),
+            Err(error) => (None, Some(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"))),
+        };
+        Dispatcher { profile, state_dir, waiter_ttl, relay, announced: HashMap::new(), history, history_note }
     }
 
     /// Answers one `try`. Errors are internal: the caller declines and reports them.
     pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
-        let mut lines = Vec::new();
+        let mut lines: Vec<String> = self.history_note.take().into_iter().collect();
         if let Some(relay) = self.relay.as_mut() {
             match relay.ask(request) {
                 Ok(answer) => {
@@ -95,7 +118,12 @@ impl Dispatcher {
             return Ok(Reply::Decline);
         }
         let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
-        let placement = place(&self.profile, &drv);
+        let placement = place(&self.profile, &drv, self.history.as_ref());
+        if let Some(error) = &placement.history_error {
+            // Said once; later tries quietly use the tier figures.
+            lines.push(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"));
+            self.history = None;
+        }
         let tier = placement.classification.tier;
 
         let locked = self.state_dir.lock().map_err(|e| format!("state directory {}: {e}", self.state_dir.path().display()))?;

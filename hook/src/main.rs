@@ -28,6 +28,7 @@ enum Command {
     Profile(cli::profile::Args),
     Status(cli::status::Args),
     Explain(cli::explain::Args),
+    History(cli::history::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Command::Profile(args) => cli::profile::run(&args),
         Command::Status(args) => cli::status::run(&args),
         Command::Explain(args) => cli::explain::run(&args),
+        Command::History(args) => cli::history::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

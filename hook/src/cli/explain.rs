@@ -3,11 +3,19 @@
 use std::path::PathBuf;
 
 use nix_tier_hook::dispatch::place;
+use nix_tier_hook::history::History;
+use nix_tier_hook::state::StateDir;
+use nix_tier_model::build::package_name;
+use nix_tier_model::learning::{self, ReservationSource};
 use nix_tier_model::Derivation;
 
 use crate::CommandResult;
 
 /// Show the tier of a derivation, the rule that decided it, and the memory it reserves.
+///
+/// The reservation is learned from the package's past builds in the build history
+/// ($NIX_TIER_STATE_DIR/history.sqlite, else $NIX_STATE_DIR/nix-tier/history.sqlite) once there
+/// are enough; see docs/enforcement.md, "Learning".
 #[derive(clap::Args)]
 pub struct Args {
     /// The .drv file (e.g. from 'nix-instantiate').
@@ -24,20 +32,49 @@ pub struct Args {
 pub fn run(args: &Args) -> CommandResult {
     let (profile, origin) = super::hook_profile(args.profile.as_deref())?;
     let drv = Derivation::read(&args.drv)?;
-    let placement = place(&profile, &drv);
+    let history = History::open(StateDir::from_env().path());
+    let placement = place(&profile, &drv, history.as_ref().ok());
+    let history_error = history.as_ref().err().map(ToString::to_string).or(placement.history_error.clone());
     let tier = placement.classification.tier;
     let limits = profile.build.tiers.get(tier);
+    let package = package_name(&placement.name);
+    // How many builds the rule saw (for "1 of 3 builds needed").
+    let samples = match placement.memory_source {
+        ReservationSource::Learned { samples, .. } => samples,
+        ReservationSource::Tier => history.as_ref().ok().and_then(|h| h.learning_peaks(package).ok()).map_or(0, |p| p.len()),
+    };
+    let why = match (placement.memory_source, &history_error) {
+        (ReservationSource::Learned { .. }, _) => placement.memory_source.to_string(),
+        (ReservationSource::Tier, Some(error)) => format!("the {tier} tier's memoryMiB (build history unavailable: {error})"),
+        (ReservationSource::Tier, None) => format!(
+            "the {tier} tier's memoryMiB (no history: {samples} of {} builds of {package} needed)",
+            learning::MIN_SAMPLES
+        ),
+    };
+    let capped = match placement.memory_source {
+        ReservationSource::Learned { .. } if placement.memory_mib == limits.memory_mib => {
+            format!(", capped at the {tier} tier's memoryMiB")
+        }
+        _ => String::new(),
+    };
     if args.json {
+        let learned = match placement.memory_source {
+            ReservationSource::Learned { samples, p95_mib } => serde_json::json!({ "samples": samples, "p95MiB": p95_mib }),
+            ReservationSource::Tier => serde_json::Value::Null,
+        };
         let json = serde_json::json!({
-            "drv": args.drv, "name": placement.name, "tier": tier,
+            "drv": args.drv, "name": placement.name, "package": package, "tier": tier,
             "reason": placement.classification.reason,
-            "memoryMiB": placement.memory_mib, "memorySource": "tier",
+            "memoryMiB": placement.memory_mib, "memorySource": placement.memory_source.as_str(),
+            "memoryReason": format!("{why}{capped}"), "learned": learned, "historySamples": samples,
+            "historyError": history_error, "tierMemoryMiB": limits.memory_mib,
             "cores": limits.cores, "maxJobs": limits.max_jobs, "profile": origin,
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!("{}: tier {tier} ({})", placement.name, placement.classification.reason);
-        println!("  reserves {} MiB (the {tier} tier's memoryMiB), {} cores; {} such builds at once", placement.memory_mib, limits.cores, limits.max_jobs);
+        println!("  reserves {} MiB: {why}{capped}", placement.memory_mib);
+        println!("  {} cores; {} such builds at once", limits.cores, limits.max_jobs);
         println!("  profile: {origin}");
     }
     Ok(())

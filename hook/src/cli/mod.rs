@@ -1,6 +1,7 @@
 //! The subcommands of `nix-tier`, one module each with an `Args` struct and a `run` function.
 
 pub mod explain;
+pub mod history;
 pub mod profile;
 pub mod status;
 
