@@ -15,6 +15,7 @@ use crate::output_locks::{self, HeldLocks};
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
 use crate::state::{self, Lease, StateDir, Waiter};
+use crate::watch::{self, WatchJob};
 
 /// A derivation's tier, the rule that decided it, and the memory it reserves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +71,12 @@ pub struct Dispatcher {
     history: Option<History>,
     /// Said once per hook process: why the history cannot be used.
     history_note: Option<String>,
+    /// Whether admitted builds get cgroups (a writable hierarchy exists).
+    enforce: bool,
+    /// Said once per hook process when builds cannot be bounded.
+    enforcement_note: Option<String>,
+    /// Watchers started by this hook, reaped as they finish.
+    watchers: Vec<std::process::Child>,
 }
 
 impl Dispatcher {
@@ -82,12 +89,30 @@ impl Dispatcher {
             Ok(history) => (Some(history), None),
             Err(error) => (None, Some(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"))),
         };
-        Dispatcher { profile, state_dir, waiter_ttl, relay, announced: HashMap::new(), history, history_note }
+        let (enforce, enforcement_note) =
+            match nix_tier_cgroups::Hierarchy::detect(Path::new("/sys/fs/cgroup"), watch::CGROUP_PARENT) {
+                Ok(_) => (true, None),
+                Err(e) => (false, Some(format!("nix-tier-hook: {e}; builds are admitted by tier but not bounded"))),
+            };
+        Dispatcher {
+            profile,
+            state_dir,
+            waiter_ttl,
+            relay,
+            announced: HashMap::new(),
+            history,
+            history_note,
+            enforce,
+            enforcement_note,
+            watchers: Vec::new(),
+        }
     }
 
     /// Answers one `try`. Errors are internal: the caller declines and reports them.
     pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
-        let mut lines: Vec<String> = self.history_note.take().into_iter().collect();
+        let mut lines: Vec<String> = self.enforcement_note.take().into_iter().collect();
+        lines.extend(self.history_note.take());
+        self.watchers.retain_mut(|w| matches!(w.try_wait(), Ok(None)));
         if let Some(relay) = self.relay.as_mut() {
             match relay.ask(request) {
                 Ok(answer) => {
@@ -142,7 +167,7 @@ impl Dispatcher {
         let reply = match admission::decide(&self.profile.build, &state.claims(), waiting_heavy, candidate) {
             Admission::Admit => {
                 state.waiting.retain(|w| w.drv != request.drv_path);
-                state.running.push(Lease {
+                let lease = Lease {
                     drv: request.drv_path.clone(),
                     name: placement.name,
                     tier,
@@ -150,7 +175,13 @@ impl Dispatcher {
                     lock_files: output_locks::lock_files(&drv, &request.drv_path),
                     started: now,
                     nix_pid: std::os::unix::process::parent_id(),
-                });
+                };
+                let learned = matches!(placement.memory_source, ReservationSource::Learned { .. });
+                match watch::spawn(&self.watch_job(&lease, &drv, learned)) {
+                    Ok(child) => self.watchers.push(child),
+                    Err(e) => lines.push(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", lease.name)),
+                }
+                state.running.push(lease);
                 self.announced.remove(&request.drv_path);
                 Reply::Decline
             }
@@ -189,6 +220,28 @@ impl Dispatcher {
         };
         locked.save(&state).map_err(|e| format!("writing state in {}: {e}", self.state_dir.path().display()))?;
         Ok(reply)
+    }
+}
+
+impl Dispatcher {
+    fn watch_job(&self, lease: &Lease, drv: &Derivation, learned: bool) -> WatchJob {
+        let outputs: Vec<(&String, &str)> =
+            drv.outputs.iter().map(|(name, o)| (name, o.path.as_str())).filter(|(_, p)| !p.is_empty()).collect();
+        WatchJob {
+            drv: lease.drv.clone(),
+            name: lease.name.clone(),
+            tier: lease.tier,
+            memory_limit_mib: lease.memory_mib,
+            limit_learned: learned,
+            cores: self.profile.build.tiers.get(lease.tier).cores,
+            lock_files: lease.lock_files.clone(),
+            output_env: outputs.iter().map(|(name, path)| format!("{name}={path}")).collect(),
+            outputs: outputs.iter().map(|(_, path)| path.to_string()).collect(),
+            nix_pid: lease.nix_pid,
+            started_unix_ms: state::now_ms(),
+            state_dir: self.state_dir.path().to_path_buf(),
+            enforce: self.enforce,
+        }
     }
 }
 

@@ -402,14 +402,14 @@ mod tests {
     #[test]
     fn opt_level_applies_even_when_the_compiler_cannot_target_the_cpu() {
         let options = r#"{ "target": "skylake", "optLevel": 3, "forAnotherMachine": true }"#;
-        let plan = plan(options, &facts("4.1"), host).unwrap();
-        assert_eq!(plan.append.get("NIX_CFLAGS_COMPILE").map(String::as_str), Some("-O3"));
-        assert!(plan.info.skipped["march"].contains("gcc 4.1 cannot target skylake"));
-        assert!(plan.system_features.is_empty());
+        let old_gcc = plan(options, &facts("4.1"), host).unwrap();
+        assert_eq!(old_gcc.append.get("NIX_CFLAGS_COMPILE").map(String::as_str), Some("-O3"));
+        assert!(old_gcc.info.skipped["march"].contains("gcc 4.1 cannot target skylake"));
+        assert!(old_gcc.system_features.is_empty());
 
-        let plan = plan(options, &facts("12.2.0"), host).unwrap();
-        assert_eq!(plan.append["NIX_CFLAGS_COMPILE"], "-march=skylake -mtune=skylake -O3");
-        assert_eq!(plan.system_features, ["gccarch-skylake"]);
+        let gcc12 = plan(options, &facts("12.2.0"), host).unwrap();
+        assert_eq!(gcc12.append["NIX_CFLAGS_COMPILE"], "-march=skylake -mtune=skylake -O3");
+        assert_eq!(gcc12.system_features, ["gccarch-skylake"]);
     }
 
     #[test]
@@ -417,7 +417,7 @@ mod tests {
         let mut profile = host().unwrap();
         profile.build.rules = vec![crate::Rule { pattern: crate::Pattern::new("tool-3d").unwrap(), tier: Tier::Heavy }];
         let options = serde_json::json!({ "profile": profile, "forAnotherMachine": true, "target": "x86_64" });
-        let plan = plan(&options.to_string(), &facts("12.2.0"), host).unwrap();
-        assert_eq!(plan.info.tier, Tier::Heavy, "{}", plan.info.tier_reason);
+        let planned = plan(&options.to_string(), &facts("12.2.0"), host).unwrap();
+        assert_eq!(planned.info.tier, Tier::Heavy, "{}", planned.info.tier_reason);
     }
 }

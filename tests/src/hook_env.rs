@@ -191,11 +191,6 @@ impl Dag {
         }
     }
 
-    /// Number of derivations the DAG builds (the aggregator included).
-    pub fn len(&self) -> usize {
-        (self.counts.heavy + self.counts.medium + self.counts.light + 1) as usize
-    }
-
     /// Names of every derivation, aggregator included.
     pub fn names(&self) -> Vec<String> {
         let mut names = Vec::new();

@@ -8,14 +8,18 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 
-use nix_tier_hook::config;
+use nix_tier_hook::{config, history, privileges};
 use nix_tier_hook::dispatch::{Answer, Dispatcher};
 use nix_tier_hook::protocol::{self, Reply};
 use nix_tier_hook::relay::Relay;
 use nix_tier_hook::state::StateDir;
+use nix_tier_hook::watch::{self, WatchJob};
 
 fn main() -> ExitCode {
     let verbosity = std::env::args().nth(1).unwrap_or_else(|| "3".to_string());
+    if verbosity == watch::WATCH_ARG {
+        return watch_build();
+    }
     let mut input = io::stdin().lock();
     let settings = match protocol::read_settings(&mut input) {
         Ok(settings) => settings,
@@ -46,6 +50,10 @@ fn main() -> ExitCode {
             }
         },
     };
+    // build-remote (started above, if at all) keeps what it needs for SSH; the hook does not.
+    if let Err(error) = privileges::keep_only_needed() {
+        notes.push(format!("nix-tier-hook: cannot drop capabilities ({error}); running with those it was given"));
+    }
     let mut dispatcher = profile.map(|p| Dispatcher::new(p, &settings, StateDir::from_env(), relay));
 
     loop {
@@ -75,6 +83,8 @@ fn main() -> ExitCode {
                 lines.extend(said);
                 lines.push(Reply::Accept.line().to_string());
                 say(&lines);
+                // The relay reads stdin from another thread: this thread's lock must go first.
+                drop(input);
                 return match relay.hand_over() {
                     Ok(0) => ExitCode::SUCCESS,
                     Ok(code) => ExitCode::from(code.clamp(1, 255) as u8),
@@ -93,6 +103,21 @@ fn main() -> ExitCode {
                 say(&lines);
             }
         }
+    }
+}
+
+/// The watcher mode (`--watch-build <job>`), started by the hook for each admitted build.
+fn watch_build() -> ExitCode {
+    let Some(job) = std::env::args().nth(2).and_then(|json| serde_json::from_str::<WatchJob>(&json).ok()) else {
+        return ExitCode::FAILURE;
+    };
+    let finished = watch::watch(&job);
+    if !finished.started {
+        return ExitCode::SUCCESS;
+    }
+    match history::History::open(&job.state_dir).and_then(|h| h.record(&watch::record(&job, &finished))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

@@ -1,0 +1,36 @@
+//! Least privilege: the hook keeps only the Linux capabilities it needs.
+//!
+//! Under a multi-user `nix-daemon` the hook runs as root. It needs `CAP_SYS_PTRACE`, to read the
+//! environment of (and write a line into the log of) a builder running as a build user, and
+//! `CAP_KILL`, to end what is left of an abandoned build before removing its cgroup. Writing
+//! cgroup files and its own state needs no capability: they belong to root. Everything else is
+//! dropped from the effective, permitted, inheritable, ambient and bounding sets, so the
+//! watchers it starts cannot regain it either. Run as an ordinary user (single-user Nix) it has
+//! no capabilities and nothing changes.
+
+use caps::{CapSet, Capability, CapsHashSet};
+
+/// The capabilities the hook keeps.
+pub const NEEDED: [Capability; 2] = [Capability::CAP_SYS_PTRACE, Capability::CAP_KILL];
+
+/// Drops every capability but [`NEEDED`].
+pub fn keep_only_needed() -> Result<(), caps::errors::CapsError> {
+    let permitted = caps::read(None, CapSet::Permitted)?;
+    if permitted.is_empty() {
+        return Ok(());
+    }
+    let keep: CapsHashSet = NEEDED.into_iter().filter(|c| permitted.contains(c)).collect();
+    // The bounding set first: dropping from it needs CAP_SETPCAP, which goes last.
+    for cap in caps::read(None, CapSet::Bounding)? {
+        if !keep.contains(&cap) && cap != Capability::CAP_SETPCAP {
+            caps::drop(None, CapSet::Bounding, cap)?;
+        }
+    }
+    if !keep.contains(&Capability::CAP_SETPCAP) {
+        caps::drop(None, CapSet::Bounding, Capability::CAP_SETPCAP)?;
+    }
+    caps::clear(None, CapSet::Ambient)?;
+    caps::clear(None, CapSet::Inheritable)?;
+    caps::set(None, CapSet::Effective, &keep)?;
+    caps::set(None, CapSet::Permitted, &keep)
+}

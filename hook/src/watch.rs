@@ -1,0 +1,243 @@
+//! The watcher of one admitted build: bounds it with a cgroup and records how it went.
+//!
+//! Nix forks the builder only after the hook has answered, so the hook starts a watcher per
+//! admitted build: `nix-tier-hook --watch-build <job>`, in its own process group so it outlives
+//! the hook (Nix kills the hook's group when its worker ends). The watcher
+//!
+//! 1. creates the build's cgroup (memory limit = the build's reservation, CPU quota = its tier's
+//!    cores) under the `nix-tier` parent;
+//! 2. finds the builder: the child of the Nix worker whose environment holds the build's
+//!    `<output>=<path>` entries (any process, for sandboxed builders that are reparented), and
+//!    moves it and its descendants in, rescanning until nothing new appears; with build users,
+//!    every process of the builder's uid belongs to the build and is moved too. Processes forked
+//!    after the move are born inside;
+//! 3. watches the output locks: the build ends when Nix releases them; an OOM kill inside the
+//!    cgroup is reported in the build's own log at once;
+//! 4. records the build (wall and CPU time, peak memory, outcome) in the history database and
+//!    removes the cgroup.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix_tier_cgroups::{BuildCgroup, Hierarchy, Limits};
+use nix_tier_model::Tier;
+use serde::{Deserialize, Serialize};
+
+use crate::history::{package_and_version, BuildRecord, Outcome};
+use crate::output_locks::HeldLocks;
+use crate::procfs;
+
+/// The argument that turns `nix-tier-hook` into a watcher.
+pub const WATCH_ARG: &str = "--watch-build";
+
+/// The parent cgroup of all tier builds.
+pub const CGROUP_PARENT: &str = "nix-tier";
+
+const MIB: u64 = 1024 * 1024;
+
+/// Everything a watcher needs to know about its build.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchJob {
+    /// The .drv path.
+    pub drv: String,
+    /// The derivation's name.
+    pub name: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its memory limit, MiB (the reservation).
+    #[serde(rename = "memoryLimitMiB")]
+    pub memory_limit_mib: u64,
+    /// Whether the limit was learned from the package's history (else it is the tier's).
+    pub limit_learned: bool,
+    /// Its CPU quota, cores.
+    pub cores: u32,
+    /// Nix's output locks: the build runs while one is held.
+    pub lock_files: Vec<PathBuf>,
+    /// `<output name>=<path>` entries of the builder's environment.
+    pub output_env: Vec<String>,
+    /// The output paths.
+    pub outputs: Vec<String>,
+    /// The Nix worker that will fork the builder.
+    pub nix_pid: u32,
+    /// When it was admitted, milliseconds since the epoch.
+    pub started_unix_ms: u64,
+    /// The state directory (history database).
+    pub state_dir: PathBuf,
+    /// Whether to create a cgroup (false where none is writable).
+    pub enforce: bool,
+}
+
+/// How a watched build ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finished {
+    /// Whether the builder was ever found (if not, Nix did not start it after all).
+    pub started: bool,
+    /// Wall time from admission to the release of the locks.
+    pub wall: Duration,
+    /// CPU time inside the cgroup.
+    pub cpu: Option<Duration>,
+    /// Peak memory inside the cgroup, bytes.
+    pub peak_bytes: Option<u64>,
+    /// OOM kills inside the cgroup.
+    pub oom_kills: u64,
+    /// Whether the outputs are valid (the locks were deleted and the paths exist).
+    pub succeeded: bool,
+}
+
+/// Starts a watcher for `job` as a detached child of this process.
+pub fn spawn(job: &WatchJob) -> io::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .arg(WATCH_ARG)
+        .arg(serde_json::to_string(job)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+}
+
+/// Watches the build to its end.
+pub fn watch(job: &WatchJob) -> Finished {
+    let cgroup = job.enforce.then(|| create_cgroup(job)).flatten();
+    let admitted = Instant::now();
+    let my_uid = procfs::uid(std::process::id());
+    let mut builder: Option<u32> = None;
+    let mut build_user: Option<u32> = None;
+    let mut moved: HashSet<u32> = HashSet::new();
+    let mut reported_kills = 0;
+    let mut polls: u64 = 0;
+    loop {
+        let running = HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f)));
+        if builder.is_none() {
+            builder = find_builder(job, polls);
+            build_user = builder.and_then(procfs::uid).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
+        }
+        if let (Some(pid), Some(cgroup)) = (builder, cgroup.as_ref()) {
+            let mut pids = procfs::tree(pid);
+            if let Some(uid) = build_user {
+                pids.extend(procfs::pids_of_user(uid));
+            }
+            for pid in pids {
+                if moved.insert(pid) {
+                    let _ = cgroup.add(pid);
+                }
+            }
+            let stats = cgroup.stats();
+            if stats.oom_kills > reported_kills {
+                reported_kills = stats.oom_kills;
+                tell_build_log(cgroup, pid, &oom_message(job, stats.peak_memory_bytes));
+            }
+        }
+        if !running {
+            break;
+        }
+        polls += 1;
+        // Fast while the builder is starting (so it is moved before it grows), slow after.
+        let pause = if admitted.elapsed() < Duration::from_secs(1) { 5 } else { 100 };
+        std::thread::sleep(Duration::from_millis(pause));
+    }
+    let wall = admitted.elapsed();
+    let stats = cgroup.as_ref().map(|c| {
+        end_leftovers(c);
+        c.stats()
+    });
+    if let Some(cgroup) = &cgroup {
+        let _ = cgroup.remove();
+    }
+    let succeeded = job.lock_files.iter().all(|f| !f.exists()) && job.outputs.iter().all(|o| Path::new(o).exists());
+    Finished {
+        started: builder.is_some(),
+        wall,
+        cpu: stats.and_then(|s| s.cpu_time),
+        peak_bytes: stats.and_then(|s| s.peak_memory_bytes),
+        oom_kills: stats.map_or(0, |s| s.oom_kills),
+        succeeded,
+    }
+}
+
+fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
+    let hierarchy = Hierarchy::detect(Path::new("/sys/fs/cgroup"), CGROUP_PARENT).ok()?;
+    let name = Path::new(&job.drv).file_stem()?.to_string_lossy().into_owned();
+    let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
+    hierarchy.create(&name, &limits).ok()
+}
+
+/// The builder: a child of the Nix worker with the build's output entries in its environment;
+/// every tenth poll, any process (a sandboxed builder is reparented away from the worker).
+fn find_builder(job: &WatchJob, polls: u64) -> Option<u32> {
+    let is_builder = |pid: &u32| job.output_env.iter().any(|entry| procfs::has_env_entry(*pid, entry));
+    procfs::children(job.nix_pid).into_iter().find(is_builder).or_else(|| {
+        (polls % 10 == 9).then(|| procfs::all_pids().into_iter().find(is_builder)).flatten()
+    })
+}
+
+/// Nix ends a build's processes itself; what remains after it released the locks belongs to an
+/// abandoned build (its client was killed) and is killed, so the cgroup can go.
+fn end_leftovers(cgroup: &BuildCgroup) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let grace = Instant::now() + Duration::from_millis(500);
+    while let Ok(pids) = cgroup.pids() {
+        if pids.is_empty() || Instant::now() > deadline {
+            return;
+        }
+        if Instant::now() > grace {
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The line a user sees in the build log when the kernel kills inside the build's cgroup.
+pub fn oom_message(job: &WatchJob, peak_bytes: Option<u64>) -> String {
+    let peak = peak_bytes.map_or_else(|| "unknown".to_string(), |b| format!("{} MiB", b / MIB));
+    let advice = match job.limit_learned {
+        true => "The limit was learned from its past builds; its next build gets the tier's figure again".to_string(),
+        false => format!("Raise build.tiers.{}.memoryMiB in the hardware profile", job.tier),
+    };
+    format!(
+        "nix-tier: {} exceeded its memory limit of {} MiB ({} tier) and was killed by the kernel; \
+         peak {peak}. {advice}, or see 'nix-tier history'.",
+        job.name, job.memory_limit_mib, job.tier
+    )
+}
+
+/// Writes `line` into the build's log: the standard error of a process of the build, which
+/// Nix reads and shows as the build's output.
+fn tell_build_log(cgroup: &BuildCgroup, builder: u32, line: &str) {
+    let candidates = std::iter::once(builder).chain(cgroup.pids().unwrap_or_default());
+    for pid in candidates {
+        if let Ok(mut stderr) = std::fs::OpenOptions::new().append(true).open(format!("/proc/{pid}/fd/2")) {
+            if writeln!(stderr, "{line}").is_ok() {
+                return;
+            }
+        }
+    }
+}
+
+/// The history row of a finished build.
+pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
+    let (package, version) = package_and_version(&job.name);
+    BuildRecord {
+        drv: job.drv.clone(),
+        package,
+        version,
+        tier: job.tier,
+        started_unix_ms: job.started_unix_ms,
+        wall_ms: finished.wall.as_millis() as u64,
+        cpu_ms: finished.cpu.map(|d| d.as_millis() as u64),
+        peak_mib: finished.peak_bytes.map(|b| b.div_ceil(MIB)),
+        limit_mib: job.enforce.then_some(job.memory_limit_mib),
+        outcome: match (finished.oom_kills > 0, finished.succeeded) {
+            (true, _) => Outcome::OomKilled,
+            (false, true) => Outcome::Succeeded,
+            (false, false) => Outcome::Failed,
+        },
+    }
+}
