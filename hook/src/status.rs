@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use nix_tier_model::{Profile, Tier};
 
+use crate::history::{BuildRecord, Outcome};
 use crate::output_locks::HeldLocks;
 use crate::state::{self, State};
 
@@ -26,7 +27,32 @@ pub struct Report {
     pub running: Vec<RunningBuild>,
     /// Waiting builds, oldest first.
     pub waiting: Vec<WaitingBuild>,
+    /// Builds the kernel killed at their memory limit in the last day, newest first.
+    pub recent_kills: Vec<Kill>,
 }
+
+/// A build killed at its memory limit.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Kill {
+    /// The .drv path.
+    pub drv: String,
+    /// Package and version.
+    pub name: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// Its memory limit, MiB.
+    #[serde(rename = "limitMiB")]
+    pub limit_mib: Option<u64>,
+    /// Its peak, MiB.
+    #[serde(rename = "peakMiB")]
+    pub peak_mib: Option<u64>,
+    /// Seconds since it started.
+    pub ago_seconds: u64,
+}
+
+/// How far back `recent_kills` looks.
+pub const KILLS_SHOWN_FOR_SECONDS: u64 = 24 * 3600;
 
 /// One tier's limits and how much of them is in use.
 #[derive(Debug, Serialize)]
@@ -76,9 +102,9 @@ pub struct WaitingBuild {
     pub reason: String,
 }
 
-/// Builds the report from `state` (builds whose output locks are gone are left out) and
-/// `profile`.
-pub fn report(mut state: State, profile: &Profile, held: &HeldLocks, state_dir: &str) -> Report {
+/// Builds the report from `state` (builds whose output locks are gone are left out),
+/// `profile`, and the `history` rows (newest first) for recent kills.
+pub fn report(mut state: State, profile: &Profile, held: &HeldLocks, history: &[BuildRecord], state_dir: &str) -> Report {
     let now = state::now();
     state.running.retain(|lease| lease.lock_files.iter().any(|f| held.holds(f)));
     state.running.sort_by_key(|l| l.started);
@@ -118,6 +144,19 @@ pub fn report(mut state: State, profile: &Profile, held: &HeldLocks, state_dir: 
                 waiting_seconds: now.saturating_sub(w.since),
                 reason: w.reason.clone(),
             })
+            .collect(),
+        recent_kills: history
+            .iter()
+            .filter(|row| row.outcome == Outcome::OomKilled)
+            .map(|row| Kill {
+                drv: row.drv.clone(),
+                name: format!("{}-{}", row.package, row.version).trim_end_matches('-').to_string(),
+                tier: row.tier,
+                limit_mib: row.limit_mib,
+                peak_mib: row.peak_mib,
+                ago_seconds: (now * 1000).saturating_sub(row.started_unix_ms) / 1000,
+            })
+            .filter(|kill| kill.ago_seconds <= KILLS_SHOWN_FOR_SECONDS)
             .collect(),
     }
 }

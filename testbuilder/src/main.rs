@@ -12,6 +12,7 @@
 //! | `out` | output path (set by Nix); gets a file holding `<name>\n` and one line per dependency |
 //! | `name` | the derivation's name (set by Nix) |
 //! | `TB_SLEEP_MS` | how long to run, in milliseconds (default 0) |
+//! | `TB_RAMP_MS` | how long to wait before allocating, in milliseconds, as a build that grows after it starts (default 0; not counted in `TB_SLEEP_MS`) |
 //! | `TB_MEM_MIB` | memory to allocate and hold while running, in MiB; every page is written so it is resident (default 0) |
 //! | `NIX_TIER` | the tier, only recorded (default `-`) |
 //! | `TB_DEPS` | whitespace-separated paths that must exist (the outputs of dependencies); the build fails when one is missing |
@@ -64,6 +65,7 @@ fn pgid() -> String {
 struct Config {
     name: String,
     sleep_ms: u64,
+    ramp_ms: u64,
     mem_mib: u64,
     tier: String,
     deps: Vec<PathBuf>,
@@ -76,6 +78,7 @@ fn config() -> Result<Config, String> {
     let mut config = Config {
         name: std::env::var("name").unwrap_or_else(|_| "unnamed".to_string()),
         sleep_ms: env_u64("TB_SLEEP_MS")?,
+        ramp_ms: env_u64("TB_RAMP_MS")?,
         mem_mib: env_u64("TB_MEM_MIB")?,
         tier: std::env::var("NIX_TIER").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "-".to_string()),
         deps: std::env::var("TB_DEPS")
@@ -138,6 +141,9 @@ fn run() -> Result<(), String> {
             return Err(format!("dependency {} does not exist", dep.display()));
         }
     }
+
+    // A real build grows after it starts (a compiler reads its sources first).
+    std::thread::sleep(Duration::from_millis(config.ramp_ms));
 
     // Allocate and touch every page so the memory is resident, then hold it while sleeping.
     let bytes = usize::try_from(config.mem_mib).map_err(|_| "TB_MEM_MIB too large")? * 1024 * 1024;

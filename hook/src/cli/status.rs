@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use nix_tier_hook::dispatch::age;
+use nix_tier_hook::history::{History, HISTORY_FILE};
 use nix_tier_hook::output_locks::HeldLocks;
 use nix_tier_hook::state::StateDir;
 use nix_tier_hook::status::{self, Report};
@@ -27,7 +28,12 @@ pub fn run(args: &Args) -> CommandResult {
     let (profile, _) = super::hook_profile(args.profile.as_deref())?;
     let state_dir = StateDir::from_env();
     let state = state_dir.peek()?;
-    let report = status::report(state, &profile, &HeldLocks::read()?, &state_dir.path().display().to_string());
+    // Without a history database (no build finished yet) there are no kills to show.
+    let history = match state_dir.path().join(HISTORY_FILE).exists() {
+        true => History::open(state_dir.path())?.rows(None, 200)?,
+        false => Vec::new(),
+    };
+    let report = status::report(state, &profile, &HeldLocks::read()?, &history, &state_dir.path().display().to_string());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -51,6 +57,16 @@ fn human(report: &Report) -> String {
     out += &format!("waiting ({}):\n", report.waiting.len());
     for build in &report.waiting {
         out += &format!("  {:<7} {:<40} {}  ({})\n", build.tier.as_str(), build.name, age(build.waiting_seconds), build.reason);
+    }
+    if !report.recent_kills.is_empty() {
+        out += &format!("killed at their memory limit in the last day ({}):\n", report.recent_kills.len());
+        let mib = |v: Option<u64>| v.map_or_else(|| "?".to_string(), |v| v.to_string());
+        for kill in &report.recent_kills {
+            out += &format!(
+                "  {:<7} {:<40} limit {} MiB, peak {} MiB, {} ago\n",
+                kill.tier.as_str(), kill.name, mib(kill.limit_mib), mib(kill.peak_mib), age(kill.ago_seconds)
+            );
+        }
     }
     out
 }
