@@ -1,0 +1,198 @@
+//! Running builds bounded by cgroups, recorded in the history database, and reservations
+//! learned from it: real Nix 2.8 through the hook, real cgroups (v1 on this machine).
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use nix_tier_tests::hook_env::{hook_sandbox, peaks, read_records, testbuilder, Limits, TierLimits};
+use nix_tier_tests::{binary, stderr, NixSandbox};
+use serde_json::Value;
+
+/// These tests measure memory and CPU: one at a time.
+static MACHINE: Mutex<()> = Mutex::new(());
+
+fn cgroups_writable() -> bool {
+    Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+}
+
+fn limits(medium: TierLimits) -> Limits {
+    Limits {
+        budget_mib: 2000,
+        heavy: TierLimits { max_jobs: 1, cores: 2, memory_mib: 600 },
+        medium,
+        light: TierLimits { max_jobs: 4, cores: 1, memory_mib: 100 },
+    }
+}
+
+/// A Nix expression of test-builder derivations: `builds` is a list of attribute sets with
+/// `name`, `tier`, `mem` (MiB), `sleep` (ms) and an optional `salt` (to vary the .drv).
+fn builds_expr(record_dir: &Path, builds: &str) -> String {
+    format!(
+        r#"map (b: derivation {{
+             inherit (b) name; system = builtins.currentSystem; builder = "{}";
+             NIX_TIER = b.tier; TB_MEM_MIB = toString b.mem; TB_SLEEP_MS = toString b.sleep;
+             TB_RAMP_MS = "300"; RECORD_DIR = "{}"; SALT = b.salt or "";
+           }}) [ {builds} ]"#,
+        testbuilder().display(),
+        record_dir.display()
+    )
+}
+
+fn nix_build(sandbox: &NixSandbox, expr: &str) -> std::process::Output {
+    sandbox
+        .command("nix-build")
+        .args(["--no-out-link", "--keep-going", "-j", "8", "--expr", expr])
+        .output()
+        .expect("run nix-build")
+}
+
+/// `nix-tier <args>` with the sandbox's state directory, parsed as JSON.
+fn nix_tier_json(sandbox: &NixSandbox, args: &[&str]) -> Value {
+    let out = sandbox.command(binary("nix-tier")).args(args).arg("--json").output().unwrap();
+    assert!(out.status.success(), "nix-tier {args:?}: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The history rows, once `count` builds are recorded (watchers record as builds end).
+fn history_rows(sandbox: &NixSandbox, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let rows = nix_tier_json(sandbox, &["history", "--limit", "1000"])["builds"].as_array().cloned().unwrap_or_default();
+        if rows.len() >= count || Instant::now() > deadline {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn row<'a>(rows: &'a [Value], package: &str) -> &'a Value {
+    rows.iter().find(|r| r["package"] == package).unwrap_or_else(|| panic!("no history row for {package}: {rows:?}"))
+}
+
+#[test]
+fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
+    if !cgroups_writable() {
+        eprintln!("skipped: no writable cgroups");
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
+    let records = sandbox.path().join("records");
+    let expr = builds_expr(
+        &records,
+        r#"{ name = "hog-1.0"; tier = "light"; mem = 250; sleep = 500; }
+           { name = "neighbour-1.0"; tier = "heavy"; mem = 200; sleep = 1500; }"#,
+    );
+    let out = nix_build(&sandbox, &expr);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "the hog must fail:\n{err}");
+    assert!(
+        err.contains("nix-tier: hog-1.0 exceeded its memory limit of 100 MiB (light tier) and was killed by the kernel"),
+        "the build log names the build and the limit:\n{err}"
+    );
+    // The neighbour ran at the same time, in its own cgroup, untouched.
+    let done = read_records(&records);
+    assert!(done.iter().any(|r| r.name == "neighbour-1.0"), "neighbour did not finish: {err}");
+    assert!(!done.iter().any(|r| r.name == "hog-1.0"), "the hog finished despite its limit");
+
+    let rows = history_rows(&sandbox, 2);
+    let hog = row(&rows, "hog");
+    assert_eq!(hog["outcome"], "oom-killed", "{hog}");
+    assert_eq!(hog["limitMiB"], 100);
+    let neighbour = row(&rows, "neighbour");
+    assert_eq!(neighbour["outcome"], "succeeded", "{neighbour}");
+    // Its recorded peak is within 10% of what its builder held.
+    let peak = neighbour["peakMiB"].as_u64().unwrap();
+    assert!((200..=220).contains(&peak), "peak {peak} MiB for 200 MiB held");
+
+    let status = nix_tier_json(&sandbox, &["status"]);
+    let kills = status["recentKills"].as_array().unwrap();
+    assert!(kills.iter().any(|k| k["name"] == "hog-1.0" && k["limitMiB"] == 100), "{status}");
+    // Every build's cgroup is gone.
+    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/memory/nix-tier")
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let ours: Vec<_> = leftovers.iter().filter(|n| n.to_string_lossy().contains("hog-1.0")).collect();
+    assert!(ours.is_empty(), "cgroups left behind: {ours:?}");
+}
+
+#[test]
+fn learned_reservations_let_more_builds_run_at_once() {
+    if !cgroups_writable() {
+        eprintln!("skipped: no writable cgroups");
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    // Flat figures: 400 MiB each in a 1000 MiB budget, so only 2 medium builds at once.
+    let mut tight = limits(TierLimits { max_jobs: 4, cores: 1, memory_mib: 400 });
+    tight.budget_mib = 1000;
+    let (sandbox, profile) = hook_sandbox(&tight, "");
+    let records = sandbox.path().join("records");
+    let medium = |name: &str, salt: &str, sleep: u32| {
+        format!(r#"{{ name = "{name}"; tier = "medium"; mem = 40; sleep = {sleep}; salt = "{salt}"; }}"#)
+    };
+
+    // Three builds of pkg teach the hook its real use.
+    let learning: String = (1..=3).map(|i| medium("pkg-1.0", &format!("learn{i}"), 100)).collect();
+    assert!(nix_build(&sandbox, &builds_expr(&records, &learning)).status.success());
+    assert_eq!(history_rows(&sandbox, 3).len(), 3);
+
+    let drv_out = sandbox
+        .command("nix-instantiate")
+        .args(["--expr", &format!("builtins.head ({})", builds_expr(&records, &medium("pkg-1.0", "new", 100)))])
+        .output()
+        .unwrap();
+    let drv = String::from_utf8(drv_out.stdout).unwrap().trim().to_string();
+    let explained = nix_tier_json(&sandbox, &["explain", &drv, "--profile", profile.to_str().unwrap()]);
+    assert_eq!(explained["memorySource"], "learned", "{explained}");
+    let learned = explained["memoryMiB"].as_u64().unwrap();
+    assert!(learned < 250, "learned {learned} MiB for 40 MiB builds: {explained}");
+
+    // Four builds of a package without history, then four of pkg.
+    let run_batch = |package: &str| {
+        let batch: String = (1..=4).map(|i| medium(package, &format!("batch{i}"), 1500)).collect();
+        let out = nix_build(&sandbox, &builds_expr(&records, &batch));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    run_batch("other-1.0");
+    run_batch("pkg-1.0");
+    let all = read_records(&records);
+    let concurrency = |name: &str| {
+        let batch: Vec<_> = all.iter().filter(|r| r.name == name).cloned().collect();
+        peaks(&batch, |_| 0).total
+    };
+    assert_eq!(concurrency("other-1.0"), 2, "flat 400 MiB figures fit 2 in 1000 MiB");
+    assert_eq!(concurrency("pkg-1.0"), 4, "learned {learned} MiB figures fit all 4 (maxJobs 4)");
+}
+
+#[test]
+fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
+    if !Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs the cgroup v1 cpu controller and 2 CPUs");
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
+    // Two busy threads for 3 s: light allows 1 core, heavy 2.
+    let spin = |name: &str, tier: &str| {
+        format!(
+            r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
+                 NIX_TIER = "{tier}"; PATH = "/usr/bin:/bin";
+                 args = [ "-c" "sleep 0.3; spin() {{ while :; do :; done; }}; spin & a=$!; spin & b=$!; sleep 3; kill $a $b; echo > $out" ]; }}"#
+        )
+    };
+    let mut cpu_per_second = Vec::new();
+    for (name, tier) in [("spin-light-1.0", "light"), ("spin-heavy-1.0", "heavy")] {
+        let out = nix_build(&sandbox, &spin(name, tier));
+        assert!(out.status.success(), "{}", stderr(&out));
+        let rows = history_rows(&sandbox, cpu_per_second.len() + 1);
+        let row = row(&rows, name.trim_end_matches("-1.0"));
+        cpu_per_second.push(row["cpuMs"].as_f64().unwrap() / row["wallMs"].as_f64().unwrap());
+    }
+    let (light, heavy) = (cpu_per_second[0], cpu_per_second[1]);
+    assert!(light <= 1.15, "a 1-core build used {light:.2} cores");
+    assert!(light >= 0.6, "a 1-core build used only {light:.2} cores");
+    assert!(heavy >= 1.3, "a 2-core build used only {heavy:.2} cores: the quota is not per tier");
+}
