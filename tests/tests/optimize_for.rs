@@ -33,17 +33,7 @@ fn host_gcc_version() -> String {
 /// `body` evaluated with `pkgs` (the fixture), `lib`, `profile` (builtins.hardwareProfile, only
 /// forced when used) and `optimizeFor` in scope. `body` starts on line 2, column 3 of «string».
 fn with_pkgs(body: &str) -> String {
-    let dir = fixture_dir();
-    let dir = dir.to_str().expect("fixture path is UTF-8");
-    assert!(
-        !dir.contains(char::is_whitespace),
-        "fixture path {dir:?} cannot be a Nix path literal"
-    );
-    format!(
-        "let pkgs = import {dir} {{ gccVersion = \"{}\"; }}; inherit (pkgs) lib; \
-         profile = builtins.hardwareProfile; optimizeFor = builtins.optimizeFor; in\n  {body}",
-        host_gcc_version()
-    )
+    with_pkgs_gcc(&host_gcc_version(), body)
 }
 
 /// Instantiates `body` (a derivation) with nix-instantiate, which writes the .drv (an `--eval`
