@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use nix_tier_tests::hook_env::{hook_sandbox, peaks, read_records, testbuilder, Limits, TierLimits};
+use nix_tier_tests::hook_env::{
+    hook_sandbox, peaks, process_gone, read_records, testbuilder, Limits, Running, TierLimits,
+};
 use nix_tier_tests::{binary, stderr, NixSandbox};
 use serde_json::Value;
 
@@ -195,4 +197,67 @@ fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
     assert!(light <= 1.15, "a 1-core build used {light:.2} cores");
     assert!(light >= 0.6, "a 1-core build used only {light:.2} cores");
     assert!(heavy >= 1.3, "a 2-core build used only {heavy:.2} cores: the quota is not per tier");
+}
+
+#[test]
+fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
+    if !cgroups_writable() || !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
+        eprintln!("skipped: needs writable cgroup v1 memory");
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
+    // Nix kills its builder when the client dies (PR_SET_PDEATHSIG), but not the builder's own
+    // children, as a compiler started by make would be: this one records its pid and runs on.
+    let pid_file = sandbox.path().join("grandchild.pid");
+    let expr = format!(
+        r#"derivation {{ name = "abandoned-1.0"; system = builtins.currentSystem; builder = "/bin/sh";
+             NIX_TIER = "light"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "sleep 0.3; sleep 60 & echo $! > {}; wait; echo > $out" ]; }}"#,
+        pid_file.display()
+    );
+    let mut cmd = sandbox.command("nix-build");
+    cmd.args(["--no-out-link", "--expr", &expr]);
+    let client = Running::spawn(cmd, &sandbox.path().join("logs"), "client");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let grandchild: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok()) {
+            break pid;
+        }
+        assert!(Instant::now() < deadline, "the build never started its child");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let cgroup_of = |pid: u32| {
+        std::fs::read_dir("/sys/fs/cgroup/memory/nix-tier").ok()?.flatten().map(|e| e.path()).find(|dir| {
+            std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l == pid.to_string()))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let placed = loop {
+        if let Some(dir) = cgroup_of(grandchild) {
+            break dir;
+        }
+        assert!(Instant::now() < deadline, "the build's child was never placed in its cgroup");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    client.kill9();
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!process_gone(grandchild) || placed.exists(), "precondition: the child outlives its client for a moment");
+    let deadline = killed + Duration::from_secs(5);
+    while !(process_gone(grandchild) && !placed.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "5 s after the client was killed: child gone {}, cgroup {} still there {}",
+            process_gone(grandchild),
+            placed.display(),
+            placed.exists()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("the abandoned build's child ended and its cgroup was removed {:?} after the client was killed", killed.elapsed());
+    let rows = history_rows(&sandbox, 1);
+    assert_eq!(row(&rows, "abandoned")["outcome"], "failed");
 }
