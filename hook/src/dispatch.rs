@@ -77,6 +77,8 @@ pub struct Dispatcher {
     enforcement_note: Option<String>,
     /// Watchers started by this hook, reaped as they finish.
     watchers: Vec<std::process::Child>,
+    /// The watcher of the build just admitted, started once Nix has its answer.
+    pending_watch: Option<WatchJob>,
 }
 
 impl Dispatcher {
@@ -105,6 +107,21 @@ impl Dispatcher {
             enforce,
             enforcement_note,
             watchers: Vec::new(),
+            pending_watch: None,
+        }
+    }
+
+    /// Starts the watcher of the build just admitted. Called after the reply is written, so
+    /// the fork and exec are not part of Nix's wait; a failure comes back as a line to show.
+    pub fn after_reply(&mut self) -> Option<String> {
+        self.watchers.retain_mut(|w| matches!(w.try_wait(), Ok(None)));
+        let job = self.pending_watch.take()?;
+        match watch::spawn(&job) {
+            Ok(child) => {
+                self.watchers.push(child);
+                None
+            }
+            Err(e) => Some(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", job.name)),
         }
     }
 
@@ -112,7 +129,6 @@ impl Dispatcher {
     pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
         let mut lines: Vec<String> = self.enforcement_note.take().into_iter().collect();
         lines.extend(self.history_note.take());
-        self.watchers.retain_mut(|w| matches!(w.try_wait(), Ok(None)));
         if let Some(relay) = self.relay.as_mut() {
             match relay.ask(request) {
                 Ok(answer) => {
@@ -177,10 +193,7 @@ impl Dispatcher {
                     nix_pid: std::os::unix::process::parent_id(),
                 };
                 let learned = matches!(placement.memory_source, ReservationSource::Learned { .. });
-                match watch::spawn(&self.watch_job(&lease, &drv, learned)) {
-                    Ok(child) => self.watchers.push(child),
-                    Err(e) => lines.push(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", lease.name)),
-                }
+                self.pending_watch = Some(self.watch_job(&lease, &drv, learned));
                 state.running.push(lease);
                 self.announced.remove(&request.drv_path);
                 Reply::Decline

@@ -78,6 +78,7 @@ fn main() -> ExitCode {
                 lines.extend(said);
                 lines.push(reply.line().to_string());
                 say(&lines);
+                notes.extend(dispatcher.after_reply());
             }
             Ok(Answer::HandOver { lines: said, relay }) => {
                 lines.extend(said);
