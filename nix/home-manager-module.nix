@@ -1,0 +1,140 @@
+# home-manager module: programs.nix-tier. The user guide is docs/guide.md; every option is
+# listed in docs/reference.md (generated from the declarations below by scripts/gen-reference).
+#
+# It configures the user's own Nix through home-manager's nix.settings, which becomes
+# ~/.config/nix/nix.conf: the plugin and the pinned profile for the user's evaluations
+# (nix-instantiate, nix build, home-manager switch evaluate in the user's process, so
+# plugin-files and hardware-profile take effect there). Builds, however, are run by the
+# nix-daemon, which reads only /etc/nix/nix.conf and its own command line: the build hook, its
+# cgroups and max-jobs are system settings (the NixOS module services.nix-tier, or the nix.conf
+# lines of docs/guide.md on other distributions). `hook.enable` exists for single-user
+# installations, where the user's Nix runs builds itself.
+{ config, lib, pkgs, ... }:
+
+let
+  tier = import ./lib.nix;
+  inherit (lib) mkOption mkEnableOption mkIf mkMerge types literalExpression optionalAttrs;
+
+  cfg = config.programs.nix-tier;
+  nixPackage = config.nix.package;
+  nixVersion = if nixPackage == null then null else lib.getVersion nixPackage;
+
+  hasProfile = cfg.profile != null || cfg.profileSettings != { };
+  profile =
+    if cfg.profileSettings == { } then tier.profileFromJSON cfg.profile
+    else if cfg.profile == null then cfg.profileSettings
+    else tier.mergeProfile (tier.profileFromJSON cfg.profile) cfg.profileSettings;
+  profileFile =
+    if cfg.profileSettings == { } then "${cfg.profile}"
+    else pkgs.writeText "hardware-profile.json" (tier.profileJSON profile);
+in
+{
+  options.programs.nix-tier = {
+    enable = mkEnableOption "nix-tier for your own Nix: the plugin and a pinned hardware profile in ~/.config/nix/nix.conf, and the nix-tier command";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./nix-tier.nix { };
+      defaultText = literalExpression "pkgs.callPackage <nix-tier>/nix/nix-tier.nix { }";
+      description = "The nix-tier package; its `nix-tier` command is added to home.packages.";
+    };
+
+    profile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = literalExpression "./hardware-profile.json";
+      description = ''
+        The pinned hardware profile: a JSON file you commit with your configuration, made by
+        `nix-tier profile > hardware-profile.json` (docs/profile.md). It is copied to the store
+        and named by `hardware-profile` in ~/.config/nix/nix.conf, so `builtins.hardwareProfile`
+        and `builtins.optimizeFor` read it, also in pure evaluation (flakes), and by
+        `NIX_TIER_PROFILE` for the `nix-tier` command.
+      '';
+    };
+
+    profileSettings = mkOption {
+      type = types.attrsOf types.anything;
+      default = { };
+      example = literalExpression ''{ build.tiers.heavy.cores = 7; }'';
+      description = ''
+        Profile fields written in Nix, merged over `profile` (attribute sets recursively, lists
+        replaced); without `profile` they must form a whole profile. The result is written to
+        the store as JSON and used as `profile` would be.
+      '';
+    };
+
+    plugin = {
+      enable = mkOption {
+        type = types.bool;
+        default = nixPackage != null && tier.pluginSupportsNix nixVersion;
+        defaultText = lib.literalMD "`true` when `config.nix.package` is set and a Nix the plugin supports (2.8 today)";
+        description = ''
+          Whether to load the plugin into your Nix (`plugin-files` in ~/.config/nix/nix.conf),
+          with `hardware-profile` naming the pinned profile. It is built against
+          `nix.package`, which must be the Nix you run (`nix --version`): a plugin only loads
+          into the exact Nix it was built for, and today's compat header supports Nix 2.8 only.
+        '';
+      };
+
+      package = mkOption {
+        type = types.package;
+        default = pkgs.callPackage ./package.nix { nix = config.nix.package; };
+        defaultText = literalExpression "pkgs.callPackage <nix-tier>/nix/package.nix { nix = config.nix.package; }";
+        description = "The plugin, built against `config.nix.package`.";
+      };
+    };
+
+    hook = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Single-user Nix only (no nix-daemon: your own Nix process runs the builds). Sets
+          `build-hook`, `build-poll-interval`, `max-jobs` and the profile's `gccarch-*`
+          features (`extra-system-features`) in ~/.config/nix/nix.conf. With a nix-daemon
+          (multi-user installations, NixOS) these are system settings: the daemon runs the
+          hook and reads only /etc/nix/nix.conf, so set them there, with the NixOS module's
+          services.nix-tier or as docs/guide.md shows for other distributions.
+        '';
+      };
+    };
+
+    pollInterval = mkOption {
+      type = types.ints.positive;
+      default = 1;
+      description = "`build-poll-interval` in seconds, with `hook.enable`.";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = !cfg.plugin.enable || nixPackage != null;
+          message = "programs.nix-tier.plugin.enable: set nix.package to the Nix you run (e.g. pkgs.nix, or osConfig.nix.package): the plugin is built against it.";
+        }
+        {
+          assertion = !cfg.plugin.enable || nixPackage == null || tier.pluginSupportsNix nixVersion;
+          message = "programs.nix-tier.plugin.enable: the plugin cannot be built for Nix ${toString nixVersion} (nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 only.";
+        }
+      ];
+      home.packages = [ cfg.package ];
+      home.sessionVariables = optionalAttrs hasProfile { NIX_TIER_PROFILE = profileFile; };
+    }
+
+    (mkIf cfg.plugin.enable {
+      nix.settings = { plugin-files = [ (tier.pluginFile cfg.plugin.package) ]; }
+        // optionalAttrs hasProfile { hardware-profile = profileFile; };
+    })
+
+    (mkIf cfg.hook.enable {
+      nix.settings = {
+        build-hook = tier.hookFile cfg.package;
+        build-poll-interval = cfg.pollInterval;
+      } // optionalAttrs hasProfile {
+        max-jobs = tier.maxJobs profile;
+        extra-system-features = tier.gccarchFeatures profile;
+      };
+    })
+  ]);
+}
