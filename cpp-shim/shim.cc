@@ -68,6 +68,8 @@ nix::Value & glueFunction(nix::EvalState & state, const char * name, compat::Pri
     auto & glue = state.getBuiltin("nixTierGlue");
     state.forceAttrs(glue, pos);
     auto attr = glue.attrs->find(state.symbols.create(name));
+    if (attr == glue.attrs->end())
+        compat::throwEvalError(pos, std::string("nix-tier plugin: internal error: the glue has no '") + name + "'");
     return *attr->value;
 }
 

@@ -49,7 +49,7 @@ fn main() {
     for lib in &nix.libs {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
-    for file in ["shim.cc", "shim.hh", "nix-compat.hh"] {
+    for file in ["shim.cc", "nix-compat.hh"] {
         println!("cargo:rerun-if-changed={}", shim.join(file).display());
     }
     println!("cargo:rerun-if-changed=src/ffi.rs");

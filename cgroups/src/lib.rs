@@ -89,19 +89,29 @@ impl Hierarchy {
         Hierarchy::v1(&mount_root.join("memory"), &mount_root.join("cpu"), Some(&mount_root.join("cpuacct")), parent)
     }
 
-    /// A v2 hierarchy rooted at `root`: enables the memory and cpu controllers for children
-    /// (where the root offers them) and creates `<root>/<parent>`.
+    /// A v2 hierarchy rooted at `root`: enables the memory and cpu controllers for the children
+    /// of `root` and of `<root>/<parent>`, which it creates. Refused unless both controllers end
+    /// up enabled: a cgroup without them would bound nothing. (cgroup v2 allows enabling them
+    /// only in a cgroup without processes of its own, so `root` must be a delegated subtree the
+    /// daemon does not run in itself, e.g. systemd's `DelegateSubgroup=`.)
     pub fn v2(root: &Path, parent: &str) -> Result<Hierarchy, Unavailable> {
         let dir = root.join(parent);
-        let offered = fs::read_to_string(root.join("cgroup.controllers"))
-            .map_err(|e| Unavailable::NotFound(format!("{}: {e}", root.join("cgroup.controllers").display())))?;
         mkdir(&dir).map_err(|e| Unavailable::NotFound(format!("{}: {e}", dir.display())))?;
-        // Children of the root and of our parent get the controllers the root offers.
-        let wanted: Vec<&str> = ["memory", "cpu"].into_iter().filter(|c| offered.split_whitespace().any(|o| o == *c)).collect();
         for dir in [root, dir.as_path()] {
-            for controller in &wanted {
-                let _ = fs::write(dir.join("cgroup.subtree_control"), format!("+{controller}"));
-            }
+            let _ = fs::write(dir.join("cgroup.subtree_control"), "+memory +cpu");
+        }
+        let enabled = fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+        let missing: Vec<&str> = ["memory", "cpu"]
+            .into_iter()
+            .filter(|c| !enabled.split_whitespace().any(|e| e.trim_start_matches('+') == *c))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Unavailable::NotFound(format!(
+                "cgroup v2 at {}: the {} controller(s) cannot be enabled for builds there; point \
+                 NIX_TIER_CGROUP_ROOT at a subtree delegated to the Nix daemon",
+                root.display(),
+                missing.join(" and ")
+            )));
         }
         Ok(Hierarchy { version: Version::V2, parents: vec![(Controller::Unified, dir)] })
     }
@@ -132,11 +142,6 @@ impl Hierarchy {
     /// Which interface this is.
     pub fn version(&self) -> Version {
         self.version
-    }
-
-    /// The parent directory that holds the builds' cgroups (the memory one on v1).
-    pub fn parent(&self) -> &Path {
-        &self.parents[0].1
     }
 
     /// Creates the cgroup `name` with `limits`.

@@ -119,7 +119,9 @@ impl Drop for Mount {
 }
 
 #[test]
-fn v2_moves_processes_on_a_real_cgroup2_mount() {
+fn v2_without_memory_and_cpu_controllers_is_refused_on_a_real_cgroup2_mount() {
+    // This kernel binds memory and cpu to v1, so a fresh cgroup2 mount cannot offer them: a
+    // hierarchy there would bound nothing, and must say so rather than pretend.
     let dir = tempfile::tempdir().unwrap();
     let mounted = is_root()
         && Command::new("mount").args(["-t", "cgroup2", "none"]).arg(dir.path()).status().is_ok_and(|s| s.success());
@@ -128,16 +130,13 @@ fn v2_moves_processes_on_a_real_cgroup2_mount() {
         return;
     }
     let _mount = Mount(dir.path().to_path_buf());
-    let hierarchy = Hierarchy::v2(dir.path(), "nix-tier").unwrap();
-    assert_eq!(hierarchy.version(), Version::V2);
-    let cgroup = hierarchy.create("build", &Limits::default()).unwrap();
-    let mut child = Command::new("/bin/sh").args(["-c", "sleep 0.5"]).spawn().unwrap();
-    cgroup.add(child.id()).unwrap();
-    assert!(cgroup.pids().unwrap().contains(&child.id()));
-    assert!(wait_for_exit(&mut child, Duration::from_secs(5)).success());
-    std::thread::sleep(Duration::from_millis(50));
-    cgroup.remove().unwrap();
-    assert!(!cgroup.path().exists());
+    let offered = fs::read_to_string(dir.path().join("cgroup.controllers")).unwrap();
+    if offered.split_whitespace().any(|c| c == "memory") {
+        eprintln!("skipped: this kernel's cgroup2 offers memory; the laid-out test covers limits");
+        return;
+    }
+    let err = Hierarchy::v2(dir.path(), "nix-tier").unwrap_err().to_string();
+    assert!(err.contains("memory") && err.contains("NIX_TIER_CGROUP_ROOT"), "{err}");
     fs::remove_dir(dir.path().join("nix-tier")).unwrap();
 }
 
@@ -153,7 +152,7 @@ fn v2_limits_and_stats_use_the_v2_files() {
     assert_eq!(read("memory.max"), (512 * MIB).to_string());
     assert_eq!(read("cpu.max"), "300000 100000");
     assert_eq!(read("memory.swap.max"), "0");
-    assert_eq!(fs::read_to_string(root.path().join("nix-tier/cgroup.subtree_control")).unwrap(), "+cpu");
+    assert_eq!(fs::read_to_string(root.path().join("nix-tier/cgroup.subtree_control")).unwrap(), "+memory +cpu");
 
     fs::write(cgroup.path().join("memory.peak"), "123456789\n").unwrap();
     fs::write(cgroup.path().join("memory.events"), "low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n").unwrap();

@@ -37,8 +37,8 @@ pub struct Placement {
 /// builds in `history` when there are enough (`nix_tier_model::learning`), else its tier's
 /// `memoryMiB`. One indexed query.
 pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> Placement {
-    let name = drv.name().unwrap_or("unnamed").to_string();
-    let marked = drv.env.get(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
+    let name = drv.name().unwrap_or_else(|| "unnamed".to_string());
+    let marked = drv.string_attribute(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
     let classification = profile.build.classify(package_name(&name), &drv.required_system_features(), marked);
     let tier_mib = profile.build.tiers.get(classification.tier).memory_mib;
     let (peaks, history_error) = match history.map(|h| h.learning_peaks(nix_tier_model::build::package_name(&name))) {
@@ -79,6 +79,8 @@ pub struct Dispatcher {
     watchers: Vec<std::process::Child>,
     /// The watcher of the build just admitted, started once Nix has its answer.
     pending_watch: Option<WatchJob>,
+    /// The uids Nix's builders run as: this process's and the `build-users-group` members'.
+    builder_uids: Vec<u32>,
 }
 
 impl Dispatcher {
@@ -108,6 +110,7 @@ impl Dispatcher {
             enforcement_note,
             watchers: Vec::new(),
             pending_watch: None,
+            builder_uids: builder_uids(settings),
         }
     }
 
@@ -127,6 +130,8 @@ impl Dispatcher {
 
     /// Answers one `try`. Errors are internal: the caller declines and reports them.
     pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
+        // A watcher is started only for an admission that was saved and answered.
+        self.pending_watch = None;
         let mut lines: Vec<String> = self.enforcement_note.take().into_iter().collect();
         lines.extend(self.history_note.take());
         if let Some(relay) = self.relay.as_mut() {
@@ -251,11 +256,29 @@ impl Dispatcher {
             output_env: outputs.iter().map(|(name, path)| format!("{name}={path}")).collect(),
             outputs: outputs.iter().map(|(_, path)| path.to_string()).collect(),
             nix_pid: lease.nix_pid,
+            builder_uids: self.builder_uids.clone(),
             started_unix_ms: state::now_ms(),
             state_dir: self.state_dir.path().to_path_buf(),
             enforce: self.enforce,
         }
     }
+}
+
+/// The uids builders of this Nix run as: the hook's own (Nix runs the hook as itself) and, with
+/// `build-users-group` set, every member of that group.
+fn builder_uids(settings: &Settings) -> Vec<u32> {
+    let mut uids = vec![nix::unistd::getuid().as_raw()];
+    let group = settings.get("build-users-group").filter(|g| !g.is_empty());
+    if let Some(Ok(Some(group))) = group.map(|g| nix::unistd::Group::from_name(g)) {
+        uids.extend(
+            group
+                .mem
+                .iter()
+                .filter_map(|member| nix::unistd::User::from_name(member).ok().flatten())
+                .map(|user| user.uid.as_raw()),
+        );
+    }
+    uids
 }
 
 /// A duration for people: `42 s`, `12 min`, `3 h`.

@@ -14,9 +14,9 @@
 //! directory or the file is refused, so another user cannot redirect the writes.
 
 use std::fmt;
-use std::fs::{self, DirBuilder, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -27,6 +27,8 @@ use nix_tier_model::learning::{self, MAX_SAMPLES};
 use nix_tier_model::Tier;
 use rusqlite::{params, Connection, OpenFlags, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
+
+use crate::state::ensure_private_dir;
 
 /// The database's file name in the state directory.
 pub const HISTORY_FILE: &str = "history.sqlite";
@@ -524,20 +526,6 @@ impl RawRow {
             limit_mib: row.get(8)?,
             outcome: row.get(9)?,
         })
-    }
-}
-
-/// Creates `path` mode 0700 if missing; refuses a symlink or a non-directory.
-fn ensure_private_dir(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "is a symlink; refusing to keep the build history there",
-        )),
-        Ok(meta) if !meta.is_dir() => Err(io::Error::new(io::ErrorKind::InvalidInput, "is not a directory")),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new().recursive(true).mode(0o700).create(path),
-        Err(e) => Err(e),
     }
 }
 

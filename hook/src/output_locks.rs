@@ -5,7 +5,9 @@
 //! a local build; it releases it when the build ends, fails, or waits for a slot, and deletes the
 //! file on success (derivation-goal.cc `tryToBuild`, pathlocks.cc). Opening or locking the file
 //! to probe it would make Nix's own non-blocking attempt fail, so the kernel's table of held locks
-//! (`/proc/locks`) is read instead and matched by device and inode.
+//! (`/proc/locks`) is read instead. A lock is matched by device and inode, or by inode and the
+//! Nix process holding it: on btrfs, `stat` reports a subvolume's own device number while the
+//! lock table shows the file system's.
 
 use std::collections::HashSet;
 use std::fs;
@@ -27,9 +29,12 @@ pub fn lock_files(drv: &Derivation, drv_path: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The set of files some process holds a lock on, by (major, minor, inode).
+/// The locks held: by (major, minor, inode) and by (holder pid, inode).
 #[derive(Debug, Default)]
-pub struct HeldLocks(HashSet<(u64, u64, u64)>);
+pub struct HeldLocks {
+    by_device: HashSet<(u64, u64, u64)>,
+    by_holder: HashSet<(u32, u64)>,
+}
 
 impl HeldLocks {
     /// Reads the kernel's lock table.
@@ -39,28 +44,32 @@ impl HeldLocks {
 
     /// Parses `/proc/locks` text. Lines of waiters (`->`) are skipped: they hold nothing.
     pub fn parse(text: &str) -> HeldLocks {
-        let held = text
-            .lines()
-            .filter(|line| !line.contains("->"))
-            .filter_map(|line| {
-                // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF": device numbers in hex.
-                let id = line.split_whitespace().nth(5)?;
-                let mut parts = id.split(':');
-                let maj = u64::from_str_radix(parts.next()?, 16).ok()?;
-                let min = u64::from_str_radix(parts.next()?, 16).ok()?;
-                let ino = parts.next()?.parse().ok()?;
-                Some((maj, min, ino))
-            })
-            .collect();
-        HeldLocks(held)
+        let mut held = HeldLocks::default();
+        for line in text.lines().filter(|line| !line.contains("->")) {
+            // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF": device numbers in hex.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(pid), Some(id)) = (fields.get(4).and_then(|p| p.parse().ok()), fields.get(5)) else {
+                continue;
+            };
+            let parts: Vec<&str> = id.split(':').collect();
+            let [maj, min, ino] = parts[..] else { continue };
+            let (Ok(maj), Ok(min), Ok(ino)) = (u64::from_str_radix(maj, 16), u64::from_str_radix(min, 16), ino.parse()) else {
+                continue;
+            };
+            held.by_device.insert((maj, min, ino));
+            held.by_holder.insert((pid, ino));
+        }
+        held
     }
 
-    /// Whether the file at `path` exists and some process holds a lock on it.
-    pub fn holds(&self, path: &Path) -> bool {
+    /// Whether the file at `path` exists and is locked, seen by its device and inode, or by its
+    /// inode and `holder`, the Nix process expected to hold it.
+    pub fn holds(&self, path: &Path, holder: u32) -> bool {
         match fs::metadata(path) {
             Ok(meta) => {
                 let dev = meta.dev();
-                self.0.contains(&(major(dev), minor(dev), meta.ino()))
+                self.by_device.contains(&(major(dev), minor(dev), meta.ino()))
+                    || self.by_holder.contains(&(holder, meta.ino()))
             }
             Err(_) => false,
         }
@@ -77,12 +86,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.lock");
         let file = File::create(&path).unwrap();
-        assert!(!HeldLocks::read().unwrap().holds(&path));
+        let me = std::process::id();
+        assert!(!HeldLocks::read().unwrap().holds(&path, me));
         file.lock().unwrap();
-        assert!(HeldLocks::read().unwrap().holds(&path));
+        assert!(HeldLocks::read().unwrap().holds(&path, me));
         file.unlock().unwrap();
-        assert!(!HeldLocks::read().unwrap().holds(&path));
-        assert!(!HeldLocks::read().unwrap().holds(&dir.path().join("missing.lock")));
+        assert!(!HeldLocks::read().unwrap().holds(&path, me));
+        assert!(!HeldLocks::read().unwrap().holds(&dir.path().join("missing.lock"), me));
+    }
+
+    #[test]
+    fn a_lock_on_another_device_number_is_matched_by_its_holder() {
+        // btrfs: the lock table shows 00:27 where stat() of the same file says 0:28.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.lock");
+        File::create(&path).unwrap();
+        let ino = fs::metadata(&path).unwrap().ino();
+        let held = HeldLocks::parse(&format!("1: FLOCK  ADVISORY  WRITE 4242 ff:ff:{ino} 0 EOF\n"));
+        assert!(held.holds(&path, 4242));
+        assert!(!held.holds(&path, 4243), "another process's lock on an equal inode elsewhere");
     }
 
     #[test]
@@ -91,8 +113,9 @@ mod tests {
                     1: -> FLOCK  ADVISORY  WRITE 11 fd:01:43 0 EOF\n\
                     garbage\n";
         let held = HeldLocks::parse(text);
-        assert!(held.0.contains(&(0xfd, 1, 42)));
-        assert!(!held.0.contains(&(0xfd, 1, 43)));
-        assert_eq!(held.0.len(), 1);
+        assert!(held.by_device.contains(&(0xfd, 1, 42)));
+        assert!(held.by_holder.contains(&(10, 42)));
+        assert!(!held.by_device.contains(&(0xfd, 1, 43)));
+        assert_eq!((held.by_device.len(), held.by_holder.len()), (1, 1));
     }
 }

@@ -11,7 +11,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -82,7 +82,7 @@ impl State {
     pub fn prune(&mut self, held: &HeldLocks, now: u64, waiter_ttl: u64) -> Vec<Lease> {
         let (alive, ended): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut self.running)
             .into_iter()
-            .partition(|lease| lease.lock_files.iter().any(|f| held.holds(f)));
+            .partition(|lease| lease.lock_files.iter().any(|f| held.holds(f, lease.nix_pid)));
         self.running = alive;
         self.waiting.retain(|w| now.saturating_sub(w.seen) <= waiter_ttl);
         ended
@@ -211,16 +211,20 @@ fn read_state(path: &Path) -> io::Result<State> {
     serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-fn ensure_private_dir(path: &Path) -> io::Result<()> {
+/// Creates `path` mode 0700 if missing; an existing one must be a directory, not a symlink, and
+/// is made private (mode 0700) if it is not.
+pub(crate) fn ensure_private_dir(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("{} is a symlink; refusing to keep state there", path.display()),
         )),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            DirBuilder::new().recursive(true).mode(0o700).create(path)
+        Ok(meta) if !meta.is_dir() => {
+            Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", path.display())))
         }
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => fs::set_permissions(path, fs::Permissions::from_mode(0o700)),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new().recursive(true).mode(0o700).create(path),
         Err(e) => Err(e),
     }
 }

@@ -106,7 +106,7 @@ pub struct WaitingBuild {
 /// `profile`, and the `history` rows (newest first) for recent kills.
 pub fn report(mut state: State, profile: &Profile, held: &HeldLocks, history: &[BuildRecord], state_dir: &str) -> Report {
     let now = state::now();
-    state.running.retain(|lease| lease.lock_files.iter().any(|f| held.holds(f)));
+    state.running.retain(|lease| lease.lock_files.iter().any(|f| held.holds(f, lease.nix_pid)));
     state.running.sort_by_key(|l| l.started);
     state.waiting.sort_by_key(|w| w.since);
     let tiers = profile

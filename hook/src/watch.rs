@@ -18,6 +18,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -64,6 +65,8 @@ pub struct WatchJob {
     pub outputs: Vec<String>,
     /// The Nix worker that will fork the builder.
     pub nix_pid: u32,
+    /// The uids a builder of this Nix may run as: the worker's own and the build users'.
+    pub builder_uids: Vec<u32>,
     /// When it was admitted, milliseconds since the epoch.
     pub started_unix_ms: u64,
     /// The state directory (history database).
@@ -85,13 +88,17 @@ pub struct Finished {
     pub peak_bytes: Option<u64>,
     /// OOM kills inside the cgroup.
     pub oom_kills: u64,
+    /// Whether the build ran in a cgroup with the limit.
+    pub bounded: bool,
     /// Whether the outputs are valid (the locks were deleted and the paths exist).
     pub succeeded: bool,
 }
 
 /// Starts a watcher for `job` as a detached child of this process.
 pub fn spawn(job: &WatchJob) -> io::Result<Child> {
-    Command::new(std::env::current_exe()?)
+    // /proc/self/exe still works after the binary was upgraded in place (current_exe() would
+    // name a deleted file).
+    Command::new("/proc/self/exe")
         .arg(WATCH_ARG)
         .arg(serde_json::to_string(job)?)
         .stdin(Stdio::null())
@@ -111,20 +118,23 @@ pub fn watch(job: &WatchJob) -> Finished {
     let mut moved: HashSet<u32> = HashSet::new();
     let mut reported_kills = 0;
     let mut polls: u64 = 0;
-    loop {
-        let running = HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f)));
+    // Nothing is moved once Nix has released the locks: Nix frees the build user only after
+    // that, and the next build may get the same uid within one poll.
+    while HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid))) {
         if builder.is_none() {
             builder = find_builder(job, polls);
             build_user = builder.and_then(procfs::uid).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
         }
         if let (Some(pid), Some(cgroup)) = (builder, cgroup.as_ref()) {
             let mut pids = procfs::tree(pid);
-            if let Some(uid) = build_user {
+            // With build users, every process of the uid is the build's: also those that left
+            // the builder's tree (double forks). A scan of all of /proc, so not at every poll.
+            if let (Some(uid), 0) = (build_user, polls % 10) {
                 pids.extend(procfs::pids_of_user(uid));
             }
             for pid in pids {
-                if moved.insert(pid) {
-                    let _ = cgroup.add(pid);
+                if !moved.contains(&pid) && cgroup.add(pid).is_ok() {
+                    moved.insert(pid);
                 }
             }
             let stats = cgroup.stats();
@@ -132,9 +142,6 @@ pub fn watch(job: &WatchJob) -> Finished {
                 reported_kills = stats.oom_kills;
                 tell_build_log(cgroup, pid, &oom_message(job, stats.peak_memory_bytes));
             }
-        }
-        if !running {
-            break;
         }
         polls += 1;
         // Fast while the builder is starting (so it is moved before it grows), slow after.
@@ -151,28 +158,40 @@ pub fn watch(job: &WatchJob) -> Finished {
     }
     let succeeded = job.lock_files.iter().all(|f| !f.exists()) && job.outputs.iter().all(|o| Path::new(o).exists());
     Finished {
-        started: builder.is_some(),
+        // A build too short to be seen still ran if its outputs are now valid.
+        started: builder.is_some() || succeeded,
         wall,
         cpu: stats.and_then(|s| s.cpu_time),
         peak_bytes: stats.and_then(|s| s.peak_memory_bytes),
         oom_kills: stats.map_or(0, |s| s.oom_kills),
+        bounded: cgroup.is_some(),
         succeeded,
     }
 }
 
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
     let hierarchy = Hierarchy::detect(Path::new("/sys/fs/cgroup"), CGROUP_PARENT).ok()?;
-    let name = Path::new(&job.drv).file_stem()?.to_string_lossy().into_owned();
+    // Unique per admission: Nix may ask again for a build it then had no slot for.
+    let name = format!("{}-{}", Path::new(&job.drv).file_stem()?.to_string_lossy(), job.started_unix_ms);
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
     hierarchy.create(&name, &limits).ok()
 }
 
 /// The builder: a child of the Nix worker with the build's output entries in its environment;
-/// every tenth poll, any process (a sandboxed builder is reparented away from the worker).
+/// every tenth poll, any process of a uid Nix builds as (a sandboxed builder is reparented away
+/// from the worker). Output paths are public, so a process of another user claiming them is
+/// never taken for the builder.
 fn find_builder(job: &WatchJob, polls: u64) -> Option<u32> {
     let is_builder = |pid: &u32| job.output_env.iter().any(|entry| procfs::has_env_entry(*pid, entry));
     procfs::children(job.nix_pid).into_iter().find(is_builder).or_else(|| {
-        (polls % 10 == 9).then(|| procfs::all_pids().into_iter().find(is_builder)).flatten()
+        (polls % 10 == 9)
+            .then(|| {
+                procfs::all_pids()
+                    .into_iter()
+                    .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
+                    .find(is_builder)
+            })
+            .flatten()
     })
 }
 
@@ -209,16 +228,31 @@ pub fn oom_message(job: &WatchJob, peak_bytes: Option<u64>) -> String {
 }
 
 /// Writes `line` into the build's log: the standard error of a process of the build, which
-/// Nix reads and shows as the build's output.
+/// Nix reads and shows as the build's output. The descriptor is borrowed from the process
+/// (`pidfd_getfd`), never reopened by path with the watcher's credentials, and used only if it
+/// is a pipe or a terminal, as Nix gives builders: a builder cannot point it at a file.
 fn tell_build_log(cgroup: &BuildCgroup, builder: u32, line: &str) {
     let candidates = std::iter::once(builder).chain(cgroup.pids().unwrap_or_default());
     for pid in candidates {
-        if let Ok(mut stderr) = std::fs::OpenOptions::new().append(true).open(format!("/proc/{pid}/fd/2")) {
-            if writeln!(stderr, "{line}").is_ok() {
-                return;
-            }
+        let Some(fd) = borrow_stderr(pid) else { continue };
+        let is_log = nix::sys::stat::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+            let kind = st.st_mode & nix::libc::S_IFMT;
+            kind == nix::libc::S_IFIFO || kind == nix::libc::S_IFCHR
+        });
+        if is_log && std::fs::File::from(fd).write_all(format!("{line}\n").as_bytes()).is_ok() {
+            return;
         }
     }
+}
+
+/// A duplicate of process `pid`'s fd 2 (needs CAP_SYS_PTRACE or the same uid).
+fn borrow_stderr(pid: u32) -> Option<OwnedFd> {
+    use nix::libc::{syscall, SYS_pidfd_getfd, SYS_pidfd_open};
+    // SAFETY: plain system calls; each returned descriptor is owned exactly once.
+    let pidfd = unsafe { syscall(SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as i32) })?;
+    let fd = unsafe { syscall(SYS_pidfd_getfd, pidfd.as_raw_fd(), 2, 0) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// The history row of a finished build.
@@ -233,7 +267,7 @@ pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
         wall_ms: finished.wall.as_millis() as u64,
         cpu_ms: finished.cpu.map(|d| d.as_millis() as u64),
         peak_mib: finished.peak_bytes.map(|b| b.div_ceil(MIB)),
-        limit_mib: job.enforce.then_some(job.memory_limit_mib),
+        limit_mib: finished.bounded.then_some(job.memory_limit_mib),
         outcome: match (finished.oom_kills > 0, finished.succeeded) {
             (true, _) => Outcome::OomKilled,
             (false, true) => Outcome::Succeeded,

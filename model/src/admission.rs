@@ -90,17 +90,19 @@ pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, cand
             max_jobs: limits.max_jobs,
         });
     }
-    let reserved: u64 = running.iter().map(|c| c.memory_mib).sum();
+    // Saturating: profile figures have no upper bound, and an overflow must not admit.
+    let reserved = running.iter().fold(0u64, |sum, c| sum.saturating_add(c.memory_mib));
+    let with_candidate = reserved.saturating_add(candidate.memory_mib);
     let budget = build.memory_budget_mib;
-    if reserved + candidate.memory_mib > budget && !running.is_empty() {
+    if with_candidate > budget && !running.is_empty() {
         return Admission::Wait(WaitReason::Memory {
             needed_mib: candidate.memory_mib,
             free_mib: budget.saturating_sub(reserved),
         });
     }
     if let (Some(heavy_mib), true) = (waiting_heavy, candidate.tier != Tier::Heavy) {
-        let heavy_running: u64 = running.iter().filter(|c| c.tier == Tier::Heavy).map(|c| c.memory_mib).sum();
-        if reserved + candidate.memory_mib - heavy_running + heavy_mib > budget {
+        let heavy_running = running.iter().filter(|c| c.tier == Tier::Heavy).fold(0u64, |sum, c| sum.saturating_add(c.memory_mib));
+        if with_candidate.saturating_sub(heavy_running).saturating_add(heavy_mib) > budget {
             return Admission::Wait(WaitReason::HeavyWaiting { heavy_mib });
         }
     }

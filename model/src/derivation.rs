@@ -287,20 +287,19 @@ impl Derivation {
     /// The derivation's name: the environment variable `name`, or with structured
     /// attributes the `name` attribute of `__json`.
     ///
-    /// `None` if there is none, or if the JSON name needs escapes (no valid derivation name
-    /// does: Nix allows only `A-Z a-z 0-9 + - . _ ? =` in names).
-    pub fn name(&self) -> Option<&str> {
-        if let Some(name) = self.env.get("name") {
-            return Some(name);
+    /// `None` if there is none.
+    pub fn name(&self) -> Option<String> {
+        self.string_attribute("name")
+    }
+
+    /// A string attribute of the derivation: its environment variable, or with structured
+    /// attributes the attribute of that name in `__json`.
+    pub fn string_attribute(&self, name: &str) -> Option<String> {
+        if let Some(value) = self.env.get(name) {
+            return Some(value.clone());
         }
-        #[derive(Deserialize)]
-        struct Named<'a> {
-            // A borrowed `&str` fails on a string with escapes; the name is then `None`.
-            #[serde(borrow, default)]
-            name: Option<&'a str>,
-        }
-        let json = self.env.get("__json")?;
-        serde_json::from_str::<Named>(json).ok()?.name
+        let json: serde_json::Value = serde_json::from_str(self.env.get("__json")?).ok()?;
+        json.get(name)?.as_str().map(str::to_string)
     }
 
     /// The system features a machine needs to build this derivation, as Nix 2.8 computes

@@ -80,7 +80,7 @@ fn multiple_outputs_and_escapes() {
     assert_eq!(drv.args, ["-c", "echo \"q\" > $out; mkdir $dev"]);
     assert_eq!(drv.env["FOO"], "a\nb\t\\\"c");
     assert_eq!(drv.env["outputs"], "out dev doc");
-    assert_eq!(drv.name(), Some("lib"));
+    assert_eq!(drv.name().as_deref(), Some("lib"));
     assert_eq!(drv.required_system_features(), ["big-parallel"]);
     assert!(!drv.is_fixed_output());
 }
@@ -101,7 +101,7 @@ fn dependencies_sources_and_unicode() {
     assert_eq!(drv.env["UNICODE"], "héllo ✓ 𝄞 — \r\n end");
     assert_eq!(drv.env["EMPTY"], "");
     assert_eq!(drv.env["weird key"], "v");
-    assert_eq!(drv.name(), Some("app"));
+    assert_eq!(drv.name().as_deref(), Some("app"));
     // "kvm  nixos-test\tbig-parallel\n": split at any whitespace Nix splits at, sorted.
     assert_eq!(
         drv.required_system_features(),
@@ -124,7 +124,7 @@ fn dependencies_sources_and_unicode() {
 fn structured_attrs() {
     let drv = fixture("structured-attrs.drv");
     assert_eq!(drv.env.keys().collect::<Vec<_>>(), ["__json", "bin", "out"]);
-    assert_eq!(drv.name(), Some("structured"));
+    assert_eq!(drv.name().as_deref(), Some("structured"));
     assert_eq!(drv.required_system_features(), ["big-parallel", "kvm"]);
     assert_eq!(
         drv.input_derivations[&format!("{STORE}/ll33fww4xqmg6k8d2n4zng0kyra1j9qr-lib.drv")],
@@ -199,9 +199,9 @@ fn required_system_features_edge_cases() {
     assert_eq!(drv.required_system_features(), ["x y"]);
     drv.env.insert("__json".into(), r#"{"name":"n"}"#.into());
     assert!(drv.required_system_features().is_empty());
-    assert_eq!(drv.name(), Some("n"));
+    assert_eq!(drv.name().as_deref(), Some("n"));
     drv.env.insert("name".into(), "from-env".into());
-    assert_eq!(drv.name(), Some("from-env"));
+    assert_eq!(drv.name().as_deref(), Some("from-env"));
     for bad in [
         r#"{"requiredSystemFeatures":"kvm"}"#,
         r#"{"requiredSystemFeatures":[1]}"#,
@@ -218,18 +218,21 @@ fn required_system_features_edge_cases() {
 }
 
 #[test]
-fn name_needs_no_json_escapes() {
+fn structured_attributes_are_read_from_json() {
     let mut drv = Derivation::default();
     drv.env.insert(
         "__json".into(),
-        r#"{"a":[1,{"name":"inner"}],"name":"n\"q"}"#.into(),
+        r#"{"a":[1,{"name":"inner"}],"name":"n\"q","NIX_TIER":"heavy","cores":4}"#.into(),
     );
-    assert_eq!(drv.name(), None);
+    assert_eq!(drv.name().as_deref(), Some("n\"q"));
+    assert_eq!(drv.string_attribute("NIX_TIER").as_deref(), Some("heavy"));
+    assert_eq!(drv.string_attribute("cores"), None, "not a string");
+    assert_eq!(drv.string_attribute("missing"), None);
     drv.env.insert(
         "__json".into(),
         r#"{"a":[1,{"name":"inner"}],"name":"plain-1.0"}"#.into(),
     );
-    assert_eq!(drv.name(), Some("plain-1.0"));
+    assert_eq!(drv.name().as_deref(), Some("plain-1.0"));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 //! `nix-tier-hook`: the program `build-hook` names in nix.conf.
 //!
-//! It must never wedge or crash Nix: every internal error (unreadable .drv, corrupt state, bad
-//! profile, a panic) becomes `# decline`, so Nix builds the derivation as it would without the
-//! hook, plus one line on stderr saying why.
+//! It must never wedge or crash Nix: every internal error (unreadable .drv, corrupt state, a
+//! panic) becomes `# decline`, so Nix builds the derivation as it would without the hook, plus
+//! one line on stderr saying why; when the hook cannot start at all (no profile, a panic while
+//! starting) it answers `# decline-permanently`, and Nix stops asking it.
 
 use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
@@ -29,33 +30,11 @@ fn main() -> ExitCode {
         }
     };
 
-    let mut notes = Vec::new();
-    let profile = match config::load_profile(config::profile_path(&settings).as_deref()) {
-        Ok((profile, note)) => {
-            notes.extend(note.map(|n| format!("nix-tier-hook: {n}")));
-            Some(profile)
-        }
-        Err(error) => {
-            notes.push(format!("nix-tier-hook: no usable hardware profile ({error}); builds run without tier limits"));
-            None
-        }
-    };
-    let relay = match settings.get("builders").map(String::as_str) {
-        None | Some("") => None,
-        Some(_) => match Relay::start(&config::build_remote_program(), &verbosity, &settings) {
-            Ok(relay) => Some(relay),
-            Err(error) => {
-                notes.push(format!("nix-tier-hook: cannot start Nix's build-remote ({error}); remote builders are not used"));
-                None
-            }
-        },
-    };
-    // build-remote (started above, if at all) keeps what it needs for SSH; the hook does not.
-    if let Err(error) = privileges::keep_only_needed() {
-        notes.push(format!("nix-tier-hook: cannot drop capabilities ({error}); running with those it was given"));
-    }
-    let mut dispatcher = profile.map(|p| Dispatcher::new(p, &settings, StateDir::from_env(), relay));
-
+    // Nix writes its first request right after the settings, so whatever goes wrong from here
+    // on must still be answered: a panic in the set-up declines permanently.
+    let started = panic::catch_unwind(AssertUnwindSafe(|| start(&settings, &verbosity)))
+        .unwrap_or_else(|panic| (None, vec![format!("nix-tier-hook: internal error while starting: {}", panic_message(&*panic))]));
+    let (mut dispatcher, mut notes) = started;
     loop {
         let request = match protocol::read_request(&mut input) {
             Ok(Some(request)) => request,
@@ -67,9 +46,10 @@ fn main() -> ExitCode {
         };
         let mut lines = std::mem::take(&mut notes);
         let Some(dispatcher) = dispatcher.as_mut() else {
-            lines.push(Reply::Decline.line().to_string());
+            // Nothing to enforce with: Nix stops asking this hook and builds as without it.
+            lines.push(Reply::DeclinePermanently.line().to_string());
             say(&lines);
-            continue;
+            return ExitCode::SUCCESS;
         };
         let answer = panic::catch_unwind(AssertUnwindSafe(|| dispatcher.answer(&request)))
             .unwrap_or_else(|panic| Err(format!("internal error: {}", panic_message(&*panic))));
@@ -78,7 +58,8 @@ fn main() -> ExitCode {
                 lines.extend(said);
                 lines.push(reply.line().to_string());
                 say(&lines);
-                notes.extend(dispatcher.after_reply());
+                let started = panic::catch_unwind(AssertUnwindSafe(|| dispatcher.after_reply()));
+                notes.extend(started.unwrap_or_else(|panic| Some(format!("nix-tier-hook: internal error: {}", panic_message(&*panic)))));
             }
             Ok(Answer::HandOver { lines: said, relay }) => {
                 lines.extend(said);
@@ -107,6 +88,44 @@ fn main() -> ExitCode {
     }
 }
 
+/// Sets the hook up for a Nix worker with `settings`: the profile, Nix's build-remote when
+/// builders are configured, and least privilege. `None` when there is nothing to enforce with;
+/// the notes are lines for the user.
+fn start(settings: &protocol::Settings, verbosity: &str) -> (Option<Dispatcher>, Vec<String>) {
+    let mut notes = Vec::new();
+    let profile = match config::load_profile(config::profile_path(settings).as_deref()) {
+        Ok((profile, note)) => {
+            notes.extend(note.map(|n| format!("nix-tier-hook: {n}")));
+            Some(profile)
+        }
+        Err(error) => {
+            notes.push(format!("nix-tier-hook: no usable hardware profile ({error}); builds run without tier limits"));
+            None
+        }
+    };
+    let relay = match (settings.get("builders").map(String::as_str), &profile) {
+        (None | Some(""), _) | (_, None) => None,
+        (Some(_), Some(_)) => match Relay::start(&config::build_remote_program(), verbosity, settings) {
+            Ok(relay) => Some(relay),
+            Err(error) => {
+                notes.push(format!("nix-tier-hook: cannot start Nix's build-remote ({error}); remote builders are not used"));
+                None
+            }
+        },
+    };
+    // Only build-remote needs the builder-log descriptors Nix gave the hook; watchers must not
+    // hold them open after the hook is gone.
+    for fd in [4, 5] {
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
+    }
+    // build-remote (started above, if at all) keeps what it needs for SSH; the hook does not.
+    if let Err(error) = privileges::keep_only_needed() {
+        notes.push(format!("nix-tier-hook: cannot drop capabilities ({error}); running with those it was given"));
+    }
+    let dispatcher = profile.map(|p| Dispatcher::new(p, settings, StateDir::from_env(), relay));
+    (dispatcher, notes)
+}
+
 /// The watcher mode (`--watch-build <job>`), started by the hook for each admitted build.
 fn watch_build() -> ExitCode {
     let Some(job) = std::env::args().nth(2).and_then(|json| serde_json::from_str::<WatchJob>(&json).ok()) else {
@@ -122,11 +141,12 @@ fn watch_build() -> ExitCode {
     }
 }
 
-/// Writes whole lines to stderr, where Nix reads the hook's replies.
+/// Writes whole lines to stderr, where Nix reads the hook's replies. A message is kept on one
+/// line, so that nothing in it (a derivation name, an error) can read as a reply.
 fn say(lines: &[String]) {
     let mut stderr = io::stderr().lock();
     for line in lines {
-        let _ = writeln!(stderr, "{line}");
+        let _ = writeln!(stderr, "{}", line.replace(['\n', '\r'], " "));
     }
     let _ = stderr.flush();
 }
