@@ -18,12 +18,13 @@ use crate::{binary, plugin_path, stderr, target_dir, NixSandbox};
 /// no dynamic loader). `NIX_TIER_TESTBUILDER` points elsewhere when needed.
 pub fn testbuilder() -> PathBuf {
     let path = std::env::var_os("NIX_TIER_TESTBUILDER").map(PathBuf::from).unwrap_or_else(|| {
-        target_dir().join("../static/x86_64-unknown-linux-gnu/release/nix-tier-testbuilder")
+        let host = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+        target_dir().join("../static").join(host).join("release/nix-tier-testbuilder")
     });
     assert!(
         path.is_file(),
         "{} missing: run ./scripts/test, or RUSTFLAGS=\"-C target-feature=+crt-static\" cargo build --release \
-         -p nix-tier-testbuilder --target x86_64-unknown-linux-gnu --target-dir target/static",
+         -p nix-tier-testbuilder --target <host triple> --target-dir target/static",
         path.display()
     );
     path.canonicalize().expect("canonical testbuilder path")
