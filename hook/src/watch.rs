@@ -18,7 +18,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -113,7 +113,7 @@ pub fn watch(job: &WatchJob) -> Finished {
     let cgroup = job.enforce.then(|| create_cgroup(job)).flatten();
     let admitted = Instant::now();
     let my_uid = procfs::uid(std::process::id());
-    let mut builder: Option<u32> = None;
+    let mut builder: Option<Builder> = None;
     let mut build_user: Option<u32> = None;
     let mut moved: HashSet<u32> = HashSet::new();
     let mut reported_kills = 0;
@@ -122,11 +122,11 @@ pub fn watch(job: &WatchJob) -> Finished {
     // that, and the next build may get the same uid within one poll.
     while HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid))) {
         if builder.is_none() {
-            builder = find_builder(job, polls);
-            build_user = builder.and_then(procfs::uid).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
+            builder = find_builder(job, polls).and_then(Builder::open);
+            build_user = builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
         }
-        if let (Some(pid), Some(cgroup)) = (builder, cgroup.as_ref()) {
-            let mut pids = procfs::tree(pid);
+        if let (Some(b), Some(cgroup)) = (builder.as_mut(), cgroup.as_ref()) {
+            let mut pids = procfs::tree(b.pid);
             // With build users, every process of the uid is the build's: also those that left
             // the builder's tree (double forks). A scan of all of /proc, so not at every poll.
             if let (Some(uid), 0) = (build_user, polls % 10) {
@@ -140,13 +140,29 @@ pub fn watch(job: &WatchJob) -> Finished {
             let stats = cgroup.stats();
             if stats.oom_kills > reported_kills {
                 reported_kills = stats.oom_kills;
-                tell_build_log(cgroup, pid, &oom_message(job, stats.peak_memory_bytes));
+                b.tell_log(&oom_message(job, stats.peak_memory_bytes));
             }
         }
         polls += 1;
         // Fast while the builder is starting (so it is moved before it grows), slow after.
-        let pause = if admitted.elapsed() < Duration::from_secs(1) { 5 } else { 100 };
-        std::thread::sleep(Duration::from_millis(pause));
+        let pause = Duration::from_millis(if admitted.elapsed() < Duration::from_secs(1) { 5 } else { 100 });
+        match builder.as_mut() {
+            Some(b) if b.log.is_some() => {
+                if b.wait_exit(pause) {
+                    // Killed builders are reported before their log closes, and the watcher's
+                    // copy of the log goes at once, so Nix sees its end without waiting for us.
+                    if let Some(cgroup) = cgroup.as_ref() {
+                        let stats = cgroup.stats();
+                        if stats.oom_kills > reported_kills {
+                            reported_kills = stats.oom_kills;
+                            b.tell_log(&oom_message(job, stats.peak_memory_bytes));
+                        }
+                    }
+                    b.log = None;
+                }
+            }
+            _ => std::thread::sleep(pause),
+        }
     }
     let wall = admitted.elapsed();
     let stats = cgroup.as_ref().map(|c| {
@@ -227,32 +243,51 @@ pub fn oom_message(job: &WatchJob, peak_bytes: Option<u64>) -> String {
     )
 }
 
-/// Writes `line` into the build's log: the standard error of a process of the build, which
-/// Nix reads and shows as the build's output. The descriptor is borrowed from the process
-/// (`pidfd_getfd`), never reopened by path with the watcher's credentials, and used only if it
-/// is a pipe or a terminal, as Nix gives builders: a builder cannot point it at a file.
-fn tell_build_log(cgroup: &BuildCgroup, builder: u32, line: &str) {
-    let candidates = std::iter::once(builder).chain(cgroup.pids().unwrap_or_default());
-    for pid in candidates {
-        let Some(fd) = borrow_stderr(pid) else { continue };
-        let is_log = nix::sys::stat::fstat(fd.as_raw_fd()).is_ok_and(|st| {
-            let kind = st.st_mode & nix::libc::S_IFMT;
-            kind == nix::libc::S_IFIFO || kind == nix::libc::S_IFCHR
-        });
-        if is_log && std::fs::File::from(fd).write_all(format!("{line}\n").as_bytes()).is_ok() {
-            return;
-        }
-    }
+/// The builder process, held through a pidfd (its exit is seen at once, and its pid cannot be
+/// reused meanwhile), and its log: a copy of its standard error.
+struct Builder {
+    pid: u32,
+    pidfd: OwnedFd,
+    /// The descriptor is borrowed from the builder (`pidfd_getfd`), never reopened by path with
+    /// the watcher's credentials, and kept only if it is a pipe or a terminal, as Nix gives
+    /// builders: a builder cannot point it at a file. Held only while the builder lives.
+    log: Option<std::fs::File>,
 }
 
-/// A duplicate of process `pid`'s fd 2 (needs CAP_SYS_PTRACE or the same uid).
-fn borrow_stderr(pid: u32) -> Option<OwnedFd> {
-    use nix::libc::{syscall, SYS_pidfd_getfd, SYS_pidfd_open};
-    // SAFETY: plain system calls; each returned descriptor is owned exactly once.
-    let pidfd = unsafe { syscall(SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
-    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as i32) })?;
-    let fd = unsafe { syscall(SYS_pidfd_getfd, pidfd.as_raw_fd(), 2, 0) };
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+impl Builder {
+    /// Takes hold of process `pid` (needs CAP_SYS_PTRACE or the same uid for its log).
+    fn open(pid: u32) -> Option<Builder> {
+        use nix::libc::{syscall, SYS_pidfd_getfd, SYS_pidfd_open};
+        // SAFETY: plain system calls; each returned descriptor is owned exactly once.
+        let pidfd = unsafe { syscall(SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as i32) })?;
+        let fd = unsafe { syscall(SYS_pidfd_getfd, pidfd.as_raw_fd(), 2, 0) };
+        let fd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        let log = fd
+            .filter(|fd| {
+                nix::sys::stat::fstat(fd.as_raw_fd()).is_ok_and(|st| {
+                    let kind = st.st_mode & nix::libc::S_IFMT;
+                    kind == nix::libc::S_IFIFO || kind == nix::libc::S_IFCHR
+                })
+            })
+            .map(std::fs::File::from);
+        Some(Builder { pid, pidfd, log })
+    }
+
+    /// Waits up to `timeout` for the builder to exit; whether it has.
+    fn wait_exit(&self, timeout: Duration) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        poll(&mut fds, timeout).is_ok_and(|ready| ready > 0)
+    }
+
+    /// Writes `line` into the build's log, which Nix shows as the build's output.
+    fn tell_log(&mut self, line: &str) {
+        if let Some(log) = self.log.as_mut() {
+            let _ = log.write_all(format!("{line}\n").as_bytes());
+        }
+    }
 }
 
 /// The history row of a finished build.
