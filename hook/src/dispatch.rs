@@ -81,6 +81,8 @@ pub struct Dispatcher {
     pending_watch: Option<WatchJob>,
     /// The uids Nix's builders run as: this process's and the `build-users-group` members'.
     builder_uids: Vec<u32>,
+    /// Builds this hook postponed: their derivation and placement, until they are admitted.
+    postponed: HashMap<String, (Derivation, Placement)>,
 }
 
 impl Dispatcher {
@@ -111,6 +113,7 @@ impl Dispatcher {
             watchers: Vec::new(),
             pending_watch: None,
             builder_uids: builder_uids(settings),
+            postponed: HashMap::new(),
         }
     }
 
@@ -163,13 +166,21 @@ impl Dispatcher {
         if !request.am_willing {
             return Ok(Reply::Decline);
         }
-        let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
-        let placement = place(&self.profile, &drv, self.history.as_ref());
-        if let Some(error) = &placement.history_error {
-            // Said once; later tries quietly use the tier figures.
-            lines.push(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"));
-            self.history = None;
-        }
+        // A postponed build asks again every poll interval: what its .drv says (immutable) and
+        // what it reserves are kept until it is admitted.
+        let (drv, placement) = match self.postponed.remove(&request.drv_path) {
+            Some(known) => known,
+            None => {
+                let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
+                let placement = place(&self.profile, &drv, self.history.as_ref());
+                if let Some(error) = &placement.history_error {
+                    // Said once; later tries quietly use the tier figures.
+                    lines.push(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"));
+                    self.history = None;
+                }
+                (drv, placement)
+            }
+        };
         let tier = placement.classification.tier;
 
         let locked = self.state_dir.lock().map_err(|e| format!("state directory {}: {e}", self.state_dir.path().display()))?;
@@ -233,6 +244,7 @@ impl Dispatcher {
                     lines.push(protocol::log_message(&format!("waiting: {reason} — {} ({tier})", placement.name)));
                     self.announced.insert(request.drv_path.clone(), key);
                 }
+                self.postponed.insert(request.drv_path.clone(), (drv, placement));
                 Reply::Postpone
             }
         };
