@@ -226,6 +226,20 @@ impl fmt::Debug for History {
 }
 
 impl History {
+    /// Opens `<state_dir>/history.sqlite` only to read it, creating and changing nothing (for
+    /// `nix-tier status`, `explain` and `history`); `None` when no build was recorded yet.
+    pub fn open_read_only(state_dir: &Path) -> Result<Option<History>, HistoryError> {
+        let path = state_dir.join(HISTORY_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
+        let sqlite = |source| HistoryError::Sqlite { path: path.clone(), source };
+        let conn = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
+        Ok(Some(History { conn, path }))
+    }
+
     /// Opens (creating if needed) `<state_dir>/history.sqlite`, creating `state_dir` mode 0700
     /// if needed, and migrates its schema. Refuses a symlink in place of either.
     pub fn open(state_dir: &Path) -> Result<History, HistoryError> {

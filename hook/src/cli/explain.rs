@@ -32,8 +32,8 @@ pub struct Args {
 pub fn run(args: &Args) -> CommandResult {
     let (profile, origin) = super::hook_profile(args.profile.as_deref())?;
     let drv = Derivation::read(&args.drv)?;
-    let history = History::open(StateDir::from_env().path());
-    let placement = place(&profile, &drv, history.as_ref().ok());
+    let history = History::open_read_only(StateDir::from_env().path());
+    let placement = place(&profile, &drv, history.as_ref().ok().and_then(Option::as_ref));
     let history_error = history.as_ref().err().map(ToString::to_string).or(placement.history_error.clone());
     let tier = placement.classification.tier;
     let limits = profile.build.tiers.get(tier);
@@ -41,7 +41,9 @@ pub fn run(args: &Args) -> CommandResult {
     // How many builds the rule saw (for "1 of 3 builds needed").
     let samples = match placement.memory_source {
         ReservationSource::Learned { samples, .. } => samples,
-        ReservationSource::Tier => history.as_ref().ok().and_then(|h| h.learning_peaks(package).ok()).map_or(0, |p| p.len()),
+        ReservationSource::Tier => {
+            history.as_ref().ok().and_then(Option::as_ref).and_then(|h| h.learning_peaks(package).ok()).map_or(0, |p| p.len())
+        }
     };
     let why = match (placement.memory_source, &history_error) {
         (ReservationSource::Learned { .. }, _) => placement.memory_source.to_string(),

@@ -25,7 +25,14 @@ pub struct Args {
 
 /// Runs `nix-tier history`.
 pub fn run(args: &Args) -> CommandResult {
-    let history = History::open(StateDir::from_env().path())?;
+    let state_dir = StateDir::from_env();
+    let Some(history) = History::open_read_only(state_dir.path())? else {
+        match args.json {
+            true => println!("{}", serde_json::json!({ "builds": [], "summary": [] })),
+            false => println!("no builds recorded yet in {}", state_dir.path().display()),
+        }
+        return Ok(());
+    };
     let builds = history.rows(args.package.as_deref(), args.limit)?;
     let mut summary = history.summary()?;
     if let Some(package) = &args.package {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use nix_tier_hook::dispatch::age;
-use nix_tier_hook::history::{History, HISTORY_FILE};
+use nix_tier_hook::history::History;
 use nix_tier_hook::output_locks::HeldLocks;
 use nix_tier_hook::state::StateDir;
 use nix_tier_hook::status::{self, Report};
@@ -29,9 +29,9 @@ pub fn run(args: &Args) -> CommandResult {
     let state_dir = StateDir::from_env();
     let state = state_dir.peek()?;
     // Without a history database (no build finished yet) there are no kills to show.
-    let history = match state_dir.path().join(HISTORY_FILE).exists() {
-        true => History::open(state_dir.path())?.rows(None, 200)?,
-        false => Vec::new(),
+    let history = match History::open_read_only(state_dir.path())? {
+        Some(history) => history.rows(None, 200)?,
+        None => Vec::new(),
     };
     let report = status::report(state, &profile, &HeldLocks::read()?, &history, &state_dir.path().display().to_string());
     if args.json {
