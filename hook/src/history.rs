@@ -230,8 +230,13 @@ impl History {
     /// `nix-tier status`, `explain` and `history`); `None` when no build was recorded yet.
     pub fn open_read_only(state_dir: &Path) -> Result<Option<History>, HistoryError> {
         let path = state_dir.join(HISTORY_FILE);
-        if !path.is_file() {
-            return Ok(None);
+        match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let source = io::Error::new(io::ErrorKind::PermissionDenied, "is a symlink; refusing to open it");
+                return Err(HistoryError::File { path, source });
+            }
+            _ => {}
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_NOFOLLOW;
         let sqlite = |source| HistoryError::Sqlite { path: path.clone(), source };
