@@ -7,7 +7,10 @@
 //! to probe it would make Nix's own non-blocking attempt fail, so the kernel's table of held locks
 //! (`/proc/locks`) is read instead. A lock is matched by device and inode, or by inode and the
 //! Nix process holding it: on btrfs, `stat` reports a subvolume's own device number while the
-//! lock table shows the file system's.
+//! lock table shows the file system's. The kernel writes that table a page at a time, so a read
+//! racing with other locks coming and going can miss an entry: a lock not seen there is looked
+//! up in the holder's own descriptor table (`/proc/<pid>/fd` and the `lock:` lines of `fdinfo`)
+//! before a build is taken for ended.
 
 use std::collections::HashSet;
 use std::fs;
@@ -62,18 +65,33 @@ impl HeldLocks {
         held
     }
 
-    /// Whether the file at `path` exists and is locked, seen by its device and inode, or by its
-    /// inode and `holder`, the Nix process expected to hold it.
+    /// Whether the file at `path` exists and is locked by `holder`, the Nix process expected to
+    /// hold it: seen in the lock table by its device and inode, or by its inode and holder, or
+    /// else in the holder's descriptor table.
     pub fn holds(&self, path: &Path, holder: u32) -> bool {
         match fs::metadata(path) {
             Ok(meta) => {
                 let dev = meta.dev();
                 self.by_device.contains(&(major(dev), minor(dev), meta.ino()))
                     || self.by_holder.contains(&(holder, meta.ino()))
+                    || locked_by(holder, path)
             }
             Err(_) => false,
         }
     }
+}
+
+/// Whether process `pid` has `path` open with a lock on it, from its own descriptor table:
+/// exact, but it reads every descriptor of that one process.
+pub fn locked_by(pid: u32, path: &Path) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        fs::read_link(fd.path()).is_ok_and(|target| target == path)
+            && fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+                .is_ok_and(|info| info.lines().any(|line| line.starts_with("lock:")))
+    })
 }
 
 #[cfg(test)]
@@ -96,6 +114,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_missing_from_the_table_is_found_in_the_holders_descriptors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.lock");
+        let file = File::create(&path).unwrap();
+        let me = std::process::id();
+        assert!(!locked_by(me, &path));
+        file.lock().unwrap();
+        assert!(locked_by(me, &path));
+        // An empty table, as a torn read of /proc/locks could give.
+        assert!(HeldLocks::default().holds(&path, me));
+        file.unlock().unwrap();
+        assert!(!HeldLocks::default().holds(&path, me));
+    }
+
+    #[test]
     fn a_lock_on_another_device_number_is_matched_by_its_holder() {
         // btrfs: the lock table shows 00:27 where stat() of the same file says 0:28.
         let dir = tempfile::tempdir().unwrap();
@@ -105,6 +138,7 @@ mod tests {
         let held = HeldLocks::parse(&format!("1: FLOCK  ADVISORY  WRITE 4242 ff:ff:{ino} 0 EOF\n"));
         assert!(held.holds(&path, 4242));
         assert!(!held.holds(&path, 4243), "another process's lock on an equal inode elsewhere");
+        assert!(!held.holds(&dir.path().join("missing.lock"), 4242));
     }
 
     #[test]

@@ -110,7 +110,8 @@ pub fn spawn(job: &WatchJob) -> io::Result<Child> {
 
 /// Watches the build to its end.
 pub fn watch(job: &WatchJob) -> Finished {
-    let cgroup = job.enforce.then(|| create_cgroup(job)).flatten();
+    // Created once the builder is found: Nix may find no free slot after all, and let go.
+    let mut cgroup: Option<BuildCgroup> = None;
     let admitted = Instant::now();
     let my_uid = procfs::uid(std::process::id());
     let mut builder: Option<Builder> = None;
@@ -120,10 +121,18 @@ pub fn watch(job: &WatchJob) -> Finished {
     let mut polls: u64 = 0;
     // Nothing is moved once Nix has released the locks: Nix frees the build user only after
     // that, and the next build may get the same uid within one poll.
-    while HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid))) {
+    // A live builder means a running build, whatever one read of the lock table says.
+    let running = |builder: &Option<Builder>| {
+        builder.as_ref().is_some_and(|b| !b.wait_exit(Duration::ZERO))
+            || HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)))
+    };
+    while running(&builder) {
         if builder.is_none() {
             builder = find_builder(job, polls).and_then(Builder::open);
             build_user = builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
+            if builder.is_some() && job.enforce {
+                cgroup = create_cgroup(job);
+            }
         }
         if let (Some(b), Some(cgroup)) = (builder.as_mut(), cgroup.as_ref()) {
             let mut pids = procfs::tree(b.pid);
@@ -194,13 +203,15 @@ fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
 }
 
 /// The builder: a child of the Nix worker with the build's output entries in its environment;
-/// every tenth poll, any process of a uid Nix builds as (a sandboxed builder is reparented away
+/// failing that, now and then, any process of a uid Nix builds as (a sandboxed builder is reparented away
 /// from the worker). Output paths are public, so a process of another user claiming them is
 /// never taken for the builder.
 fn find_builder(job: &WatchJob, polls: u64) -> Option<u32> {
     let is_builder = |pid: &u32| job.output_env.iter().any(|entry| procfs::has_env_entry(*pid, entry));
+    // The scan of every process is costly: only once a child of the worker was not found for a
+    // while, and not at every poll.
     procfs::children(job.nix_pid).into_iter().find(is_builder).or_else(|| {
-        (polls % 10 == 9)
+        (polls >= 40 && polls % 20 == 0)
             .then(|| {
                 procfs::all_pids()
                     .into_iter()
