@@ -84,7 +84,7 @@ pub struct Finished {
     pub wall: Duration,
     /// CPU time inside the cgroup.
     pub cpu: Option<Duration>,
-    /// Peak memory inside the cgroup, bytes.
+    /// Peak memory: the cgroup's, plus what its processes held when they were moved in.
     pub peak_bytes: Option<u64>,
     /// OOM kills inside the cgroup.
     pub oom_kills: u64,
@@ -118,6 +118,7 @@ pub fn watch(job: &WatchJob) -> Finished {
     let mut build_user: Option<u32> = None;
     let mut moved: HashSet<u32> = HashSet::new();
     let mut reported_kills = 0;
+    let mut charged_outside: u64 = 0;
     let mut polls: u64 = 0;
     // Nothing is moved once Nix has released the locks: Nix frees the build user only after
     // that, and the next build may get the same uid within one poll.
@@ -142,8 +143,12 @@ pub fn watch(job: &WatchJob) -> Finished {
                 pids.extend(procfs::pids_of_user(uid));
             }
             for pid in pids {
+                // What a process already held stays charged where it was (the kernel no longer
+                // moves charges): its size just after the move is added to the peak, which then
+                // errs high, the safe side for learned reservations.
                 if !moved.contains(&pid) && cgroup.add(pid).is_ok() {
                     moved.insert(pid);
+                    charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
                 }
             }
             let stats = cgroup.stats();
@@ -187,7 +192,7 @@ pub fn watch(job: &WatchJob) -> Finished {
         started: builder.is_some() || succeeded,
         wall,
         cpu: stats.and_then(|s| s.cpu_time),
-        peak_bytes: stats.and_then(|s| s.peak_memory_bytes),
+        peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + charged_outside),
         oom_kills: stats.map_or(0, |s| s.oom_kills),
         bounded: cgroup.is_some(),
         succeeded,
