@@ -300,9 +300,10 @@ fn latency(o: Options) -> Result<serde_json::Value, String> {
 }
 
 /// `locks-probe [SECONDS] [THREADS]`: holds a `flock` on one file while THREADS threads take and
-/// release flocks on files of their own, and asks the hook's `HeldLocks::read()` over and over
-/// whether the held file is locked; prints how often it said no. (Evidence for docs/benchmarks.md:
-/// `/proc/locks` read in several `read` calls is not one consistent snapshot.)
+/// release flocks on files of their own, and reads `/proc/locks` over and over: how often the held
+/// lock is absent from the table as `fs::read_to_string` returns it (`absentFromTable`: the kernel
+/// writes the table a page at a time, so a read racing with other locks is not one snapshot), and
+/// how often the hook's `HeldLocks::holds` says the file is not locked (`holdsSaidNo`).
 fn locks_probe(mut args: impl Iterator<Item = String>) -> Result<serde_json::Value, String> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -328,19 +329,37 @@ fn locks_probe(mut args: impl Iterator<Item = String>) -> Result<serde_json::Val
             })
         })
         .collect();
+    // The held file as /proc/locks names it: "<major>:<minor>:<inode>" (hex device numbers).
+    let meta = fs::metadata(&target).map_err(|e| e.to_string())?;
+    let dev = std::os::unix::fs::MetadataExt::dev(&meta);
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    let id = format!(" {:02x}:{:02x}:{ino} ", ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff), (dev & 0xff) | ((dev >> 12) & !0xff));
+    let me = std::process::id();
     let deadline = Instant::now() + Duration::from_secs(seconds);
-    let (mut reads, mut missed) = (0u64, 0u64);
+    let (mut reads, mut missed, mut torn) = (0u64, 0u64, 0u64);
     while Instant::now() < deadline {
+        // The raw table, read as the hook reads it (fs::read_to_string): is the held lock there?
+        let table = fs::read_to_string("/proc/locks").map_err(|e| e.to_string())?;
+        if !table.lines().any(|l| !l.contains("->") && l.contains(&id)) {
+            torn += 1;
+        }
+        // The hook's own answer.
         let held = output_locks::HeldLocks::read().map_err(|e| e.to_string())?;
         reads += 1;
-        if !held.holds(&target, std::process::id()) {
+        if !held.holds(&target, me) {
             missed += 1;
         }
     }
     stop.store(true, Ordering::Relaxed);
     let churned: u64 = churners.into_iter().map(|h| h.join().unwrap_or(0)).sum();
     let _ = fs::remove_dir_all(&dir);
-    Ok(serde_json::json!({ "reads": reads, "missed": missed, "churnedLocks": churned, "threads": threads }))
+    Ok(serde_json::json!({
+        "reads": reads,
+        "absentFromTable": torn,
+        "holdsSaidNo": missed,
+        "churnedLocks": churned,
+        "threads": threads,
+    }))
 }
 
 fn main() -> ExitCode {
