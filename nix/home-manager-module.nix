@@ -20,13 +20,8 @@ let
   nixVersion = if nixPackage == null then null else lib.getVersion nixPackage;
 
   hasProfile = cfg.profile != null || cfg.profileSettings != { };
-  profile =
-    if cfg.profileSettings == { } then tier.profileFromJSON cfg.profile
-    else if cfg.profile == null then cfg.profileSettings
-    else tier.mergeProfile (tier.profileFromJSON cfg.profile) cfg.profileSettings;
-  profileFile =
-    if cfg.profileSettings == { } then "${cfg.profile}"
-    else pkgs.writeText "hardware-profile.json" (tier.profileJSON profile);
+  profile = tier.pinnedProfile { inherit (cfg) profile profileSettings; };
+  profileFile = tier.pinnedProfileFile pkgs.writeText { inherit (cfg) profile profileSettings; };
 in
 {
   options.programs.nix-tier = {

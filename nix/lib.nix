@@ -94,6 +94,24 @@ let
       merge base overrides;
 
     /**
+      The profile the modules' options describe: `profile` (a JSON file, or null) with
+      `profileSettings` (attributes) merged over it; either alone is the whole profile.
+    */
+    pinnedProfile = { profile, profileSettings }:
+      if profileSettings == { } then self.profileFromJSON profile
+      else if profile == null then profileSettings
+      else self.mergeProfile (self.profileFromJSON profile) profileSettings;
+
+    /**
+      The file for the `hardware-profile` setting from the same options: `profile` itself when
+      nothing is merged over it, else the merged profile written with `writeText` (nixpkgs'
+      `pkgs.writeText`).
+    */
+    pinnedProfileFile = writeText: { profile, profileSettings }@options:
+      if profileSettings == { } then "${profile}"
+      else writeText "hardware-profile.json" (self.profileJSON (self.pinnedProfile options));
+
+    /**
       The `build` section of a profile: its own, or the one the default formula derives from
       `cpu.threads` and `memory.totalMiB` when it has none (docs/profile.md, "Default tiers";
       the same integer arithmetic as the `nix-tier-model` crate).

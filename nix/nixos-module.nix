@@ -36,13 +36,8 @@ let
   hasProfile = cfg.profile != null || cfg.profileSettings != { };
   # The pinned profile as an attribute set (read at evaluation time: max-jobs and the gccarch
   # features come from it) and as a file in the store.
-  profile =
-    if cfg.profileSettings == { } then tier.profileFromJSON cfg.profile
-    else if cfg.profile == null then cfg.profileSettings
-    else tier.mergeProfile (tier.profileFromJSON cfg.profile) cfg.profileSettings;
-  profileFile =
-    if cfg.profileSettings == { } then "${cfg.profile}"
-    else pkgs.writeText "hardware-profile.json" (tier.profileJSON profile);
+  profile = tier.pinnedProfile { inherit (cfg) profile profileSettings; };
+  profileFile = tier.pinnedProfileFile pkgs.writeText { inherit (cfg) profile profileSettings; };
 
   hookProgram = tier.hookFile cfg.package;
   tierEnvironment = { NIX_TIER_STATE_DIR = cfg.stateDirectory; } // optionalAttrs hasProfile { NIX_TIER_PROFILE = profileFile; };
