@@ -107,7 +107,7 @@ def slot_reuse_spec(n):
 
 def dispatch_spec(n):
     """N trivial derivations: node i depends on up to two of the 40 nodes before it, so the DAG
-    is about 25 levels deep and wide enough for 12 builds at once."""
+    is 41 levels deep (the top build included) and wide enough for 12 builds at once."""
     rng = random.Random(1000)
     builds = []
     for i in range(n):
