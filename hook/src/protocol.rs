@@ -85,7 +85,8 @@ pub enum Reply {
     Decline,
     /// Nix builds it locally and never asks this worker's hook again.
     DeclinePermanently,
-    /// Nix asks again after `build-poll-interval` seconds (or when another build ends).
+    /// Nix asks again after `build-poll-interval` seconds (in Nix 2.8 only that timer wakes a
+    /// postponed build; a finished build wakes only those waiting for a `max-jobs` slot).
     Postpone,
     /// The hook builds it (on a remote machine).
     Accept,

@@ -188,8 +188,9 @@ pub fn watch(job: &WatchJob) -> Finished {
     }
     let succeeded = job.lock_files.iter().all(|f| !f.exists()) && job.outputs.iter().all(|o| Path::new(o).exists());
     Finished {
-        // A build too short to be seen still ran if its outputs are now valid.
-        started: builder.is_some() || succeeded,
+        // Only a build whose builder was seen is recorded: valid outputs alone could be another
+        // admission's (Nix may ask again for a build it had no slot for).
+        started: builder.is_some(),
         wall,
         cpu: stats.and_then(|s| s.cpu_time),
         peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + charged_outside),
