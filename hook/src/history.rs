@@ -364,37 +364,17 @@ impl History {
         Ok(())
     }
 
-    /// The memory peaks (MiB) of the `limit` newest succeeded builds of `package` that have a
-    /// peak, newest first.
-    pub fn recent_peaks(&self, package: &str, limit: usize) -> Result<Vec<u64>, HistoryError> {
-        self.peaks(
-            "SELECT peak_mib FROM builds
-             WHERE package = ?1 AND outcome = 'succeeded' AND peak_mib IS NOT NULL
-             ORDER BY started_unix_ms DESC LIMIT ?2",
-            package,
-            limit,
-        )
-    }
-
-    /// The peaks the hook learns `package`'s reservation from: as [`recent_peaks`], but only of
-    /// builds started after the package's latest OOM kill (which sends it back to its tier's
-    /// figure), at most [`MAX_SAMPLES`]. One query on the `(package, outcome, started)` index.
-    ///
-    /// [`recent_peaks`]: History::recent_peaks
+    /// The peaks (MiB, newest first) the hook learns `package`'s reservation from: those of its
+    /// succeeded builds that have a peak and started after its latest OOM kill (which sends it
+    /// back to its tier's figure), at most [`MAX_SAMPLES`]. One query on the
+    /// `(package, outcome, started)` index.
     pub fn learning_peaks(&self, package: &str) -> Result<Vec<u64>, HistoryError> {
-        self.peaks(
-            "SELECT peak_mib FROM builds
+        let sql = "SELECT peak_mib FROM builds
              WHERE package = ?1 AND outcome = 'succeeded' AND peak_mib IS NOT NULL
                AND started_unix_ms > coalesce(
                    (SELECT max(started_unix_ms) FROM builds WHERE package = ?1 AND outcome = 'oom-killed'), -1)
-             ORDER BY started_unix_ms DESC LIMIT ?2",
-            package,
-            MAX_SAMPLES,
-        )
-    }
-
-    fn peaks(&self, sql: &str, package: &str, limit: usize) -> Result<Vec<u64>, HistoryError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+             ORDER BY started_unix_ms DESC LIMIT ?2";
+        let limit = i64::try_from(MAX_SAMPLES).unwrap_or(i64::MAX);
         let mut query = self.conn.prepare_cached(sql).map_err(|e| self.sqlite(e))?;
         let peaks = query
             .query_map(params![package, limit], |row| row.get::<_, i64>(0))
@@ -640,10 +620,7 @@ mod tests {
             history.record(&build("p", started, peak, outcome)).unwrap();
         }
         history.record(&build("other", 7, Some(5), Outcome::Succeeded)).unwrap();
-        assert_eq!(history.recent_peaks("p", 10).unwrap(), vec![200, 300, 100]);
-        assert_eq!(history.recent_peaks("p", 2).unwrap(), vec![200, 300]);
         assert_eq!(history.learning_peaks("p").unwrap(), vec![200, 300]);
-        assert!(history.recent_peaks("nothing", 10).unwrap().is_empty());
         assert!(history.learning_peaks("nothing").unwrap().is_empty());
     }
 

@@ -217,7 +217,7 @@ fn find_builder(job: &WatchJob, polls: u64) -> Option<u32> {
     // The scan of every process is costly: only once a child of the worker was not found for a
     // while, and not at every poll.
     procfs::children(job.nix_pid).into_iter().find(is_builder).or_else(|| {
-        (polls >= 40 && polls % 20 == 0)
+        (polls >= 40 && polls.is_multiple_of(20))
             .then(|| {
                 procfs::all_pids()
                     .into_iter()
