@@ -25,8 +25,8 @@
       packages = forAllSystems (system: pkgs: rec {
         # The command line and the build hook; any Nix.
         nix-tier = pkgs.callPackage ./nix/nix-tier.nix { };
-        # The plugin, built against nixpkgs' `nix`; today it builds only when that is Nix 2.8
-        # (cpp-shim/nix-compat.hh): `nix-tier-plugin.override { nix = yourNix; }` for another.
+        # The plugin, built against nixpkgs' `nix` (2.24 or later, or 2.8; not Lix; see
+        # cpp-shim/nix-compat.hh): `nix-tier-plugin.override { nix = yourNix; }` for another.
         nix-tier-plugin = pkgs.callPackage ./nix/package.nix { };
         default = nix-tier;
       });
@@ -46,6 +46,22 @@
           touch $out
         '';
 
+        # The plugin loaded into the Nix it was built for: the pinned profile comes back, and
+        # optimizeFor targets its CPU in nixpkgs' own hello. (The example profile is x86_64's.)
+        ${if system == "x86_64-linux" then "plugin" else null} =
+          let plugin = self.packages.${system}.nix-tier-plugin;
+          in pkgs.runCommand "nix-tier-plugin-check" { nativeBuildInputs = [ plugin.nix ]; } ''
+            export NIX_STATE_DIR=$TMPDIR/state NIX_STORE_DIR=$TMPDIR/store NIX_LOG_DIR=$TMPDIR/log NIX_CONF_DIR=$TMPDIR
+            eval() {
+              nix-instantiate --eval --strict --json \
+                --option plugin-files ${plugin}/${plugin.pluginFile} \
+                --option hardware-profile ${./nix/examples/skylake.json} -E "$1"
+            }
+            [ "$(eval 'builtins.hardwareProfile.cpu.gcc.arch')" = '"skylake"' ]
+            [ "$(eval '(builtins.optimizeFor { } (import ${pkgs.path} { system = "${system}"; }).hello).nixTier.target')" = '"skylake"' ]
+            touch $out
+          '';
+
         # The NixOS module inside a real NixOS evaluation: the nix.conf it generates passes
         # NixOS's own check (`nix show-config`, unknown settings are errors), and the daemon
         # unit gets the hook's environment and the cgroup delegation.
@@ -61,8 +77,6 @@
                   services.nix-tier = {
                     enable = true;
                     profile = ./nix/examples/skylake.json;
-                    # Built only against Nix 2.8 today; nixpkgs' Nix is newer.
-                    plugin.enable = false;
                   };
                 }
               ];
@@ -74,6 +88,8 @@
           assert environment.NIX_TIER_CGROUP_ROOT == "/sys/fs/cgroup/system.slice/nix-daemon.service";
           assert serviceConfig.Delegate == "yes" && serviceConfig.DelegateSubgroup == "supervisor";
           pkgs.runCommand "nix-tier-nixos-module" { } ''
+            grep -q '^plugin-files = .*/lib/libnix_tier_plugin.so$' ${nixConf}
+            grep -q '^hardware-profile = .*hardware-profile.json$' ${nixConf}
             grep -q '^build-hook = .*/bin/nix-tier-hook$' ${nixConf}
             grep -q '^max-jobs = 12$' ${nixConf}
             grep -q '^system-features = .*gccarch-skylake.*gccarch-x86-64-v3' ${nixConf}

@@ -1,49 +1,149 @@
 // Every difference between the Nix versions the shim is built against lives in this header.
 // plugin/build.rs defines NIX_TIER_NIX_VERSION_{MAJOR,MINOR,PATCH} from pkg-config's `nix-expr`.
 //
-// Supported and tested: Nix 2.8 (Debian bookworm's nix-bin). Later versions changed the plugin API
-// (2.9+ primops take PosIdx, 2.17 nix::PrimOp registration, 2.28 moved headers to nix/expr/...,
-// 2.33 mkString(s, state.mem), 2.34 PrimOp::fun renamed impl); each needs its branch here.
+// Supported: Nix 2.8 (Debian bookworm's nix-bin; built and loaded in ./scripts/test) and Nix 2.24
+// onwards (nixpkgs' nixVersions; compiled in ./scripts/test against the headers of Nix 2.26 and
+// 2.34 from Debian trixie and sid). The differences, checked against Nix's headers at each tag:
+// - 2.24: primops take a PosIdx; errors are built with state.error<T>(); settings are reached
+//   through state.settings; attribute sets through Value::attrs(); forceAttrs wants a context.
+// - 2.24-2.27 built with meson: the config-*.hh headers must be included first (2.8: config.h).
+// - 2.28: headers moved to nix/{util,store,expr}/ and include their own config.
+// - 2.33: PrimOp::doc became std::optional<std::string>.
+// - 2.34: PrimOp::fun was renamed impl.
 #pragma once
 
 #define NIX_TIER_NIX_VERSION_AT_LEAST(major, minor) \
     (NIX_TIER_NIX_VERSION_MAJOR > (major) ||        \
      (NIX_TIER_NIX_VERSION_MAJOR == (major) && NIX_TIER_NIX_VERSION_MINOR >= (minor)))
 
-#if !NIX_TIER_NIX_VERSION_AT_LEAST(2, 8) || NIX_TIER_NIX_VERSION_AT_LEAST(2, 9)
-#error "nix-tier's C++ shim supports Nix 2.8; add this Nix version's API differences to cpp-shim/nix-compat.hh"
+#if !NIX_TIER_NIX_VERSION_AT_LEAST(2, 8) \
+    || (NIX_TIER_NIX_VERSION_AT_LEAST(2, 9) && !NIX_TIER_NIX_VERSION_AT_LEAST(2, 24))
+#error "nix-tier's C++ shim supports Nix 2.8 and Nix 2.24 onwards; add this Nix version's API differences to cpp-shim/nix-compat.hh"
 #endif
 
-// Nix's own headers expect config.h first (it decides HAVE_BOEHMGC and thus class layouts).
+#if NIX_TIER_NIX_VERSION_AT_LEAST(2, 28)
+#include <nix/expr/eval.hh>
+#include <nix/expr/eval-inline.hh>
+#include <nix/expr/eval-settings.hh>
+#include <nix/expr/json-to-value.hh>
+#include <nix/expr/primops.hh>
+#include <nix/expr/value-to-json.hh>
+#include <nix/store/globals.hh>
+#include <nix/util/config-global.hh>
+#else
+// Nix's own headers expect their configuration first (it decides HAVE_BOEHMGC and thus class
+// layouts): meson builds (2.24-2.27) install config-*.hh, autotools builds config.h.
+#if __has_include(<config-expr.hh>)
+#include <config-util.hh>
+#include <config-store.hh>
+#include <config-expr.hh>
+#else
 #include <config.h>
+#endif
 #include <eval.hh>
 #include <eval-inline.hh>
 #include <globals.hh>
 #include <json-to-value.hh>
 #include <primops.hh>
 #include <value-to-json.hh>
+#if NIX_TIER_NIX_VERSION_AT_LEAST(2, 24)
+#include <config-global.hh>
+#include <eval-settings.hh>
+#endif
+#endif
 
+#include <memory>
 #include <string>
+#include <vector>
 
 namespace nix_tier::compat {
 
+#if NIX_TIER_NIX_VERSION_AT_LEAST(2, 24)
+
 /// The source position handed to a primop.
-using PrimOpPos = const nix::Pos &;
+using PrimOpPos = nix::PosIdx;
+
+/// The string context printValueAsJSON collects.
+using StringContext = nix::NixStringContext;
 
 /// Throws a Nix evaluation error located at `pos`.
-[[noreturn]] inline void throwEvalError(PrimOpPos pos, const std::string & message)
+[[noreturn]] inline void throwEvalError(nix::EvalState & state, PrimOpPos pos, const std::string & message)
+{
+    state.error<nix::EvalError>("%s", message).atPos(pos).debugThrow();
+}
+
+/// Whether evaluation is pure (flakes, `--pure-eval`): live host detection is refused then.
+inline bool pureEval(nix::EvalState & state)
+{
+    return state.settings.pureEval;
+}
+
+/// Forces `v` to an attribute set and returns its attribute `name`, or nullptr.
+inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, const char * name, PrimOpPos pos)
+{
+    state.forceAttrs(v, pos, "while reading nix-tier's Nix glue");
+    auto attr = v.attrs()->get(state.symbols.create(name));
+    return attr ? attr->value : nullptr;
+}
+
+/// Parses Nix source that refers to no files.
+inline nix::Expr * parseExpression(nix::EvalState & state, std::string source)
+{
+    return state.parseExprFromString(std::move(source), state.rootPath(nix::CanonPath::root));
+}
+
+/// Registers a primop under `builtins.<name>` (a leading "__" keeps it out of the global scope).
+inline void registerPrimOp(const char * name, std::vector<std::string> args, size_t arity,
+    const char * doc, nix::PrimOpFun fun)
+{
+    static std::vector<std::unique_ptr<nix::RegisterPrimOp>> registrations;
+    registrations.push_back(std::make_unique<nix::RegisterPrimOp>(nix::PrimOp{
+        .name = name,
+        .args = std::move(args),
+        .arity = arity,
+#if NIX_TIER_NIX_VERSION_AT_LEAST(2, 33)
+        .doc = doc ? std::optional<std::string>(doc) : std::nullopt,
+#else
+        .doc = doc,
+#endif
+#if NIX_TIER_NIX_VERSION_AT_LEAST(2, 34)
+        .impl = fun,
+#else
+        .fun = fun,
+#endif
+        .experimentalFeature = std::nullopt,
+    }));
+}
+
+#else // Nix 2.8
+
+using PrimOpPos = const nix::Pos &;
+
+using StringContext = nix::PathSet;
+
+[[noreturn]] inline void throwEvalError(nix::EvalState &, PrimOpPos pos, const std::string & message)
 {
     throw nix::EvalError({.level = nix::lvlError, .msg = nix::hintfmt(message), .errPos = pos,
         .traces = {}, .suggestions = {}});
 }
 
-/// Whether evaluation is pure (flakes, `--pure-eval`): live host detection is refused then.
 inline bool pureEval(nix::EvalState &)
 {
     return nix::evalSettings.pureEval;
 }
 
-/// Registers a primop under `builtins.<name>` (a leading "__" keeps it out of the global scope).
+inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, const char * name, PrimOpPos pos)
+{
+    state.forceAttrs(v, pos);
+    auto attr = v.attrs->find(state.symbols.create(name));
+    return attr == v.attrs->end() ? nullptr : attr->value;
+}
+
+inline nix::Expr * parseExpression(nix::EvalState & state, std::string source)
+{
+    return state.parseExprFromString(std::move(source), "/");
+}
+
 inline void registerPrimOp(const char * name, std::vector<std::string> args, size_t arity,
     const char * doc, nix::PrimOpFun fun)
 {
@@ -52,5 +152,7 @@ inline void registerPrimOp(const char * name, std::vector<std::string> args, siz
         .name = name, .args = std::move(args), .arity = arity, .doc = doc, .fun = fun,
         .experimentalFeature = std::nullopt}));
 }
+
+#endif
 
 } // namespace nix_tier::compat

@@ -27,19 +27,19 @@ Settings & settings()
 
 /// Runs a bridged Rust function; its error (cxx's rust::Error) becomes an evaluation error at `pos`.
 template<typename Call>
-std::string callRust(compat::PrimOpPos pos, Call && call)
+std::string callRust(nix::EvalState & state, compat::PrimOpPos pos, Call && call)
 {
     try {
         return std::string(call());
     } catch (const rust::Error & e) {
-        compat::throwEvalError(pos, e.what());
+        compat::throwEvalError(state, pos, e.what());
     }
 }
 
 void primHardwareProfile(nix::EvalState & state, compat::PrimOpPos pos, nix::Value **, nix::Value & v)
 {
     // The setting is read here, not at load time: --option values are applied after plugins load.
-    auto json = callRust(pos, [&] {
+    auto json = callRust(state, pos, [&] {
         return hardware_profile_json(settings().hardwareProfile.get(), compat::pureEval(state));
     });
     nix::parseJSON(state, json, v);
@@ -49,7 +49,7 @@ void primHardwareProfile(nix::EvalState & state, compat::PrimOpPos pos, nix::Val
 std::string toJson(nix::EvalState & state, nix::Value & v, compat::PrimOpPos pos)
 {
     std::ostringstream out;
-    nix::PathSet context;
+    compat::StringContext context;
     nix::printValueAsJSON(state, true, v, pos, out, context);
     return out.str();
 }
@@ -60,17 +60,15 @@ std::string toJson(nix::EvalState & state, nix::Value & v, compat::PrimOpPos pos
 void primGlue(nix::EvalState & state, compat::PrimOpPos, nix::Value **, nix::Value & v)
 {
     auto source = optimize_for_glue();
-    state.eval(state.parseExprFromString(std::string(source.data(), source.size()), "/"), v);
+    state.eval(compat::parseExpression(state, std::string(source.data(), source.size())), v);
 }
 
 nix::Value & glueFunction(nix::EvalState & state, const char * name, compat::PrimOpPos pos)
 {
-    auto & glue = state.getBuiltin("nixTierGlue");
-    state.forceAttrs(glue, pos);
-    auto attr = glue.attrs->find(state.symbols.create(name));
-    if (attr == glue.attrs->end())
-        compat::throwEvalError(pos, std::string("nix-tier plugin: internal error: the glue has no '") + name + "'");
-    return *attr->value;
+    auto function = compat::attribute(state, state.getBuiltin("nixTierGlue"), name, pos);
+    if (!function)
+        compat::throwEvalError(state, pos, std::string("nix-tier plugin: internal error: the glue has no '") + name + "'");
+    return *function;
 }
 
 void primOptimizeFor(nix::EvalState & state, compat::PrimOpPos pos, nix::Value ** args, nix::Value & v)
@@ -79,18 +77,18 @@ void primOptimizeFor(nix::EvalState & state, compat::PrimOpPos pos, nix::Value *
     auto & drv = *args[1];
     state.forceValue(options, pos);
     if (options.type() != nix::nAttrs)
-        compat::throwEvalError(pos, "builtins.optimizeFor: the first argument must be an attribute set "
+        compat::throwEvalError(state, pos, "builtins.optimizeFor: the first argument must be an attribute set "
             "of options or a hardware profile, but it is " + nix::showType(options));
     state.forceValue(drv, pos);
     if (!state.isDerivation(drv))
-        compat::throwEvalError(pos, "builtins.optimizeFor: the second argument must be a derivation "
+        compat::throwEvalError(state, pos, "builtins.optimizeFor: the second argument must be a derivation "
             "(as made by stdenv.mkDerivation), but it is " + nix::showType(drv));
 
     nix::Value facts;
     state.callFunction(glueFunction(state, "inspect", pos), drv, facts, pos);
     auto factsJson = toJson(state, facts, pos);
     auto optionsJson = toJson(state, options, pos);
-    auto planJson = callRust(pos, [&] {
+    auto planJson = callRust(state, pos, [&] {
         return optimize_plan_json(optionsJson, factsJson, settings().hardwareProfile.get(),
             compat::pureEval(state));
     });

@@ -62,12 +62,13 @@ in
       enable = mkOption {
         type = types.bool;
         default = nixPackage != null && tier.pluginSupportsNix nixVersion;
-        defaultText = lib.literalMD "`true` when `config.nix.package` is set and a Nix the plugin supports (2.8 today)";
+        defaultText = lib.literalMD "`true` when `config.nix.package` is set and a Nix the plugin supports (2.8, or 2.24 and later; not Lix)";
         description = ''
           Whether to load the plugin into your Nix (`plugin-files` in ~/.config/nix/nix.conf),
           with `hardware-profile` naming the pinned profile. It is built against
           `nix.package`, which must be the Nix you run (`nix --version`): a plugin only loads
-          into the exact Nix it was built for, and today's compat header supports Nix 2.8 only.
+          into the exact Nix it was built for. The compat header supports Nix 2.8 and Nix 2.24
+          onwards (not Lix).
         '';
       };
 
@@ -110,7 +111,7 @@ in
         }
         {
           assertion = !cfg.plugin.enable || nixPackage == null || tier.pluginSupportsNix nixVersion;
-          message = "programs.nix-tier.plugin.enable: the plugin cannot be built for Nix ${toString nixVersion} (nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 only.";
+          message = "programs.nix-tier.plugin.enable: the plugin cannot be built for Nix ${toString nixVersion} (nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 and Nix 2.24 onwards, not Lix.";
         }
       ];
       home.packages = [ cfg.package ];

@@ -208,10 +208,12 @@ let
     systemFeatures = profile: self.defaultSystemFeatures ++ self.gccarchFeatures profile;
 
     /**
-      Whether the plugin (cpp-shim/nix-compat.hh) can be built against Nix `version`: today only
-      Nix 2.8. Other versions fail to compile with a message naming the header.
+      Whether the plugin (cpp-shim/nix-compat.hh) can be built against Nix `version`: Nix 2.8,
+      and Nix 2.24 onwards. Not Lix (versions 2.90 to 2.99), whose plugin interface differs.
     */
-    pluginSupportsNix = version: atLeast version "2.8pre" && !(atLeast version "2.9pre");
+    pluginSupportsNix = version:
+      (atLeast version "2.8pre" && !(atLeast version "2.9pre"))
+      || (atLeast version "2.24pre" && !(atLeast version "2.90pre" && !(atLeast version "3.0pre")));
 
     /**
       Whether Nix `version` ignores `build-hook` in nix.conf and needs it as `--option build-hook`

@@ -5,9 +5,9 @@
 #
 # With `runTests = true` the build also runs every test that works inside the Nix build
 # sandbox (flake output checks.<system>.tests): the whole workspace except
-#   - nix-tier-plugin (needs Nix 2.8's headers; its behaviour is tested end to end instead), and
+#   - nix-tier-plugin (needs Nix's headers; built by nix/package.nix, tested end to end), and
 #   - nix-tier-tests (runs real nix-instantiate, nix-build and nix-daemon processes against the
-#     plugin; run it with ./scripts/test on a machine with Nix 2.8).
+#     plugin; run it with ./scripts/test on Debian bookworm, whose Nix 2.8 it targets).
 # Tests that need root or a writable cgroup hierarchy (cgroups/tests/kernel.rs,
 # hook/tests/privileges.rs) notice they have neither and skip themselves.
 { lib

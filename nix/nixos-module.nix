@@ -95,13 +95,13 @@ in
       enable = mkOption {
         type = types.bool;
         default = tier.pluginSupportsNix nixVersion;
-        defaultText = lib.literalMD "`true` when `config.nix.package` is a Nix the plugin supports (2.8 today)";
+        defaultText = lib.literalMD "`true` when `config.nix.package` is a Nix the plugin supports (2.8, or 2.24 and later; not Lix)";
         description = ''
           Whether to load the plugin (`builtins.hardwareProfile`, `builtins.optimizeFor`) into
           the system's Nix through `plugin-files`, with `hardware-profile` naming the pinned
-          profile. The plugin is C++ built against one exact Nix version, and today's compat
-          header (cpp-shim/nix-compat.hh) supports Nix 2.8 only: with another
-          `nix.package` the default is `false`, and `true` is refused by an assertion. The hook,
+          profile. The plugin is C++ built against one exact Nix version, and its compat
+          header (cpp-shim/nix-compat.hh) supports Nix 2.8 and Nix 2.24 onwards, not Lix: with
+          another `nix.package` the default is `false`, and `true` is refused by an assertion. The hook,
           cgroups and system features do not need the plugin.
         '';
       };
@@ -209,7 +209,7 @@ in
       assertions = [
         {
           assertion = !cfg.plugin.enable || tier.pluginSupportsNix nixVersion;
-          message = "services.nix-tier.plugin.enable: the plugin cannot be built for Nix ${nixVersion} (config.nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 only. Set services.nix-tier.plugin.enable = false.";
+          message = "services.nix-tier.plugin.enable: the plugin cannot be built for Nix ${nixVersion} (config.nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 and Nix 2.24 onwards, not Lix. Set services.nix-tier.plugin.enable = false.";
         }
         {
           assertion = !cfg.hook.enable || tier.hookSupportsNix nixVersion;

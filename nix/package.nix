@@ -5,10 +5,10 @@
 # `config.nix.package`). plugin/build.rs finds it through pkg-config (`nix-expr`) and its
 # headers in `${nix.dev}/include`.
 #
-# Supported today: Nix 2.8 only. cpp-shim/nix-compat.hh holds every Nix API difference and has
-# a branch for 2.8 alone; for any other version the build stops at once with a message (rather
-# than at the compat header's #error deep inside cargo's output). nix/lib.nix's
-# pluginSupportsNix says the same, and the modules use it to leave the plugin out by default.
+# Supported: Nix 2.8, and Nix 2.24 onwards (not Lix). cpp-shim/nix-compat.hh holds every Nix API
+# difference; for any other version the build stops at once with a message (rather than at the
+# compat header's #error deep inside cargo's output). nix/lib.nix's pluginSupportsNix says the
+# same, and the modules use it to leave the plugin out by default.
 { lib
 , rustPlatform
 , pkg-config
@@ -43,8 +43,8 @@ rustPlatform.buildRustPackage {
   doCheck = false;
 
   preConfigure = lib.optionalString (!supported) ''
-    echo "nix-tier-plugin: cannot be built against Nix ${nixVersion}: cpp-shim/nix-compat.hh supports Nix 2.8 only." >&2
-    echo "Build it against the Nix that will load it (config.nix.package) once that version has a branch in the compat header," >&2
+    echo "nix-tier-plugin: cannot be built against Nix ${nixVersion}: cpp-shim/nix-compat.hh supports Nix 2.8 and Nix 2.24 onwards (not Lix)." >&2
+    echo "Build it against a supported Nix that will also load it (config.nix.package)," >&2
     echo "or leave the plugin out (services.nix-tier.plugin.enable = false)." >&2
     exit 1
   '';

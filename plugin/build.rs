@@ -8,6 +8,7 @@
 
 use std::env;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Debian installs Nix's pkg-config files outside the default search path.
 const DEBIAN_NIX_PKGCONFIG: &str = "/usr/lib/nix/pkgconfig";
@@ -20,19 +21,26 @@ fn main() {
     let nix = probe_nix_expr();
     let version = parse_version(&nix.version);
     let include = nix_include_dir(&workspace, &nix);
+    let cflags = other_cflags(version);
     // Tests set this to build a plugin that claims another Nix version (the mismatch guard).
     let recorded = env::var("NIX_TIER_RECORDED_NIX_VERSION").unwrap_or_else(|_| nix.version.clone());
 
     let mut build = cxx_build::bridge("src/ffi.rs");
+    build.file(shim.join("shim.cc")).include(&shim);
+    // -isystem: Nix's headers are not ours to warn about. Nix 2.8 and 2.24-2.27 are included as
+    // <eval.hh> (include/nix), 2.28 onwards as <nix/expr/eval.hh> (include); nixpkgs splits the
+    // headers of Nix's libraries over several outputs, which pkg-config lists.
+    let mut include_dirs = vec![include.clone(), include.join("nix")];
+    include_dirs.extend(nix.include_paths.iter().cloned());
+    // /usr/include is searched anyway; as -isystem it would break libstdc++'s #include_next.
+    let system_dirs = [Path::new("/usr/include"), Path::new("/usr/local/include")];
+    for dir in include_dirs.iter().filter(|dir| dir.is_dir() && !system_dirs.contains(&dir.as_path())) {
+        build.flag("-isystem").flag(dir.to_str().expect("UTF-8 include path"));
+    }
+    for flag in &cflags {
+        build.flag(flag);
+    }
     build
-        .file(shim.join("shim.cc"))
-        .include(&shim)
-        // -isystem: Nix's headers are not ours to warn about.
-        .flag("-isystem")
-        .flag(include.to_str().expect("UTF-8 include path"))
-        .flag("-isystem")
-        .flag(include.join("nix").to_str().expect("UTF-8 include path"))
-        .std("c++17")
         .define("NIX_TIER_NIX_VERSION_MAJOR", version.0.to_string().as_str())
         .define("NIX_TIER_NIX_VERSION_MINOR", version.1.to_string().as_str())
         .define("NIX_TIER_NIX_VERSION_PATCH", version.2.to_string().as_str())
@@ -77,7 +85,8 @@ fn probe_nix_expr() -> pkg_config::Library {
     })
 }
 
-/// Finds the directory holding `nix/eval.hh` (or `eval.hh` directly under a `nix` include path).
+/// Finds the directory holding Nix's headers: `nix/eval.hh` (Nix 2.8 to 2.27) or
+/// `nix/expr/eval.hh` (2.28 onwards).
 fn nix_include_dir(workspace: &Path, nix: &pkg_config::Library) -> PathBuf {
     let mut candidates: Vec<PathBuf> = Vec::new();
     if let Ok(dir) = env::var("NIX_TIER_NIX_INCLUDE") {
@@ -85,18 +94,37 @@ fn nix_include_dir(workspace: &Path, nix: &pkg_config::Library) -> PathBuf {
     }
     candidates.push(workspace.join("build/nix-headers").join(&nix.version));
     for path in &nix.include_paths {
-        candidates.push(path.parent().map(Path::to_path_buf).unwrap_or_else(|| path.clone()));
+        candidates.push(path.clone());
+        candidates.extend(path.parent().map(Path::to_path_buf));
     }
-    if let Some(found) = candidates.iter().find(|dir| dir.join("nix/eval.hh").is_file()) {
+    let has_headers =
+        |dir: &&PathBuf| dir.join("nix/eval.hh").is_file() || dir.join("nix/expr/eval.hh").is_file();
+    if let Some(found) = candidates.iter().find(has_headers) {
         return found.clone();
     }
     panic!(
-        "nix-tier: found Nix {} through pkg-config, but not its headers (nix/eval.hh) in any of: {}.\n\
+        "nix-tier: found Nix {} through pkg-config, but not its headers (nix/eval.hh or \
+         nix/expr/eval.hh) in any of: {}.\n\
          Debian's nix-bin ships no headers: run ./scripts/setup, which unpacks them from Debian's \
          `nix` source package, or set NIX_TIER_NIX_INCLUDE to a directory containing nix/eval.hh.",
         nix.version,
         candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )
+}
+
+/// The compiler flags pkg-config gives for `nix-expr` besides include paths (the C++ standard Nix's
+/// headers need, for one); Nix 2.8's pkg-config file says c++17, later ones c++2a or c++23.
+fn other_cflags(version: (u32, u32, u32)) -> Vec<String> {
+    let output = Command::new("pkg-config")
+        .args(["--cflags-only-other", "nix-expr"])
+        .output()
+        .unwrap_or_else(|e| panic!("nix-tier: cannot run pkg-config: {e}"));
+    let mut flags: Vec<String> =
+        String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_owned).collect();
+    if !flags.iter().any(|flag| flag.starts_with("-std=")) {
+        flags.push(if version >= (2, 24, 0) { "-std=c++20" } else { "-std=c++17" }.to_owned());
+    }
+    flags
 }
 
 fn parse_version(version: &str) -> (u32, u32, u32) {

@@ -37,18 +37,22 @@ pub fn load_profile(path: Option<&Path>) -> Result<(Profile, Option<String>), St
 }
 
 /// Nix's own build hook, which handles `builders`: `$NIX_TIER_BUILD_REMOTE`, else
-/// `libexec/nix/build-remote` beside the `nix` on `PATH` (Debian: /usr/libexec/nix/build-remote).
+/// `libexec/nix/build-remote` beside the `nix` on `PATH` (Debian: /usr/libexec/nix/build-remote),
+/// else that `nix` itself: build-remote is a symlink to it, and `nix` started with argv[0]
+/// `build-remote` (as the relay starts it) runs build-remote, in every Nix since 2.4.
 pub fn build_remote_program() -> PathBuf {
     if let Some(path) = std::env::var_os("NIX_TIER_BUILD_REMOTE") {
         return PathBuf::from(path);
     }
-    let from_path = std::env::var_os("PATH").and_then(|paths| {
+    let nix = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join("nix"))
             .find(|nix| nix.is_file())
             .and_then(|nix| nix.canonicalize().ok())
-            .and_then(|nix| Some(nix.parent()?.parent()?.join("libexec/nix/build-remote")))
-            .filter(|p| p.exists())
     });
-    from_path.unwrap_or_else(|| PathBuf::from("/usr/libexec/nix/build-remote"))
+    let beside_nix = nix
+        .as_ref()
+        .and_then(|nix| Some(nix.parent()?.parent()?.join("libexec/nix/build-remote")))
+        .filter(|p| p.exists());
+    beside_nix.or(nix).unwrap_or_else(|| PathBuf::from("/usr/libexec/nix/build-remote"))
 }

@@ -464,11 +464,13 @@ fn nixos_module_follows_the_nix_version() {
     let sandbox = NixSandbox::with_conf("");
     let typical = "{ services.nix-tier = { enable = true; inherit profile; }; }";
 
-    // Nix 2.28: no plugin (the compat header supports 2.8 only), and the hook on the daemon's
-    // command line, because 2.25 to 2.33 ignore build-hook in nix.conf.
+    // Nix 2.28: the plugin, built against it, and the hook on the daemon's command line, because
+    // 2.25 to 2.33 ignore build-hook in nix.conf.
     let config = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.28.3"), "config");
     let settings = &config["nix"]["settings"];
-    assert!(settings.get("plugin-files").is_none() && settings.get("hardware-profile").is_none(), "{settings}");
+    let plugin_files = strings(&settings["plugin-files"]);
+    assert!(plugin_files.len() == 1 && plugin_files[0].ends_with("/lib/libnix_tier_plugin.so"), "{settings}");
+    assert!(settings["hardware-profile"].as_str().unwrap().ends_with("-skylake.json"), "{settings}");
     let hook = settings["build-hook"].as_str().unwrap();
     let exec = strings(&config["systemd"]["services"]["nix-daemon"]["serviceConfig"]["ExecStart"]);
     assert_eq!(exec[0], "");
@@ -481,10 +483,13 @@ fn nixos_module_follows_the_nix_version() {
     let config = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.34.0"), "config");
     assert!(config["systemd"]["services"]["nix-daemon"]["serviceConfig"].get("ExecStart").is_none());
 
-    // Forcing the plugin onto an unsupported Nix is refused by an assertion.
+    // Nix 2.20 has no branch in the compat header: no plugin by default, and forcing it is
+    // refused by an assertion.
+    let settings = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.20.1"), "config.nix.settings");
+    assert!(settings.get("plugin-files").is_none() && settings.get("hardware-profile").is_none(), "{settings}");
     let forced = "{ services.nix-tier = { enable = true; inherit profile; plugin.enable = true; }; }";
-    let assertions = eval_module(&sandbox, "nix/nixos-module.nix", forced, Some("2.28.3"), "config.assertions");
-    assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("2.28.3")));
+    let assertions = eval_module(&sandbox, "nix/nixos-module.nix", forced, Some("2.20.1"), "config.assertions");
+    assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("2.20.1")));
     // So is the hook on Lix 2.94, which dropped the text hook protocol.
     let assertions = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.94.0"), "config.assertions");
     assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false));
@@ -605,24 +610,42 @@ fn package_expressions_ask_for_the_right_build() {
     assert_eq!(plugin["preConfigure"], "", "Nix 2.8 is supported");
     assert!(plugin["installPhase"].as_str().unwrap().contains("$out/lib/libnix_tier_plugin.so"));
 
-    // Another Nix stops the build at once, saying why.
-    let other = sandbox.eval_json(&format!(
-        "let pkgs = import {stub} {{ nixVersion = \"2.28.3\"; }}; in (pkgs.callPackage {} {{ }}).buildRustPackageArgs.preConfigure",
-        repo_path("nix/package.nix")
-    ));
+    // Nix 2.24 onwards builds too; a Nix without a branch stops the build at once, saying why.
+    let pre_configure = |version: &str| {
+        sandbox.eval_json(&format!(
+            "let pkgs = import {stub} {{ nixVersion = \"{version}\"; }}; in (pkgs.callPackage {} {{ }}).buildRustPackageArgs.preConfigure",
+            repo_path("nix/package.nix")
+        ))
+    };
+    assert_eq!(pre_configure("2.28.3"), "", "Nix 2.28 is supported");
+    let other = pre_configure("2.20.1");
     let other = other.as_str().unwrap();
-    assert!(other.contains("Nix 2.28.3") && other.contains("nix-compat.hh") && other.contains("exit 1"), "{other}");
+    assert!(other.contains("Nix 2.20.1") && other.contains("nix-compat.hh") && other.contains("exit 1"), "{other}");
 }
 
 #[test]
 fn plugin_support_matches_the_compat_header() {
-    // nix/lib.nix's pluginSupportsNix must say what cpp-shim/nix-compat.hh's guard says.
+    // nix/lib.nix's pluginSupportsNix must say what cpp-shim/nix-compat.hh's version guard says:
+    // the guard (everything up to its #error) is run through the C preprocessor for each version.
     let header = fs::read_to_string(repo().join("cpp-shim/nix-compat.hh")).unwrap();
-    let guard = header.lines().find(|l| l.starts_with("#if !NIX_TIER_NIX_VERSION_AT_LEAST")).expect("the version guard");
-    assert_eq!(
-        guard, "#if !NIX_TIER_NIX_VERSION_AT_LEAST(2, 8) || NIX_TIER_NIX_VERSION_AT_LEAST(2, 9)",
-        "the compat header supports other Nix versions now: update pluginSupportsNix in nix/lib.nix and this test"
-    );
+    let guard = &header[..header.find("#error").expect("the version guard's #error")];
+    let sandbox = NixSandbox::with_conf("");
+    let lib = repo_path("nix/lib.nix");
+    // Lix (2.90 to 2.99) is told apart by nix/lib.nix alone: its versions mean nothing to the header.
+    let versions: Vec<(u32, u32)> = (0..=40).flat_map(|minor| [(1, minor), (2, minor)]).chain([(3, 0)]).collect();
+    for (major, minor) in versions {
+        let source = sandbox.path().join("guard.h");
+        fs::write(&source, format!("{guard}unsupported\n#else\nsupported\n#endif\n")).unwrap();
+        let out = Command::new("cpp")
+            .args(["-P", &format!("-DNIX_TIER_NIX_VERSION_MAJOR={major}"), &format!("-DNIX_TIER_NIX_VERSION_MINOR={minor}")])
+            .arg(&source)
+            .output()
+            .expect("run cpp");
+        assert!(out.status.success(), "cpp failed: {}", stderr(&out));
+        let header_says = String::from_utf8_lossy(&out.stdout).trim() == "supported";
+        let lib_says = sandbox.eval_json(&format!("(import {lib}).pluginSupportsNix \"{major}.{minor}.1\""));
+        assert_eq!(json!(header_says), lib_says, "Nix {major}.{minor}: the compat header and pluginSupportsNix disagree");
+    }
 }
 
 #[test]
@@ -664,8 +687,10 @@ fn flake_outputs_have_the_promised_shape() {
     }
     let systems = json!(["default", "nix-tier", "nix-tier-plugin"]);
     assert_eq!(got["packages"], json!({ "aarch64-linux": systems, "x86_64-linux": systems }));
+    // The plugin check loads the x86_64 example profile.
     let checks = json!(["nix-files", "nixos-module", "tests"]);
-    assert_eq!(got["checks"], json!({ "aarch64-linux": checks, "x86_64-linux": checks }));
+    let x86_checks = json!(["nix-files", "nixos-module", "plugin", "tests"]);
+    assert_eq!(got["checks"], json!({ "aarch64-linux": checks, "x86_64-linux": x86_checks }));
     assert_eq!(got["pnames"], json!({ "default": "nix-tier", "nix-tier": "nix-tier", "nix-tier-plugin": "nix-tier-plugin" }));
     assert_eq!(got["testsRun"], true);
     assert_eq!((got["libIsLib"].as_bool(), got["nixos"].as_bool(), got["hm"].as_bool()), (Some(true), Some(true), Some(true)));
