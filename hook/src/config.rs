@@ -41,10 +41,14 @@ pub fn load_profile(path: Option<&Path>) -> Result<(Profile, Option<String>), St
 /// else that `nix` itself: build-remote is a symlink to it, and `nix` started with argv[0]
 /// `build-remote` (as the relay starts it) runs build-remote, in every Nix since 2.4.
 pub fn build_remote_program() -> PathBuf {
-    if let Some(path) = std::env::var_os("NIX_TIER_BUILD_REMOTE") {
-        return PathBuf::from(path);
+    build_remote_from(std::env::var_os("NIX_TIER_BUILD_REMOTE"), std::env::var_os("PATH"))
+}
+
+fn build_remote_from(explicit: Option<std::ffi::OsString>, path: Option<std::ffi::OsString>) -> PathBuf {
+    if let Some(program) = explicit {
+        return PathBuf::from(program);
     }
-    let nix = std::env::var_os("PATH").and_then(|paths| {
+    let nix = path.and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join("nix"))
             .find(|nix| nix.is_file())
@@ -55,4 +59,33 @@ pub fn build_remote_program() -> PathBuf {
         .and_then(|nix| Some(nix.parent()?.parent()?.join("libexec/nix/build-remote")))
         .filter(|p| p.exists());
     beside_nix.or(nix).unwrap_or_else(|| PathBuf::from("/usr/libexec/nix/build-remote"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn build_remote_is_found_beside_nix_or_is_nix_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        fs::write(bin.join("nix"), "").unwrap();
+        let path = Some(std::env::join_paths([Path::new("/nonexistent"), bin.as_path()]).unwrap());
+        let nix = bin.join("nix").canonicalize().unwrap();
+
+        // A Nix built without the libexec symlink (a build tree): nix itself, started as build-remote.
+        assert_eq!(build_remote_from(None, path.clone()), nix);
+
+        // An installed Nix: libexec/nix/build-remote beside bin/nix.
+        let libexec = dir.path().join("libexec/nix");
+        fs::create_dir_all(&libexec).unwrap();
+        fs::write(libexec.join("build-remote"), "").unwrap();
+        assert_eq!(build_remote_from(None, path.clone()), dir.path().canonicalize().unwrap().join("libexec/nix/build-remote"));
+
+        // $NIX_TIER_BUILD_REMOTE wins; without any nix on PATH, Debian's path.
+        assert_eq!(build_remote_from(Some("/x/build-remote".into()), path), PathBuf::from("/x/build-remote"));
+        assert_eq!(build_remote_from(None, Some("/nonexistent".into())), PathBuf::from("/usr/libexec/nix/build-remote"));
+    }
 }
