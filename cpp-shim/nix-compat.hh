@@ -2,8 +2,9 @@
 // plugin/build.rs defines NIX_TIER_NIX_VERSION_{MAJOR,MINOR,PATCH} from pkg-config's `nix-expr`.
 //
 // Supported: Nix 2.8 (Debian bookworm's nix-bin; built and loaded in ./scripts/test) and Nix 2.24
-// onwards (nixpkgs' nixVersions; compiled in ./scripts/test against the headers of Nix 2.26 and
-// 2.34 from Debian trixie and sid). The differences, checked against Nix's headers at each tag:
+// onwards (nixpkgs' nixVersions; scripts/check-newer-nix compiles against Debian trixie's 2.26 in
+// every test run; docs/guide.md says what was checked once by hand against 2.24 to 2.35).
+// The differences, checked against Nix's headers at each tag:
 // - 2.24: primops take a PosIdx; errors are built with state.error<T>(); settings are reached
 //   through state.settings; attribute sets through Value::attrs(); forceAttrs wants a context.
 // - 2.24-2.27 built with meson: the config-*.hh headers must be included first (2.8: config.h).
