@@ -633,18 +633,25 @@ fn plugin_support_matches_the_compat_header() {
     let lib = repo_path("nix/lib.nix");
     // Lix (2.90 to 2.99) is told apart by nix/lib.nix alone: its versions mean nothing to the header.
     let versions: Vec<(u32, u32)> = (0..=40).flat_map(|minor| [(1, minor), (2, minor)]).chain([(3, 0)]).collect();
-    for (major, minor) in versions {
-        let source = sandbox.path().join("guard.h");
-        fs::write(&source, format!("{guard}unsupported\n#else\nsupported\n#endif\n")).unwrap();
-        let out = Command::new("cpp")
-            .args(["-P", &format!("-DNIX_TIER_NIX_VERSION_MAJOR={major}"), &format!("-DNIX_TIER_NIX_VERSION_MINOR={minor}")])
-            .arg(&source)
-            .output()
-            .expect("run cpp");
-        assert!(out.status.success(), "cpp failed: {}", stderr(&out));
-        let header_says = String::from_utf8_lossy(&out.stdout).trim() == "supported";
-        let lib_says = sandbox.eval_json(&format!("(import {lib}).pluginSupportsNix \"{major}.{minor}.1\""));
-        assert_eq!(json!(header_says), lib_says, "Nix {major}.{minor}: the compat header and pluginSupportsNix disagree");
+    let source = sandbox.path().join("guard.h");
+    fs::write(&source, format!("{guard}unsupported\n#else\nsupported\n#endif\n")).unwrap();
+    let header_says: Vec<bool> = versions
+        .iter()
+        .map(|(major, minor)| {
+            let out = Command::new("cpp")
+                .args(["-P", &format!("-DNIX_TIER_NIX_VERSION_MAJOR={major}"), &format!("-DNIX_TIER_NIX_VERSION_MINOR={minor}")])
+                .arg(&source)
+                .output()
+                .expect("run cpp");
+            assert!(out.status.success(), "cpp failed: {}", stderr(&out));
+            String::from_utf8_lossy(&out.stdout).trim() == "supported"
+        })
+        .collect();
+    let names: Vec<String> = versions.iter().map(|(major, minor)| format!("{major}.{minor}.1")).collect();
+    let quoted: Vec<String> = names.iter().map(|name| format!("\"{name}\"")).collect();
+    let lib_says = sandbox.eval_json(&format!("map (import {lib}).pluginSupportsNix [ {} ]", quoted.join(" ")));
+    for ((version, header), lib) in names.iter().zip(&header_says).zip(lib_says.as_array().unwrap()) {
+        assert_eq!(&json!(header), lib, "Nix {version}: the compat header and pluginSupportsNix disagree");
     }
 }
 
