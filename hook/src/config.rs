@@ -20,6 +20,13 @@ pub fn profile_path(settings: &Settings) -> Option<PathBuf> {
     Some(conf_dir.join("hardware-profile.json")).filter(|p| p.is_file())
 }
 
+/// The cgroup under which builds' cgroups go (in its `nix-tier` child): `$NIX_TIER_CGROUP_ROOT`,
+/// a directory on a cgroup v2 or v1 file system; `None` for the default (the cgroup2 mount when
+/// it offers memory and cpu, else the v1 memory and cpu mounts' roots).
+pub fn cgroup_root() -> Option<PathBuf> {
+    std::env::var_os("NIX_TIER_CGROUP_ROOT").filter(|p| !p.is_empty()).map(PathBuf::from)
+}
+
 /// Loads the profile at `path` (or detects the host). A bad profile never stops builds: the
 /// host's defaults are used instead and the second value says what was wrong. `Err` only when
 /// the host cannot be detected either.

@@ -8,6 +8,7 @@ use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
 use nix_tier_model::learning::{self, ReservationSource};
 use nix_tier_model::optimize::TIER_ATTRIBUTE;
+use nix_tier_cgroups::Hierarchy;
 use nix_tier_model::{Profile, Tier};
 
 use crate::history::History;
@@ -71,12 +72,14 @@ pub struct Dispatcher {
     history: Option<History>,
     /// Said once per hook process: why the history cannot be used.
     history_note: Option<String>,
-    /// Whether admitted builds get cgroups (a writable hierarchy exists).
-    enforce: bool,
+    /// Where admitted builds get their cgroups; `None` where no hierarchy is usable.
+    cgroups: Option<Hierarchy>,
     /// Said once per hook process when builds cannot be bounded.
     enforcement_note: Option<String>,
-    /// Watchers started by this hook, reaped as they finish.
-    watchers: Vec<std::process::Child>,
+    /// Watchers started by this hook, by derivation, reaped as they finish.
+    watchers: HashMap<String, std::process::Child>,
+    /// This worker's `max-jobs`: it never runs more local builds at once.
+    max_jobs: Option<usize>,
     /// The watcher of the build just admitted, started once Nix has its answer.
     pending_watch: Option<WatchJob>,
     /// The uids Nix's builders run as: this process's and the `build-users-group` members'.
@@ -87,19 +90,24 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// A dispatcher for a worker with `settings`. `relay` is Nix's build-remote when builders
-    /// are configured.
-    pub fn new(profile: Profile, settings: &Settings, state_dir: StateDir, relay: Option<Relay>) -> Dispatcher {
+    /// are configured; `cgroups` the prepared parent for builds' cgroups, or why there is none.
+    pub fn new(
+        profile: Profile,
+        settings: &Settings,
+        state_dir: StateDir,
+        relay: Option<Relay>,
+        cgroups: Result<Hierarchy, nix_tier_cgroups::Unavailable>,
+    ) -> Dispatcher {
         // A postponed build asks again every poll interval; three missed polls mean it is gone.
         let waiter_ttl = 3 * protocol::poll_interval_secs(settings).max(1) + 2;
         let (history, history_note) = match History::open(state_dir.path()) {
             Ok(history) => (Some(history), None),
             Err(error) => (None, Some(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"))),
         };
-        let (enforce, enforcement_note) =
-            match nix_tier_cgroups::Hierarchy::detect(Path::new("/sys/fs/cgroup"), watch::CGROUP_PARENT) {
-                Ok(_) => (true, None),
-                Err(e) => (false, Some(format!("nix-tier-hook: {e}; builds are admitted by tier but not bounded"))),
-            };
+        let (cgroups, enforcement_note) = match cgroups {
+            Ok(hierarchy) => (Some(hierarchy), None),
+            Err(e) => (None, Some(format!("nix-tier-hook: {e}; builds are admitted by tier but not bounded"))),
+        };
         Dispatcher {
             profile,
             state_dir,
@@ -108,9 +116,10 @@ impl Dispatcher {
             announced: HashMap::new(),
             history,
             history_note,
-            enforce,
+            cgroups,
             enforcement_note,
-            watchers: Vec::new(),
+            watchers: HashMap::new(),
+            max_jobs: settings.get("max-jobs").and_then(|jobs| jobs.parse().ok()),
             pending_watch: None,
             builder_uids: builder_uids(settings),
             postponed: HashMap::new(),
@@ -120,11 +129,17 @@ impl Dispatcher {
     /// Starts the watcher of the build just admitted. Called after the reply is written, so
     /// the fork and exec are not part of Nix's wait; a failure comes back as a line to show.
     pub fn after_reply(&mut self) -> Option<String> {
-        self.watchers.retain_mut(|w| matches!(w.try_wait(), Ok(None)));
+        self.watchers.retain(|_, w| matches!(w.try_wait(), Ok(None)));
         let job = self.pending_watch.take()?;
+        // Admitted again: Nix had no slot for the earlier admission and let go of it, so its
+        // watcher, which found no builder, stands down and records nothing.
+        if let Some(mut superseded) = self.watchers.remove(&job.drv) {
+            let _ = superseded.kill();
+            let _ = superseded.wait();
+        }
         match watch::spawn(&job) {
             Ok(child) => {
-                self.watchers.push(child);
+                self.watchers.insert(job.drv.clone(), child);
                 None
             }
             Err(e) => Some(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", job.name)),
@@ -184,7 +199,7 @@ impl Dispatcher {
         let tier = placement.classification.tier;
 
         let locked = self.state_dir.lock().map_err(|e| format!("state directory {}: {e}", self.state_dir.path().display()))?;
-        let (mut state, repaired) = locked.load();
+        let (mut state, repaired) = locked.load(|| watch::running_leases(self.state_dir.path()));
         if let Some(note) = repaired {
             lines.push(format!("nix-tier-hook: {note}"));
         }
@@ -193,6 +208,14 @@ impl Dispatcher {
         state.prune(&held, now, self.waiter_ttl);
         // Asked again for a build it admitted (Nix found no slot after all): start over.
         state.running.retain(|lease| lease.drv != request.drv_path);
+        // Nix asks every goal of one pass with am-willing set, but runs only `max-jobs` builds per
+        // worker: one beyond this worker's own leases would be parked for a slot after taking a
+        // lease (the herd). Declined without one, it waits for a slot and asks again.
+        let nix_pid = std::os::unix::process::parent_id();
+        if self.max_jobs.is_some_and(|max| state.running.iter().filter(|l| l.nix_pid == nix_pid).count() >= max) {
+            self.postponed.insert(request.drv_path.clone(), (drv, placement));
+            return Ok(Reply::Decline);
+        }
 
         let candidate = Claim { tier, memory_mib: placement.memory_mib };
         let waiting_heavy = state.oldest_waiting_heavy(&request.drv_path).map(|w| w.memory_mib);
@@ -206,7 +229,7 @@ impl Dispatcher {
                     memory_mib: placement.memory_mib,
                     lock_files: output_locks::lock_files(&drv, &request.drv_path),
                     started: now,
-                    nix_pid: std::os::unix::process::parent_id(),
+                    nix_pid,
                 };
                 let learned = matches!(placement.memory_source, ReservationSource::Learned { .. });
                 self.pending_watch = Some(self.watch_job(&lease, &drv, learned));
@@ -271,7 +294,7 @@ impl Dispatcher {
             builder_uids: self.builder_uids.clone(),
             started_unix_ms: state::now_ms(),
             state_dir: self.state_dir.path().to_path_buf(),
-            enforce: self.enforce,
+            cgroups: self.cgroups.clone(),
         }
     }
 }

@@ -28,7 +28,7 @@ use nix_tier_model::Tier;
 use rusqlite::{params, Connection, OpenFlags, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
-use crate::state::ensure_private_dir;
+use crate::state::open_state_dir;
 
 /// The database's file name in the state directory.
 pub const HISTORY_FILE: &str = "history.sqlite";
@@ -248,7 +248,7 @@ impl History {
     /// Opens (creating if needed) `<state_dir>/history.sqlite`, creating `state_dir` mode 0700
     /// if needed, and migrates its schema. Refuses a symlink in place of either.
     pub fn open(state_dir: &Path) -> Result<History, HistoryError> {
-        ensure_private_dir(state_dir).map_err(|source| HistoryError::Dir { path: state_dir.to_path_buf(), source })?;
+        open_state_dir(state_dir, true).map_err(|source| HistoryError::Dir { path: state_dir.to_path_buf(), source })?;
         let path = state_dir.join(HISTORY_FILE);
         create_private_file(&path).map_err(|source| HistoryError::File { path: path.clone(), source })?;
         // NOFOLLOW: SQLite refuses a symlink too, should one appear after the check above.

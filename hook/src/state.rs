@@ -6,16 +6,25 @@
 //! a killed client, or Nix waiting for a local slot after all. So a dead client leaks a slot
 //! only until the next decision, at most one `build-poll-interval` away.
 //!
-//! The directory is created mode 0700 and files 0600; symlinks are refused, so another user
-//! cannot redirect the hook's writes.
+//! The directory is created mode 0700 and its files 0600. An existing directory must belong to
+//! the hook's user and be writable by nobody else; it is never chmod-ed or taken over. Its files
+//! are opened relative to it with `O_NOFOLLOW` and `O_NONBLOCK`, must be regular files, and are
+//! read with a bound, so nothing put there can redirect, block or exhaust the hook. A file that
+//! is not what it should be (a directory, a FIFO, a symlink, garbage) is set aside as
+//! `<name>.broken-<ms>` and made anew: the state is then rebuilt by the caller from what can be
+//! observed (the running builds' watchers and their output locks), not reset to empty.
 
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nix::fcntl::OFlag;
+use nix::errno::Errno;
+use nix::fcntl::{openat, renameat, OFlag};
+use nix::sys::stat::{fstatat, mkdirat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 use nix_tier_model::admission::Claim;
 use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
@@ -24,6 +33,8 @@ use crate::output_locks::HeldLocks;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "state.lock";
+/// The largest state file read: thousands of builds take a few hundred KiB.
+const MAX_STATE_BYTES: u64 = 16 << 20;
 
 /// A build the hook admitted and Nix is running.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,14 +88,15 @@ pub struct State {
 }
 
 impl State {
-    /// Drops leases whose output locks nobody holds and waiters unseen for `waiter_ttl` seconds;
-    /// returns the ended leases.
+    /// Drops leases whose output locks nobody holds and waiters unseen for `waiter_ttl` seconds
+    /// (or stamped further ahead than that: a waiter from the future, or a clock stepped back,
+    /// must not hold builds back forever); returns the ended leases.
     pub fn prune(&mut self, held: &HeldLocks, now: u64, waiter_ttl: u64) -> Vec<Lease> {
         let (alive, ended): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut self.running)
             .into_iter()
             .partition(|lease| lease.lock_files.iter().any(|f| held.holds(f, lease.nix_pid)));
         self.running = alive;
-        self.waiting.retain(|w| now.saturating_sub(w.seen) <= waiter_ttl);
+        self.waiting.retain(|w| w.seen.abs_diff(now) <= waiter_ttl);
         ended
     }
 
@@ -141,12 +153,19 @@ impl StateDir {
 
     /// Takes the exclusive lock, creating the directory if needed.
     pub fn lock(&self) -> io::Result<LockedState> {
-        ensure_private_dir(&self.path)?;
-        let file = open_private(&self.path.join(LOCK_FILE), false)?;
+        let dir = open_state_dir(&self.path, true)?;
         let deadline = Instant::now() + LOCK_TIMEOUT;
+        let mut notes = Vec::new();
         loop {
+            let (file, note) = open_regular_at(&dir, LOCK_FILE, true)?;
+            notes.extend(note);
             match file.try_lock() {
-                Ok(()) => return Ok(LockedState { dir: self.path.clone(), _lock: file }),
+                // The lock counts only on the file that is there now: another hook may have set
+                // a broken one aside meanwhile.
+                Ok(()) if same_file(&dir, LOCK_FILE, &file) => {
+                    return Ok(LockedState { dir, path: self.path.clone(), notes, _lock: file });
+                }
+                Ok(()) => {}
                 Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -161,107 +180,261 @@ impl StateDir {
         }
     }
 
-    /// Reads the state without the lock (for `nix-tier status`): a snapshot that may be a
-    /// moment old. A missing file is the empty state.
+    /// Reads the state without the lock and without changing anything (for `nix-tier status`):
+    /// a snapshot that may be a moment old. A missing directory or file is the empty state.
     pub fn peek(&self) -> io::Result<State> {
-        match read_state(&self.path.join(STATE_FILE)) {
-            Ok(state) => Ok(state),
+        let dir = match open_state_dir(&self.path, false) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(State::default()),
+            dir => dir?,
+        };
+        match read_state(&dir) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(e),
+            Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", self.path.join(STATE_FILE).display()))),
+            Ok(state) => Ok(state),
         }
     }
 }
 
 /// The state directory, locked; dropping it releases the lock.
 pub struct LockedState {
-    dir: PathBuf,
+    dir: OwnedFd,
+    path: PathBuf,
+    /// What was repaired while taking the lock.
+    notes: Vec<String>,
     _lock: File,
 }
 
 impl LockedState {
-    /// The shared state. A corrupt file is replaced by the empty state (leases are rebuilt as
-    /// builds are admitted again); the second value then says what was wrong.
-    pub fn load(&self) -> (State, Option<String>) {
-        let path = self.dir.join(STATE_FILE);
-        match read_state(&path) {
-            Ok(state) => (state, None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (State::default(), None),
-            Err(e) => (State::default(), Some(format!("state file {} was unreadable ({e}); starting afresh", path.display()))),
-        }
+    /// The shared state. A state file that cannot be used is set aside and the state rebuilt:
+    /// the leases from `observe` (what runs now), no waiters (they ask again). The second value
+    /// says what was repaired.
+    pub fn load(&self, observe: impl FnOnce() -> Vec<Lease>) -> (State, Option<String>) {
+        let mut notes = self.notes.clone();
+        let state = match read_state(&self.dir) {
+            Ok(state) => state,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
+            Err(e) => {
+                let aside = set_aside(&self.dir, STATE_FILE)
+                    .map_or_else(|e| format!("could not be set aside ({e})"), |name| format!("set aside as {name}"));
+                let running = observe();
+                notes.push(format!(
+                    "state file {} was unusable ({e}); {aside}, and rebuilt from the {} running build(s) found",
+                    self.path.join(STATE_FILE).display(),
+                    running.len()
+                ));
+                State { running, waiting: Vec::new() }
+            }
+        };
+        (state, (!notes.is_empty()).then(|| notes.join("; ")))
     }
 
     /// Replaces the state file atomically.
     pub fn save(&self, state: &State) -> io::Result<()> {
-        let path = self.dir.join(STATE_FILE);
-        let temp = self.dir.join(format!("{STATE_FILE}.{}", std::process::id()));
-        let _ = fs::remove_file(&temp);
-        let mut file = open_private(&temp, true)?;
+        let temp = format!("{STATE_FILE}.{}", std::process::id());
+        let _ = unlinkat(Some(self.dir.as_raw_fd()), temp.as_str(), UnlinkatFlags::NoRemoveDir);
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(Some(self.dir.as_raw_fd()), temp.as_str(), flags, Mode::from_bits_truncate(0o600))?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        let mut file = unsafe { File::from_raw_fd(fd) };
         file.write_all(&serde_json::to_vec(state)?)?;
-        fs::rename(&temp, &path)
+        renameat(Some(self.dir.as_raw_fd()), temp.as_str(), Some(self.dir.as_raw_fd()), STATE_FILE)?;
+        Ok(())
     }
 }
 
-fn read_state(path: &Path) -> io::Result<State> {
-    let mut text = String::new();
-    File::options()
-        .read(true)
-        .custom_flags(OFlag::O_NOFOLLOW.bits())
-        .open(path)?
-        .read_to_string(&mut text)?;
-    serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+fn read_state(dir: &OwnedFd) -> io::Result<State> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = openat(Some(dir.as_raw_fd()), STATE_FILE, flags, Mode::empty()).map_err(not_followed)?;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    let bytes = nix_tier_model::files::read_opened(unsafe { File::from_raw_fd(fd) }, MAX_STATE_BYTES)?;
+    serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-/// Creates `path` mode 0700 if missing; an existing one must be a directory, not a symlink, and
-/// is made private (mode 0700) if it is not.
-pub(crate) fn ensure_private_dir(path: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("{} is a symlink; refusing to keep state there", path.display()),
-        )),
-        Ok(meta) if !meta.is_dir() => {
-            Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", path.display())))
+/// `ELOOP` from `O_NOFOLLOW`, said plainly.
+fn not_followed(errno: Errno) -> io::Error {
+    match errno {
+        Errno::ELOOP => io::Error::new(io::ErrorKind::InvalidInput, "is a symlink"),
+        other => other.into(),
+    }
+}
+
+/// Opens (creating, mode 0600, if asked) the regular file `name` in `dir`; anything else in its
+/// place is set aside first, and the second value says so.
+fn open_regular_at(dir: &OwnedFd, name: &str, create: bool) -> io::Result<(File, Option<String>)> {
+    let mut note = None;
+    loop {
+        let flags = OFlag::O_RDWR | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let flags = if create { flags | OFlag::O_CREAT } else { flags };
+        let opened = openat(Some(dir.as_raw_fd()), name, flags, Mode::from_bits_truncate(0o600));
+        let problem = match opened {
+            // SAFETY: openat returned a new descriptor that nothing else owns.
+            Ok(fd) => match unsafe { File::from_raw_fd(fd) } {
+                file if file.metadata()?.is_file() => return Ok((file, note)),
+                _ => "is not a regular file",
+            },
+            Err(Errno::ELOOP) => "is a symlink",
+            Err(Errno::EISDIR) => "is a directory",
+            Err(e) => return Err(e.into()),
+        };
+        if note.is_some() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{name} {problem}, again after repair")));
         }
-        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => fs::set_permissions(path, fs::Permissions::from_mode(0o700)),
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => DirBuilder::new().recursive(true).mode(0o700).create(path),
-        Err(e) => Err(e),
+        let aside = set_aside(dir, name)?;
+        note = Some(format!("{name} {problem}; set aside as {aside}"));
     }
 }
 
-/// Opens (creating, mode 0600) a file that must not be a symlink.
-fn open_private(path: &Path, truncate: bool) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(truncate)
-        .mode(0o600)
-        .custom_flags(OFlag::O_NOFOLLOW.bits())
-        .open(path)
+/// Renames `name` in `dir` to `<name>.broken-<ms>`, keeping it for inspection; the new name.
+fn set_aside(dir: &OwnedFd, name: &str) -> io::Result<String> {
+    static SET_ASIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let serial = SET_ASIDE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let aside = format!("{name}.broken-{}-{}-{serial}", now_ms(), std::process::id());
+    renameat(Some(dir.as_raw_fd()), name, Some(dir.as_raw_fd()), aside.as_str())?;
+    Ok(aside)
+}
+
+/// Whether `name` in `dir` is the file `file` is open on.
+fn same_file(dir: &OwnedFd, name: &str, file: &File) -> bool {
+    let there = fstatat(Some(dir.as_raw_fd()), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+    match (there, file.metadata()) {
+        (Ok(there), Ok(open)) => there.st_ino == open.ino() && there.st_dev == open.dev(),
+        _ => false,
+    }
+}
+
+/// Opens the state directory `path`, creating it (mode 0700) and the directories missing above
+/// it when `create` is set. Directories it creates or opens are never symlinks; an existing one
+/// must belong to this user and be writable by nobody else (it is refused, not changed).
+pub(crate) fn open_state_dir(path: &Path, create: bool) -> io::Result<OwnedFd> {
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, format!("{}: {why}", path.display()));
+    let fd = match openat(None, path, dir_flags, Mode::empty()) {
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(fd) => unsafe { OwnedFd::from_raw_fd(fd) },
+        Err(Errno::ELOOP) => return Err(refuse("is a symlink; refusing to keep state there".into())),
+        Err(Errno::ENOTDIR) => return Err(refuse("is not a directory".into())),
+        Err(Errno::ENOENT) if create => create_dirs(path)?,
+        Err(e) => return Err(io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", path.display()))),
+    };
+    let meta = nix::sys::stat::fstat(fd.as_raw_fd())?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.st_uid != me {
+        return Err(refuse(format!(
+            "belongs to uid {}, not to this user (uid {me}); refusing to keep state there: set NIX_TIER_STATE_DIR to a directory of your own",
+            meta.st_uid
+        )));
+    }
+    if meta.st_mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "is writable by other users (mode {:o}); refusing to keep state there: chmod go-w it, or set NIX_TIER_STATE_DIR",
+            meta.st_mode & 0o7777
+        )));
+    }
+    Ok(fd)
+}
+
+/// Creates `path` and the directories missing above it, mode 0700, each made with `mkdirat` and
+/// opened with `O_NOFOLLOW` inside its parent, so no component can be swapped for a symlink.
+fn create_dirs(path: &Path) -> io::Result<OwnedFd> {
+    let existing = path.ancestors().skip(1).find(|a| a.as_os_str().is_empty() || a.is_dir()).unwrap_or(Path::new("/"));
+    let start = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    let mut dir = unsafe { OwnedFd::from_raw_fd(openat(None, start, flags, Mode::empty())?) };
+    let missing = path.strip_prefix(existing).unwrap_or(path);
+    for component in missing.components() {
+        let Component::Normal(name) = component else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{}: not a plain path", path.display())));
+        };
+        match mkdirat(Some(dir.as_raw_fd()), name, Mode::from_bits_truncate(0o700)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(io::Error::new(io::Error::from(e).kind(), format!("creating {}: {e}", path.display()))),
+        }
+        let fd = openat(Some(dir.as_raw_fd()), name, flags | OFlag::O_NOFOLLOW, Mode::empty()).map_err(not_followed)?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn lease(drv: &str, lock: PathBuf) -> Lease {
         Lease { drv: drv.into(), name: drv.into(), tier: Tier::Light, memory_mib: 10, lock_files: vec![lock], started: 1, nix_pid: 1 }
     }
 
+    fn waiter(drv: &str, seen: u64) -> Waiter {
+        Waiter { drv: drv.into(), name: drv.into(), tier: Tier::Heavy, memory_mib: 10, since: seen, seen, reason: String::new() }
+    }
+
+    fn mkfifo(path: &Path) {
+        nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).unwrap();
+    }
+
+    fn set_aside_count(dir: &Path, name: &str) -> usize {
+        fs::read_dir(dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{name}.broken-"))).count()
+    }
+
     #[test]
-    fn state_round_trips_and_corruption_repairs_itself() {
+    fn state_round_trips_and_a_corrupt_file_is_rebuilt_from_what_runs() {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = StateDir::at(dir.path().join("s"));
         let locked = state_dir.lock().unwrap();
-        assert_eq!(locked.load(), (State::default(), None));
-        let state = State { running: vec![lease("a", "/x".into())], waiting: vec![] };
+        assert_eq!(locked.load(Vec::new), (State::default(), None));
+        let state = State { running: vec![lease("a", "/x".into())], waiting: vec![waiter("w", now())] };
         locked.save(&state).unwrap();
-        assert_eq!(locked.load().0, state);
+        assert_eq!(locked.load(|| unreachable!("the file is fine")).0, state);
         fs::write(dir.path().join("s").join(STATE_FILE), "{ not json").unwrap();
-        let (repaired, note) = locked.load();
-        assert_eq!(repaired, State::default());
+        let (repaired, note) = locked.load(|| vec![lease("observed", "/y".into())]);
+        assert_eq!(repaired, State { running: vec![lease("observed", "/y".into())], waiting: vec![] });
         assert!(note.unwrap().contains("state.json"));
+        assert_eq!(set_aside_count(&dir.path().join("s"), STATE_FILE), 1, "the corrupt file is kept for inspection");
+    }
+
+    #[test]
+    fn a_fifo_or_directory_as_state_file_neither_blocks_nor_sticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::at(dir.path().join("s"));
+        drop(state_dir.lock().unwrap());
+        let file = dir.path().join("s").join(STATE_FILE);
+        for (what, make) in [("FIFO", mkfifo as fn(&Path)), ("directory", |p: &Path| fs::create_dir(p).unwrap())] {
+            make(&file);
+            // peek (nix-tier status) says so without blocking or changing anything.
+            let err = state_dir.peek().unwrap_err().to_string();
+            assert!(err.contains("not a regular file") || err.contains("a directory"), "{what}: {err}");
+            let locked = state_dir.lock().unwrap();
+            let (state, note) = locked.load(Vec::new);
+            assert_eq!(state, State::default());
+            assert!(note.is_some_and(|n| n.contains("set aside")), "{what}");
+            locked.save(&State::default()).unwrap();
+            assert!(fs::symlink_metadata(&file).unwrap().is_file(), "{what}: a regular state file again");
+            fs::remove_file(&file).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_lock_file_replaced_by_a_directory_fifo_or_symlink_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = StateDir::at(dir.path().join("s"));
+        drop(state_dir.lock().unwrap());
+        let lock = dir.path().join("s").join(LOCK_FILE);
+        let makers: [(&str, Box<dyn Fn(&Path)>); 3] = [
+            ("directory", Box::new(|p: &Path| fs::create_dir(p).unwrap())),
+            ("FIFO", Box::new(|p: &Path| mkfifo(p))),
+            ("symlink", Box::new(|p: &Path| std::os::unix::fs::symlink("/etc/passwd", p).unwrap())),
+        ];
+        for (what, make) in makers {
+            fs::remove_file(&lock).or_else(|_| fs::remove_dir(&lock)).ok();
+            make(&lock);
+            let locked = state_dir.lock().unwrap_or_else(|e| panic!("{what} in place of the lock: {e}"));
+            let (_, note) = locked.load(Vec::new);
+            assert!(note.is_some_and(|n| n.contains("state.lock")), "{what}: repaired and said");
+            assert!(fs::symlink_metadata(&lock).unwrap().is_file(), "{what}");
+        }
+        assert_eq!(fs::read_to_string("/etc/passwd").map(|t| t.is_empty()).ok(), Some(false), "the link's target is untouched");
     }
 
     #[test]
@@ -281,6 +454,17 @@ mod tests {
     }
 
     #[test]
+    fn waiters_from_the_future_or_after_a_clock_step_back_expire() {
+        let now = now();
+        let mut state = State {
+            running: vec![],
+            waiting: vec![waiter("fresh", now - 2), waiter("future", now + 86_400), waiter("stale", now - 60)],
+        };
+        state.prune(&HeldLocks::default(), now, 10);
+        assert_eq!(state.waiting.iter().map(|w| w.drv.as_str()).collect::<Vec<_>>(), ["fresh"]);
+    }
+
+    #[test]
     fn the_lock_excludes_a_second_holder_and_symlinks_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = StateDir::at(dir.path().join("s"));
@@ -292,5 +476,16 @@ mod tests {
 
         std::os::unix::fs::symlink(dir.path(), dir.path().join("link")).unwrap();
         assert!(StateDir::at(dir.path().join("link")).lock().is_err());
+        // A directory nix-tier did not make private is refused, not chmod-ed.
+        let open = dir.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = StateDir::at(&open).lock().err().expect("a world-writable directory is refused").to_string();
+        assert!(err.contains("writable by other users") && err.contains("NIX_TIER_STATE_DIR"), "{err}");
+        assert_eq!(fs::metadata(&open).unwrap().permissions().mode() & 0o777, 0o777, "left as it was");
+        // Missing parents are made too, each private.
+        let deep = dir.path().join("a/b/c");
+        drop(StateDir::at(&deep).lock().unwrap());
+        assert_eq!(fs::metadata(dir.path().join("a")).unwrap().permissions().mode() & 0o777, 0o700);
     }
 }

@@ -71,8 +71,9 @@ pub struct WatchJob {
     pub started_unix_ms: u64,
     /// The state directory (history database).
     pub state_dir: PathBuf,
-    /// Whether to create a cgroup (false where none is writable).
-    pub enforce: bool,
+    /// The prepared parent of builds' cgroups; `None` where none is usable (the build is
+    /// watched and recorded, not bounded).
+    pub cgroups: Option<Hierarchy>,
 }
 
 /// How a watched build ended.
@@ -108,6 +109,17 @@ pub fn spawn(job: &WatchJob) -> io::Result<Child> {
         .spawn()
 }
 
+/// How often the watcher looks for the builder: every millisecond at first, so that it is
+/// placed before it grows (Nix starts it within milliseconds of the answer), less often when
+/// Nix is slow to start it (a busy worker, a large sandbox to set up).
+fn search_pause(since_admission: Duration) -> Duration {
+    match since_admission.as_millis() {
+        0..2000 => Duration::from_millis(1),
+        2000..10_000 => Duration::from_millis(10),
+        _ => Duration::from_millis(100),
+    }
+}
+
 /// Watches the build to its end.
 pub fn watch(job: &WatchJob) -> Finished {
     // Created once the builder is found: Nix may find no free slot after all, and let go.
@@ -120,18 +132,29 @@ pub fn watch(job: &WatchJob) -> Finished {
     let mut reported_kills = 0;
     let mut charged_outside: u64 = 0;
     let mut polls: u64 = 0;
+    let mut full_scans: u64 = 0;
+    let mut locks_checked: Option<Instant> = None;
     // Nothing is moved once Nix has released the locks: Nix frees the build user only after
     // that, and the next build may get the same uid within one poll.
-    // A live builder means a running build, whatever one read of the lock table says.
-    let running = |builder: &Option<Builder>| {
-        builder.as_ref().is_some_and(|b| !b.wait_exit(Duration::ZERO))
-            || HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)))
-    };
-    while running(&builder) {
+    // A live builder means a running build, whatever one read of the lock table says. While
+    // the builder is searched for, the lock table (costlier) is read every 20 ms.
+    let locks_held = || HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)));
+    loop {
+        let running = match builder.as_ref() {
+            Some(b) => !b.wait_exit(Duration::ZERO) || locks_held(),
+            None if locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
+            None => {
+                locks_checked = Some(Instant::now());
+                locks_held()
+            }
+        };
+        if !running {
+            break;
+        }
         if builder.is_none() {
-            builder = find_builder(job, polls).and_then(Builder::open);
+            builder = find_builder(job, admitted.elapsed(), &mut full_scans).and_then(Builder::open);
             build_user = builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
-            if builder.is_some() && job.enforce {
+            if builder.is_some() {
                 cgroup = create_cgroup(job);
             }
         }
@@ -159,7 +182,11 @@ pub fn watch(job: &WatchJob) -> Finished {
         }
         polls += 1;
         // Fast while the builder is starting (so it is moved before it grows), slow after.
-        let pause = Duration::from_millis(if admitted.elapsed() < Duration::from_secs(1) { 5 } else { 100 });
+        let pause = match builder.as_ref() {
+            None => search_pause(admitted.elapsed()),
+            Some(_) if admitted.elapsed() < Duration::from_secs(1) => Duration::from_millis(5),
+            Some(_) => Duration::from_millis(100),
+        };
         match builder.as_mut() {
             Some(b) if b.log.is_some() => {
                 if b.wait_exit(pause) {
@@ -186,11 +213,13 @@ pub fn watch(job: &WatchJob) -> Finished {
     if let Some(cgroup) = &cgroup {
         let _ = cgroup.remove();
     }
+    // Nix deletes the lock files only after registering the outputs of a build it ran.
     let succeeded = job.lock_files.iter().all(|f| !f.exists()) && job.outputs.iter().all(|o| Path::new(o).exists());
     Finished {
-        // Only a build whose builder was seen is recorded: valid outputs alone could be another
-        // admission's (Nix may ask again for a build it had no slot for).
-        started: builder.is_some(),
+        // A build too short to be seen still ran when its outputs are there; one whose builder
+        // was never seen and that left no outputs was let go by Nix (no slot after all): it is
+        // asked for again, and that admission records it.
+        started: builder.is_some() || succeeded,
         wall,
         cpu: stats.and_then(|s| s.cpu_time),
         peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + charged_outside),
@@ -201,30 +230,28 @@ pub fn watch(job: &WatchJob) -> Finished {
 }
 
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
-    let hierarchy = Hierarchy::detect(Path::new("/sys/fs/cgroup"), CGROUP_PARENT).ok()?;
     // Unique per admission: Nix may ask again for a build it then had no slot for.
     let name = format!("{}-{}", Path::new(&job.drv).file_stem()?.to_string_lossy(), job.started_unix_ms);
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
-    hierarchy.create(&name, &limits).ok()
+    job.cgroups.as_ref()?.create(&name, &limits).ok()
 }
 
-/// The builder: a child of the Nix worker with the build's output entries in its environment;
-/// failing that, now and then, any process of a uid Nix builds as (a sandboxed builder is reparented away
-/// from the worker). Output paths are public, so a process of another user claiming them is
-/// never taken for the builder.
-fn find_builder(job: &WatchJob, polls: u64) -> Option<u32> {
+/// The builder: the child of the Nix worker whose environment holds the build's output
+/// entries. Sandboxed builders are children of the worker too (Nix's sandbox helper clones them
+/// with `CLONE_PARENT`, from 2.8 to today). Should one not be found there for a second, every
+/// process of a uid Nix builds as is searched, once a second. Output paths are public, so a
+/// process of another user claiming them is never taken for the builder.
+fn find_builder(job: &WatchJob, since_admission: Duration, full_scans: &mut u64) -> Option<u32> {
     let is_builder = |pid: &u32| job.output_env.iter().any(|entry| procfs::has_env_entry(*pid, entry));
-    // The scan of every process is costly: only once a child of the worker was not found for a
-    // while, and not at every poll.
     procfs::children(job.nix_pid).into_iter().find(is_builder).or_else(|| {
-        (polls >= 40 && polls.is_multiple_of(20))
-            .then(|| {
-                procfs::all_pids()
-                    .into_iter()
-                    .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
-                    .find(is_builder)
-            })
-            .flatten()
+        if since_admission.as_secs() <= *full_scans {
+            return None;
+        }
+        *full_scans = since_admission.as_secs();
+        procfs::all_pids()
+            .into_iter()
+            .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
+            .find(is_builder)
     })
 }
 
@@ -244,6 +271,33 @@ fn end_leftovers(cgroup: &BuildCgroup) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The leases of the builds whose watchers (processes of this user) keep `state_dir`: each
+/// carries its build's job in its command line. What rebuilds a lost state file; the caller
+/// then drops those whose output locks are no longer held.
+pub fn running_leases(state_dir: &Path) -> Vec<crate::state::Lease> {
+    let me = procfs::uid(std::process::id());
+    procfs::all_pids()
+        .into_iter()
+        .filter(|pid| procfs::uid(*pid) == me)
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            (args.get(1) == Some(&WATCH_ARG.as_bytes())).then_some(())?;
+            serde_json::from_slice::<WatchJob>(args.get(2)?).ok()
+        })
+        .filter(|job| job.state_dir == state_dir)
+        .map(|job| crate::state::Lease {
+            drv: job.drv,
+            name: job.name,
+            tier: job.tier,
+            memory_mib: job.memory_limit_mib,
+            lock_files: job.lock_files,
+            started: job.started_unix_ms / 1000,
+            nix_pid: job.nix_pid,
+        })
+        .collect()
 }
 
 /// The line a user sees in the build log when the kernel kills inside the build's cgroup.

@@ -183,6 +183,9 @@ fn origin(file: &Option<PathBuf>) -> String {
     }
 }
 
+/// The largest `.drv` file read: far above any real one (nixpkgs' largest are a few MiB).
+pub const MAX_DRV_BYTES: u64 = 64 << 20;
+
 impl Derivation {
     /// Reads a derivation from the text of a `.drv` file.
     ///
@@ -196,9 +199,10 @@ impl Derivation {
         .derivation()
     }
 
-    /// Reads the `.drv` file at `path`; errors name the file.
+    /// Reads the `.drv` file at `path` (a regular file of at most [`MAX_DRV_BYTES`]); errors
+    /// name the file.
     pub fn read(path: &Path) -> Result<Derivation, DerivationError> {
-        let bytes = std::fs::read(path).map_err(|source| DerivationError::Read {
+        let bytes = crate::files::read_regular(path, MAX_DRV_BYTES).map_err(|source| DerivationError::Read {
             path: path.to_owned(),
             source,
         })?;

@@ -15,6 +15,7 @@ pub mod admission;
 pub mod build;
 pub mod derivation;
 pub mod detect;
+pub mod files;
 pub mod learning;
 pub mod optimize;
 pub mod profile;

@@ -120,3 +120,22 @@ impl NixSandbox {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// Whether the real subject of a test is here. When it is not, the test fails under `CI=true`
+/// (CI must test it) with `what` saying what is missing; run by hand it is skipped, saying so.
+/// Use as `if !requires(cond, "…") { return; }`.
+pub fn requires(present: bool, what: &str) -> bool {
+    if !present {
+        assert!(std::env::var("CI").map_or(true, |ci| ci != "true"), "CI=true and this test's subject is missing: {what}");
+        eprintln!("SKIPPED (not under CI=true): {what}");
+    }
+    present
+}
+
+/// Whether this process runs as root (uid 0).
+pub fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().next() == Some("0")))
+        .unwrap_or(false)
+}

@@ -197,7 +197,7 @@ fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
     }
     let (light, heavy) = (cpu_per_second[0], cpu_per_second[1]);
     assert!(light <= 1.15, "a 1-core build used {light:.2} cores");
-    assert!(light >= 0.6, "a 1-core build used only {light:.2} cores");
+    assert!(light >= 0.3, "a 1-core build used only {light:.2} cores");
     assert!(heavy >= 1.3, "a 2-core build used only {heavy:.2} cores: the quota is not per tier");
 }
 

@@ -31,19 +31,25 @@ fn main() -> ExitCode {
     };
 
     // Nix writes its first request right after the settings, so whatever goes wrong from here
-    // on must still be answered: a panic in the set-up declines permanently.
+    // on must still be answered: a panic in the set-up declines permanently, and any way out
+    // of the loop below (a read error, a panic) first answers the request in hand.
     let started = panic::catch_unwind(AssertUnwindSafe(|| start(&settings, &verbosity)))
         .unwrap_or_else(|panic| (None, vec![format!("nix-tier-hook: internal error while starting: {}", panic_message(&*panic))]));
     let (mut dispatcher, mut notes) = started;
-    loop {
+    let mut unanswered = false;
+    let served = panic::catch_unwind(AssertUnwindSafe(|| loop {
         let request = match protocol::read_request(&mut input) {
             Ok(Some(request)) => request,
             Ok(None) => return ExitCode::SUCCESS,
             Err(error) => {
-                say(&[format!("nix-tier-hook: reading Nix's request failed ({error}); exiting")]);
+                say(&[
+                    format!("nix-tier-hook: reading Nix's request failed ({error}); declining and exiting"),
+                    Reply::Decline.line().to_string(),
+                ]);
                 return ExitCode::FAILURE;
             }
         };
+        unanswered = true;
         let mut lines = std::mem::take(&mut notes);
         let Some(dispatcher) = dispatcher.as_mut() else {
             // Nothing to enforce with: Nix stops asking this hook and builds as without it.
@@ -58,6 +64,7 @@ fn main() -> ExitCode {
                 lines.extend(said);
                 lines.push(reply.line().to_string());
                 say(&lines);
+                unanswered = false;
                 let started = panic::catch_unwind(AssertUnwindSafe(|| dispatcher.after_reply()));
                 notes.extend(started.unwrap_or_else(|panic| Some(format!("nix-tier-hook: internal error: {}", panic_message(&*panic)))));
             }
@@ -65,6 +72,7 @@ fn main() -> ExitCode {
                 lines.extend(said);
                 lines.push(Reply::Accept.line().to_string());
                 say(&lines);
+                unanswered = false;
                 // The relay reads stdin from another thread: this thread's lock must go first.
                 drop(input);
                 return match relay.hand_over() {
@@ -83,9 +91,18 @@ fn main() -> ExitCode {
                 ));
                 lines.push(Reply::Decline.line().to_string());
                 say(&lines);
+                unanswered = false;
             }
         }
-    }
+    }));
+    served.unwrap_or_else(|panic| {
+        let mut lines = vec![format!("nix-tier-hook: internal error: {}; exiting", panic_message(&*panic))];
+        if unanswered {
+            lines.push(Reply::Decline.line().to_string());
+        }
+        say(&lines);
+        ExitCode::FAILURE
+    })
 }
 
 /// Sets the hook up for a Nix worker with `settings`: the profile, Nix's build-remote when
@@ -118,11 +135,18 @@ fn start(settings: &protocol::Settings, verbosity: &str) -> (Option<Dispatcher>,
     for fd in [4, 5] {
         let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC));
     }
-    // build-remote (started above, if at all) keeps what it needs for SSH; the hook does not.
+    // The privileged step first: the parent of builds' cgroups may have to be made in a
+    // root-owned 0555 directory (CAP_DAC_OVERRIDE). Then build-remote (started above, if at
+    // all) keeps what it needs for SSH; the hook and its watchers keep only what they need.
+    let cgroups = profile.as_ref().map(|_| {
+        let mounts = nix_tier_cgroups::Mounts::read()
+            .map_err(|e| nix_tier_cgroups::Unavailable::from(format!("cannot read /proc/self/mountinfo: {e}")))?;
+        nix_tier_cgroups::Hierarchy::prepare(&mounts, config::cgroup_root().as_deref(), watch::CGROUP_PARENT)
+    });
     if let Err(error) = privileges::keep_only_needed() {
         notes.push(format!("nix-tier-hook: cannot drop capabilities ({error}); running with those it was given"));
     }
-    let dispatcher = profile.map(|p| Dispatcher::new(p, settings, StateDir::from_env(), relay));
+    let dispatcher = profile.zip(cgroups).map(|(p, cgroups)| Dispatcher::new(p, settings, StateDir::from_env(), relay, cgroups));
     (dispatcher, notes)
 }
 

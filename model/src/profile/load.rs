@@ -56,7 +56,8 @@ impl Profile {
     /// Reads, parses and validates the pinned profile at `path`; its `source` becomes
     /// [`Source::Pinned`].
     pub fn load_pinned(path: &Path) -> Result<Profile, ProfileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
+        // A profile is a few KiB; 1 MiB bounds what a FIFO or device in its place could cost.
+        let bytes = crate::files::read_regular(path, 1 << 20).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => ProfileError::NotFound {
                 path: path.to_path_buf(),
             },
@@ -64,6 +65,10 @@ impl Profile {
                 path: path.to_path_buf(),
                 source,
             },
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| ProfileError::Read {
+            path: path.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidData, format!("is not UTF-8 ({e})")),
         })?;
         let mut profile = Profile::from_json_str(&text, &path.display().to_string())?;
         profile.source = Source::Pinned;
