@@ -1,15 +1,6 @@
 # Stand-ins for the home-manager modules nix-tier's home-manager module meets, for
 # ./eval-module.nix, with home-manager's types. Each part names the home-manager file it mirrors.
 let
-  assertionsModule =
-    # modules/misc/assertions.nix (home-manager's copy of NixOS's)
-    { lib, ... }: {
-      options = {
-        assertions = lib.mkOption { type = lib.types.listOf lib.types.unspecified; default = [ ]; };
-        warnings = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; };
-      };
-    };
-
   homeModule =
     # modules/home-environment.nix: home.packages, home.sessionVariables
     { lib, ... }: with lib; {
@@ -49,4 +40,4 @@ let
       };
     };
 in
-[ assertionsModule homeModule nixModule ]
+[ ./assertions.nix homeModule nixModule ]

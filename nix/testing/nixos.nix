@@ -8,15 +8,6 @@
 # not exist: the previous form of nix-daemon.nix is this fixture with `daemonUserOption = false`.
 { daemonUserOption ? true }:
 let
-  assertionsModule =
-    # nixos/modules/misc/assertions.nix
-    { lib, ... }: {
-      options = {
-        assertions = lib.mkOption { type = lib.types.listOf lib.types.unspecified; default = [ ]; };
-        warnings = lib.mkOption { type = lib.types.listOf lib.types.str; default = [ ]; };
-      };
-    };
-
   environmentModule =
     # nixos/modules/config/system-path.nix (systemPackages), shells-environment.nix (variables),
     # system/etc/etc.nix (etc: source or text)
@@ -134,4 +125,4 @@ let
       };
     };
 in
-[ assertionsModule environmentModule systemdModule nixDaemonModule nixConfModule ]
+[ ./assertions.nix environmentModule systemdModule nixDaemonModule nixConfModule ]
