@@ -20,8 +20,10 @@ let
   nixVersion = if nixPackage == null then null else lib.getVersion nixPackage;
 
   hasProfile = cfg.profile != null || cfg.profileSettings != { };
-  profile = tier.pinnedProfile { inherit (cfg) profile profileSettings; };
-  profileFile = tier.pinnedProfileFile pkgs.writeText { inherit (cfg) profile profileSettings; };
+  # Checked as the hook checks it, also when only `nix-tier` reads it (NIX_TIER_PROFILE).
+  pinned = { option = "programs.nix-tier"; inherit (cfg) profile profileSettings; };
+  profile = tier.pinnedProfile pinned;
+  profileFile = tier.pinnedProfileFile pinned;
 in
 {
   options.programs.nix-tier = {
@@ -43,18 +45,21 @@ in
         `nix-tier profile > hardware-profile.json` (docs/profile.md). It is copied to the store
         and named by `hardware-profile` in ~/.config/nix/nix.conf, so `builtins.hardwareProfile`
         and `builtins.optimizeFor` read it, also in pure evaluation (flakes), and by
-        `NIX_TIER_PROFILE` for the `nix-tier` command.
+        `NIX_TIER_PROFILE` for the `nix-tier` command. A string is copied to the store as
+        well (reading it needs impure evaluation). A missing file or a profile the hook would
+        refuse fails the evaluation, naming this option.
       '';
     };
 
     profileSettings = mkOption {
-      type = types.attrsOf types.anything;
+      type = tier.profileSettingsType lib;
       default = { };
       example = literalExpression ''{ build.tiers.heavy.cores = 7; }'';
       description = ''
         Profile fields written in Nix, merged over `profile` (attribute sets recursively, lists
         replaced); without `profile` they must form a whole profile. The result is written to
-        the store as JSON and used as `profile` would be.
+        the store as JSON and used as `profile` would be. Every field is checked against the
+        profile schema (docs/profile.md).
       '';
     };
 
@@ -112,6 +117,10 @@ in
         {
           assertion = !cfg.plugin.enable || nixPackage == null || tier.pluginSupportsNix nixVersion;
           message = "programs.nix-tier.plugin.enable: the plugin cannot be built for Nix ${toString nixVersion} (nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 and Nix 2.24 onwards, not Lix.";
+        }
+        {
+          assertion = !cfg.hook.enable || nixPackage == null || tier.hookSupportsNix nixVersion;
+          message = "programs.nix-tier.hook.enable: nix.package is version ${toString nixVersion}, a Lix 2.94 or later, which no longer speaks the text build hook protocol nix-tier-hook implements. Set programs.nix-tier.hook.enable = false.";
         }
       ];
       home.packages = [ cfg.package ];

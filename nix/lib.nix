@@ -38,6 +38,112 @@ let
   # x86-64 micro-architecture levels, lowest first (gcc's spelling, as `cpu.isaLevel` has them).
   x86Levels = [ "x86-64" "x86-64-v2" "x86-64-v3" "x86-64-v4" ];
 
+  # The profile schema (`profileSchema`, documented there).
+  schema =
+    let
+      string = { kind = "string"; };
+      integer = min: max: { kind = "integer"; inherit min max; };
+      # u32 and u64 in the model; counts and sizes of at least 1 where it checks that.
+      u32From = min: integer min 4294967295;
+      u64From = min: integer min null;
+      enum = values: { kind = "enum"; inherit values; };
+      nullOr = of: { kind = "nullOr"; inherit of; };
+      list = of: { kind = "list"; inherit of; };
+      object = fields: { kind = "object"; inherit fields; };
+      optional = type: type // { optional = true; };
+      tier = enum [ "heavy" "medium" "light" ];
+      limits = object { maxJobs = u32From 1; cores = u32From 1; memoryMiB = u64From 1; };
+    in
+    object {
+      schemaVersion = enum [ 1 ];
+      source = optional (enum [ "detected" "pinned" ]);
+      system = string;
+      cpu = object {
+        vendor = string;
+        modelName = optional (nullOr string);
+        microarchitecture = string;
+        isaLevel = string;
+        gcc = object { arch = string; tune = string; };
+        rustTargetCpu = string;
+        goamd64 = optional (nullOr (enum [ "v1" "v2" "v3" "v4" ]));
+        features = list string;
+        physicalCores = u32From 1;
+        threads = u32From 1;
+      };
+      memory = object { totalMiB = u64From 1; };
+      swap = optional (object {
+        totalMiB = u64From 0;
+        zram = optional (list (object { device = string; sizeMiB = u64From 0; algorithm = optional (nullOr string); }));
+      });
+      gpus = optional (list (object { vendor = string; driver = optional (nullOr string); pciId = string; }));
+      build = optional (object {
+        memoryBudgetMiB = u64From 1;
+        defaultTier = tier;
+        rules = optional (list (object { match = { kind = "pattern"; }; tier = tier; }));
+        tiers = object { heavy = limits; medium = limits; light = limits; };
+      });
+    };
+
+  # A profile file that exists (a path, or an absolute string), else an error naming the option.
+  readableProfile = option: profile:
+    if builtins.hasContext (toString profile) || builtins.pathExists profile then profile
+    else throw "${option}.profile: ${toString profile} does not exist. Create it on the machine with 'nix-tier profile > ${toString profile}' and commit it with your configuration, or set ${option}.profile = null (docs/profile.md).";
+
+  # JSON words for a Nix value, as the model's errors use them.
+  describe = v:
+    if isString v then "the string ${toJSON v}"
+    else if isInt v then "the integer ${toString v}"
+    else if isBool v then "the boolean ${if v then "true" else "false"}"
+    else if v == null then "null"
+    else if isList v then "an array"
+    else if isAttrs v then "an object"
+    else "a ${builtins.typeOf v}";
+  showError = e: "field ${e.field}: ${e.message}";
+
+  # The model's Pattern::new: not empty, and '*' only as the first or last character.
+  patternError = p:
+    let core = match "[*]?([^*]*)[*]?" p;
+    in if p == "" then "a pattern must not be empty; use \"*\" to match every package"
+    else if core == null then "pattern ${toJSON p} has a '*' in the middle; '*' may only start or end a pattern (e.g. \"python3*\", \"*-unwrapped\")"
+    else null;
+
+  # Errors of `value` at `path` against a `profileSchema` type; `partial` (profile settings)
+  # requires no field, except inside list entries.
+  schemaErrors = partial: path: type: value:
+    let
+      at = name: if path == "" then name else "${path}.${name}";
+      err = message: [ { field = if path == "" then "(top level)" else path; inherit message; } ];
+      bound = if type.max or null == null then "" else " (at most ${toString type.max})";
+    in
+    if type.kind == "string" then (if isString value then [ ] else err "expected a string, found ${describe value}")
+    else if type.kind == "integer" then
+      (if !(isInt value) then err "expected an unsigned integer${bound}, found ${describe value}"
+       else if value < type.min then
+         (if value >= 0 then err "must be at least ${toString type.min}, found ${toString value}"
+          else err "expected an unsigned integer${bound}, found ${describe value}")
+       else if type.max != null && value > type.max then err "expected an unsigned integer${bound}, found ${describe value}"
+       else [ ])
+    else if type.kind == "enum" then
+      (if elem value type.values then [ ]
+       else err "${if isString value then toJSON value else describe value} is not allowed; use ${concatStringsSep ", " (map toJSON type.values)}")
+    else if type.kind == "nullOr" then (if value == null then [ ] else schemaErrors partial path type.of value)
+    else if type.kind == "pattern" then
+      (if !(isString value) then err "expected a string, found ${describe value}"
+       else let e = patternError value; in if e == null then [ ] else err e)
+    else if type.kind == "list" then
+      (if !(isList value) then err "expected an array, found ${describe value}"
+       else builtins.concatLists (genList (i: schemaErrors false "${path}[${toString i}]" type.of (builtins.elemAt value i)) (length value)))
+    else if !(isAttrs value) then err "expected an object, found ${describe value}"
+    else
+      let
+        names = attrNames type.fields;
+        unknown = filter (n: !(elem n names)) (attrNames value);
+        missing = if partial then [ ] else filter (n: !(value ? ${n}) && !(type.fields.${n}.optional or false)) names;
+      in
+      map (n: { field = at n; message = "unknown field; remove it or fix its spelling (expected one of ${concatStringsSep ", " names})"; }) unknown
+      ++ map (n: { field = at n; message = "missing; add it (see docs/profile.md)"; }) missing
+      ++ builtins.concatLists (map (n: schemaErrors partial (at n) type.fields.${n} value.${n}) (filter (n: value ? ${n}) names));
+
   # Position of `x` in `list`, or null.
   indexOf = x: list:
     let
@@ -94,22 +200,94 @@ let
       merge base overrides;
 
     /**
-      The profile the modules' options describe: `profile` (a JSON file, or null) with
-      `profileSettings` (attributes) merged over it; either alone is the whole profile.
+      The hardware profile schema (docs/profile.md) as data: the model crate's `Profile` as
+      the modules and `profileErrors` check it. A type is `{ kind; optional ? false; … }`
+      with kind `string`, `integer` (`min`, `max` or null), `enum` (`values`), `nullOr`
+      (`of`), `list` (`of`), `pattern` (a rule's package-name pattern) or `object`
+      (`fields`). tests/tests/nix_files.rs checks that it accepts and rejects what the model
+      accepts and rejects.
     */
-    pinnedProfile = { profile, profileSettings }:
-      if profileSettings == { } then self.profileFromJSON profile
-      else if profile == null then profileSettings
-      else self.mergeProfile (self.profileFromJSON profile) profileSettings;
+    profileSchema = schema;
 
     /**
-      The file for the `hardware-profile` setting from the same options: `profile` itself when
-      nothing is merged over it, else the merged profile written with `writeText` (nixpkgs'
-      `pkgs.writeText`).
+      What is wrong with a profile attribute set, one `"field <path>: <what and how to fix>"`
+      line per wrong field; `[ ]` when the hook accepts it. Checks every field against
+      `profileSchema`, and each tier's `memoryMiB` against `build.memoryBudgetMiB`.
     */
-    pinnedProfileFile = writeText: { profile, profileSettings }@options:
-      if profileSettings == { } then "${profile}"
-      else writeText "hardware-profile.json" (self.profileJSON (self.pinnedProfile options));
+    profileErrors = profile:
+      let
+        wrong = schemaErrors false "" self.profileSchema profile;
+        build = profile.build or null;
+        overBudget = filter (e: e != null) (map (tier:
+          let mib = build.tiers.${tier}.memoryMiB;
+          in if mib > build.memoryBudgetMiB then {
+            field = "build.tiers.${tier}.memoryMiB";
+            message = "${toString mib} exceeds build.memoryBudgetMiB (${toString build.memoryBudgetMiB}); lower it or raise the budget";
+          } else null) [ "heavy" "medium" "light" ]);
+      in
+      map showError (if wrong != [ ] || build == null then wrong else overBudget);
+
+    /**
+      `profileErrors` for profile fields to be merged over a whole profile (the modules'
+      `profileSettings`): each given field is checked, none is required, except inside list
+      entries, which replace the profile's.
+    */
+    profileSettingsErrors = settings: map showError (schemaErrors true "" self.profileSchema settings);
+
+    /**
+      The option type of the modules' `profileSettings`, built with nixpkgs' `lib`: attribute
+      sets merged as `attrsOf anything` merges them, then every field checked by
+      `profileSettingsErrors`; an error names the option and the field.
+    */
+    profileSettingsType = lib:
+      let base = lib.types.attrsOf lib.types.anything;
+      in lib.mkOptionType {
+        name = "nixTierProfileSettings";
+        description = "hardware profile fields (docs/profile.md)";
+        inherit (base) check;
+        merge = loc: defs:
+          let
+            value = base.merge loc defs;
+            errors = self.profileSettingsErrors value;
+          in
+          if errors == [ ] then value
+          else throw "${lib.showOption loc}: ${concatStringsSep "; " errors}. Fix the setting (docs/profile.md).";
+      };
+
+    /**
+      The profile the modules' options describe, checked: `profile` (a JSON file, or null)
+      with `profileSettings` (attributes) merged over it; either alone is the whole profile.
+      `option` (e.g. `"services.nix-tier"`) names the options in errors: a missing file, a
+      file or merge that `profileErrors` finds wrong.
+    */
+    pinnedProfile = { option, profile, profileSettings }:
+      let
+        fromFile = builtins.addErrorContext "while reading ${option}.profile (${toString profile})"
+          (self.profileFromJSON (readableProfile option profile));
+        whole =
+          if profile == null then profileSettings
+          else if profileSettings == { } then fromFile
+          else self.mergeProfile fromFile profileSettings;
+        source =
+          if profile == null then "${option}.profileSettings (without ${option}.profile it must be a whole profile: add the field, or set ${option}.profile to a file made by 'nix-tier profile')"
+          else if profileSettings == { } then "${option}.profile (hardware profile ${toString profile})"
+          else "${option}.profile (${toString profile}) with ${option}.profileSettings merged over it";
+        errors = self.profileErrors whole;
+      in
+      if errors == [ ] then whole
+      else throw "${source}: ${concatStringsSep "; " errors}. The hook would refuse this profile: fix it (docs/profile.md).";
+
+    /**
+      The file for the `hardware-profile` setting and `NIX_TIER_PROFILE` from the same
+      arguments as `pinnedProfile`, in the store: the `profile` file copied there (as
+      `hardware-profile.json`; a path already in the store is used as it is), or the merged
+      profile written there as JSON. Checked as `pinnedProfile` checks it.
+    */
+    pinnedProfileFile = { option, profile, profileSettings }@args:
+      builtins.seq (self.pinnedProfile args) (
+        if profileSettings != { } then builtins.toFile "hardware-profile.json" (self.profileJSON (self.pinnedProfile args))
+        else if builtins.hasContext (toString profile) then toString profile
+        else builtins.path { path = readableProfile option profile; name = "hardware-profile.json"; });
 
     /**
       The `build` section of a profile: its own, or the one the default formula derives from
@@ -214,12 +392,6 @@ let
     pluginSupportsNix = version:
       (atLeast version "2.8pre" && !(atLeast version "2.9pre"))
       || (atLeast version "2.24pre" && !(atLeast version "2.90pre" && !(atLeast version "3.0pre")));
-
-    /**
-      Whether Nix `version` ignores `build-hook` in nix.conf and needs it as `--option build-hook`
-      on its command line (Nix 2.25 to 2.33; fixed in 2.34 by NixOS/nix#15083).
-    */
-    buildHookNeedsCommandLine = version: atLeast version "2.25pre" && !(atLeast version "2.34pre");
 
     /**
       Whether the hook can talk to Nix `version`: everything that speaks the text hook protocol.

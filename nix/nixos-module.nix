@@ -6,9 +6,14 @@
 #   hook (build-hook, build-poll-interval, max-jobs) and the profile's gccarch-* system features;
 # - nix-daemon.service: the hook runs as a child of the daemon's workers and inherits their
 #   environment, so NIX_TIER_STATE_DIR, NIX_TIER_PROFILE and NIX_TIER_CGROUP_ROOT are set there;
-#   the cgroup delegation (below); and on Nix 2.25 to 2.33, which ignore build-hook in nix.conf,
-#   `--option build-hook` on the daemon's command line;
+#   the cgroup delegation (below); and `NIX_CONFIG = "build-hook = …"`, because Nix 2.25 to 2.33
+#   lose build-hook from /etc/nix/nix.conf (NIX_CONFIG, read after it, keeps it; fixed in 2.34).
+#   The environment, unlike an ExecStart override, leaves the daemon's command line to nixpkgs,
+#   which replaces it itself for an unprivileged daemon (nix.daemonUser);
 # - the system environment: the nix-tier command, and the same variables for `nix-tier status`.
+#
+# With nix.enable = false there is no daemon and no nix.conf to configure: an assertion says so
+# and nothing else is set.
 #
 # Cgroups (cgroup v2). The hook bounds every admitted build with its own cgroup. cgroup v2's
 # "no internal processes" rule lets a cgroup hand memory and CPU controllers to children only
@@ -35,11 +40,13 @@ let
 
   hasProfile = cfg.profile != null || cfg.profileSettings != { };
   # The pinned profile as an attribute set (read at evaluation time: max-jobs and the gccarch
-  # features come from it) and as a file in the store.
-  profile = tier.pinnedProfile { inherit (cfg) profile profileSettings; };
-  profileFile = tier.pinnedProfileFile pkgs.writeText { inherit (cfg) profile profileSettings; };
+  # features come from it) and as a file in the store, both checked as the hook checks them.
+  pinned = { option = "services.nix-tier"; inherit (cfg) profile profileSettings; };
+  profile = tier.pinnedProfile pinned;
+  profileFile = tier.pinnedProfileFile pinned;
 
   hookProgram = tier.hookFile cfg.package;
+  hookWorks = tier.hookSupportsNix nixVersion;
   tierEnvironment = { NIX_TIER_STATE_DIR = cfg.stateDirectory; } // optionalAttrs hasProfile { NIX_TIER_PROFILE = profileFile; };
   # nixpkgs' table of the architectures each gcc.arch can run (haswell, broadwell under skylake).
   inferiors = lib.systems.architectures.inferiors or { };
@@ -68,7 +75,10 @@ in
         (docs/profile.md). It is copied to the store and named by `hardware-profile` in nix.conf
         (so the plugin reads it, also in pure evaluation), `NIX_TIER_PROFILE` (for the hook and
         `nix-tier`) and /etc/nix/hardware-profile.json. It is also read at evaluation time for
-        `max-jobs` and the `gccarch-*` system features.
+        `max-jobs` and the `gccarch-*` system features, and checked as the hook checks it: a
+        missing file or a profile the hook would refuse fails the evaluation, naming this
+        option. A string (`"/etc/nixos/hardware-profile.json"`) is copied to the store as well;
+        reading it needs impure evaluation, so prefer a path in flakes.
 
         With neither this nor `profileSettings`, nothing is pinned: the hook and `nix-tier`
         detect the host, and `builtins.hardwareProfile` works only in impure evaluation.
@@ -76,7 +86,7 @@ in
     };
 
     profileSettings = mkOption {
-      type = types.attrsOf types.anything;
+      type = tier.profileSettingsType lib;
       default = { };
       example = literalExpression ''
         {
@@ -87,7 +97,9 @@ in
       description = ''
         Profile fields written in Nix. Merged over `profile` (attribute sets recursively, lists
         replaced) when that is set; otherwise they must form a whole profile. The result is
-        written to the store as JSON and used as `profile` would be.
+        written to the store as JSON and used as `profile` would be. Every field is checked
+        against the profile schema (docs/profile.md), and the merged profile as the hook
+        checks it: a profile the hook would refuse fails the evaluation, naming the field.
       '';
     };
 
@@ -120,27 +132,21 @@ in
     hook = {
       enable = mkOption {
         type = types.bool;
-        default = true;
+        default = hookWorks;
+        defaultText = lib.literalMD "`true`, unless `config.nix.package` is Lix 2.94 or later";
         description = ''
           Whether the daemon's builds go through the build hook `nix-tier-hook`, which admits
           each build only while its tier has a free slot and its memory fits the budget, bounds
           it with a cgroup, and learns packages' memory from their past builds
           (docs/hook.md, docs/enforcement.md). Sets `build-hook`, `build-poll-interval` and,
-          with a pinned profile, `max-jobs` (as a default) to the largest tier `maxJobs`.
-          Remote builders (`nix.buildMachines`) keep working: the hook hands them what Nix's
-          own build-remote accepts.
-        '';
-      };
+          with a pinned profile, `max-jobs` (as a default) to the largest tier `maxJobs`;
+          `build-hook` goes to the daemon's environment as `NIX_CONFIG` too, because Nix 2.25
+          to 2.33 lose it from /etc/nix/nix.conf. Remote builders (`nix.buildMachines`) keep
+          working: the hook hands them what Nix's own build-remote accepts.
 
-      daemonCommandLine = mkOption {
-        type = types.bool;
-        default = tier.buildHookNeedsCommandLine nixVersion;
-        defaultText = lib.literalMD "`true` for Nix 2.25 to 2.33 (`config.nix.package`)";
-        description = ''
-          Whether to pass the hook on the daemon's command line as well
-          (`nix-daemon --daemon --option build-hook …`, replacing the unit's `ExecStart`).
-          Nix 2.25 to 2.33 reset `build-hook` to its default after reading nix.conf and
-          `NIX_CONFIG` alike, so only `--option` reaches them (fixed in 2.34).
+          Lix 2.94 and later replaced the build hook protocol the hook speaks: there the
+          default is `false`, and what works is the pinned profile (for `nix-tier`) and the
+          `gccarch-*` system features.
         '';
       };
     };
@@ -208,57 +214,63 @@ in
     {
       assertions = [
         {
+          assertion = config.nix.enable;
+          message = "services.nix-tier.enable: nix.enable is false, so there is no nix-daemon and no /etc/nix/nix.conf for nix-tier to configure. Set nix.enable = true, or services.nix-tier.enable = false.";
+        }
+        {
           assertion = !cfg.plugin.enable || tier.pluginSupportsNix nixVersion;
           message = "services.nix-tier.plugin.enable: the plugin cannot be built for Nix ${nixVersion} (config.nix.package); cpp-shim/nix-compat.hh supports Nix 2.8 and Nix 2.24 onwards, not Lix. Set services.nix-tier.plugin.enable = false.";
         }
         {
-          assertion = !cfg.hook.enable || tier.hookSupportsNix nixVersion;
-          message = "services.nix-tier.hook.enable: config.nix.package is version ${nixVersion}, a Lix 2.94 or later, which no longer speaks the text build hook protocol nix-tier-hook implements. Set services.nix-tier.hook.enable = false.";
+          assertion = !cfg.hook.enable || hookWorks;
+          message = "services.nix-tier.hook.enable: config.nix.package is version ${nixVersion}, a Lix 2.94 or later, which no longer speaks the text build hook protocol nix-tier-hook implements. Remove services.nix-tier.hook.enable = true: on this Lix nix-tier gives the pinned profile and the gccarch-* system features.";
         }
       ];
-      warnings = optional (!hasProfile)
-        "services.nix-tier: no profile pinned (services.nix-tier.profile or profileSettings): the hook detects the host, no gccarch-* features or max-jobs are set, and builtins.hardwareProfile fails in pure evaluation (flakes).";
-
-      environment.systemPackages = [ cfg.package ];
-      environment.variables = tierEnvironment;
-      environment.etc."nix/hardware-profile.json" = mkIf hasProfile { source = profileFile; };
-
-      systemd.tmpfiles.rules = [ "d ${cfg.stateDirectory} 0700 root root - -" ];
-      systemd.services.nix-daemon.environment = tierEnvironment;
-
-      nix.settings = mkIf (hasProfile && cfg.gccarchFeatures) {
-        system-features = tier.defaultSystemFeatures ++ tier.gccarchFeaturesWith inferiors profile;
-      };
     }
 
-    (mkIf cfg.plugin.enable {
-      nix.settings = { plugin-files = [ (tier.pluginFile cfg.plugin.package) ]; }
-        // optionalAttrs hasProfile { hardware-profile = profileFile; };
-    })
+    (mkIf config.nix.enable (mkMerge [
+      {
+        warnings = optional (!hasProfile)
+          "services.nix-tier: no profile pinned (services.nix-tier.profile or profileSettings): the hook detects the host, no gccarch-* features or max-jobs are set, and builtins.hardwareProfile fails in pure evaluation (flakes)."
+          ++ optional (!hookWorks)
+          "services.nix-tier: config.nix.package is Lix ${nixVersion}, which replaced the build hook protocol nix-tier-hook speaks (Lix 2.94), and the plugin is not built for Lix: builds are not admitted by tier or bounded by cgroups. What works: the pinned profile (nix-tier, NIX_TIER_PROFILE, /etc/nix/hardware-profile.json) and the gccarch-* system features.";
 
-    (mkIf cfg.hook.enable {
-      nix.settings = {
-        build-hook = hookProgram;
-        build-poll-interval = cfg.pollInterval;
-      } // optionalAttrs hasProfile { max-jobs = mkDefault (tier.maxJobs profile); };
-    })
+        environment.systemPackages = [ cfg.package ];
+        environment.variables = tierEnvironment;
+        environment.etc."nix/hardware-profile.json" = mkIf hasProfile { source = profileFile; };
 
-    (mkIf (cfg.hook.enable && cfg.hook.daemonCommandLine) {
-      # The unit comes from the Nix package (systemd.packages); "" clears its ExecStart.
-      systemd.services.nix-daemon.serviceConfig.ExecStart = [
-        ""
-        "@${nixPackage.out or nixPackage}/bin/nix-daemon nix-daemon --daemon --option build-hook ${hookProgram}"
-      ];
-    })
+        systemd.tmpfiles.rules = [ "d ${cfg.stateDirectory} 0700 root root - -" ];
+        systemd.services.nix-daemon.environment = tierEnvironment;
 
-    (mkIf (cfg.hook.enable && cfg.cgroups.enable) {
-      systemd.services.nix-daemon.serviceConfig = {
-        Delegate = "yes";
-        DelegateSubgroup = "supervisor";
-      };
-      systemd.services.nix-daemon.environment.NIX_TIER_CGROUP_ROOT = cfg.cgroups.root;
-      warnings = optional (config.nix.settings.use-cgroups or false)
-        "services.nix-tier.cgroups: nix.settings.use-cgroups is on as well; Nix would move builds into its own nix-build-uid-* cgroups and the hook into its own: keep one of them.";
-    })
+        nix.settings = mkIf (hasProfile && cfg.gccarchFeatures) {
+          system-features = tier.defaultSystemFeatures ++ tier.gccarchFeaturesWith inferiors profile;
+        };
+      }
+
+      (mkIf cfg.plugin.enable {
+        nix.settings = { plugin-files = [ (tier.pluginFile cfg.plugin.package) ]; }
+          // optionalAttrs hasProfile { hardware-profile = profileFile; };
+      })
+
+      (mkIf cfg.hook.enable {
+        nix.settings = {
+          build-hook = hookProgram;
+          build-poll-interval = cfg.pollInterval;
+        } // optionalAttrs hasProfile { max-jobs = mkDefault (tier.maxJobs profile); };
+        # Nix 2.25 to 2.33 reset build-hook after reading /etc/nix/nix.conf but honour
+        # NIX_CONFIG (fixed in 2.34 by NixOS/nix#15083; tests/tests/nix_files.rs runs Nix 2.26).
+        systemd.services.nix-daemon.environment.NIX_CONFIG = "build-hook = ${hookProgram}";
+      })
+
+      (mkIf (cfg.hook.enable && cfg.cgroups.enable) {
+        systemd.services.nix-daemon.serviceConfig = {
+          Delegate = "yes";
+          DelegateSubgroup = "supervisor";
+        };
+        systemd.services.nix-daemon.environment.NIX_TIER_CGROUP_ROOT = cfg.cgroups.root;
+        warnings = optional (config.nix.settings.use-cgroups or false)
+          "services.nix-tier.cgroups: nix.settings.use-cgroups is on as well; Nix would move builds into its own nix-build-uid-* cgroups and the hook into its own: keep one of them.";
+      })
+    ]))
   ]);
 }

@@ -94,10 +94,6 @@ let
       got = map tier.pluginSupportsNix [ "2.7.0" "2.8.0" "2.8.1" "2.9.0" "2.23.4" "2.24.0" "2.28.3" "2.34.8" "2.35.0" "2.93.3" ];
       expected = [ false true true false false true true true true false ];
     };
-    hookCommandLineVersions = {
-      got = map tier.buildHookNeedsCommandLine [ "2.8.0" "2.24.14" "2.25.0" "2.25pre20241101" "2.33.1" "2.34.0" "2.93.0" ];
-      expected = [ false false true true true false false ];
-    };
     hookVersions = {
       got = map tier.hookSupportsNix [ "2.8.0" "2.34.0" "2.93.3" "2.94.0" ];
       expected = [ true true true false ];

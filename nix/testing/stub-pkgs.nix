@@ -1,4 +1,4 @@
-# A stand-in for nixpkgs' `pkgs` as far as nix-tier's modules and package expressions use it
+# A stand-in for nixpkgs' `pkgs` as far as nix-tier's modules, package expressions and the fixtures use it
 # (see ./stub-lib.nix). `callPackage` really calls the package function, with the arguments it
 # asks for taken from here, and `rustPlatform.buildRustPackage` returns the attributes it was
 # given as a fake derivation, so tests can look at what a package expression asks for without
@@ -34,6 +34,8 @@ let
     runCommand = name: env: script: drv name { inherit env script; };
     nix = withOutputs "nix-${nixVersion}" { version = nixVersion; pname = "nix"; };
     pkg-config = drv "pkg-config" { };
+    # nixos/modules/services/system/nix-daemon.nix: the unprivileged daemon's wrapper.
+    nix-daemon-nswrapper = drv "nix-daemon-nswrapper" { };
     sqlite = withOutputs "sqlite" { };
     boehmgc = withOutputs "boehm-gc" { };
     boost = withOutputs "boost" { };

@@ -360,22 +360,53 @@ fn nix_conf_fragment_runs_the_hook_with_the_profile_and_state_directory() {
 // ---------------------------------------------------------------------------------------------
 // The modules, with the stub module system of nix/testing/
 
-/// `nix/testing/eval-module.nix` of `module` with the user's `definitions` (a Nix expression;
-/// `profile` in it is nix/examples/skylake.json) and a stub Nix of `nix_version`.
-fn eval_module(sandbox: &NixSandbox, module: &str, definitions: &str, nix_version: Option<&str>, attr: &str) -> Value {
-    let (version, nix) = match nix_version {
-        Some(v) => (v, "pkgs.nix"),
-        None => ("2.8.0", "null"),
+/// The NixOS fixtures: nixpkgs' current nix-daemon.nix (with nix.daemonUser) or its previous form.
+const NIXOS: &str = "import NIXOS { }";
+const NIXOS_PREVIOUS: &str = "import NIXOS { daemonUserOption = false; }";
+
+/// The Nix expression evaluating `module` beside the fixtures of its module system (`fixtures`,
+/// with NIXOS standing for nix/testing/nixos.nix; home-manager's for the home-manager module),
+/// with the user's `definitions` (a Nix attribute set; `profile` in it is
+/// nix/examples/skylake.json) and `nix.package` a stub Nix of `nix_version`.
+fn module_expr(module: &str, fixtures: &str, definitions: &str, nix_version: Option<&str>) -> String {
+    let fixtures = if module.contains("home-manager") {
+        format!("import {}", repo_path("nix/testing/home-manager.nix"))
+    } else {
+        fixtures.replace("NIXOS", &repo_path("nix/testing/nixos.nix"))
     };
-    sandbox.eval_json(&format!(
+    let (version, package) = match nix_version {
+        Some(v) => (v, "[ { nix.package = pkgs.nix; } ]"),
+        None => ("2.8.0", "[ ]"),
+    };
+    format!(
         "let pkgs = import {stub} {{ nixVersion = \"{version}\"; }}; profile = {example}; \
-             e = import {eval} {{ module = {module}; inherit pkgs; definitions = {definitions}; external = {{ nix.package = {nix}; }}; }}; \
-         in e.{attr}",
+             definitions = {definitions}; \
+             e = import {eval} {{ module = {module}; inherit pkgs; fixtures = {fixtures}; \
+                 definitions = (if builtins.isList definitions then definitions else [ definitions ]) ++ {package}; }}; \
+         in e",
         stub = repo_path("nix/testing/stub-pkgs.nix"),
         example = repo_path("nix/examples/skylake.json"),
         eval = repo_path("nix/testing/eval-module.nix"),
         module = repo_path(module),
-    ))
+    )
+}
+
+/// `expr` (a Nix expression of `e`, the evaluation of `module_expr` with nixpkgs' current
+/// nix-daemon.nix), evaluated with a writable store: profiles are copied there.
+fn eval_in(sandbox: &NixSandbox, expr: &str, module: &str, definitions: &str, nix_version: Option<&str>) -> Value {
+    let out = sandbox.eval_with(&format!("(e: {expr}) ({})", module_expr(module, NIXOS, definitions, nix_version)), &["--read-write-mode"]);
+    assert!(out.status.success(), "evaluating {expr} of {module} with {definitions} failed:\n{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `attr` of the evaluation of `module_expr` with nixpkgs' current nix-daemon.nix.
+fn eval_module(sandbox: &NixSandbox, module: &str, definitions: &str, nix_version: Option<&str>, attr: &str) -> Value {
+    eval_in(sandbox, &format!("e.{attr}"), module, definitions, nix_version)
+}
+
+/// The error evaluating `attr` gives (the evaluation must fail).
+fn module_error(sandbox: &NixSandbox, module: &str, definitions: &str, attr: &str) -> String {
+    sandbox.eval_error(&format!("(e: e.{attr}) ({})", module_expr(module, NIXOS, definitions, Some("2.8.0"))), &["--read-write-mode"])
 }
 
 fn option<'a>(docs: &'a Value, name: &str) -> &'a Value {
@@ -392,6 +423,14 @@ fn assert_documented(docs: &Value, prefix: &str) {
     }
 }
 
+/// The store path the sandbox's Nix wrote `path` as, with its text.
+fn store_file(sandbox: &NixSandbox, path: &Value) -> String {
+    let path = path.as_str().unwrap_or_else(|| panic!("not a path: {path}"));
+    let store = sandbox.path().join("store");
+    assert!(Path::new(path).starts_with(&store), "{path} is not in the store {}", store.display());
+    fs::read_to_string(path).unwrap()
+}
+
 #[test]
 fn nixos_module_declares_typed_documented_options() {
     let sandbox = NixSandbox::with_conf("");
@@ -400,7 +439,7 @@ fn nixos_module_declares_typed_documented_options() {
     let names: BTreeSet<&str> = docs.as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
     for wanted in [
         "enable", "package", "profile", "profileSettings", "plugin.enable", "plugin.package", "hook.enable",
-        "hook.daemonCommandLine", "pollInterval", "stateDirectory", "gccarchFeatures", "cgroups.enable", "cgroups.root",
+        "pollInterval", "stateDirectory", "gccarchFeatures", "cgroups.enable", "cgroups.root",
     ] {
         assert!(names.contains(format!("services.nix-tier.{wanted}").as_str()), "{wanted} not declared: {names:?}");
     }
@@ -409,14 +448,15 @@ fn nixos_module_declares_typed_documented_options() {
         assert_eq!((o["type"].as_str().unwrap(), o["default"]["text"].as_str().unwrap()), (ty, default), "{name}");
     };
     check("enable", "boolean", "false");
-    check("profile", "null or path", "null");
-    check("profileSettings", "attribute set of anything", "{ }");
+    check("profile", "null or absolute path", "null");
+    check("profileSettings", "hardware profile fields (docs/profile.md)", "{ }");
     check("pollInterval", "positive integer, meaning >0", "1");
     check("stateDirectory", "string", "\"/var/lib/nix-tier\"");
     check("cgroups.root", "string", "\"/sys/fs/cgroup/system.slice/nix-daemon.service\"");
-    check("hook.enable", "boolean", "true");
     // Defaults that depend on the system's Nix are documented, not evaluated.
-    assert_eq!(option(&docs, "services.nix-tier.plugin.enable")["default"]["markdown"], true);
+    for name in ["plugin.enable", "hook.enable"] {
+        assert_eq!(option(&docs, &format!("services.nix-tier.{name}"))["default"]["markdown"], true, "{name}");
+    }
 }
 
 #[test]
@@ -428,9 +468,12 @@ fn nixos_module_configures_nix_conf_and_the_daemon() {
 
     let plugin = strings(&settings["plugin-files"]);
     assert!(plugin.len() == 1 && plugin[0].ends_with("-nix-tier-plugin-0.1.0/lib/libnix_tier_plugin.so"), "{plugin:?}");
+    // The profile, copied to the store.
     let profile_file = settings["hardware-profile"].as_str().unwrap();
-    assert!(profile_file.ends_with("-skylake.json"), "{profile_file}");
-    assert!(settings["build-hook"].as_str().unwrap().ends_with("-nix-tier-0.1.0/bin/nix-tier-hook"), "{settings}");
+    let copied = store_file(&sandbox, &settings["hardware-profile"]);
+    assert_eq!(copied, fs::read_to_string(repo().join("nix/examples/skylake.json")).unwrap());
+    let hook = settings["build-hook"].as_str().unwrap();
+    assert!(hook.ends_with("-nix-tier-0.1.0/bin/nix-tier-hook"), "{settings}");
     assert_eq!(settings["build-poll-interval"], 1);
     assert_eq!(settings["max-jobs"], 12);
     assert_eq!(
@@ -442,7 +485,9 @@ fn nixos_module_configures_nix_conf_and_the_daemon() {
     assert_eq!(daemon["environment"]["NIX_TIER_STATE_DIR"], "/var/lib/nix-tier");
     assert_eq!(daemon["environment"]["NIX_TIER_PROFILE"], profile_file);
     assert_eq!(daemon["environment"]["NIX_TIER_CGROUP_ROOT"], "/sys/fs/cgroup/system.slice/nix-daemon.service");
-    assert_eq!(daemon["serviceConfig"], json!({ "Delegate": "yes", "DelegateSubgroup": "supervisor" }), "Nix 2.8 needs no ExecStart");
+    assert_eq!(daemon["environment"]["NIX_CONFIG"], json!(format!("build-hook = {hook}")));
+    // nixpkgs' own settings stay; the command line is the packaged unit's.
+    assert_eq!(daemon["serviceConfig"], json!({ "Delegate": "yes", "DelegateSubgroup": "supervisor", "LimitNOFILE": 1048576 }));
     assert_eq!(config["systemd"]["tmpfiles"]["rules"], json!(["d /var/lib/nix-tier 0700 root root - -"]));
     assert_eq!(config["environment"]["variables"]["NIX_TIER_STATE_DIR"], "/var/lib/nix-tier");
     assert_eq!(config["environment"]["etc"]["nix/hardware-profile.json"]["source"], profile_file);
@@ -451,12 +496,17 @@ fn nixos_module_configures_nix_conf_and_the_daemon() {
     assert!(config["assertions"].as_array().unwrap().iter().all(|a| a["assertion"] == true), "{}", config["assertions"]);
 
     // max-jobs is only a default: the user's own value wins.
-    let raw = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.8.0"), "raw");
-    assert_eq!(raw["nix"]["settings"]["max-jobs"]["priority"], 1000);
+    let own = "{ services.nix-tier = { enable = true; inherit profile; }; nix.settings.max-jobs = 4; }";
+    assert_eq!(eval_module(&sandbox, "nix/nixos-module.nix", own, Some("2.8.0"), "config.nix.settings.max-jobs"), 4);
 
-    // Disabled: nothing at all.
-    let off = eval_module(&sandbox, "nix/nixos-module.nix", "{ }", Some("2.8.0"), "config");
-    assert_eq!(off, json!({}));
+    // Disabled: the configuration is the one without the module.
+    let parts = "config.nix.settings // { inherit (e.config) systemd environment warnings assertions; }";
+    let disabled = eval_module(&sandbox, "nix/nixos-module.nix", "{ services.nix-tier.profile = profile; }", Some("2.8.0"), parts);
+    let without = sandbox.eval_json(&format!(
+        "(e: e.{parts}) ({})",
+        module_expr("nix/nixos-module.nix", NIXOS, "{ }", Some("2.8.0")).replace(&format!("module = {}", repo_path("nix/nixos-module.nix")), "module = (_: { })")
+    ));
+    assert_eq!(disabled, without);
 }
 
 #[test]
@@ -464,24 +514,17 @@ fn nixos_module_follows_the_nix_version() {
     let sandbox = NixSandbox::with_conf("");
     let typical = "{ services.nix-tier = { enable = true; inherit profile; }; }";
 
-    // Nix 2.28: the plugin, built against it, and the hook on the daemon's command line, because
-    // 2.25 to 2.33 ignore build-hook in nix.conf.
+    // Nix 2.28: the plugin, built against it; the hook in nix.conf and, because 2.25 to 2.33 lose
+    // it from there, in the daemon's NIX_CONFIG; the unit's command line is left alone.
     let config = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.28.3"), "config");
     let settings = &config["nix"]["settings"];
     let plugin_files = strings(&settings["plugin-files"]);
     assert!(plugin_files.len() == 1 && plugin_files[0].ends_with("/lib/libnix_tier_plugin.so"), "{settings}");
-    assert!(settings["hardware-profile"].as_str().unwrap().ends_with("-skylake.json"), "{settings}");
     let hook = settings["build-hook"].as_str().unwrap();
-    let exec = strings(&config["systemd"]["services"]["nix-daemon"]["serviceConfig"]["ExecStart"]);
-    assert_eq!(exec[0], "");
-    assert!(exec[1].starts_with('@') && exec[1].contains("-nix-2.28.3/bin/nix-daemon nix-daemon --daemon"), "{exec:?}");
-    assert!(exec[1].ends_with(&format!("--option build-hook {hook}")), "{exec:?}");
-    // The hook still finds the profile, through the daemon's environment.
-    assert!(config["systemd"]["services"]["nix-daemon"]["environment"]["NIX_TIER_PROFILE"].as_str().unwrap().ends_with("-skylake.json"));
-
-    // Nix 2.34 reads build-hook from nix.conf again.
-    let config = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.34.0"), "config");
-    assert!(config["systemd"]["services"]["nix-daemon"]["serviceConfig"].get("ExecStart").is_none());
+    let daemon = &config["systemd"]["services"]["nix-daemon"];
+    assert_eq!(daemon["environment"]["NIX_CONFIG"], json!(format!("build-hook = {hook}")));
+    assert!(daemon["serviceConfig"].get("ExecStart").is_none(), "{daemon}");
+    assert!(daemon["environment"]["NIX_TIER_PROFILE"].as_str().unwrap().ends_with("-hardware-profile.json"));
 
     // Nix 2.20 has no branch in the compat header: no plugin by default, and forcing it is
     // refused by an assertion.
@@ -490,44 +533,353 @@ fn nixos_module_follows_the_nix_version() {
     let forced = "{ services.nix-tier = { enable = true; inherit profile; plugin.enable = true; }; }";
     let assertions = eval_module(&sandbox, "nix/nixos-module.nix", forced, Some("2.20.1"), "config.assertions");
     assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("2.20.1")));
-    // So is the hook on Lix 2.94, which dropped the text hook protocol.
-    let assertions = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.94.0"), "config.assertions");
-    assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false));
+
+    // Lix 2.93 still speaks the text protocol; Lix 2.94 does not: there the hook is off by
+    // default, every assertion holds, and a warning says what works.
+    let hook_on = |version: &str| eval_module(&sandbox, "nix/nixos-module.nix", typical, Some(version), "config.services.nix-tier.hook.enable");
+    assert_eq!((hook_on("2.93.3"), hook_on("2.94.0")), (json!(true), json!(false)));
+    let config = eval_module(&sandbox, "nix/nixos-module.nix", typical, Some("2.94.0"), "config");
+    assert!(config["assertions"].as_array().unwrap().iter().all(|a| a["assertion"] == true), "{}", config["assertions"]);
+    assert!(config["nix"]["settings"].get("build-hook").is_none() && config["systemd"]["services"]["nix-daemon"]["environment"].get("NIX_CONFIG").is_none());
+    let warnings = strings(&config["warnings"]);
+    assert!(warnings.len() == 1 && warnings[0].contains("Lix 2.94.0") && warnings[0].contains("What works") && warnings[0].contains("gccarch-*"), "{warnings:?}");
+    assert!(config["nix"]["settings"]["system-features"].to_string().contains("gccarch-skylake"));
+    // Asked for anyway, it is refused.
+    let forced = "{ services.nix-tier = { enable = true; inherit profile; hook.enable = true; }; }";
+    let assertions = eval_module(&sandbox, "nix/nixos-module.nix", forced, Some("2.94.0"), "config.assertions");
+    assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("hook.enable")));
+}
+
+/// Nix 2.26 from the debootstrapped trixie of scripts/check-newer-nix, run through trixie's own
+/// loader and libraries; None (outside CI) when the root or its nix-bin is missing.
+fn trixie_nix() -> Option<Command> {
+    let root = repo().join("build/newer-nix/trixie");
+    let loader = root.join("lib64/ld-linux-x86-64.so.2");
+    let nix = root.join("usr/bin/nix");
+    if !(loader.is_file() && nix.is_file()) {
+        let missing = format!("Nix 2.26 ({} with trixie's nix-bin) is missing: run scripts/check-newer-nix", nix.display());
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{missing}");
+        eprintln!("skipping the Nix 2.26 part: {missing}");
+        return None;
+    }
+    let libraries = format!("{}:{}", root.join("lib/x86_64-linux-gnu").display(), root.join("usr/lib/x86_64-linux-gnu").display());
+    let mut command = Command::new(loader);
+    command.arg("--library-path").arg(libraries).arg(nix);
+    Some(command)
+}
+
+/// The `build-hook` a Nix (`nix`, a command for the `nix` program) takes from `nix_conf` as
+/// /etc/nix/nix.conf and `nix_config` as NIX_CONFIG, as `nix show-config` reports it.
+fn effective_build_hook(sandbox: &NixSandbox, mut nix: Command, nix_conf: &str, nix_config: Option<&str>) -> String {
+    let conf = sandbox.path().join("daemon-conf");
+    fs::create_dir_all(&conf).unwrap();
+    fs::write(conf.join("nix.conf"), format!("{nix_conf}\nbuild-users-group =\nsubstituters =\n")).unwrap();
+    nix.args(["--extra-experimental-features", "nix-command", "show-config"])
+        .env("NIX_CONF_DIR", &conf)
+        .env("NIX_USER_CONF_FILES", conf.join("none"))
+        .env("NIX_STORE_DIR", sandbox.path().join("store"))
+        .env("NIX_STATE_DIR", sandbox.path().join("state"))
+        .env_remove("NIX_CONFIG");
+    if let Some(value) = nix_config {
+        nix.env("NIX_CONFIG", value);
+    }
+    let out = nix.output().unwrap();
+    assert!(out.status.success(), "nix show-config failed: {}", stderr(&out));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    let line = shown.lines().find(|l| l.starts_with("build-hook = ")).unwrap_or_else(|| panic!("no build-hook in {shown}"));
+    line["build-hook = ".len()..].to_string()
+}
+
+/// The command line systemd runs for a unit's `ExecStart` list: the last entry after the last
+/// empty one (which clears what came before), or the packaged unit's when nothing overrides it.
+fn effective_exec_start(service_config: &Value) -> Option<String> {
+    let entries = strings(service_config.get("ExecStart")?);
+    let start = entries.iter().rposition(|e| e.is_empty()).map_or(0, |i| i + 1);
+    assert_eq!(entries.len() - start, 1, "a service must start one command: {entries:?}");
+    Some(entries[start].clone())
+}
+
+#[test]
+fn nixos_module_keeps_the_hook_with_every_daemon_form() {
+    let sandbox = NixSandbox::with_conf("");
+    let forms = [
+        ("previous nix-daemon.nix", NIXOS_PREVIOUS, "{ }"),
+        ("root daemon", NIXOS, "{ }"),
+        ("unprivileged daemon", NIXOS, "{ nix.daemonUser = \"nix-daemon\"; }"),
+    ];
+    for version in ["2.8.0", "2.28.3"] {
+        for (form, fixtures, daemon) in forms {
+            let definitions = format!("[ {{ services.nix-tier = {{ enable = true; inherit profile; plugin.enable = false; }}; }} {daemon} ]");
+            let expr = module_expr("nix/nixos-module.nix", fixtures, &definitions, Some(version));
+            let out = sandbox.eval_with(
+                &format!("(e: {{ inherit (e.config.systemd.services) nix-daemon; hook = e.config.nix.settings.build-hook; conf = e.config.environment.etc.\"nix/nix.conf\".source.text; }}) ({expr})"),
+                &["--read-write-mode"],
+            );
+            assert!(out.status.success(), "{form}, Nix {version}: {}", stderr(&out));
+            let config: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let daemon = &config["nix-daemon"];
+            let hook = config["hook"].as_str().unwrap();
+            // The daemon that starts is nixpkgs' own: the unit's, or the unprivileged wrapper.
+            let exec = effective_exec_start(&daemon["serviceConfig"]);
+            match form {
+                "unprivileged daemon" => {
+                    let exec = exec.unwrap_or_else(|| panic!("{form}: no ExecStart: {daemon}"));
+                    assert!(exec.contains("nix-daemon-nswrapper") && !exec.contains("build-hook"), "{form}: {exec}");
+                }
+                _ => assert_eq!(exec, None, "{form}, Nix {version}: {daemon}"),
+            }
+            // Whatever starts gets the hook from its environment, as every Nix reads it.
+            let nix_config = daemon["environment"]["NIX_CONFIG"].as_str().unwrap_or_else(|| panic!("{form}: no NIX_CONFIG: {daemon}"));
+            let nix_conf = config["conf"].as_str().unwrap();
+            assert!(nix_conf.contains(&format!("build-hook = {hook}\n")), "{nix_conf}");
+            assert_eq!(effective_build_hook(&sandbox, Command::new("nix"), nix_conf, Some(nix_config)), hook, "Nix 2.8, {form}");
+            if let Some(nix) = trixie_nix() {
+                assert_eq!(effective_build_hook(&sandbox, nix, nix_conf, Some(nix_config)), hook, "Nix 2.26, {form}");
+            }
+        }
+    }
+    // What NIX_CONFIG is for: Nix 2.26 loses build-hook from /etc/nix/nix.conf alone; 2.8 keeps it.
+    let alone = "build-hook = /nix-tier/hook";
+    assert_eq!(effective_build_hook(&sandbox, Command::new("nix"), alone, None), "/nix-tier/hook");
+    if let Some(nix) = trixie_nix() {
+        assert_ne!(effective_build_hook(&sandbox, nix, alone, None), "/nix-tier/hook", "Nix 2.26 kept build-hook from nix.conf");
+    }
+}
+
+#[test]
+fn nixos_module_leaves_the_daemon_alone_when_nix_is_disabled() {
+    let sandbox = NixSandbox::with_conf("");
+    let definitions = "{ services.nix-tier = { enable = true; inherit profile; }; nix.enable = false; }";
+    let config = eval_in(&sandbox, "{ inherit (e.config) systemd environment assertions; }", "nix/nixos-module.nix", definitions, Some("2.28.3"));
+    assert_eq!(config["systemd"]["services"], json!({}), "the daemon unit was touched");
+    assert_eq!(config["environment"]["etc"], json!({}));
+    assert_eq!(config["environment"]["systemPackages"], json!([]));
+    let failed: Vec<&Value> = config["assertions"].as_array().unwrap().iter().filter(|a| a["assertion"] == false).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    let message = failed[0]["message"].as_str().unwrap();
+    assert!(message.contains("nix.enable") && message.contains("services.nix-tier.enable = false"), "{message}");
+}
+
+#[test]
+fn modules_copy_the_profile_to_the_store_and_name_the_option_when_it_is_missing() {
+    let sandbox = NixSandbox::with_conf("");
+    let text = fs::read_to_string(repo().join("nix/examples/skylake.json")).unwrap();
+    let file = sandbox.write("etc/hardware-profile.json", &text);
+    let as_string = nix_string(&file.display().to_string());
+    let missing = nix_string(&sandbox.path().join("etc/absent.json").display().to_string());
+    for (module, option, file_of) in [
+        ("nix/nixos-module.nix", "services.nix-tier", "config.environment.variables.NIX_TIER_PROFILE"),
+        ("nix/home-manager-module.nix", "programs.nix-tier", "config.home.sessionVariables.NIX_TIER_PROFILE"),
+    ] {
+        // An absolute string is copied to the store too.
+        let definitions = format!("{{ {option} = {{ enable = true; profile = {as_string}; }}; }}");
+        let path = eval_module(&sandbox, module, &definitions, Some("2.8.0"), file_of);
+        assert_eq!(store_file(&sandbox, &path), text, "{module}");
+        // A missing file is an error naming the option and the fix, whether anything reads the
+        // profile at evaluation time or not.
+        for extra in ["", "plugin.enable = false; hook.enable = false;"] {
+            let definitions = format!("{{ {option} = {{ enable = true; profile = {missing}; {extra} }}; }}");
+            let error = module_error(&sandbox, module, &definitions, file_of);
+            assert!(error.contains(&format!("{option}.profile: ")) && error.contains("does not exist") && error.contains("nix-tier profile >"), "{module}: {error}");
+        }
+        // A relative string is not a path.
+        let definitions = format!("{{ {option} = {{ enable = true; profile = \"hardware-profile.json\"; }}; }}");
+        let error = module_error(&sandbox, module, &definitions, file_of);
+        assert!(error.contains(&format!("option `{option}.profile' is not of type `null or absolute path'")), "{module}: {error}");
+    }
+}
+
+/// Whether the model (and so the hook, which loads a pinned profile with it) accepts `profile`.
+fn model_accepts(profile: &Value) -> Result<(), String> {
+    nix_tier_model::Profile::from_json_str(&profile.to_string(), "test").map(|_| ()).map_err(|e| e.to_string())
+}
+
+#[test]
+fn modules_refuse_profiles_the_hook_would_refuse_naming_the_option() {
+    let sandbox = NixSandbox::with_conf("");
+    let example: Value = serde_json::from_str(&fs::read_to_string(repo().join("nix/examples/skylake.json")).unwrap()).unwrap();
+    let bad_file = sandbox.write("zero-threads.json", &{
+        let mut p = example.clone();
+        p["cpu"]["threads"] = json!(0);
+        p.to_string()
+    });
+    // (settings, the option named, the field named, what the merged profile would be for the hook)
+    let cases: Vec<(String, &str, &str, Option<Value>)> = vec![
+        ("profileSettings.build.tiers.light.maxJobs = \"12\";".into(), "profileSettings", "build.tiers.light.maxJobs", Some(json!({"build": {"tiers": {"light": {"maxJobs": "12"}}}}))),
+        ("profileSettings.build.tiers.heavy = \"big\";".into(), "profileSettings", "build.tiers.heavy", Some(json!({"build": {"tiers": {"heavy": "big"}}}))),
+        ("profileSettings.build.rules = [ { match = \"gcc*\"; tier = \"huge\"; } ];".into(), "profileSettings", "build.rules[0].tier", Some(json!({"build": {"rules": [{"match": "gcc*", "tier": "huge"}]}}))),
+        ("profileSettings.build.rules = [ { match = \"g*cc\"; tier = \"heavy\"; } ];".into(), "profileSettings", "build.rules[0].match", Some(json!({"build": {"rules": [{"match": "g*cc", "tier": "heavy"}]}}))),
+        ("profileSettings.build.defaultTier = 3;".into(), "profileSettings", "build.defaultTier", Some(json!({"build": {"defaultTier": 3}}))),
+        ("profileSettings.build.tiers.heavy.maxJobs = 0;".into(), "profileSettings", "build.tiers.heavy.maxJobs", Some(json!({"build": {"tiers": {"heavy": {"maxJobs": 0}}}}))),
+        ("profileSettings.build.tiers.heavy.memoryMiB = 99999999;".into(), "profile", "build.tiers.heavy.memoryMiB", Some(json!({"build": {"tiers": {"heavy": {"memoryMiB": 99999999}}}}))),
+        ("profileSettings.cpu.threadz = 4;".into(), "profileSettings", "cpu.threadz", Some(json!({"cpu": {"threadz": 4}}))),
+        (format!("profile = {};", nix_string(&bad_file.display().to_string())), "profile", "cpu.threads", None),
+    ];
+    for (module, option) in [("nix/nixos-module.nix", "services.nix-tier"), ("nix/home-manager-module.nix", "programs.nix-tier")] {
+        for (settings, named, field, merged) in &cases {
+            let profile = if settings.starts_with("profile =") { "" } else { "inherit profile;" };
+            let definitions = format!("{{ {option} = {{ enable = true; {profile} {settings} }}; }}");
+            let error = module_error(&sandbox, module, &definitions, "config.assertions ++ [ e.config.nix.settings ]");
+            assert!(error.contains(&format!("{option}.{named}")) && error.contains(&format!("field {field}: ")), "{module}, {settings}: {error}");
+            assert!(error.contains("docs/profile.md"), "{module}, {settings}: no fix named: {error}");
+            // The hook would indeed refuse it.
+            let mut whole = example.clone();
+            if let Some(over) = merged {
+                merge_json(&mut whole, over);
+            } else {
+                whole = serde_json::from_str(&fs::read_to_string(&bad_file).unwrap()).unwrap();
+            }
+            assert!(model_accepts(&whole).is_err(), "{settings}: the model accepts what the module refuses");
+        }
+        // Settings without a file must be a whole profile, and say so.
+        let definitions = format!("{{ {option} = {{ enable = true; profileSettings.build.tiers.heavy.cores = 7; }}; }}");
+        let error = module_error(&sandbox, module, &definitions, "config.assertions ++ [ e.config.nix.settings ]");
+        assert!(error.contains(&format!("{option}.profileSettings")) && error.contains("whole profile") && error.contains("field cpu: missing"), "{module}: {error}");
+    }
+}
+
+/// `over` merged into `base` as lib.mergeProfile does: objects recursively, anything else replaced.
+fn merge_json(base: &mut Value, over: &Value) {
+    match (base, over) {
+        (Value::Object(base), Value::Object(over)) => {
+            for (key, value) in over {
+                merge_json(base.entry(key.clone()).or_insert(Value::Null), value);
+            }
+        }
+        (base, over) => *base = over.clone(),
+    }
+}
+
+/// A profile with every optional part present, so that every field of the schema appears.
+fn full_profile() -> Value {
+    let mut profile: Value = serde_json::from_str(&fs::read_to_string(repo().join("nix/examples/skylake.json")).unwrap()).unwrap();
+    profile["source"] = json!("pinned");
+    profile["gpus"] = json!([{ "vendor": "nvidia", "driver": "nvidia", "pciId": "10de:2684" }]);
+    profile["build"]["rules"] = json!([{ "match": "nodejs*", "tier": "heavy" }]);
+    profile
+}
+
+/// Variants of `value` at `path` for a `lib.profileSchema` type: each wrong in one way, or
+/// right in another (null, a missing optional field).
+fn mutations(schema: &Value, value: &Value, path: &mut Vec<Value>, out: &mut Vec<(Vec<Value>, Option<Value>)>) {
+    let mut push = |replacement: Option<Value>| out.push((path.clone(), replacement));
+    match schema["kind"].as_str().unwrap() {
+        "string" | "pattern" => {
+            push(Some(json!(5)));
+            push(Some(json!("")));
+            push(Some(json!("a*b")));
+        }
+        "integer" => {
+            for n in [json!(-1), json!(0), json!(1), json!(4_294_967_295u64), json!(4_294_967_296u64), json!("1"), json!(1.5)] {
+                push(Some(n));
+            }
+        }
+        "enum" => {
+            push(Some(json!("bogus")));
+            push(Some(json!(3)));
+        }
+        "nullOr" => {
+            push(Some(Value::Null));
+            if !value.is_null() {
+                mutations(&schema["of"], value, path, out);
+            }
+        }
+        "list" => {
+            push(Some(json!("x")));
+            push(Some(json!([])));
+            if let Some(first) = value.get(0) {
+                path.push(json!(0));
+                mutations(&schema["of"], first, path, out);
+                path.pop();
+            }
+        }
+        "object" => {
+            push(Some(json!("x")));
+            let mut with_unknown = value.clone();
+            with_unknown["unknownField"] = json!(1);
+            push(Some(with_unknown));
+            for (name, field) in schema["fields"].as_object().unwrap() {
+                path.push(json!(name));
+                out.push((path.clone(), None));
+                if let Some(v) = value.get(name) {
+                    mutations(field, v, path, out);
+                }
+                path.pop();
+            }
+        }
+        other => panic!("unknown kind {other}"),
+    }
+}
+
+/// `profile` with the value at `path` replaced, or removed (None).
+fn mutated(profile: &Value, path: &[Value], replacement: &Option<Value>) -> Value {
+    let Some((last, parents)) = path.split_last() else {
+        return replacement.clone().expect("the profile itself is replaced, not removed");
+    };
+    let mut result = profile.clone();
+    let mut at = &mut result;
+    for step in parents {
+        at = match step {
+            Value::String(name) => &mut at[name.as_str()],
+            index => &mut at[index.as_u64().unwrap() as usize],
+        };
+    }
+    match (last, replacement) {
+        (Value::String(name), Some(v)) => at[name.as_str()] = v.clone(),
+        (Value::String(name), None) => {
+            at.as_object_mut().unwrap().remove(name);
+        }
+        (index, Some(v)) => at[index.as_u64().unwrap() as usize] = v.clone(),
+        (_, None) => unreachable!("list entries are not removed"),
+    }
+    result
+}
+
+#[test]
+fn lib_profile_schema_accepts_and_rejects_what_the_model_does() {
+    // One source of truth: the model's Profile (the hook loads pinned profiles with it). The
+    // schema in nix/lib.nix must agree with it on the full profile and on every variant.
+    let sandbox = NixSandbox::with_conf("");
+    let schema = sandbox.eval_json(&format!("{}.profileSchema", lib()));
+    let full = full_profile();
+    model_accepts(&full).unwrap();
+    let mut variants = Vec::new();
+    mutations(&schema, &full, &mut Vec::new(), &mut variants);
+    assert!(variants.len() > 150, "only {} variants", variants.len());
+    let profiles: Vec<Value> = std::iter::once(full.clone()).chain(variants.iter().map(|(path, r)| mutated(&full, path, r))).collect();
+    let errors = sandbox.eval_json(&format!("map {}.profileErrors {}", lib(), nix_json(&sandbox, "variants", &json!(profiles))));
+    let errors = errors.as_array().unwrap();
+    assert_eq!(errors[0], json!([]), "the full profile: {}", errors[0]);
+    for (profile, nix_errors) in profiles.iter().zip(errors).skip(1) {
+        let model = model_accepts(profile);
+        let nix_errors = strings(nix_errors);
+        assert_eq!(model.is_ok(), nix_errors.is_empty(), "model: {model:?}; lib.profileErrors: {nix_errors:?}; profile: {profile}");
+        if let Err(message) = model {
+            // The field the model names is among those lib names.
+            let field = message.split(": field ").nth(1).and_then(|rest| rest.split(':').next()).unwrap_or("");
+            assert!(nix_errors.iter().any(|e| e.starts_with(&format!("field {field}"))), "model: {message}; lib: {nix_errors:?}");
+        }
+    }
 }
 
 #[test]
 fn nixos_module_without_profile_hook_or_cgroups() {
     let sandbox = NixSandbox::with_conf("");
-    let config = eval_module(
-        &sandbox,
-        "nix/nixos-module.nix",
-        "{ services.nix-tier = { enable = true; cgroups.enable = false; }; }",
-        Some("2.8.0"),
-        "config",
-    );
+    let config = eval_module(&sandbox, "nix/nixos-module.nix", "{ services.nix-tier = { enable = true; cgroups.enable = false; }; }", Some("2.8.0"), "config");
     let settings = &config["nix"]["settings"];
-    assert!(settings.get("hardware-profile").is_none() && settings.get("max-jobs").is_none() && settings.get("system-features").is_none(), "{settings}");
+    assert!(settings.get("hardware-profile").is_none() && settings.get("system-features") == Some(&json!(["nixos-test", "benchmark", "big-parallel", "kvm"])), "{settings}");
+    assert_eq!(settings["max-jobs"], "auto");
     assert!(settings.get("build-hook").is_some());
     assert_eq!(config["warnings"].as_array().unwrap().len(), 1, "a warning says nothing is pinned");
     let daemon = &config["systemd"]["services"]["nix-daemon"];
-    assert!(daemon.get("serviceConfig").is_none() && daemon["environment"].get("NIX_TIER_CGROUP_ROOT").is_none(), "{daemon}");
+    assert!(daemon["serviceConfig"].get("Delegate").is_none() && daemon["environment"].get("NIX_TIER_CGROUP_ROOT").is_none(), "{daemon}");
 
     let config = eval_module(&sandbox, "nix/nixos-module.nix", "{ services.nix-tier = { enable = true; inherit profile; hook.enable = false; }; }", Some("2.8.0"), "config");
     let settings = &config["nix"]["settings"];
-    assert!(settings.get("build-hook").is_none() && settings.get("max-jobs").is_none(), "{settings}");
-    assert!(settings.get("plugin-files").is_some() && settings.get("system-features").is_some(), "{settings}");
-    assert!(config["systemd"]["services"]["nix-daemon"].get("serviceConfig").is_none());
-
-    // A typo in an option name is an error, as in nixpkgs.
-    let out = sandbox.eval_with(
-        &format!(
-            "(import {} {{ module = {}; definitions = {{ services.nix-tier.enabled = true; }}; }}).values",
-            repo_path("nix/testing/eval-module.nix"),
-            repo_path("nix/nixos-module.nix")
-        ),
-        &[],
-    );
-    assert!(!out.status.success() && stderr(&out).contains("services.nix-tier.enabled"), "{}", stderr(&out));
+    assert!(settings.get("build-hook").is_none() && settings["max-jobs"] == "auto", "{settings}");
+    assert!(settings.get("plugin-files").is_some() && settings["system-features"].to_string().contains("gccarch-skylake"), "{settings}");
+    let daemon = &config["systemd"]["services"]["nix-daemon"];
+    assert!(daemon["serviceConfig"].get("Delegate").is_none() && daemon["environment"].get("NIX_CONFIG").is_none(), "{daemon}");
 }
 
 #[test]
@@ -535,13 +887,18 @@ fn nixos_module_profile_settings_write_a_profile_nix_tier_accepts() {
     let sandbox = NixSandbox::with_conf("");
     let definitions = "{ services.nix-tier = { enable = true; inherit profile; \
                           profileSettings.build.tiers.light = { maxJobs = 10; cores = 2; memoryMiB = 2048; }; }; }";
-    let config = eval_module(&sandbox, "nix/nixos-module.nix", definitions, Some("2.8.0"), "config");
-    // The stub writeText keeps its text: the JSON the module writes.
-    let written = eval_module(&sandbox, "nix/nixos-module.nix", definitions, Some("2.8.0"), "config.nix.settings.hardware-profile.text");
-    let path = sandbox.write("from-settings.json", written.as_str().unwrap());
+    let settings = eval_module(&sandbox, "nix/nixos-module.nix", definitions, Some("2.8.0"), "config.nix.settings");
+    let written = store_file(&sandbox, &settings["hardware-profile"]);
+    let path = sandbox.write("from-settings.json", &written);
     let summary = check_profile(&path).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(summary_tiers(&summary), vec![(1, 7, 14336), (3, 4, 6144), (10, 2, 2048)], "{summary}");
-    assert_eq!(config["nix"]["settings"]["max-jobs"], 10);
+    assert_eq!(settings["max-jobs"], 10);
+
+    // Two definitions merge as nixpkgs merges attribute sets of anything.
+    let split = "[ { services.nix-tier = { enable = true; inherit profile; profileSettings.build.tiers.light.maxJobs = 10; }; } \
+                  { services.nix-tier.profileSettings.build.tiers.light.cores = 1; } ]";
+    let light = eval_module(&sandbox, "nix/nixos-module.nix", split, Some("2.8.0"), "config.services.nix-tier.profileSettings");
+    assert_eq!(light, json!({ "build": { "tiers": { "light": { "maxJobs": 10, "cores": 1 } } } }));
 }
 
 #[test]
@@ -556,9 +913,12 @@ fn home_manager_module_sets_the_users_nix_conf() {
     let config = eval_module(&sandbox, "nix/home-manager-module.nix", typical, Some("2.8.0"), "config");
     let settings = &config["nix"]["settings"];
     assert_eq!(settings.as_object().unwrap().keys().collect::<Vec<_>>(), ["hardware-profile", "plugin-files"], "{settings}");
-    assert!(settings["hardware-profile"].as_str().unwrap().ends_with("-skylake.json"));
+    store_file(&sandbox, &settings["hardware-profile"]);
     assert!(config["home"]["packages"][0].as_str().unwrap().ends_with("-nix-tier-0.1.0"));
     assert_eq!(config["home"]["sessionVariables"]["NIX_TIER_PROFILE"], settings["hardware-profile"]);
+    let conf = eval_module(&sandbox, "nix/home-manager-module.nix", typical, Some("2.8.0"), "config.xdg.configFile.\"nix/nix.conf\".source.text");
+    assert!(conf.as_str().unwrap().contains(&format!("hardware-profile = {}\n", settings["hardware-profile"].as_str().unwrap())), "{conf}");
+    assert!(config["assertions"].as_array().unwrap().iter().all(|a| a["assertion"] == true), "{}", config["assertions"]);
 
     // Single-user: the hook, max-jobs and the gccarch features in the user's nix.conf too.
     let single = "{ programs.nix-tier = { enable = true; inherit profile; hook.enable = true; }; }";
@@ -566,13 +926,28 @@ fn home_manager_module_sets_the_users_nix_conf() {
     assert!(settings["build-hook"].as_str().unwrap().ends_with("/bin/nix-tier-hook"));
     assert_eq!(settings["max-jobs"], 12);
     assert_eq!(strings(&settings["extra-system-features"])[0], "gccarch-skylake");
+    // Not on Lix 2.94, which dropped the text hook protocol.
+    let assertions = eval_module(&sandbox, "nix/home-manager-module.nix", single, Some("2.94.0"), "config.assertions");
+    assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("hook.enable")));
 
     // Without nix.package the plugin is off by default; asked for, an assertion explains.
-    let settings = eval_module(&sandbox, "nix/home-manager-module.nix", typical, None, "config.nix or { }");
+    let settings = eval_module(&sandbox, "nix/home-manager-module.nix", typical, None, "config.nix.settings");
     assert_eq!(settings, json!({}));
     let forced = "{ programs.nix-tier = { enable = true; plugin.enable = true; }; }";
     let assertions = eval_module(&sandbox, "nix/home-manager-module.nix", forced, None, "config.assertions");
     assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("nix.package")));
+}
+
+#[test]
+fn modules_reject_undeclared_options_as_nixpkgs_does() {
+    let sandbox = NixSandbox::with_conf("");
+    let error = module_error(&sandbox, "nix/nixos-module.nix", "{ services.nix-tier.enabled = true; }", "config.services");
+    assert!(error.contains("The option `services.nix-tier.enabled' does not exist"), "{error}");
+    // So nix-tier's module must not define nix.daemonUser: nixpkgs before 2026-02 does not
+    // declare it.
+    let expr = module_expr("nix/nixos-module.nix", NIXOS_PREVIOUS, "{ nix.daemonUser = \"x\"; }", Some("2.8.0"));
+    let error = sandbox.eval_error(&format!("(e: e.config.nix) ({expr})"), &[]);
+    assert!(error.contains("The option `nix.daemonUser' does not exist"), "{error}");
 }
 
 // ---------------------------------------------------------------------------------------------
