@@ -3,14 +3,13 @@
 //! file system mounted for the test.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_cgroups::{Hierarchy, Limits, Mounts, Version};
-use nix_tier_tests::{is_root, requires};
+use nix_tier_tests::{is_root, requires, ReadOnlyCgroupRoot as ReadOnlyRoot};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -37,45 +36,6 @@ fn v1_present() -> bool {
     requires(is_root(), "root (cgroups)")
         && requires(Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), "the cgroup v1 memory controller")
         && requires(Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), "the cgroup v1 cpu controller")
-}
-
-/// A cgroup `name` under the v1 memory, cpu and cpuacct mounts, made mode 0555 like a
-/// cgroup root; removed, with what was made inside, when dropped.
-struct ReadOnlyRoot(Vec<PathBuf>);
-
-impl ReadOnlyRoot {
-    fn new(name: &str) -> ReadOnlyRoot {
-        let dirs: Vec<PathBuf> = ["memory", "cpu", "cpuacct"]
-            .iter()
-            .map(|c| Path::new("/sys/fs/cgroup").join(c).join(format!("{name}-{}", std::process::id())))
-            .collect();
-        for dir in &dirs {
-            fs::create_dir(dir).unwrap();
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).unwrap();
-        }
-        ReadOnlyRoot(dirs)
-    }
-
-    fn memory(&self) -> &Path {
-        &self.0[0]
-    }
-}
-
-impl Drop for ReadOnlyRoot {
-    fn drop(&mut self) {
-        for dir in &self.0 {
-            // Depth first: builds' cgroups, the parent, the root (all cgroups: rmdir only).
-            let mut all: Vec<PathBuf> = Vec::new();
-            let mut stack = vec![dir.clone()];
-            while let Some(d) = stack.pop() {
-                stack.extend(fs::read_dir(&d).into_iter().flatten().flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
-                all.push(d);
-            }
-            for d in all.iter().rev() {
-                let _ = fs::remove_dir(d);
-            }
-        }
-    }
 }
 
 #[test]

@@ -71,7 +71,12 @@ mod tests {
             .spawn()
             .unwrap();
         let me = std::process::id();
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Until exec, the child's environment is a copy of this process's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !has_env_entry(child.id(), "out=/tmp/procfs-test-output") {
+            assert!(std::time::Instant::now() < deadline, "the child never exec'd");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         assert!(children(me).contains(&child.id()));
         assert!(tree(me).contains(&child.id()));
         assert!(has_env_entry(child.id(), "out=/tmp/procfs-test-output"));

@@ -1,47 +1,75 @@
-//! The hook, run as root, keeps only CAP_SYS_PTRACE and CAP_KILL.
+//! The hook, run as root, keeps only CAP_SYS_PTRACE and CAP_KILL, and still bounds builds
+//! under a read-only (0555, root-owned) cgroup root: it makes its parent there first.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+mod common;
 
-use nix_tier_hook::protocol::{self, Settings};
+use std::fs;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{build_section, write_drv, write_profile, Hook};
+use nix_tier_tests::{is_root, requires, ReadOnlyCgroupRoot};
 
 fn status_field(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let value = status.lines().find_map(|l| l.strip_prefix(&format!("{field}:"))).unwrap();
     u64::from_str_radix(value.trim(), 16).unwrap()
 }
 
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "waited 10 s for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
-fn the_hook_drops_all_but_the_capabilities_it_needs() {
-    if status_field(std::process::id(), "CapEff") == 0 {
-        eprintln!("skipped: not running with capabilities (not root)");
+fn the_hook_keeps_only_what_it_needs_and_bounds_builds_under_a_read_only_root() {
+    if !requires(is_root() && status_field(std::process::id(), "CapEff") != 0, "root with capabilities")
+        || !requires(fs::metadata("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_ok(), "the cgroup v1 memory controller")
+    {
         return;
     }
-    let state = tempfile::tempdir().unwrap();
-    let mut hook = Command::new(env!("CARGO_BIN_EXE_nix-tier-hook"))
-        .arg("3")
-        .env("NIX_TIER_STATE_DIR", state.path())
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = hook.stdin.take().unwrap();
-    protocol::write_settings(&mut stdin, &Settings::new()).unwrap();
-    stdin.flush().unwrap();
-    // It drops them right after the handshake, before the first request.
-    std::thread::sleep(Duration::from_millis(500));
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("hw.json");
+    write_profile(&profile, build_section(8000));
+    let root = ReadOnlyCgroupRoot::new("nix-tier-test-priv");
+    let mut hook = Hook::start(&[
+        ("NIX_TIER_PROFILE", &profile),
+        ("NIX_TIER_STATE_DIR", &dir.path().join("state")),
+        ("NIX_TIER_CGROUP_ROOT", root.memory()),
+    ]);
+
+    // This process plays the Nix worker: it holds the output lock and forks the builder.
+    let (drv, out) = write_drv(dir.path(), "bounded-1.0");
+    let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
+    lock.lock().unwrap();
+    let lines = hook.ask(&drv);
+    assert_eq!(lines, vec!["# decline".to_string()], "admitted, with nothing to complain about");
+    assert!(root.memory().join("nix-tier").is_dir(), "the parent was made under the 0555 root");
+
     let expected = (1u64 << 19) | (1u64 << 5); // CAP_SYS_PTRACE, CAP_KILL
-    let pid = hook.id();
-    let sets: Vec<(&str, u64)> = ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"]
-        .into_iter()
-        .map(|f| (f, status_field(pid, f)))
-        .collect();
-    drop(stdin);
-    assert!(hook.wait().unwrap().success());
-    assert_eq!(sets[0], ("CapEff", expected), "{sets:x?}");
-    assert_eq!(sets[1], ("CapPrm", expected), "{sets:x?}");
-    assert_eq!(sets[2], ("CapBnd", expected), "{sets:x?}");
-    assert_eq!(sets[3], ("CapInh", 0), "{sets:x?}");
-    assert_eq!(sets[4], ("CapAmb", 0), "{sets:x?}");
+    let pid = hook.child.id();
+    let sets: Vec<(&str, u64)> =
+        ["CapEff", "CapPrm", "CapBnd", "CapInh", "CapAmb"].into_iter().map(|f| (f, status_field(pid, f))).collect();
+    assert_eq!(sets, [("CapEff", expected), ("CapPrm", expected), ("CapBnd", expected), ("CapInh", 0), ("CapAmb", 0)], "{sets:x?}");
+
+    // The builder: placed by the hook's watcher, which has no CAP_DAC_OVERRIDE either.
+    let mut builder = Command::new("sleep").arg("30").env("out", &out).spawn().unwrap();
+    let cgroup_of = |pid: u32| fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let parent = format!("{}/nix-tier/", root.memory().file_name().unwrap().to_string_lossy());
+    wait_until("the builder to be placed under the read-only root", || cgroup_of(builder.id()).contains(&parent));
+    let watcher = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|p| fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.windows(13).any(|w| w == b"--watch-build")))
+        .expect("a watcher runs");
+    assert_eq!(status_field(watcher, "CapEff"), expected, "the watcher runs with the hook's capabilities");
+
+    builder.kill().unwrap();
+    builder.wait().unwrap();
+    drop(lock);
+    wait_until("the build's cgroup to be removed", || root.builds().is_empty());
 }

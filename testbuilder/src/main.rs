@@ -18,13 +18,16 @@
 //! | `TB_DEPS` | whitespace-separated paths that must exist (the outputs of dependencies); the build fails when one is missing |
 //! | `RECORD_DIR` | optional directory outside the store where the run is recorded (see below) |
 //! | `TB_FAIL` | when set to `1`, exit with status 1 after recording (for failure tests) |
+//! | `TB_PLACEMENT_WAIT_MS` | with `RECORD_DIR`: wait up to this long, at start, to be placed in a `nix-tier` cgroup (default 0: do not wait) |
 //!
 //! With `RECORD_DIR` set, the builder
 //! - creates `RECORD_DIR/started/<name>` at start, containing `<pid> <pgid> <start_unix_ms>\n`
 //!   (tests watch it to know a build is running and whom to kill);
 //! - at the end appends one line `<name> <start_unix_ms> <end_unix_ms> <tier> <memMiB>\n` to
 //!   `RECORD_DIR/records`, with a single `write` on an `O_APPEND` descriptor, so concurrent
-//!   builders never interleave lines.
+//!   builders never interleave lines;
+//! - with `TB_PLACEMENT_WAIT_MS`, writes `RECORD_DIR/placed/<name>`: the microseconds from its
+//!   start until `/proc/self/cgroup` first showed it in a `nix-tier` cgroup, or `never`.
 //!
 //! Command-line arguments `--sleep-ms N` and `--mem-mib N` override the environment (handy by
 //! hand); `--help` prints this summary.
@@ -34,7 +37,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const PAGE: usize = 4096;
 
@@ -72,6 +75,7 @@ struct Config {
     record_dir: Option<PathBuf>,
     out: Option<PathBuf>,
     fail: bool,
+    placement_wait_ms: u64,
 }
 
 fn config() -> Result<Config, String> {
@@ -89,6 +93,7 @@ fn config() -> Result<Config, String> {
         record_dir: std::env::var_os("RECORD_DIR").filter(|d| !d.is_empty()).map(PathBuf::from),
         out: std::env::var_os("out").map(PathBuf::from),
         fail: std::env::var("TB_FAIL").map(|v| v == "1").unwrap_or(false),
+        placement_wait_ms: env_u64("TB_PLACEMENT_WAIT_MS")?,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -124,7 +129,23 @@ fn append_line(path: &Path, line: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// How long after `started` this process was first seen in a `nix-tier` cgroup, polling
+/// `/proc/self/cgroup` every 100 µs for up to `wait`; `None` if it never was.
+fn placement_delay(started: Instant, wait: Duration) -> Option<Duration> {
+    loop {
+        let placed = fs::read_to_string("/proc/self/cgroup").is_ok_and(|text| text.contains("/nix-tier/"));
+        if placed {
+            return Some(started.elapsed());
+        }
+        if started.elapsed() > wait {
+            return None;
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
 fn run() -> Result<(), String> {
+    let started = Instant::now();
     let config = config()?;
     let start = now_ms();
 
@@ -134,6 +155,14 @@ fn run() -> Result<(), String> {
         let marker = started.join(&config.name);
         fs::write(&marker, format!("{} {} {start}\n", std::process::id(), pgid()))
             .map_err(|e| format!("write {}: {e}", marker.display()))?;
+    }
+
+    if let (Some(dir), 1..) = (&config.record_dir, config.placement_wait_ms) {
+        let placed = dir.join("placed");
+        fs::create_dir_all(&placed).map_err(|e| format!("create {}: {e}", placed.display()))?;
+        let delay = placement_delay(started, Duration::from_millis(config.placement_wait_ms));
+        let text = delay.map_or_else(|| "never\n".to_string(), |d| format!("{}\n", d.as_micros()));
+        fs::write(placed.join(&config.name), text).map_err(|e| format!("write placement: {e}"))?;
     }
 
     for dep in &config.deps {

@@ -143,6 +143,41 @@ pub fn hook_sandbox(limits: &Limits, extra_conf: &str) -> (NixSandbox, PathBuf) 
     (sandbox, profile)
 }
 
+/// A sandbox using the hook with a profile of `limits`, plus `extra_conf`, and its `records`
+/// directory (created). With `sandboxed`, builds run in Nix's build sandbox (`sandbox = true`,
+/// the Linux default), with the test builder and the record directory bind-mounted in.
+pub fn hook_sandbox_recording(limits: &Limits, sandboxed: bool, extra_conf: &str) -> (NixSandbox, PathBuf) {
+    let (sandbox, profile) = hook_sandbox(limits, extra_conf);
+    let records = sandbox.path().join("records");
+    fs::create_dir_all(&records).unwrap();
+    if sandboxed {
+        let conf = format!("{}{}{extra_conf}
+{}", base_conf(), hook_conf(&profile), sandboxing(&[&testbuilder(), &records]));
+        sandbox.write("conf/nix.conf", &conf);
+    }
+    (sandbox, records)
+}
+
+/// nix.conf lines that build in Nix's sandbox with `paths` bind-mounted in (later lines of
+/// nix.conf override the base `sandbox = false`).
+pub fn sandboxing(paths: &[&Path]) -> String {
+    let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    format!("sandbox = true\nsandbox-paths = {}\n", paths.join(" "))
+}
+
+/// Waits up to `timeout` for `event` to return `Some`, polling every 10 ms; panics with
+/// `what` when it never does.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut event: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = event() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "waited {timeout:?} for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// The base settings `NixSandbox::with_conf` writes.
 pub fn base_conf() -> &'static str {
     "substituters =\nsandbox = false\nbuild-users-group =\n"

@@ -139,3 +139,52 @@ pub fn is_root() -> bool {
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().next() == Some("0")))
         .unwrap_or(false)
 }
+
+/// A cgroup under the v1 memory, cpu and cpuacct mounts, made mode 0555 like a cgroup root
+/// (root-owned, not writable without `CAP_DAC_OVERRIDE`), for `NIX_TIER_CGROUP_ROOT`;
+/// removed with every cgroup made inside it when dropped (rmdir only: they are cgroups).
+pub struct ReadOnlyCgroupRoot(pub Vec<PathBuf>);
+
+impl ReadOnlyCgroupRoot {
+    /// Makes `<controller mount>/<name>-<pid>` under memory, cpu and cpuacct.
+    pub fn new(name: &str) -> ReadOnlyCgroupRoot {
+        use std::os::unix::fs::PermissionsExt;
+        let dirs: Vec<PathBuf> = ["memory", "cpu", "cpuacct"]
+            .iter()
+            .map(|c| Path::new("/sys/fs/cgroup").join(c).join(format!("{name}-{}", std::process::id())))
+            .collect();
+        for dir in &dirs {
+            fs::create_dir(dir).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).unwrap();
+        }
+        ReadOnlyCgroupRoot(dirs)
+    }
+
+    /// The memory controller's directory (what `NIX_TIER_CGROUP_ROOT` names).
+    pub fn memory(&self) -> &Path {
+        &self.0[0]
+    }
+
+    /// The build cgroups under its `nix-tier` parent (memory controller).
+    pub fn builds(&self) -> Vec<String> {
+        fs::read_dir(self.memory().join("nix-tier"))
+            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ReadOnlyCgroupRoot {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let mut all: Vec<PathBuf> = Vec::new();
+            let mut stack = vec![dir.clone()];
+            while let Some(d) = stack.pop() {
+                stack.extend(fs::read_dir(&d).into_iter().flatten().flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+                all.push(d);
+            }
+            for d in all.iter().rev() {
+                let _ = fs::remove_dir(d);
+            }
+        }
+    }
+}

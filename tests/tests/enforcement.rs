@@ -1,22 +1,27 @@
 //! Running builds bounded by cgroups, recorded in the history database, and reservations
-//! learned from it: real Nix 2.8 through the hook, real cgroups (v1 on this machine).
+//! learned from it: real Nix 2.8 through the hook, real cgroups (v1 on this machine), with Nix's
+//! sandbox (`sandbox = true`, the Linux default) and without, under the machine's cgroup roots
+//! and under a read-only (0555) root named by `NIX_TIER_CGROUP_ROOT`.
 
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_tests::hook_env::{
-    hook_sandbox, peaks, process_gone, read_records, testbuilder, Limits, Running, TierLimits,
+    hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, Limits, Running, TierLimits,
 };
-use nix_tier_tests::{binary, stderr, NixSandbox};
+use nix_tier_tests::{binary, is_root, requires, stderr, NixSandbox, ReadOnlyCgroupRoot};
 use serde_json::Value;
 
 /// These tests measure memory and CPU: one at a time.
 static MACHINE: Mutex<()> = Mutex::new(());
 
-fn cgroups_writable() -> bool {
-    Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
-        || Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
+/// Whether this machine has what these tests bound builds with: root and the cgroup v1 memory
+/// and cpu controllers (a fresh machine of this project's kind; CI fails without them).
+fn cgroups_present() -> bool {
+    requires(is_root(), "root (cgroups, sandboxed builds)")
+        && requires(Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), "the cgroup v1 memory controller")
+        && requires(Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), "the cgroup v1 cpu controller")
 }
 
 fn limits(medium: TierLimits) -> Limits {
@@ -44,11 +49,23 @@ fn builds_expr(record_dir: &Path, builds: &str) -> String {
 }
 
 fn nix_build(sandbox: &NixSandbox, expr: &str) -> std::process::Output {
-    sandbox
-        .command("nix-build")
-        .args(["--no-out-link", "--keep-going", "-j", "8", "--expr", expr])
-        .output()
-        .expect("run nix-build")
+    nix_build_with(sandbox, expr, &[])
+}
+
+/// `nix-build` with extra environment for Nix and the hook (e.g. `NIX_TIER_CGROUP_ROOT`).
+fn nix_build_with(sandbox: &NixSandbox, expr: &str, env: &[(&str, &Path)]) -> std::process::Output {
+    let mut cmd = sandbox.command("nix-build");
+    cmd.args(["--no-out-link", "--keep-going", "-j", "8", "--expr", expr]);
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    cmd.output().expect("run nix-build")
+}
+
+/// A hook sandbox with `limits(medium)`, its builds in Nix's sandbox when `sandboxed`; and its
+/// record directory.
+fn enforcement_sandbox(medium: TierLimits, sandboxed: bool) -> (NixSandbox, std::path::PathBuf) {
+    hook_sandbox_recording(&limits(medium), sandboxed, "")
 }
 
 /// `nix-tier <args>` with the sandbox's state directory, parsed as JSON.
@@ -74,23 +91,21 @@ fn row<'a>(rows: &'a [Value], package: &str) -> &'a Value {
     rows.iter().find(|r| r["package"] == package).unwrap_or_else(|| panic!("no history row for {package}: {rows:?}"))
 }
 
-#[test]
-fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
-    if !cgroups_writable() {
-        eprintln!("skipped: no writable cgroups");
-        return;
-    }
-    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
-    let records = sandbox.path().join("records");
+/// A light build over its 100 MiB limit beside a heavy one within its own: the light one is
+/// killed in its own cgroup, says so in its log, and both are recorded. With `root`, builds go
+/// under that cgroup (`NIX_TIER_CGROUP_ROOT`); they are all gone from it afterwards.
+fn over_its_limit(sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
+    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }, sandboxed);
     let expr = builds_expr(
         &records,
         r#"{ name = "hog-1.0"; tier = "light"; mem = 250; sleep = 500; }
            { name = "neighbour-1.0"; tier = "heavy"; mem = 200; sleep = 1500; ramp = 0; }"#,
     );
-    let out = nix_build(&sandbox, &expr);
+    let env: Vec<(&str, &Path)> = root.iter().map(|r| ("NIX_TIER_CGROUP_ROOT", r.memory())).collect();
+    let out = nix_build_with(&sandbox, &expr, &env);
     let err = stderr(&out);
     assert!(!out.status.success(), "the hog must fail:\n{err}");
+    assert!(!err.contains("nix-tier-hook:"), "the hook complained:\n{err}");
     assert!(
         err.contains("nix-tier: hog-1.0 exceeded its memory limit of 100 MiB (light tier) and was killed by the kernel"),
         "the build log names the build and the limit:\n{err}"
@@ -115,17 +130,121 @@ fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
     let kills = status["recentKills"].as_array().unwrap();
     assert!(kills.iter().any(|k| k["name"] == "hog-1.0" && k["limitMiB"] == 100), "{status}");
     // Every build's cgroup is gone.
-    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/memory/nix-tier")
-        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    let ours: Vec<_> = leftovers.iter().filter(|n| n.to_string_lossy().contains("hog-1.0")).collect();
+    let leftovers: Vec<String> = match root {
+        Some(root) => root.builds(),
+        None => std::fs::read_dir("/sys/fs/cgroup/memory/nix-tier")
+            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default(),
+    };
+    let ours: Vec<_> = leftovers.iter().filter(|n| n.contains("hog-1.0") || n.contains("neighbour-1.0")).collect();
     assert!(ours.is_empty(), "cgroups left behind: {ours:?}");
 }
 
 #[test]
+fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
+    if !cgroups_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    over_its_limit(false, None);
+}
+
+#[test]
+fn a_sandboxed_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
+    if !cgroups_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    over_its_limit(true, None);
+}
+
+#[test]
+fn builds_are_bounded_under_a_read_only_cgroup_root() {
+    // The hook drops CAP_DAC_OVERRIDE: only a parent made before that can hold builds' cgroups
+    // under a root-owned 0555 directory, as cgroup roots commonly are.
+    if !cgroups_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let root = ReadOnlyCgroupRoot::new("nix-tier-test-ro");
+    over_its_limit(true, Some(&root));
+    for dir in &root.0 {
+        assert!(dir.join("nix-tier").is_dir(), "the hook's parent was made under {}", dir.display());
+    }
+}
+
+/// Six builds each report how long after its start it was first in its cgroup.
+fn placed_early(sandboxed: bool) {
+    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
+    let builds: String = (0..6)
+        .map(|i| format!(r#"{{ name = "placed{i}-1.0"; tier = "{}"; mem = 10; sleep = 200; ramp = 0; }}"#, ["light", "medium"][i % 2]))
+        .collect();
+    let expr = builds_expr(&records, &builds).replace("TB_RAMP_MS =", "TB_PLACEMENT_WAIT_MS = \"3000\"; TB_RAMP_MS =");
+    let out = nix_build(&sandbox, &expr);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let delays: Vec<(String, String)> = (0..6)
+        .map(|i| {
+            let name = format!("placed{i}-1.0");
+            let text = std::fs::read_to_string(records.join("placed").join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            (name, text.trim().to_string())
+        })
+        .collect();
+    eprintln!("placement delays (µs after the builder's start), sandboxed {sandboxed}: {delays:?}");
+    for (name, delay) in &delays {
+        assert!(delay.parse::<u64>().is_ok(), "{name} was never placed in a nix-tier cgroup ({delay}); all: {delays:?}");
+    }
+    // Every one of them is recorded with what its cgroup measured.
+    let rows = history_rows(&sandbox, 6);
+    for (name, _) in &delays {
+        let row = row(&rows, name.trim_end_matches("-1.0"));
+        assert!(row["peakMiB"].is_u64() && row["cpuMs"].is_u64() && row["limitMiB"].is_u64(), "{row}");
+    }
+}
+
+#[test]
+fn every_build_is_placed_in_its_cgroup_as_it_starts() {
+    if !cgroups_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    placed_early(false);
+}
+
+#[test]
+fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
+    if !cgroups_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    placed_early(true);
+}
+
+#[test]
+fn every_admitted_build_gets_one_history_row() {
+    // Short builds included: most end before anything could watch them.
+    if !cgroups_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, true);
+    let mut builds: String =
+        (0..40).map(|i| format!(r#"{{ name = "short-{i}-1.0"; tier = "light"; mem = 0; sleep = 0; ramp = 0; }}"#)).collect();
+    builds.push_str(r#"{ name = "long-1.0"; tier = "medium"; mem = 30; sleep = 600; ramp = 0; }"#);
+    let out = nix_build(&sandbox, &builds_expr(&records, &builds));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = history_rows(&sandbox, 41);
+    let mut drvs: Vec<&str> = rows.iter().map(|r| r["drv"].as_str().unwrap()).collect();
+    drvs.sort();
+    drvs.dedup();
+    assert_eq!((rows.len(), drvs.len()), (41, 41), "one row per build: {rows:#?}");
+    assert!(rows.iter().all(|r| r["wallMs"].is_u64() && r["outcome"] == "succeeded"), "{rows:#?}");
+    let long = row(&rows, "long");
+    assert!(long["peakMiB"].as_u64().is_some_and(|p| p >= 30) && long["cpuMs"].is_u64(), "{long}");
+}
+
+#[test]
 fn learned_reservations_let_more_builds_run_at_once() {
-    if !cgroups_writable() {
-        eprintln!("skipped: no writable cgroups");
+    if !cgroups_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -173,8 +292,7 @@ fn learned_reservations_let_more_builds_run_at_once() {
 
 #[test]
 fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
-    if !Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() || std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        eprintln!("skipped: needs the cgroup v1 cpu controller and 2 CPUs");
+    if !cgroups_present() || !requires(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "2 CPUs") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,8 +321,7 @@ fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
 
 #[test]
 fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
-    if !cgroups_writable() || !Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() {
-        eprintln!("skipped: needs writable cgroup v1 memory");
+    if !cgroups_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -246,7 +363,6 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
 
     client.kill9();
     let killed = Instant::now();
-    std::thread::sleep(Duration::from_millis(200));
     assert!(!process_gone(grandchild) || placed.exists(), "precondition: the child outlives its client for a moment");
     let deadline = killed + Duration::from_secs(5);
     while !process_gone(grandchild) || placed.exists() {

@@ -48,6 +48,28 @@ fn mixed_dag(record_dir: &Path) -> Dag {
     )
 }
 
+/// Polls `nix-tier status --json` until `ready` holds of it (true) or `timeout` passes (false);
+/// the last status read is kept in `last`.
+fn wait_for_status(
+    sandbox: &NixSandbox,
+    timeout: Duration,
+    last: &mut Option<serde_json::Value>,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Ok(status) = status_json(sandbox) {
+            let done = ready(&status);
+            *last = Some(status);
+            if done {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// Every derivation of `dag` ran exactly once.
 fn assert_each_ran_once(records: &[Record], dag: &Dag) {
     let mut ran: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
@@ -107,12 +129,10 @@ fn without_the_hook_the_dag_exceeds_the_limits() {
     );
 }
 
-#[test]
-fn tier_limits_and_budget_hold_within_one_nix_build() {
+fn tier_limits_and_budget_hold_within_one_nix_build(sandboxed: bool) {
     let _machine = shared_machine();
     let limits = binding_limits();
-    let (sandbox, _) = hook_sandbox(&limits, "");
-    let records_dir = sandbox.path().join("records");
+    let (sandbox, records_dir) = hook_sandbox_recording(&limits, sandboxed, "");
     let dag = mixed_dag(&records_dir);
     let build =
         run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT);
@@ -126,6 +146,16 @@ fn tier_limits_and_budget_hold_within_one_nix_build() {
     // Admission limits, it does not serialise: four light builds (400 MiB) fit.
     let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);
     assert!(peaks.total >= 2, "the hook never let two builds run at once: {peaks:?}\n{}", timeline(&records));
+}
+
+#[test]
+fn tier_limits_and_budget_hold_within_one_nix_build_unsandboxed() {
+    tier_limits_and_budget_hold_within_one_nix_build(false);
+}
+
+#[test]
+fn tier_limits_and_budget_hold_within_one_sandboxed_nix_build() {
+    tier_limits_and_budget_hold_within_one_nix_build(true);
 }
 
 /// Two clients of one private nix-daemon, each `nix-build -j 8` of three heavy builds; the
@@ -176,15 +206,24 @@ fn without_the_hook_daemon_clients_run_heavy_builds_together() {
     assert!(peaks.tier("heavy") > 1, "{peaks:?}\n{}", timeline(&records));
 }
 
-#[test]
-fn heavy_limit_holds_across_daemon_clients() {
+fn heavy_limit_holds_across_daemon_clients(sandboxed: bool) {
     let _machine = shared_machine();
     let limits = roomy_limits();
-    let (sandbox, _) = hook_sandbox(&limits, "");
+    let (sandbox, _) = hook_sandbox_recording(&limits, sandboxed, "");
     let (records, _) = two_daemon_clients(&sandbox);
     assert_within(&limits, &records);
     let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);
     assert_eq!(peaks.tier("heavy"), 1, "{peaks:?}\n{}", timeline(&records));
+}
+
+#[test]
+fn heavy_limit_holds_across_daemon_clients_unsandboxed() {
+    heavy_limit_holds_across_daemon_clients(false);
+}
+
+#[test]
+fn heavy_limit_holds_across_sandboxed_daemon_clients() {
+    heavy_limit_holds_across_daemon_clients(true);
 }
 
 #[test]
@@ -202,30 +241,26 @@ fn a_killed_client_frees_its_heavy_slot_within_a_poll_interval() {
     let (builder_pid, builder_pgid, _) = wait_started(&records_dir, "a-heavy-0", Duration::from_secs(60))
         .unwrap_or_else(|| panic!("a-heavy-0 never started:\n{}", client_a.stderr()));
 
-    // Client b's heavy build waits for it.
+    // Client b's heavy build waits for it: `nix-tier status --json` shows a running and b
+    // waiting for two poll intervals (postponed and asking again, not lost).
     let client_b = Running::spawn(short.build_command(sandbox.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "b");
-    // At least three poll intervals, plus a jitter so the kill falls anywhere in b's poll cycle.
-    let jitter_ms = u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_millis());
-    std::thread::sleep(Duration::from_millis(3500 + jitter_ms));
+    let mut last_status = None;
+    let waited = wait_for_status(&sandbox, Duration::from_secs(30), &mut last_status, |status| {
+        let running = status["running"].as_array().cloned().unwrap_or_default();
+        let a_running = running.iter().any(|r| r["name"] == "a-heavy-0" && r["tier"] == "heavy");
+        let b_waiting = status["waiting"].as_array().is_some_and(|w| {
+            w.iter().any(|w| w["name"] == "b-heavy-0" && w["waitingSeconds"].as_u64().is_some_and(|s| s >= 2))
+        });
+        a_running && status["tiers"]["heavy"]["running"].as_u64() == Some(1) && b_waiting
+    });
+    let status_problem = (!waited).then(|| {
+        format!("status while a runs and b waits: expected a-heavy-0 running (heavy running 1) and b-heavy-0 waiting, got {last_status:#?}")
+    });
     assert!(
         started(&records_dir, "b-heavy-0").is_none(),
         "b-heavy-0 started while a-heavy-0 held the only heavy slot; b's stderr:\n{}",
         client_b.stderr()
     );
-
-    // While both wait, `nix-tier status --json` shows the running build and the waiting one.
-    let status_problem = match status_json(&sandbox) {
-        Err(e) => Some(e),
-        Ok(status) => {
-            let running = status["running"].as_array().cloned().unwrap_or_default();
-            let heavy_running = status["tiers"]["heavy"]["running"].as_u64();
-            let a_running = running.iter().any(|r| r["name"] == "a-heavy-0" && r["tier"] == "heavy");
-            let b_waiting = status["waiting"].to_string().contains("b-heavy-0");
-            (!(a_running && heavy_running == Some(1) && b_waiting)).then(|| {
-                format!("status while a runs and b waits: expected a-heavy-0 running (heavy running 1) and b-heavy-0 waiting, got {status:#}")
-            })
-        }
-    };
 
     // kill -9 the client (its process group) and the builder's own process group (Nix puts the
     // builder in a session of its own).

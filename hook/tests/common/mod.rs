@@ -1,0 +1,142 @@
+//! A real `nix-tier-hook` process driven through the build-hook protocol, as a Nix worker
+//! would drive it: this test process plays the worker (the hook's parent, the holder of output
+//! locks and the parent of builders). Each test binary uses a part of these helpers.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Duration;
+
+use nix_tier_hook::protocol::{self, Settings, TryRequest};
+
+/// How long any answer may take: far more than a decision needs, far less than a hang.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One hook process.
+pub struct Hook {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Hook {
+    /// Starts the hook with `env` and sends the settings handshake.
+    pub fn start(env: &[(&str, &Path)]) -> Hook {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-tier-hook"));
+        cmd.arg("3").stdin(Stdio::piped()).stderr(Stdio::piped()).env_remove("NIX_TIER_CGROUP_ROOT");
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let mut child = cmd.spawn().expect("start nix-tier-hook");
+        let stderr = child.stderr.take().unwrap();
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stdin = child.stdin.take().unwrap();
+        let settings: Settings = [("max-jobs", "8"), ("build-poll-interval", "1"), ("builders", "")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        protocol::write_settings(&mut stdin, &settings).unwrap();
+        stdin.flush().unwrap();
+        Hook { child, stdin: Some(stdin), lines }
+    }
+
+    /// Asks about `drv` (Nix has a free slot); the lines the hook printed up to and including
+    /// its reply. Panics if no reply comes within [`ANSWER_TIMEOUT`].
+    pub fn ask(&mut self, drv: &Path) -> Vec<String> {
+        let request = TryRequest {
+            am_willing: true,
+            system: std::env::consts::ARCH.to_string() + "-linux",
+            drv_path: drv.display().to_string(),
+            required_features: vec![],
+        };
+        let stdin = self.stdin.as_mut().unwrap();
+        protocol::write_request(stdin, &request).unwrap();
+        stdin.flush().unwrap();
+        self.reply(&format!("asking about {}", drv.display()))
+    }
+
+    /// Writes raw bytes to the hook's stdin.
+    pub fn write_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes the hook's stdin (Nix is done with it, or went away mid-request).
+    pub fn close(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The lines up to and including the next reply line.
+    pub fn reply(&mut self, what: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            match self.lines.recv_timeout(ANSWER_TIMEOUT) {
+                Ok(line) => {
+                    let done = protocol::Reply::parse(&line).is_some();
+                    lines.push(line);
+                    if done {
+                        return lines;
+                    }
+                }
+                Err(e) => panic!("{what}: no reply within {ANSWER_TIMEOUT:?} ({e}); lines so far: {lines:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a `.drv` (ATerm, as Nix writes them) for a derivation `name` with one output `out`
+/// at `<dir>/<name>-out`; its path, and the output's.
+pub fn write_drv(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let out = dir.join(format!("{name}-out"));
+    let system = std::env::consts::ARCH.to_string() + "-linux";
+    let text = format!(
+        r#"Derive([("out","{out}","","")],[],[],"{system}","/bin/sh",[],[("builder","/bin/sh"),("name","{name}"),("out","{out}"),("system","{system}")])"#,
+        out = out.display()
+    );
+    let drv = dir.join(format!("{name}.drv"));
+    std::fs::write(&drv, text).unwrap();
+    (drv, out)
+}
+
+/// This machine's profile (`nix-tier profile`) with `build` replaced, written to `path`.
+pub fn write_profile(path: &Path, build: serde_json::Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nix-tier")).arg("profile").output().unwrap();
+    assert!(out.status.success(), "nix-tier profile: {}", String::from_utf8_lossy(&out.stderr));
+    let mut profile: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    profile["source"] = "pinned".into();
+    profile["build"] = build;
+    std::fs::write(path, serde_json::to_string(&profile).unwrap()).unwrap();
+}
+
+/// A `build` section: heavy 1 job of 1000 MiB, medium 2 of 500, light 4 of 100, in `budget`.
+pub fn build_section(budget: u64) -> serde_json::Value {
+    let tier = |jobs: u64, mib: u64| serde_json::json!({ "maxJobs": jobs, "cores": 1, "memoryMiB": mib });
+    serde_json::json!({
+        "memoryBudgetMiB": budget,
+        "defaultTier": "light",
+        "rules": [],
+        "tiers": { "heavy": tier(1, 1000), "medium": tier(2, 500), "light": tier(4, 100) },
+    })
+}
+
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
