@@ -4,12 +4,10 @@
 # nix-tier-bench-<pid>-<run>; bench_cleanup, run on EXIT/INT/TERM, kills what is left inside
 # those cgroups (only processes this benchmark started), removes them and the directory.
 #
-# Runs that use the tier hook are started in a private mount namespace in which the benchmark's
-# own cgroups are bind-mounted over /sys/fs/cgroup/{memory,cpu,cpuacct}: the hook then creates
-# its per-build cgroups (`nix-tier/<drv>`, hook/src/watch.rs) inside the benchmark's cgroup, so
-# that one parent accounts for the whole run (nix-store, hook, builders) whether or not the hook
-# moved a builder, and nothing is left in the machine's real nix-tier parent. The hook is not
-# changed: on cgroup v1 it has no setting for its parent (NIX_TIER_CGROUP_ROOT is v2 only).
+# Runs that use the tier hook get NIX_TIER_CGROUP_ROOT = the benchmark's own cgroup: the hook
+# then creates its per-build cgroups (`nix-tier/<drv>`) inside it, so that one parent accounts
+# for the whole run (nix-store, hook, builders) whether or not the hook moved a builder, and
+# nothing is left in the machine's real nix-tier parent.
 
 set -euo pipefail
 
@@ -29,7 +27,7 @@ bench_init() {
   for b in nix-tier nix-tier-hook nix-tier-testbuilder; do
     [ -x "$bin/$b" ] || die "$bin/$b missing: run cargo build --release"
   done
-  for c in nix-instantiate nix-store python3 unshare flock; do
+  for c in nix-instantiate nix-store python3 flock; do
     command -v "$c" >/dev/null || die "$c not found"
   done
   [ -f "$cg_base/memory/memory.limit_in_bytes" ] || die "needs a writable cgroup v1 memory controller at $cg_base/memory"
@@ -134,9 +132,9 @@ json.dump(p, sys.stdout, indent=2)' "$budget" "$heavy" "$medium" "$light" >"$fil
   "$bin/nix-tier" profile --check "$file" >/dev/null
 }
 
-# Runs "$@" inside cgroup $1 (all controllers). With $2 = hook, in a private mount namespace
-# where that cgroup is /sys/fs/cgroup/{memory,cpu,cpuacct} (see the top of this file). In the
-# background, waited for, so that INT/TERM reach the traps at once (cleanup kills the cgroup).
+# Runs "$@" inside cgroup $1 (all controllers). With $2 = hook, that cgroup is also the hook's
+# NIX_TIER_CGROUP_ROOT (see the top of this file). In the background, waited for, so that
+# INT/TERM reach the traps at once (cleanup kills the cgroup).
 run_in_cgroup() {
   run_in_cgroup_fg "$@" &
   wait $!
@@ -146,18 +144,11 @@ run_in_cgroup_fg() {
   local name=$1 mode=$2
   shift 2
   if [ "$mode" = hook ]; then
-    unshare --mount --propagation private -- bash -c '
-      set -e
-      for ctl in memory cpu cpuacct; do
-        mount --bind "'"$cg_base"'/$ctl/'"$name"'" "'"$cg_base"'/$ctl"
-        echo $$ > "'"$cg_base"'/$ctl/cgroup.procs"
-      done
-      exec "$@"' bench-run "$@"
-  else
-    bash -c '
-      for ctl in memory cpu cpuacct; do echo $$ > "'"$cg_base"'/$ctl/'"$name"'/cgroup.procs"; done
-      exec "$@"' bench-run "$@"
+    export NIX_TIER_CGROUP_ROOT=$cg_base/memory/$name
   fi
+  bash -c '
+    for ctl in memory cpu cpuacct; do echo $$ > "'"$cg_base"'/$ctl/'"$name"'/cgroup.procs"; done
+    exec "$@"' bench-run "$@"
 }
 
 # OOM kills the kernel logged for tasks in cgroup $1 or below (empty when dmesg is unreadable).
