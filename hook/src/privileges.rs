@@ -1,12 +1,15 @@
 //! Least privilege: the hook keeps only the Linux capabilities it needs.
 //!
-//! Under a multi-user `nix-daemon` the hook runs as root. It needs `CAP_SYS_PTRACE`, to read the
-//! environment of (and write a line into the log of) a builder running as a build user, and
-//! `CAP_KILL`, to end what is left of an abandoned build before removing its cgroup. Writing
-//! cgroup files and its own state needs no capability: they belong to root. Everything else is
-//! dropped from the effective, permitted, inheritable, ambient and bounding sets, so the
-//! watchers it starts cannot regain it either. Run as an ordinary user (single-user Nix) it has
-//! no capabilities and nothing changes.
+//! Under a multi-user `nix-daemon` the hook runs as root. Before it calls
+//! [`keep_only_needed`] it does its one privileged step: it makes the parent of builds'
+//! cgroups, which needs `CAP_DAC_OVERRIDE` where the cgroup root is mode 0555 (as it commonly
+//! is). Afterwards it needs `CAP_SYS_PTRACE`, to read the environment of a builder running as a
+//! build user (from its memory: its `/proc/<pid>/environ` is the build user's own file) and to
+//! take a copy of its log descriptor, and `CAP_KILL`, to end what is left of an abandoned build.
+//! Creating cgroups inside the parent it made, moving processes into them and writing its own
+//! state need no capability. Everything else is dropped from the effective, permitted,
+//! inheritable, ambient and bounding sets, so the watchers it starts cannot regain it either.
+//! Run as an ordinary user (single-user Nix) it has no capabilities and nothing changes.
 
 use caps::{CapSet, Capability, CapsHashSet};
 

@@ -29,8 +29,35 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// Whether `pid`'s environment holds the entry `entry` (e.g. `out=/nix/store/…`).
 pub fn has_env_entry(pid: u32, entry: &str) -> bool {
-    fs::read(format!("/proc/{pid}/environ"))
-        .is_ok_and(|environ| environ.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
+    environ(pid).is_some_and(|environ| environ.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
+}
+
+/// The largest environment read (Linux caps one exec's arguments and environment at 2 MiB).
+const MAX_ENVIRON_BYTES: usize = 2 << 20;
+
+/// The environment block of `pid`. `/proc/<pid>/environ` belongs to the process's user (mode
+/// 0400), so a build user's cannot be opened without `CAP_DAC_READ_SEARCH`; the block is then
+/// read from the process's memory, between `env_start` and `env_end` of its `stat`, with
+/// `process_vm_readv`, which `CAP_SYS_PTRACE` allows.
+pub fn environ(pid: u32) -> Option<Vec<u8>> {
+    if let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) {
+        return Some(environ);
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command's closing parenthesis start at field 3; env_start is field 50.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let start: usize = fields.get(47)?.parse().ok()?;
+    let end: usize = fields.get(48)?.parse().ok()?;
+    let len = end.checked_sub(start).filter(|len| (1..=MAX_ENVIRON_BYTES).contains(len))?;
+    let mut buffer = vec![0u8; len];
+    let read = nix::sys::uio::process_vm_readv(
+        nix::unistd::Pid::from_raw(pid as i32),
+        &mut [std::io::IoSliceMut::new(&mut buffer)],
+        &[nix::sys::uio::RemoteIoVec { base: start, len }],
+    )
+    .ok()?;
+    buffer.truncate(read);
+    Some(buffer)
 }
 
 /// The owner of process `pid`.

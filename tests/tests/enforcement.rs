@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_tests::hook_env::{
-    hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, Limits, Running, TierLimits,
+    hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, Limits, NixDaemon, Running,
+    TierLimits,
 };
 use nix_tier_tests::{binary, is_root, requires, stderr, NixSandbox, ReadOnlyCgroupRoot};
 use serde_json::Value;
@@ -217,6 +218,69 @@ fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     placed_early(true);
+}
+
+/// The members of group `nixbld` (Nix's build users), from /etc/group.
+fn build_users() -> Vec<String> {
+    std::fs::read_to_string("/etc/group")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("nixbld:").map(|rest| rest.rsplit(':').next().unwrap_or("").to_string()))
+        .map(|members| members.split(',').filter(|m| !m.is_empty()).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// A uid's name, from /etc/passwd.
+fn user_name(uid: u32) -> Option<String> {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()?
+        .lines()
+        .find(|l| l.split(':').nth(2) == Some(&uid.to_string()))
+        .map(|l| l.split(':').next().unwrap_or("").to_string())
+}
+
+#[test]
+fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
+    // Multi-user Nix: a daemon running builders as nixbld<N>, which the hook, with only
+    // CAP_SYS_PTRACE and CAP_KILL left, must still find and place.
+    if !cgroups_present() || !requires(!build_users().is_empty(), "Nix's build users (group nixbld with members: scripts/setup makes them)") {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    for sandboxed in [false, true] {
+        let (sandbox, records) = hook_sandbox_recording(
+            &limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }),
+            sandboxed,
+            "build-users-group = nixbld",
+        );
+        // Build users must reach the store and write their records.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for dir in [records.clone(), records.join("started"), records.join("placed")] {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        std::fs::write(records.join("records"), "").unwrap();
+        std::fs::set_permissions(records.join("records"), std::fs::Permissions::from_mode(0o666)).unwrap();
+        let daemon = NixDaemon::start(&sandbox);
+        let builds: String = (0..3)
+            .map(|i| format!(r#"{{ name = "user{i}-1.0"; tier = "light"; mem = 10; sleep = 300; ramp = 0; salt = "{sandboxed}"; }}"#))
+            .collect();
+        let expr = builds_expr(&records, &builds).replace("TB_RAMP_MS =", "TB_PLACEMENT_WAIT_MS = \"3000\"; TB_RAMP_MS =");
+        let out = daemon.command("nix-build").args(["--no-out-link", "-j", "8", "--expr", &expr]).output().unwrap();
+        assert!(out.status.success(), "sandboxed {sandboxed}: {}\ndaemon:\n{}", stderr(&out), daemon.log());
+        for i in 0..3 {
+            let name = format!("user{i}-1.0");
+            let started = records.join("started").join(&name);
+            let uid = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&started).unwrap());
+            let user = user_name(uid).unwrap_or_default();
+            assert!(build_users().contains(&user), "sandboxed {sandboxed}: {name} ran as uid {uid} ({user}), not a build user");
+            let placed = std::fs::read_to_string(records.join("placed").join(&name)).unwrap();
+            assert!(placed.trim().parse::<u64>().is_ok(), "sandboxed {sandboxed}: {name} was never placed ({placed}); daemon:\n{}", daemon.log());
+        }
+        let rows = history_rows(&sandbox, 3);
+        assert!(rows.iter().all(|r| r["peakMiB"].is_u64() && r["cpuMs"].is_u64()), "sandboxed {sandboxed}: {rows:#?}");
+    }
 }
 
 #[test]
