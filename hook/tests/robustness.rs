@@ -191,3 +191,30 @@ fn an_unusable_state_directory_declines_and_says_why() {
     assert_eq!(reply(&lines), "# decline", "{lines:?}");
     assert!(mentions(&lines, &["state directory", "not a directory", "without tier limits"]), "{lines:?}");
 }
+
+#[test]
+fn a_running_build_stays_counted_when_the_state_file_is_lost() {
+    // One heavy slot: the build running when the state file is destroyed still holds it.
+    let setup = Setup::new(8000);
+    let mut build = build_section(8000);
+    build["defaultTier"] = "heavy".into();
+    write_profile(&setup.profile(), build);
+    let mut hook = setup.hook();
+    let (first, out) = write_drv(setup.path(), "first-1.0");
+    let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
+    lock.lock().unwrap();
+    assert_eq!(reply(&hook.ask(&first)), "# decline", "admitted");
+    // Its watcher is what the rebuilt state is found from.
+    let deadline = std::time::Instant::now() + common::ANSWER_TIMEOUT;
+    while !fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        fs::read(e.path().join("cmdline")).is_ok_and(|c| c.windows(9).any(|w| w == b"first-1.0"))
+    }) {
+        assert!(std::time::Instant::now() < deadline, "no watcher for first-1.0");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    fs::write(setup.state().join("state.json"), "\u{0}garbage").unwrap();
+    let (second, _) = write_drv(setup.path(), "second-1.0");
+    let lines = setup.hook().ask(&second);
+    assert_eq!(reply(&lines), "# postpone", "the lost state was rebuilt with the running build: {lines:?}");
+    assert!(mentions(&lines, &["rebuilt from the 1 running build(s) found"]), "{lines:?}");
+}
