@@ -421,7 +421,8 @@ mod tests {
         let state_dir = StateDir::at(dir.path().join("s"));
         drop(state_dir.lock().unwrap());
         let lock = dir.path().join("s").join(LOCK_FILE);
-        let makers: [(&str, Box<dyn Fn(&Path)>); 3] = [
+        type Make = Box<dyn Fn(&Path)>;
+        let makers: [(&str, Make); 3] = [
             ("directory", Box::new(|p: &Path| fs::create_dir(p).unwrap())),
             ("FIFO", Box::new(|p: &Path| mkfifo(p))),
             ("symlink", Box::new(|p: &Path| std::os::unix::fs::symlink("/etc/passwd", p).unwrap())),
