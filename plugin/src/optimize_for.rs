@@ -1,18 +1,48 @@
 //! `builtins.optimizeFor`: the plan for one derivation, made by `nix_tier_model::optimize`.
 
-use nix_tier_model::optimize::{self, Facts};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{LazyLock, Mutex};
+
+use nix_tier_model::optimize::{self, Facts, SWITCHES, VARIABLES};
 
 use crate::{hardware_profile, PluginError};
 
-/// The plan as JSON, for the Nix glue in `plugin/nix/optimize-for.nix` to apply.
+/// The Nix glue (`{ inspect; apply; }`) with the model's lists of variables and switches.
+pub fn glue() -> &'static str {
+    static GLUE: LazyLock<String> = LazyLock::new(|| {
+        let list = |names: &[&str]| format!("[ {} ]", names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(" "));
+        include_str!("../nix/optimize-for.nix")
+            .replace("@VARIABLES@", &list(VARIABLES))
+            .replace("@SWITCHES@", &list(SWITCHES))
+    });
+    &GLUE
+}
+
+/// The plan as JSON, for the glue to apply, and the warnings not yet shown in this process.
+/// `system_features` is Nix's `system-features` setting, space-separated.
 pub fn plan_json(
     options_json: &str,
     facts_json: &str,
+    system_features: &str,
     pinned_path: &str,
     pure_eval: bool,
-) -> Result<String, PluginError> {
+) -> Result<(String, Vec<String>), PluginError> {
     let facts: Facts = serde_json::from_str(facts_json)
         .map_err(|e| PluginError(format!("builtins.optimizeFor: internal error reading the derivation's facts: {e}")))?;
-    let plan = optimize::plan(options_json, &facts, || hardware_profile::load(pinned_path, pure_eval))?;
-    Ok(serde_json::to_string(&plan)?)
+    let features: BTreeSet<String> = system_features.split_whitespace().map(str::to_string).collect();
+    let mut plan = optimize::plan(options_json, &facts, Some(&features), || {
+        hardware_profile::load(pinned_path, pure_eval)
+    })?;
+    let warnings = first_time(std::mem::take(&mut plan.warnings));
+    Ok((serde_json::to_string(&plan)?, warnings))
+}
+
+/// The warnings not shown before: one evaluation optimises many packages alike.
+fn first_time(warnings: Vec<String>) -> Vec<String> {
+    static SHOWN: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+    if warnings.is_empty() {
+        return warnings;
+    }
+    let mut shown = SHOWN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    warnings.into_iter().filter(|w| shown.insert(w.clone())).collect()
 }
