@@ -1,7 +1,8 @@
 # Glue for builtins.optimizeFor, evaluated once per evaluation by the plugin. It only reads facts
 # from a derivation and mechanically applies a plan; every decision is made in Rust
-# (nix-tier-model's `optimize` module, which also fills in @VARIABLES@ and @SWITCHES@ below).
-# Kept in the nixpkgs idiom: override, then overrideAttrs.
+# (nix-tier-model's `optimize` module, which also passes the variables a plan may write and the
+# switches it may turn on). Kept in the nixpkgs idiom: override, then overrideAttrs.
+{ variables, switches }:
 let
   # nixpkgs' lib.functionArgs: `override` is a functor carrying the wrapped function's arguments.
   functionArgs = f:
@@ -12,10 +13,6 @@ let
   original = drv: drv.nixTier.original or drv;
 
   joinFlags = flags: builtins.concatStringsSep " " (builtins.filter (s: s != "") flags);
-
-  # The variables a plan may write and the switches it may turn on.
-  variables = @VARIABLES@;
-  switches = @SWITCHES@;
 in
 {
   inspect = options: drv:

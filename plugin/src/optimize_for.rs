@@ -7,13 +7,16 @@ use nix_tier_model::optimize::{self, Facts, SWITCHES, VARIABLES};
 
 use crate::{hardware_profile, PluginError};
 
-/// The Nix glue (`{ inspect; apply; }`) with the model's lists of variables and switches.
+/// The Nix glue (`{ inspect; apply; }`), given the model's lists of variables and switches.
 pub fn glue() -> &'static str {
     static GLUE: LazyLock<String> = LazyLock::new(|| {
-        let list = |names: &[&str]| format!("[ {} ]", names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(" "));
-        include_str!("../nix/optimize-for.nix")
-            .replace("@VARIABLES@", &list(VARIABLES))
-            .replace("@SWITCHES@", &list(SWITCHES))
+        let list = |names: &[&str]| names.iter().map(|n| format!("\"{n}\" ")).collect::<String>();
+        format!(
+            "({}) {{ variables = [ {}]; switches = [ {}]; }}",
+            include_str!("../nix/optimize-for.nix"),
+            list(VARIABLES),
+            list(SWITCHES)
+        )
     });
     &GLUE
 }
