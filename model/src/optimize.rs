@@ -186,8 +186,14 @@ pub struct Plan {
     pub pass_self: bool,
     /// Messages for the user, printed once per evaluation.
     pub warnings: Vec<String>,
-    /// What was done and why, exposed as `passthru.nixTier`.
+    /// What was done and why, exposed as `passthru.nixTier`; serialized as a JSON string, which
+    /// the glue parses only when `passthru.nixTier` is used.
+    #[serde(serialize_with = "json_string")]
     pub info: PlanInfo,
+}
+
+fn json_string<S: serde::Serializer>(info: &PlanInfo, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&serde_json::to_string(info).map_err(serde::ser::Error::custom)?)
 }
 
 /// The record of a plan, for users (`drv.nixTier`).
@@ -256,19 +262,32 @@ pub enum OptimizeError {
     NotOverridable(String),
 }
 
-/// Makes the plan for `facts` from the caller's `options` (JSON). `system_features` are Nix's
-/// `system-features` where the plugin runs, when known. `host` yields the evaluating host's
-/// profile; it is only called when needed.
-pub fn plan(
-    options_json: &str,
-    facts: &Facts,
-    system_features: Option<&BTreeSet<String>>,
-    host: impl FnOnce() -> Result<Profile, String>,
-) -> Result<Plan, OptimizeError> {
+/// What a call's options resolve to, the same for every derivation they are applied to: the
+/// parsed options, the profile and the checked target. Made once by [`prepare`] and reused.
+#[derive(Debug)]
+pub struct Prepared {
+    options: Options,
+    profile: Profile,
+    target: std::sync::Arc<Microarchitecture>,
+    /// What the target gives every package, computed once.
+    derived: Derived,
+}
+
+/// The target's names and flags.
+#[derive(Debug)]
+struct Derived {
+    gccarch_feature: Option<String>,
+    llvm_cpu: String,
+    goamd64: Option<String>,
+    /// `-march` flags per compiler (clang?, version), as archspec spells them.
+    compiler_flags: std::sync::Mutex<BTreeMap<(bool, Option<String>), Result<String, String>>>,
+}
+
+/// Resolves the caller's `options` (JSON): parses them, finds the profile and the target and
+/// checks that the host can run it. `host` yields the evaluating host's profile; it is only
+/// called when needed.
+pub fn prepare(options_json: &str, host: impl FnOnce() -> Result<Profile, String>) -> Result<Prepared, OptimizeError> {
     let options = parse_options(options_json)?;
-    if !facts.has_override_attrs {
-        return Err(OptimizeError::NotOverridable(facts.name.clone()));
-    }
     let mut host = Some(host);
     let mut host_profile = || host.take().map(|h| h().map_err(OptimizeError::Host)).unwrap();
     let profile = match &options.profile {
@@ -278,12 +297,42 @@ pub fn plan(
     let target_name = options.target.clone().unwrap_or_else(|| profile.cpu.microarchitecture.clone());
     let target = find_target(&target_name)?;
     if !options.for_another_machine {
-        check_host_can_run(&target, &match &options.profile {
-            None => profile.clone(),
-            Some(_) => host_profile()?,
-        })?;
+        match &options.profile {
+            None => check_host_can_run(&target, &profile)?,
+            Some(_) => check_host_can_run(&target, &host_profile()?)?,
+        }
     }
+    let derived = Derived {
+        gccarch_feature: gccarch_feature(&target),
+        llvm_cpu: detect::llvm_cpu_name(&target),
+        goamd64: detect::goamd64(&target),
+        compiler_flags: Default::default(),
+    };
+    Ok(Prepared { options, profile, target, derived })
+}
 
+/// Makes the plan for `facts` from the caller's `options` (JSON): [`prepare`], then
+/// [`plan_prepared`].
+pub fn plan(
+    options_json: &str,
+    facts: &Facts,
+    system_features: Option<&BTreeSet<String>>,
+    host: impl FnOnce() -> Result<Profile, String>,
+) -> Result<Plan, OptimizeError> {
+    plan_prepared(&prepare(options_json, host)?, facts, system_features)
+}
+
+/// Makes the plan for `facts` under `prepared` options. `system_features` are Nix's
+/// `system-features` where the plugin runs, when known.
+pub fn plan_prepared(
+    prepared: &Prepared,
+    facts: &Facts,
+    system_features: Option<&BTreeSet<String>>,
+) -> Result<Plan, OptimizeError> {
+    let Prepared { options, profile, target, derived } = prepared;
+    if !facts.has_override_attrs {
+        return Err(OptimizeError::NotOverridable(facts.name.clone()));
+    }
     let mut plan = Plan {
         append: BTreeMap::new(),
         set: BTreeMap::new(),
@@ -304,20 +353,20 @@ pub fn plan(
         },
     };
     let name = facts.pname.as_deref().unwrap_or_else(|| package_name(&facts.name));
-    match opted_out(&options, name) {
+    match opted_out(options, name) {
         Some(reason) => {
             plan.info.skipped.insert("cpu-flags".into(), format!("{name} is opted out: {reason}"));
         }
         None => {
-            add_c_flags(&mut plan, &options, facts, &target);
-            add_rust_and_go(&mut plan, facts, &target);
+            add_c_flags(&mut plan, options, facts, target, derived);
+            add_rust_and_go(&mut plan, facts, target, derived);
         }
     }
-    add_switches(&mut plan, &options, facts, name);
+    add_switches(&mut plan, options, facts, name);
     if !options.for_another_machine {
-        warn_unbuildable(&mut plan, &target, system_features);
+        warn_unbuildable(&mut plan, target, system_features);
     }
-    add_tier(&mut plan, &options, facts, &profile, name);
+    add_tier(&mut plan, options, facts, profile, name);
     Ok(plan)
 }
 
@@ -396,7 +445,7 @@ fn hidden_reason(variable: &str) -> String {
 }
 
 /// `-march`/`-mtune` before the package's own flags, `-O` after them.
-fn add_c_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Microarchitecture) {
+fn add_c_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Microarchitecture, derived: &Derived) {
     let Some(compiler) = facts.compiler.as_ref() else {
         plan.info.skipped.insert(
             "cpu-flags".into(),
@@ -409,13 +458,20 @@ fn add_c_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Micro
         return;
     };
     let family = if compiler.clang { "clang" } else { "gcc" };
-    match detect::compiler_flags(target, family, compiler.version.as_deref()) {
+    let flags = derived
+        .compiler_flags
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .entry((compiler.clang, compiler.version.clone()))
+        .or_insert_with(|| detect::compiler_flags(target, family, compiler.version.as_deref()))
+        .clone();
+    match flags {
         Ok(march) => {
             plan.append.insert(CFLAGS_BEFORE.into(), march);
             plan.info.applied.push("march".into());
             // nixpkgs' convention: gccarch-<gcc.arch>, whatever this compiler version spells.
-            if let Some(feature) = gccarch_feature(target) {
-                plan.system_features.push(feature);
+            if let Some(feature) = &derived.gccarch_feature {
+                plan.system_features.push(feature.clone());
                 plan.info.applied.push("system-features".into());
             }
         }
@@ -453,9 +509,9 @@ fn add_c_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Micro
     }
 }
 
-fn add_rust_and_go(plan: &mut Plan, facts: &Facts, target: &Microarchitecture) {
+fn add_rust_and_go(plan: &mut Plan, facts: &Facts, target: &Microarchitecture, derived: &Derived) {
     if facts.has_cargo_deps {
-        let cpu = detect::llvm_cpu_name(target);
+        let cpu = &derived.llvm_cpu;
         // Appending keeps the package's own RUSTFLAGS; without one, RUSTFLAGS would hide
         // cargo's other rustflags sources, so the rustc wrapper's variable is used.
         let variable = if facts.exported.iter().any(|v| v == RUSTFLAGS) { RUSTFLAGS } else { NIX_RUSTFLAGS };
@@ -463,7 +519,7 @@ fn add_rust_and_go(plan: &mut Plan, facts: &Facts, target: &Microarchitecture) {
         plan.info.applied.push("rust-target-cpu".into());
     }
     if facts.has_go_modules {
-        match detect::goamd64(target) {
+        match derived.goamd64.clone() {
             Some(_) if is_hidden(facts, "GOAMD64") => {
                 plan.info.skipped.insert("goamd64".into(), hidden_reason("GOAMD64"));
             }

@@ -12,7 +12,6 @@ let
   # Re-applying starts from the derivation before any optimizeFor, so the last call wins.
   original = drv: drv.nixTier.original or drv;
 
-  joinFlags = flags: builtins.concatStringsSep " " (builtins.filter (s: s != "") flags);
 in
 {
   inspect = options: drv:
@@ -57,24 +56,23 @@ in
           env = old.env or { };
           # A variable stays where the package keeps it: the top level when it is there, else
           # `env` (nixpkgs forbids both, and with structured attributes only `env` is exported).
-          atTop = name: old ? ${name};
-          values =
-            builtins.mapAttrs (name: extra: joinFlags [ (toString (if atTop name then old.${name} else env.${name} or "")) extra ]) plan.append
+          values = builtins.mapAttrs (name: extra:
+            let current = toString (old.${name} or env.${name} or ""); in
+            if current == "" then extra else current + " " + extra) plan.append
             // plan.set;
-          names = builtins.attrNames values;
-          top = builtins.filter atTop names;
-          pick = list: builtins.listToAttrs (map (name: { inherit name; value = values.${name}; }) list);
+          top = builtins.intersectAttrs old values;
+          inEnv = removeAttrs values (builtins.attrNames top);
           features = old.requiredSystemFeatures or [ ];
         in
-        pick top // plan.attributes // {
-          passthru = (old.passthru or { }) // { nixTier = plan.info // { original = base; }; };
+        top // plan.attributes // {
+          passthru = (old.passthru or { }) // { nixTier = builtins.fromJSON plan.info // { original = base; }; };
         } // (if plan.systemFeatures == [ ] then { } else {
           requiredSystemFeatures =
             features ++ builtins.filter (f: !builtins.elem f features) plan.systemFeatures;
         }) // (if plan.hardeningDisable == [ ] then { } else {
           hardeningDisable = (old.hardeningDisable or [ ]) ++ plan.hardeningDisable;
-        }) // (if builtins.length top == builtins.length names then { } else {
-          env = env // pick (builtins.filter (name: !atTop name) names);
+        }) // (if inEnv == { } then { } else {
+          env = env // inEnv;
         }));
     in
     result;

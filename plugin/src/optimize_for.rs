@@ -1,9 +1,10 @@
 //! `builtins.optimizeFor`: the plan for one derivation, made by `nix_tier_model::optimize`.
 
-use std::collections::{BTreeSet, HashSet};
-use std::sync::{LazyLock, Mutex};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::SystemTime;
 
-use nix_tier_model::optimize::{self, Facts, SWITCHES, VARIABLES};
+use nix_tier_model::optimize::{self, Facts, Prepared, SWITCHES, VARIABLES};
 
 use crate::{hardware_profile, PluginError};
 
@@ -33,11 +34,29 @@ pub fn plan_json(
     let facts: Facts = serde_json::from_str(facts_json)
         .map_err(|e| PluginError(format!("builtins.optimizeFor: internal error reading the derivation's facts: {e}")))?;
     let features: BTreeSet<String> = system_features.split_whitespace().map(str::to_string).collect();
-    let mut plan = optimize::plan(options_json, &facts, Some(&features), || {
-        hardware_profile::load(pinned_path, pure_eval)
-    })?;
+    let prepared = prepared(options_json, pinned_path, pure_eval)?;
+    let mut plan = optimize::plan_prepared(&prepared, &facts, Some(&features))?;
     let warnings = first_time(std::mem::take(&mut plan.warnings));
     Ok((serde_json::to_string(&plan)?, warnings))
+}
+
+/// The options resolved, once per distinct options (and pinned profile file) in this process:
+/// an overlay applies the same options to many packages, and resolving them (profile, archspec
+/// target, host check) costs more than planning one derivation.
+fn prepared(options_json: &str, pinned_path: &str, pure_eval: bool) -> Result<Arc<Prepared>, PluginError> {
+    type Key = (String, String, Option<SystemTime>, bool);
+    static CACHE: LazyLock<Mutex<HashMap<Key, Arc<Prepared>>>> = LazyLock::new(Default::default);
+    // A pinned file edited during the evaluation is read again.
+    let modified = (!pinned_path.is_empty())
+        .then(|| std::fs::metadata(pinned_path).and_then(|m| m.modified()).ok())
+        .flatten();
+    let key = (options_json.to_string(), pinned_path.to_string(), modified, pure_eval);
+    if let Some(prepared) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(Arc::clone(prepared));
+    }
+    let prepared = Arc::new(optimize::prepare(options_json, || hardware_profile::load(pinned_path, pure_eval))?);
+    CACHE.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::clone(&prepared));
+    Ok(prepared)
 }
 
 /// The warnings not shown before: one evaluation optimises many packages alike.
