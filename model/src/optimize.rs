@@ -279,9 +279,12 @@ struct Derived {
     gccarch_feature: Option<String>,
     llvm_cpu: String,
     goamd64: Option<String>,
-    /// `-march` flags per compiler (clang?, version), as archspec spells them.
-    compiler_flags: std::sync::Mutex<BTreeMap<(bool, Option<String>), Result<String, String>>>,
+    /// `-march` flags per compiler, as archspec spells them.
+    compiler_flags: std::sync::Mutex<BTreeMap<CompilerKey, Result<String, String>>>,
 }
+
+/// A compiler: whether it is clang, and its version.
+type CompilerKey = (bool, Option<String>);
 
 /// Resolves the caller's `options` (JSON): parses them, finds the profile and the target and
 /// checks that the host can run it. `host` yields the evaluating host's profile; it is only
