@@ -156,4 +156,13 @@ inline void registerPrimOp(const char * name, std::vector<std::string> args, siz
 
 #endif
 
+/// Nix's `system-features`, space-separated (the same `nix::settings` member from 2.8 on).
+inline std::string systemFeatures()
+{
+    std::string joined;
+    for (auto & feature : nix::settings.systemFeatures.get())
+        joined += (joined.empty() ? "" : " ") + feature;
+    return joined;
+}
+
 } // namespace nix_tier::compat

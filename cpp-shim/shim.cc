@@ -27,10 +27,10 @@ Settings & settings()
 
 /// Runs a bridged Rust function; its error (cxx's rust::Error) becomes an evaluation error at `pos`.
 template<typename Call>
-std::string callRust(nix::EvalState & state, compat::PrimOpPos pos, Call && call)
+auto callRust(nix::EvalState & state, compat::PrimOpPos pos, Call && call) -> decltype(call())
 {
     try {
-        return std::string(call());
+        return call();
     } catch (const rust::Error & e) {
         compat::throwEvalError(state, pos, e.what());
     }
@@ -42,7 +42,7 @@ void primHardwareProfile(nix::EvalState & state, compat::PrimOpPos pos, nix::Val
     auto json = callRust(state, pos, [&] {
         return hardware_profile_json(settings().hardwareProfile.get(), compat::pureEval(state));
     });
-    nix::parseJSON(state, json, v);
+    nix::parseJSON(state, std::string(json), v);
 }
 
 /// Strict JSON of a value, for Rust; errors (a function inside, say) are Nix's own, at `pos`.
@@ -84,26 +84,29 @@ void primOptimizeFor(nix::EvalState & state, compat::PrimOpPos pos, nix::Value *
         compat::throwEvalError(state, pos, "builtins.optimizeFor: the second argument must be a derivation "
             "(as made by stdenv.mkDerivation), but it is " + nix::showType(drv));
 
-    nix::Value facts;
-    state.callFunction(glueFunction(state, "inspect", pos), drv, facts, pos);
+    nix::Value inspectOptions, facts;
+    state.callFunction(glueFunction(state, "inspect", pos), options, inspectOptions, pos);
+    state.callFunction(inspectOptions, drv, facts, pos);
     auto factsJson = toJson(state, facts, pos);
     auto optionsJson = toJson(state, options, pos);
-    auto planJson = callRust(state, pos, [&] {
-        return optimize_plan_json(optionsJson, factsJson, settings().hardwareProfile.get(),
-            compat::pureEval(state));
+    auto planned = callRust(state, pos, [&] {
+        return optimize_plan(optionsJson, factsJson, compat::systemFeatures(),
+            settings().hardwareProfile.get(), compat::pureEval(state));
     });
+    for (auto & warning : planned.warnings)
+        nix::warn("%s", std::string(warning));
 
     auto plan = state.allocValue();
-    nix::parseJSON(state, planJson, *plan);
+    nix::parseJSON(state, std::string(planned.plan_json), *plan);
     nix::Value applyToPlan;
     state.callFunction(glueFunction(state, "apply", pos), *plan, applyToPlan, pos);
     state.callFunction(applyToPlan, drv, v, pos);
 }
 
 const char * const optimizeForDoc = R"(
-  Returns the derivation rebuilt for a CPU: -march/-mtune (and -O) in NIX_CFLAGS_COMPILE, Rust
-  target-cpu, GOAMD64, PGO/LTO switches where the package has them, gccarch-* system features,
-  and the build tier with its cores. Refuses targets this host cannot run unless
+  Returns the derivation rebuilt for a CPU: -march/-mtune in NIX_CFLAGS_COMPILE_BEFORE (-O in
+  NIX_CFLAGS_COMPILE), Rust target-cpu, GOAMD64, PGO/LTO switches where the package has them and
+  gccarch-* system features; the build tier stays the hook's unless asked for. Refuses targets this host cannot run unless
   forAnotherMachine = true. See docs/optimize-for.md.
 )";
 

@@ -24,6 +24,8 @@ let
   pinned = { option = "programs.nix-tier"; inherit (cfg) profile profileSettings; };
   profile = tier.pinnedProfile pinned;
   profileFile = tier.pinnedProfileFile pinned;
+  # nixpkgs' table of the architectures each gcc.arch can run (haswell, broadwell under skylake).
+  inferiors = lib.systems.architectures.inferiors or { };
 in
 {
   options.programs.nix-tier = {
@@ -70,7 +72,10 @@ in
         defaultText = lib.literalMD "`true` when `config.nix.package` is set and a Nix the plugin supports (2.8, or 2.24 and later; not Lix)";
         description = ''
           Whether to load the plugin into your Nix (`plugin-files` in ~/.config/nix/nix.conf),
-          with `hardware-profile` naming the pinned profile. It is built against
+          with `hardware-profile` naming the pinned profile and `extra-system-features` the
+          profile's `gccarch-*` features (its `gcc.arch`, nixpkgs' inferior architectures of it,
+          its ISA levels), without which Nix refuses the builds `builtins.optimizeFor` makes. A
+          nix-daemon takes these features from untrusted users only through /etc/nix/nix.conf. It is built against
           `nix.package`, which must be the Nix you run (`nix --version`): a plugin only loads
           into the exact Nix it was built for. The compat header supports Nix 2.8 and Nix 2.24
           onwards (not Lix).
@@ -91,8 +96,8 @@ in
         default = false;
         description = ''
           Single-user Nix only (no nix-daemon: your own Nix process runs the builds). Sets
-          `build-hook`, `build-poll-interval`, `max-jobs` and the profile's `gccarch-*`
-          features (`extra-system-features`) in ~/.config/nix/nix.conf. With a nix-daemon
+          `build-hook`, `build-poll-interval` and `max-jobs` in ~/.config/nix/nix.conf (the
+          profile's `gccarch-*` features are set whenever the plugin or the hook is). With a nix-daemon
           (multi-user installations, NixOS) these are system settings: the daemon runs the
           hook and reads only /etc/nix/nix.conf, so set them there, with the NixOS module's
           services.nix-tier or as docs/guide.md shows for other distributions.
@@ -132,13 +137,17 @@ in
         // optionalAttrs hasProfile { hardware-profile = profileFile; };
     })
 
+    # Builds optimised for the profile's CPU require its gccarch-* features, with or without the hook.
+    (mkIf ((cfg.plugin.enable || cfg.hook.enable) && hasProfile) {
+      nix.settings.extra-system-features = tier.gccarchFeaturesWith inferiors profile;
+    })
+
     (mkIf cfg.hook.enable {
       nix.settings = {
         build-hook = tier.hookFile cfg.package;
         build-poll-interval = cfg.pollInterval;
       } // optionalAttrs hasProfile {
         max-jobs = tier.maxJobs profile;
-        extra-system-features = tier.gccarchFeatures profile;
       };
     })
   ]);

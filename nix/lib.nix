@@ -432,15 +432,20 @@ let
         given (the setting is the plugin's: Nix rejects it without the plugin);
       - `hook` (package or program path): `build-hook` and `build-poll-interval`
         (`pollInterval`, default 1 second);
-      - `profile` (path, string or attribute set): besides `hardware-profile`, `max-jobs`
-        (`maxJobs profile`) and `extra-system-features` (`gccarchFeatures profile`, added to
-        Nix's own defaults, `kvm` included) when a hook is given;
+      - `profile` (path, string or attribute set): besides `hardware-profile`,
+        `extra-system-features` (`gccarchFeaturesWith inferiors profile`, added to Nix's own
+        defaults, `kvm` and `uid-range` included) when a plugin or a hook is given, and
+        `max-jobs` (`maxJobs profile`) when a hook is given;
+      - `inferiors`: nixpkgs' `lib.systems.architectures.inferiors`, for the named
+        architectures below the CPU's (`haswell` under `skylake`); `{ }` lists only the CPU's
+        own and its ISA levels;
       - `settings`: more settings, overriding these.
     */
     nixConfSettings =
       { plugin ? null
       , hook ? null
       , profile ? null
+      , inferiors ? { }
       , pollInterval ? 1
       , settings ? { }
       }:
@@ -452,7 +457,8 @@ let
           build-hook = if hook == null then null else self.hookFile hook;
           build-poll-interval = if hook == null then null else pollInterval;
           max-jobs = if hook == null || data == null then null else self.maxJobs data;
-          extra-system-features = if hook == null || data == null then null else self.gccarchFeatures data;
+          extra-system-features =
+            if (hook == null && plugin == null) || data == null then null else self.gccarchFeaturesWith inferiors data;
         } // settings;
       in
       listToAttrs (map (name: { inherit name; value = all.${name}; }) (filter (name: all.${name} != null) (attrNames all)));

@@ -40,7 +40,11 @@ pub struct Placement {
 pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> Placement {
     let name = drv.name().unwrap_or_else(|| "unnamed".to_string());
     let marked = drv.string_attribute(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
-    let classification = profile.build.classify(package_name(&name), &drv.required_system_features(), marked);
+    // The pname when the derivation has one, as optimizeFor classifies (its passthru.nixTier
+    // then says what the hook decides); the name without its version otherwise.
+    let pname = drv.string_attribute("pname");
+    let package = pname.as_deref().unwrap_or_else(|| package_name(&name));
+    let classification = profile.build.classify(package, &drv.required_system_features(), marked);
     let tier_mib = profile.build.tiers.get(classification.tier).memory_mib;
     let (peaks, history_error) = match history.map(|h| h.learning_peaks(nix_tier_model::build::package_name(&name))) {
         Some(Ok(peaks)) => (peaks, None),
@@ -322,5 +326,23 @@ pub fn age(seconds: u64) -> String {
         s if s < 120 => format!("{s} s"),
         s if s < 7200 => format!("{} min", s / 60),
         s => format!("{} h", s / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn place_classifies_by_pname_as_optimize_for_does() {
+        let mut profile = Profile::detect().unwrap();
+        profile.build.rules = vec![nix_tier_model::Rule { pattern: nix_tier_model::Pattern::new("numpy").unwrap(), tier: Tier::Heavy }];
+        let drv = |env: &str| {
+            Derivation::parse(&format!(r#"Derive([("out","/nix/store/x-o","","")],[],[],"x86_64-linux","/bin/sh",[],[{env}])"#)).unwrap()
+        };
+        let with_pname = drv(r#"("name","python3.13-numpy-2.0"),("pname","numpy")"#);
+        assert_eq!(place(&profile, &with_pname, None).classification.tier, Tier::Heavy);
+        let without = drv(r#"("name","python3.13-numpy-2.0")"#);
+        assert_eq!(place(&profile, &without, None).classification.tier, profile.build.default_tier);
     }
 }

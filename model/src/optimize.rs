@@ -1,9 +1,13 @@
-//! The plan behind `builtins.optimizeFor`: which compiler flags, system features, package
-//! switches and build tier a derivation gets for a target CPU.
+//! The plan behind `builtins.optimizeFor`: which compiler flags, system features and package
+//! switches a derivation gets for a target CPU, and the tier the build hook will give it.
 //!
 //! Pure: the inputs are the caller's options, facts the plugin's Nix glue read from the
-//! derivation ([`Facts`]), and the evaluating host's profile; the output ([`Plan`]) is applied by
-//! that glue through `override`/`overrideAttrs`. docs/optimize-for.md documents the interface.
+//! derivation ([`Facts`]), Nix's `system-features`, and the evaluating host's profile; the
+//! output ([`Plan`]) is applied by that glue through `override`/`overrideAttrs`.
+//! docs/optimize-for.md documents the interface.
+//!
+//! What does not change the built code stays out of the derivation (out paths are kept): the
+//! tier and its cores are the hook's business, unless the caller opts in (`tier`, `pinCores`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -27,6 +31,33 @@ pub const DEFAULT_OPT_OUT: &[(&str, &str)] = &[
 /// The derivation attribute that names a build's tier; the build hook reads it from the .drv.
 pub const TIER_ATTRIBUTE: &str = "NIX_TIER";
 
+/// The variables a plan may write. The glue reports where the package keeps each of them
+/// ([`Facts::exported`], [`Facts::hidden`]).
+pub const VARIABLES: &[&str] = &[
+    CFLAGS_BEFORE,
+    CFLAGS_AFTER,
+    RUSTFLAGS,
+    NIX_RUSTFLAGS,
+    "GOAMD64",
+    "NIX_BUILD_CORES",
+];
+
+/// The `override` switches a plan may turn on; the glue reports which are already on
+/// ([`Facts::switches_on`]).
+pub const SWITCHES: &[&str] = &[PGO_SWITCHES[0], PGO_SWITCHES[1], LTO_SWITCHES[0]];
+
+/// cc-wrapper puts this variable before the command's own arguments (as `gcc.arch`'s
+/// `cc-cflags-before`), so a source file's own `-march` still wins.
+const CFLAGS_BEFORE: &str = "NIX_CFLAGS_COMPILE_BEFORE";
+/// cc-wrapper puts this variable after the command's own arguments: the last `-O` wins.
+const CFLAGS_AFTER: &str = "NIX_CFLAGS_COMPILE";
+/// Cargo ignores its other rustflags sources once this is set.
+const RUSTFLAGS: &str = "RUSTFLAGS";
+/// nixpkgs' rustc wrapper appends this variable to every rustc command.
+const NIX_RUSTFLAGS: &str = "NIX_RUSTFLAGS";
+const PGO_SWITCHES: [&str; 2] = ["enableOptimizations", "enablePGO"];
+const LTO_SWITCHES: [&str; 1] = ["enableLTO"];
+
 /// The caller's options (the first argument of `builtins.optimizeFor`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -43,8 +74,11 @@ pub struct Options {
     /// Ask for profile-guided optimisation (`enableOptimizations` or `enablePGO`).
     #[serde(default)]
     pub pgo: bool,
-    /// The build tier; classified from the profile when absent.
+    /// Mark the derivation with this tier (`NIX_TIER`, read by the hook); changes its out path.
     pub tier: Option<Tier>,
+    /// Write the tier's cores into the derivation as `NIX_BUILD_CORES`; changes its out path.
+    #[serde(default)]
+    pub pin_cores: bool,
     /// Allow targets the evaluating host cannot run.
     #[serde(default)]
     pub for_another_machine: bool,
@@ -75,7 +109,7 @@ impl<'de> Deserialize<'de> for OptLevel {
 }
 
 /// What the plugin's Nix glue read from the derivation (before any earlier `optimizeFor`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Facts {
     /// The derivation's `name`.
@@ -94,8 +128,29 @@ pub struct Facts {
     /// The arguments its `override` accepts.
     #[serde(default)]
     pub override_args: Vec<String>,
-    /// `stdenv.cc`, when it has one.
+    /// `stdenv.cc`, when its stdenv has a C compiler (not stdenvNoCC, runCommand).
     pub compiler: Option<Compiler>,
+    /// `__structuredAttrs`: only `env` reaches the builder's environment.
+    #[serde(default)]
+    pub structured_attrs: bool,
+    /// Of [`VARIABLES`], those the package sets where the builder sees them.
+    #[serde(default)]
+    pub exported: Vec<String>,
+    /// Of [`VARIABLES`], those the package keeps at the top level of a structured-attrs
+    /// derivation, where stdenv does not export them (and `env` may not repeat them).
+    #[serde(default)]
+    pub hidden: Vec<String>,
+    /// Of [`SWITCHES`] asked for, those already on: `override { switch = true; }` gives the
+    /// same derivation.
+    #[serde(default)]
+    pub switches_on: Vec<String>,
+    /// Whether it is a C compiler itself (`isGNU`/`isClang`): its switches build features
+    /// into the compiler rather than optimise it.
+    #[serde(default)]
+    pub is_compiler: bool,
+    /// Whether it has a package set built on itself (`withPackages`, as interpreters do).
+    #[serde(default)]
+    pub has_package_set: bool,
 }
 
 /// The C compiler of a derivation's stdenv.
@@ -109,7 +164,8 @@ pub struct Compiler {
     pub version: Option<String>,
 }
 
-/// The changes to make, applied by the Nix glue.
+/// The changes to make, applied by the Nix glue. A variable goes where the package keeps it:
+/// at the top level when the package has it there, else in `env`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
@@ -117,12 +173,27 @@ pub struct Plan {
     pub append: BTreeMap<String, String>,
     /// Variables to set.
     pub set: BTreeMap<String, String>,
+    /// Top-level derivation attributes for Nix and the hook, not for the builder.
+    pub attributes: BTreeMap<String, String>,
+    /// Hardening features to add to `hardeningDisable`.
+    pub hardening_disable: Vec<String>,
     /// Features to add to `requiredSystemFeatures`.
     pub system_features: Vec<String>,
     /// Arguments for the package's `override`.
     pub override_args: BTreeMap<String, bool>,
-    /// What was done and why, exposed as `passthru.nixTier`.
+    /// Pass the result as the package's `self` argument, so that its package set
+    /// (`withPackages`, `pkgs`) is built on the optimised package.
+    pub pass_self: bool,
+    /// Messages for the user, printed once per evaluation.
+    pub warnings: Vec<String>,
+    /// What was done and why, exposed as `passthru.nixTier`; serialized as a JSON string, which
+    /// the glue parses only when `passthru.nixTier` is used.
+    #[serde(serialize_with = "json_string")]
     pub info: PlanInfo,
+}
+
+fn json_string<S: serde::Serializer>(info: &PlanInfo, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&serde_json::to_string(info).map_err(serde::ser::Error::custom)?)
 }
 
 /// The record of a plan, for users (`drv.nixTier`).
@@ -131,14 +202,16 @@ pub struct Plan {
 pub struct PlanInfo {
     /// The microarchitecture built for.
     pub target: String,
-    /// The build tier.
+    /// The build tier the hook gives the build under this profile.
     pub tier: Tier,
     /// Why the build has that tier.
     pub tier_reason: String,
-    /// The tier's cores, set as `NIX_BUILD_CORES`.
+    /// The tier's cores, the hook's CPU quota for the build.
     pub cores: u32,
     /// The adaptations made, in order.
     pub applied: Vec<String>,
+    /// Adaptations asked for that the package already has.
+    pub already_on: Vec<String>,
     /// Adaptations not made, with the reason.
     pub skipped: BTreeMap<String, String>,
 }
@@ -189,17 +262,35 @@ pub enum OptimizeError {
     NotOverridable(String),
 }
 
-/// Makes the plan for `facts` from the caller's `options` (JSON). `host` yields the evaluating
-/// host's profile; it is only called when needed.
-pub fn plan(
-    options_json: &str,
-    facts: &Facts,
-    host: impl FnOnce() -> Result<Profile, String>,
-) -> Result<Plan, OptimizeError> {
+/// What a call's options resolve to, the same for every derivation they are applied to: the
+/// parsed options, the profile and the checked target. Made once by [`prepare`] and reused.
+#[derive(Debug)]
+pub struct Prepared {
+    options: Options,
+    profile: Profile,
+    target: std::sync::Arc<Microarchitecture>,
+    /// What the target gives every package, computed once.
+    derived: Derived,
+}
+
+/// The target's names and flags.
+#[derive(Debug)]
+struct Derived {
+    gccarch_feature: Option<String>,
+    llvm_cpu: String,
+    goamd64: Option<String>,
+    /// `-march` flags per compiler, as archspec spells them.
+    compiler_flags: std::sync::Mutex<BTreeMap<CompilerKey, Result<String, String>>>,
+}
+
+/// A compiler: whether it is clang, and its version.
+type CompilerKey = (bool, Option<String>);
+
+/// Resolves the caller's `options` (JSON): parses them, finds the profile and the target and
+/// checks that the host can run it. `host` yields the evaluating host's profile; it is only
+/// called when needed.
+pub fn prepare(options_json: &str, host: impl FnOnce() -> Result<Profile, String>) -> Result<Prepared, OptimizeError> {
     let options = parse_options(options_json)?;
-    if !facts.has_override_attrs {
-        return Err(OptimizeError::NotOverridable(facts.name.clone()));
-    }
     let mut host = Some(host);
     let mut host_profile = || host.take().map(|h| h().map_err(OptimizeError::Host)).unwrap();
     let profile = match &options.profile {
@@ -209,43 +300,76 @@ pub fn plan(
     let target_name = options.target.clone().unwrap_or_else(|| profile.cpu.microarchitecture.clone());
     let target = find_target(&target_name)?;
     if !options.for_another_machine {
-        check_host_can_run(&target, &match &options.profile {
-            None => profile.clone(),
-            Some(_) => host_profile()?,
-        })?;
+        match &options.profile {
+            None => check_host_can_run(&target, &profile)?,
+            Some(_) => check_host_can_run(&target, &host_profile()?)?,
+        }
     }
+    let derived = Derived {
+        gccarch_feature: gccarch_feature(&target),
+        llvm_cpu: detect::llvm_cpu_name(&target),
+        goamd64: detect::goamd64(&target),
+        compiler_flags: Default::default(),
+    };
+    Ok(Prepared { options, profile, target, derived })
+}
 
+/// Makes the plan for `facts` from the caller's `options` (JSON): [`prepare`], then
+/// [`plan_prepared`].
+pub fn plan(
+    options_json: &str,
+    facts: &Facts,
+    system_features: Option<&BTreeSet<String>>,
+    host: impl FnOnce() -> Result<Profile, String>,
+) -> Result<Plan, OptimizeError> {
+    plan_prepared(&prepare(options_json, host)?, facts, system_features)
+}
+
+/// Makes the plan for `facts` under `prepared` options. `system_features` are Nix's
+/// `system-features` where the plugin runs, when known.
+pub fn plan_prepared(
+    prepared: &Prepared,
+    facts: &Facts,
+    system_features: Option<&BTreeSet<String>>,
+) -> Result<Plan, OptimizeError> {
+    let Prepared { options, profile, target, derived } = prepared;
+    if !facts.has_override_attrs {
+        return Err(OptimizeError::NotOverridable(facts.name.clone()));
+    }
     let mut plan = Plan {
         append: BTreeMap::new(),
         set: BTreeMap::new(),
+        attributes: BTreeMap::new(),
+        hardening_disable: Vec::new(),
         system_features: Vec::new(),
         override_args: BTreeMap::new(),
+        pass_self: false,
+        warnings: Vec::new(),
         info: PlanInfo {
             target: target.name().to_string(),
             tier: Tier::Light,
             tier_reason: String::new(),
             cores: 0,
             applied: Vec::new(),
+            already_on: Vec::new(),
             skipped: BTreeMap::new(),
         },
     };
     let name = facts.pname.as_deref().unwrap_or_else(|| package_name(&facts.name));
-    match opted_out(&options, name) {
+    match opted_out(options, name) {
         Some(reason) => {
             plan.info.skipped.insert("cpu-flags".into(), format!("{name} is opted out: {reason}"));
         }
-        None => add_cpu_flags(&mut plan, &options, facts, &target),
+        None => {
+            add_c_flags(&mut plan, options, facts, target, derived);
+            add_rust_and_go(&mut plan, facts, target, derived);
+        }
     }
-    add_switches(&mut plan, &options, facts);
-
-    let decision = profile.build.classify(name, &facts.required_system_features, options.tier);
-    let cores = profile.build.tiers.get(decision.tier).cores;
-    plan.set.insert(TIER_ATTRIBUTE.into(), decision.tier.as_str().into());
-    plan.set.insert("NIX_BUILD_CORES".into(), cores.to_string());
-    plan.info.tier = decision.tier;
-    plan.info.tier_reason = decision.reason;
-    plan.info.cores = cores;
-    plan.info.applied.push("tier".into());
+    add_switches(&mut plan, options, facts, name);
+    if !options.for_another_machine {
+        warn_unbuildable(&mut plan, target, system_features);
+    }
+    add_tier(&mut plan, options, facts, profile, name);
     Ok(plan)
 }
 
@@ -277,6 +401,13 @@ pub fn find_target(name: &str) -> Result<std::sync::Arc<Microarchitecture>, Opti
         .ok_or_else(|| OptimizeError::UnknownTarget(name.to_string()))
 }
 
+/// The system feature Nix requires of a machine that builds code for `target`, as nixpkgs
+/// names it (`gccarch-<gcc.arch>`, make-derivation.nix): x86-64 targets only, since nixpkgs
+/// adds none on other architectures.
+pub fn gccarch_feature(target: &Microarchitecture) -> Option<String> {
+    (target.family().name() == "x86_64").then(|| format!("gccarch-{}", detect::gcc_target(target).arch))
+}
+
 fn check_host_can_run(target: &Microarchitecture, host: &Profile) -> Result<(), OptimizeError> {
     let host_features: BTreeSet<String> = host.cpu.features.iter().cloned().collect();
     let host_family = find_target(&host.cpu.microarchitecture)
@@ -304,40 +435,97 @@ fn opted_out<'a>(options: &'a Options, name: &str) -> Option<&'a str> {
     }
 }
 
-fn add_cpu_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Microarchitecture) {
-    let compiler = facts.compiler.as_ref();
-    let family = match compiler {
-        Some(c) if c.clang => "clang",
-        _ => "gcc",
+fn is_hidden(facts: &Facts, variable: &str) -> bool {
+    facts.hidden.iter().any(|v| v == variable)
+}
+
+/// Why a variable the package keeps out of the builder's reach is not written.
+fn hidden_reason(variable: &str) -> String {
+    format!(
+        "the package sets {variable} at the top level under __structuredAttrs, where the builder \
+         does not see it, and env may not repeat it; move the package's {variable} into env"
+    )
+}
+
+/// `-march`/`-mtune` before the package's own flags, `-O` after them.
+fn add_c_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Microarchitecture, derived: &Derived) {
+    let Some(compiler) = facts.compiler.as_ref() else {
+        plan.info.skipped.insert(
+            "cpu-flags".into(),
+            format!(
+                "{} is built without a C compiler (its stdenv has no cc, as with stdenvNoCC and \
+                 runCommand): nothing in it is compiled; optimise the packages it wraps instead",
+                facts.name
+            ),
+        );
+        return;
     };
-    let version = compiler.and_then(|c| c.version.as_deref());
-    let mut cflags = Vec::new();
-    match detect::compiler_flags(target, family, version) {
+    let family = if compiler.clang { "clang" } else { "gcc" };
+    let flags = derived
+        .compiler_flags
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .entry((compiler.clang, compiler.version.clone()))
+        .or_insert_with(|| detect::compiler_flags(target, family, compiler.version.as_deref()))
+        .clone();
+    match flags {
         Ok(march) => {
-            cflags.push(march);
+            plan.append.insert(CFLAGS_BEFORE.into(), march);
             plan.info.applied.push("march".into());
             // nixpkgs' convention: gccarch-<gcc.arch>, whatever this compiler version spells.
-            plan.system_features.push(format!("gccarch-{}", detect::gcc_target(target).arch));
-            plan.info.applied.push("system-features".into());
+            if let Some(feature) = &derived.gccarch_feature {
+                plan.system_features.push(feature.clone());
+                plan.info.applied.push("system-features".into());
+            }
         }
         Err(reason) => {
             plan.info.skipped.insert("march".into(), reason);
         }
     }
-    if let Some(level) = options.opt_level {
-        cflags.push(level.to_string());
-        plan.info.applied.push(level.to_string());
+    let Some(level) = options.opt_level else { return };
+    if is_hidden(facts, CFLAGS_AFTER) {
+        plan.info.skipped.insert(level.to_string(), hidden_reason(CFLAGS_AFTER));
+        return;
     }
-    if !cflags.is_empty() {
-        plan.append.insert("NIX_CFLAGS_COMPILE".into(), cflags.join(" "));
+    plan.append.insert(CFLAGS_AFTER.into(), level.to_string());
+    plan.info.applied.push(level.to_string());
+    match level.0 {
+        "0" => {
+            // cc-wrapper's fortify hardening adds -D_FORTIFY_SOURCE, which glibc refuses to
+            // honour without optimisation (a #warning, fatal under -Werror).
+            plan.hardening_disable.extend(["fortify".to_string(), "fortify3".to_string()]);
+            plan.info.applied.push("hardeningDisable=fortify".into());
+            plan.warnings.push(
+                "builtins.optimizeFor: optLevel = 0 disables the fortify hardening of the packages it \
+                 is applied to (-D_FORTIFY_SOURCE needs optimisation); use optLevel = 1 or more to \
+                 keep it"
+                    .into(),
+            );
+        }
+        "fast" => plan.warnings.push(
+            "builtins.optimizeFor: optLevel = \"fast\" (-Ofast) enables -ffast-math, which breaks \
+             IEEE floating-point semantics (NaN and infinity checks, signed zeros, rounding): \
+             numerical code may compute different results"
+                .into(),
+        ),
+        _ => {}
     }
+}
+
+fn add_rust_and_go(plan: &mut Plan, facts: &Facts, target: &Microarchitecture, derived: &Derived) {
     if facts.has_cargo_deps {
-        let cpu = detect::llvm_cpu_name(target);
-        plan.append.insert("RUSTFLAGS".into(), format!("-C target-cpu={cpu}"));
+        let cpu = &derived.llvm_cpu;
+        // Appending keeps the package's own RUSTFLAGS; without one, RUSTFLAGS would hide
+        // cargo's other rustflags sources, so the rustc wrapper's variable is used.
+        let variable = if facts.exported.iter().any(|v| v == RUSTFLAGS) { RUSTFLAGS } else { NIX_RUSTFLAGS };
+        plan.append.insert(variable.into(), format!("-C target-cpu={cpu}"));
         plan.info.applied.push("rust-target-cpu".into());
     }
     if facts.has_go_modules {
-        match detect::goamd64(target) {
+        match derived.goamd64.clone() {
+            Some(_) if is_hidden(facts, "GOAMD64") => {
+                plan.info.skipped.insert("goamd64".into(), hidden_reason("GOAMD64"));
+            }
             Some(level) => {
                 plan.set.insert("GOAMD64".into(), level);
                 plan.info.applied.push("goamd64".into());
@@ -349,27 +537,70 @@ fn add_cpu_flags(plan: &mut Plan, options: &Options, facts: &Facts, target: &Mic
     }
 }
 
-fn add_switches(plan: &mut Plan, options: &Options, facts: &Facts) {
+fn add_switches(plan: &mut Plan, options: &Options, facts: &Facts, name: &str) {
     let accepts = |arg: &str| facts.override_args.iter().any(|a| a == arg);
     let mut switch = |wanted: bool, what: &str, candidates: &[&str]| {
         if !wanted {
             return;
         }
-        match candidates.iter().find(|c| accepts(c)) {
+        let found = candidates.iter().find(|c| accepts(c));
+        let skipped = match found {
+            _ if facts.is_compiler => format!(
+                "{name} is a compiler: its {} switch builds a feature into the compiler, it does \
+                 not optimise it",
+                candidates.join(" or ")
+            ),
+            None => format!("the package's override has no {} switch", candidates.join(" or ")),
+            Some(arg) if facts.switches_on.iter().any(|on| on == arg) => {
+                plan.info.already_on.push(format!("{what} ({arg} is already true)"));
+                return;
+            }
             Some(arg) => {
                 plan.override_args.insert(arg.to_string(), true);
                 plan.info.applied.push(what.to_string());
+                return;
             }
-            None => {
-                plan.info.skipped.insert(
-                    what.to_string(),
-                    format!("the package's override has no {} switch", candidates.join(" or ")),
-                );
-            }
-        }
+        };
+        plan.info.skipped.insert(what.to_string(), skipped);
     };
-    switch(options.pgo, "pgo", &["enableOptimizations", "enablePGO"]);
-    switch(options.lto, "lto", &["enableLTO"]);
+    switch(options.pgo, "pgo", &PGO_SWITCHES);
+    switch(options.lto, "lto", &LTO_SWITCHES);
+    if facts.has_package_set && accepts("self") {
+        plan.pass_self = true;
+        plan.info.applied.push("self".into());
+    }
+}
+
+/// Nix refuses a build whose required features it lacks: say so at evaluation, with the fix.
+fn warn_unbuildable(plan: &mut Plan, target: &Microarchitecture, system_features: Option<&BTreeSet<String>>) {
+    let Some(features) = system_features else { return };
+    let missing: Vec<&String> = plan.system_features.iter().filter(|f| !features.contains(*f)).collect();
+    if let [feature, ..] = missing.as_slice() {
+        plan.warnings.push(format!(
+            "builtins.optimizeFor: Nix's system-features here lack {feature}, so Nix refuses to build \
+             packages optimised for {target} on this machine; add the line \
+             `extra-system-features = {feature}` to nix.conf (lib.nixConf and the home-manager and \
+             NixOS modules write it, with the inferior architectures, from the pinned profile)",
+            target = target.name()
+        ));
+    }
+}
+
+/// The tier the hook will give the build; written into the derivation only on request.
+fn add_tier(plan: &mut Plan, options: &Options, facts: &Facts, profile: &Profile, name: &str) {
+    let decision = profile.build.classify(name, &facts.required_system_features, options.tier);
+    let cores = profile.build.tiers.get(decision.tier).cores;
+    if let Some(tier) = options.tier {
+        plan.attributes.insert(TIER_ATTRIBUTE.into(), tier.as_str().into());
+        plan.info.applied.push("tier".into());
+    }
+    if options.pin_cores {
+        plan.set.insert("NIX_BUILD_CORES".into(), cores.to_string());
+        plan.info.applied.push("cores".into());
+    }
+    plan.info.tier = decision.tier;
+    plan.info.tier_reason = decision.reason;
+    plan.info.cores = cores;
 }
 
 impl fmt::Display for OptLevel {
@@ -386,12 +617,9 @@ mod tests {
         Facts {
             name: "tool-3d-1.0".into(),
             pname: Some("tool-3d".into()),
-            required_system_features: vec![],
             has_override_attrs: true,
-            has_cargo_deps: false,
-            has_go_modules: false,
-            override_args: vec![],
             compiler: Some(Compiler { gnu: true, clang: false, version: Some(gcc_version.into()) }),
+            ..Facts::default()
         }
     }
 
@@ -399,16 +627,24 @@ mod tests {
         Profile::detect().map_err(|e| e.to_string())
     }
 
+    fn plan_for(options: &str, facts: &Facts) -> Plan {
+        plan(options, facts, None, host).unwrap()
+    }
+
+    const SKYLAKE: &str = r#"{ "target": "skylake", "forAnotherMachine": true"#;
+
     #[test]
     fn opt_level_applies_even_when_the_compiler_cannot_target_the_cpu() {
-        let options = r#"{ "target": "skylake", "optLevel": 3, "forAnotherMachine": true }"#;
-        let old_gcc = plan(options, &facts("4.1"), host).unwrap();
+        let options = format!("{SKYLAKE}, \"optLevel\": 3 }}");
+        let old_gcc = plan_for(&options, &facts("4.1"));
         assert_eq!(old_gcc.append.get("NIX_CFLAGS_COMPILE").map(String::as_str), Some("-O3"));
+        assert!(!old_gcc.append.contains_key("NIX_CFLAGS_COMPILE_BEFORE"));
         assert!(old_gcc.info.skipped["march"].contains("gcc 4.1 cannot target skylake"));
         assert!(old_gcc.system_features.is_empty());
 
-        let gcc12 = plan(options, &facts("12.2.0"), host).unwrap();
-        assert_eq!(gcc12.append["NIX_CFLAGS_COMPILE"], "-march=skylake -mtune=skylake -O3");
+        let gcc12 = plan_for(&options, &facts("12.2.0"));
+        assert_eq!(gcc12.append["NIX_CFLAGS_COMPILE_BEFORE"], "-march=skylake -mtune=skylake");
+        assert_eq!(gcc12.append["NIX_CFLAGS_COMPILE"], "-O3");
         assert_eq!(gcc12.system_features, ["gccarch-skylake"]);
     }
 
@@ -417,7 +653,95 @@ mod tests {
         let mut profile = host().unwrap();
         profile.build.rules = vec![crate::Rule { pattern: crate::Pattern::new("tool-3d").unwrap(), tier: Tier::Heavy }];
         let options = serde_json::json!({ "profile": profile, "forAnotherMachine": true, "target": "x86_64" });
-        let planned = plan(&options.to_string(), &facts("12.2.0"), host).unwrap();
+        let planned = plan_for(&options.to_string(), &facts("12.2.0"));
         assert_eq!(planned.info.tier, Tier::Heavy, "{}", planned.info.tier_reason);
+    }
+
+    #[test]
+    fn tier_and_cores_stay_out_of_the_derivation_unless_asked() {
+        let planned = plan_for(&format!("{SKYLAKE} }}"), &facts("12.2.0"));
+        assert!(planned.attributes.is_empty() && !planned.set.contains_key("NIX_BUILD_CORES"), "{planned:?}");
+        let asked = plan_for(&format!("{SKYLAKE}, \"tier\": \"medium\", \"pinCores\": true }}"), &facts("12.2.0"));
+        assert_eq!(asked.attributes[TIER_ATTRIBUTE], "medium");
+        assert_eq!(asked.set["NIX_BUILD_CORES"], asked.info.cores.to_string());
+    }
+
+    #[test]
+    fn a_derivation_without_a_compiler_is_skipped_with_the_reason() {
+        let no_cc = Facts { compiler: None, ..facts("12.2.0") };
+        let planned = plan_for(&format!("{SKYLAKE}, \"optLevel\": 3 }}"), &no_cc);
+        assert!(planned.append.is_empty() && planned.system_features.is_empty(), "{planned:?}");
+        assert!(planned.info.applied.is_empty(), "{:?}", planned.info.applied);
+        assert!(planned.info.skipped["cpu-flags"].contains("without a C compiler"));
+    }
+
+    #[test]
+    fn rust_flags_keep_cargo_sources() {
+        let rust = Facts { has_cargo_deps: true, ..facts("12.2.0") };
+        let planned = plan_for(&format!("{SKYLAKE} }}"), &rust);
+        assert_eq!(planned.append["NIX_RUSTFLAGS"], "-C target-cpu=skylake");
+        assert!(!planned.append.contains_key("RUSTFLAGS"));
+        let own = Facts { exported: vec!["RUSTFLAGS".into()], ..rust.clone() };
+        assert_eq!(plan_for(&format!("{SKYLAKE} }}"), &own).append["RUSTFLAGS"], "-C target-cpu=skylake");
+        // A RUSTFLAGS cargo never sees (top level under structured attrs) is no reason to use it.
+        let hidden = Facts { hidden: vec!["RUSTFLAGS".into()], structured_attrs: true, ..rust };
+        assert!(plan_for(&format!("{SKYLAKE} }}"), &hidden).append.contains_key("NIX_RUSTFLAGS"));
+    }
+
+    #[test]
+    fn hidden_variables_are_not_written() {
+        let hidden = Facts { hidden: vec!["NIX_CFLAGS_COMPILE".into()], structured_attrs: true, ..facts("12.2.0") };
+        let planned = plan_for(&format!("{SKYLAKE}, \"optLevel\": 2 }}"), &hidden);
+        assert!(!planned.append.contains_key("NIX_CFLAGS_COMPILE"));
+        assert!(planned.info.skipped["-O2"].contains("__structuredAttrs"));
+        assert!(planned.append.contains_key("NIX_CFLAGS_COMPILE_BEFORE"));
+    }
+
+    #[test]
+    fn no_gccarch_feature_off_x86_64() {
+        let options = r#"{ "target": "neoverse_n1", "forAnotherMachine": true }"#;
+        let planned = plan_for(options, &facts("12.2.0"));
+        assert!(planned.append["NIX_CFLAGS_COMPILE_BEFORE"].contains("neoverse-n1"), "{planned:?}");
+        assert!(planned.system_features.is_empty(), "{:?}", planned.system_features);
+    }
+
+    #[test]
+    fn switches_already_on_and_compilers_are_not_claimed() {
+        let python = Facts {
+            override_args: vec!["enableLTO".into(), "enableOptimizations".into(), "self".into()],
+            switches_on: vec!["enableLTO".into()],
+            has_package_set: true,
+            ..facts("12.2.0")
+        };
+        let planned = plan_for(&format!("{SKYLAKE}, \"lto\": true, \"pgo\": true }}"), &python);
+        assert_eq!(planned.override_args, BTreeMap::from([("enableOptimizations".to_string(), true)]));
+        assert_eq!(planned.info.already_on, ["lto (enableLTO is already true)"]);
+        assert!(planned.pass_self && planned.info.applied.contains(&"self".to_string()));
+
+        let gcc = Facts { override_args: vec!["enableLTO".into()], is_compiler: true, ..facts("12.2.0") };
+        let planned = plan_for(&format!("{SKYLAKE}, \"lto\": true }}"), &gcc);
+        assert!(planned.override_args.is_empty());
+        assert!(planned.info.skipped["lto"].contains("is a compiler"), "{:?}", planned.info.skipped);
+    }
+
+    #[test]
+    fn risky_levels_are_handled_with_a_message() {
+        let o0 = plan_for(&format!("{SKYLAKE}, \"optLevel\": 0 }}"), &facts("12.2.0"));
+        assert_eq!(o0.hardening_disable, ["fortify", "fortify3"]);
+        assert!(o0.warnings[0].contains("fortify"));
+        let fast = plan_for(&format!("{SKYLAKE}, \"optLevel\": \"fast\" }}"), &facts("12.2.0"));
+        assert!(fast.hardening_disable.is_empty());
+        assert!(fast.warnings[0].contains("IEEE"));
+    }
+
+    #[test]
+    fn a_missing_system_feature_is_named_with_the_line_to_add() {
+        let profile = host().unwrap();
+        let options = serde_json::json!({ "profile": profile, "target": "x86_64" }).to_string();
+        let features = BTreeSet::from(["big-parallel".to_string()]);
+        let planned = plan(&options, &facts("12.2.0"), Some(&features), host).unwrap();
+        assert!(planned.warnings[0].contains("extra-system-features = gccarch-x86-64"), "{:?}", planned.warnings);
+        let features = BTreeSet::from(["gccarch-x86-64".to_string()]);
+        assert!(plan(&options, &facts("12.2.0"), Some(&features), host).unwrap().warnings.is_empty());
     }
 }

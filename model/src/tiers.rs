@@ -1,8 +1,8 @@
 //! Build tiers and the default tier formula.
 //!
 //! Every build runs in one of three [`Tier`]s. A tier's [`TierLimits`] say how many builds
-//! of that tier may run at once (`maxJobs`), how many cores each gets (`cores`, passed as
-//! `NIX_BUILD_CORES`) and how much memory each may use (`memoryMiB`).
+//! of that tier may run at once (`maxJobs`), how many cores each gets (`cores`, the hook's CPU
+//! quota) and how much memory each may use (`memoryMiB`).
 //!
 //! # Default formula
 //!
@@ -84,7 +84,7 @@ impl fmt::Display for Tier {
 pub struct TierLimits {
     /// How many builds of this tier may run at the same time (at least 1).
     pub max_jobs: u32,
-    /// Cores each build of this tier gets, as `NIX_BUILD_CORES` (at least 1).
+    /// Cores each build of this tier gets: the hook's CPU quota (at least 1).
     pub cores: u32,
     /// Memory each build of this tier may use, in MiB (at least 1, at most the budget).
     #[serde(rename = "memoryMiB")]

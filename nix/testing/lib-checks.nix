@@ -108,9 +108,17 @@ let
       expected = "/nix/store/h/bin/nix-tier-hook";
     };
 
+    # The plugin alone needs the gccarch features too: optimizeFor's builds require them.
     nixConfPluginOnly = {
-      got = tier.nixConf { plugin = "/p.so"; profile = "/etc/nix/hw.json"; };
-      expected = "hardware-profile = /etc/nix/hw.json\nplugin-files = /p.so\n";
+      got = tier.nixConf { plugin = "/p.so"; profile = skylake; };
+      expected = "hardware-profile = ${tier.profileFile skylake}\nplugin-files = /p.so\n"
+        + "extra-system-features = gccarch-skylake gccarch-x86-64-v3 gccarch-x86-64-v2 gccarch-x86-64\n";
+    };
+    # With nixpkgs' inferiors table, the named architectures below the CPU's too.
+    nixConfInferiors = {
+      got = tier.nixConf { plugin = "/p.so"; profile = skylake; inferiors.skylake = [ "broadwell" "haswell" ]; };
+      expected = "hardware-profile = ${tier.profileFile skylake}\nplugin-files = /p.so\n"
+        + "extra-system-features = gccarch-skylake gccarch-x86-64-v3 gccarch-x86-64-v2 gccarch-x86-64 gccarch-broadwell gccarch-haswell\n";
     };
     # Without the plugin, hardware-profile would be an unknown setting: left out.
     nixConfHookOnly = {

@@ -6,6 +6,14 @@
 
 #[cxx::bridge(namespace = "nix_tier")]
 mod bridge {
+    /// optimizeFor's plan for one derivation.
+    struct Planned {
+        /// The plan, as JSON for the glue's `apply`.
+        plan_json: String,
+        /// Warnings for the user, each shown once per process.
+        warnings: Vec<String>,
+    }
+
     extern "Rust" {
         /// JSON of the hardware profile: the file at `pinned_path` when not empty, else detected.
         fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String>;
@@ -13,13 +21,15 @@ mod bridge {
         /// The Nix source of optimizeFor's glue (`{ inspect; apply; }`).
         fn optimize_for_glue() -> &'static str;
 
-        /// The plan for `builtins.optimizeFor`: what to change in a derivation, as JSON.
-        fn optimize_plan_json(
+        /// The plan for `builtins.optimizeFor`: what to change in a derivation.
+        /// `system_features` is Nix's `system-features` setting, space-separated.
+        fn optimize_plan(
             options_json: &str,
             facts_json: &str,
+            system_features: &str,
             pinned_path: &str,
             pure_eval: bool,
-        ) -> Result<String>;
+        ) -> Result<Planned>;
     }
 }
 
@@ -30,14 +40,19 @@ fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String, P
 }
 
 fn optimize_for_glue() -> &'static str {
-    include_str!("../nix/optimize-for.nix")
+    crate::optimize_for::glue()
 }
 
-fn optimize_plan_json(
+fn optimize_plan(
     options_json: &str,
     facts_json: &str,
+    system_features: &str,
     pinned_path: &str,
     pure_eval: bool,
-) -> Result<String, PluginError> {
-    catch_panics(|| crate::optimize_for::plan_json(options_json, facts_json, pinned_path, pure_eval))
+) -> Result<bridge::Planned, PluginError> {
+    catch_panics(|| {
+        let (plan_json, warnings) =
+            crate::optimize_for::plan_json(options_json, facts_json, system_features, pinned_path, pure_eval)?;
+        Ok(bridge::Planned { plan_json, warnings })
+    })
 }

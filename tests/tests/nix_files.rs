@@ -912,7 +912,9 @@ fn home_manager_module_sets_the_users_nix_conf() {
     let typical = "{ programs.nix-tier = { enable = true; inherit profile; }; }";
     let config = eval_module(&sandbox, "nix/home-manager-module.nix", typical, Some("2.8.0"), "config");
     let settings = &config["nix"]["settings"];
-    assert_eq!(settings.as_object().unwrap().keys().collect::<Vec<_>>(), ["hardware-profile", "plugin-files"], "{settings}");
+    assert_eq!(settings.as_object().unwrap().keys().collect::<Vec<_>>(), ["extra-system-features", "hardware-profile", "plugin-files"], "{settings}");
+    // The plugin alone needs the gccarch features too: optimizeFor's builds require them.
+    assert_eq!(strings(&settings["extra-system-features"])[0], "gccarch-skylake");
     store_file(&sandbox, &settings["hardware-profile"]);
     assert!(config["home"]["packages"][0].as_str().unwrap().ends_with("-nix-tier-0.1.0"));
     assert_eq!(config["home"]["sessionVariables"]["NIX_TIER_PROFILE"], settings["hardware-profile"]);
