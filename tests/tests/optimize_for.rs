@@ -1237,23 +1237,27 @@ fn a_plugin_only_home_manager_configuration_builds_optimised_derivations() {
     let scratch = NixSandbox::with_conf("");
     // The module's nix.settings (stub module system and packages of nix/testing), rendered as
     // home-manager renders them; the stub plugin package is replaced by the real plugin.
-    let conf = scratch.eval_json(&format!(
+    let expr = format!(
         r#"let
              lib = import {lib};
              pkgs = import {stub} {{ nixVersion = "2.8.0"; }};
              e = import {eval} {{
-               module = {module}; inherit pkgs;
-               definitions = {{ programs.nix-tier = {{ enable = true; profile = "{profile}"; }}; }};
-               external = {{ nix.package = pkgs.nix; }};
+               module = {module}; inherit pkgs; fixtures = import {fixtures};
+               definitions = [ {{ programs.nix-tier = {{ enable = true; profile = "{profile}"; }}; }} {{ nix.package = pkgs.nix; }} ];
              }};
            in lib.renderNixConf (e.config.nix.settings // {{ plugin-files = [ "{plugin}" ]; }})"#,
         lib = repo_file("nix/lib.nix"),
         stub = repo_file("nix/testing/stub-pkgs.nix"),
         eval = repo_file("nix/testing/eval-module.nix"),
         module = repo_file("nix/home-manager-module.nix"),
+        fixtures = repo_file("nix/testing/home-manager.nix"),
         profile = repo_file("nix/examples/skylake.json"),
         plugin = nix_tier_tests::plugin_path().display(),
-    ));
+    );
+    // The module copies the profile to the (scratch) store.
+    let out = scratch.eval_with(&expr, &["--read-write-mode"]);
+    assert!(out.status.success(), "evaluating the module's nix.conf failed:\n{}", stderr(&out));
+    let conf: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let conf = conf.as_str().expect("nix.conf text").to_string();
     assert!(!conf.contains("build-hook"), "{conf}");
     assert!(conf.contains("extra-system-features = gccarch-skylake"), "{conf}");
