@@ -226,6 +226,7 @@ impl Dispatcher {
         let reply = match admission::decide(&self.profile.build, &state.claims(), waiting_heavy, candidate) {
             Admission::Admit => {
                 state.waiting.retain(|w| w.drv != request.drv_path);
+                let admitted_ms = state::now_ms();
                 let lease = Lease {
                     drv: request.drv_path.clone(),
                     name: placement.name,
@@ -234,9 +235,10 @@ impl Dispatcher {
                     lock_files: output_locks::lock_files(&drv, &request.drv_path),
                     started: now,
                     nix_pid,
+                    watcher_lock: Some(watch::watcher_lock_path(self.state_dir.path(), &request.drv_path, admitted_ms)),
                 };
                 let learned = matches!(placement.memory_source, ReservationSource::Learned { .. });
-                self.pending_watch = Some(self.watch_job(&lease, &drv, learned));
+                self.pending_watch = Some(self.watch_job(&lease, &drv, learned, admitted_ms));
                 state.running.push(lease);
                 self.announced.remove(&request.drv_path);
                 Reply::Decline
@@ -281,7 +283,7 @@ impl Dispatcher {
 }
 
 impl Dispatcher {
-    fn watch_job(&self, lease: &Lease, drv: &Derivation, learned: bool) -> WatchJob {
+    fn watch_job(&self, lease: &Lease, drv: &Derivation, learned: bool, admitted_ms: u64) -> WatchJob {
         let outputs: Vec<(&String, &str)> =
             drv.outputs.iter().map(|(name, o)| (name, o.path.as_str())).filter(|(_, p)| !p.is_empty()).collect();
         WatchJob {
@@ -296,7 +298,8 @@ impl Dispatcher {
             outputs: outputs.iter().map(|(_, path)| path.to_string()).collect(),
             nix_pid: lease.nix_pid,
             builder_uids: self.builder_uids.clone(),
-            started_unix_ms: state::now_ms(),
+            started_unix_ms: admitted_ms,
+            watcher_lock: lease.watcher_lock.clone().unwrap_or_default(),
             state_dir: self.state_dir.path().to_path_buf(),
             cgroups: self.cgroups.clone(),
         }

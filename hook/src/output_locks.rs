@@ -81,6 +81,22 @@ impl HeldLocks {
     }
 }
 
+impl HeldLocks {
+    /// Whether the watcher lock at `path` is held: by its device and inode, or by its inode
+    /// and the pid its holder wrote into it (see [`HeldLocks::holds`] for why both).
+    pub fn holds_watcher_lock(&self, path: &Path) -> bool {
+        let Ok(meta) = fs::metadata(path) else { return false };
+        let dev = meta.dev();
+        if self.by_device.contains(&(major(dev), minor(dev), meta.ino())) {
+            return true;
+        }
+        let holder = nix_tier_model::files::read_regular(path, 32)
+            .ok()
+            .and_then(|text| String::from_utf8(text).ok()?.trim().parse::<u32>().ok());
+        holder.is_some_and(|pid| self.by_holder.contains(&(pid, meta.ino())) || locked_by(pid, path))
+    }
+}
+
 /// Whether process `pid` has `path` open with a lock on it, from its own descriptor table:
 /// exact, but it reads every descriptor of that one process.
 pub fn locked_by(pid: u32, path: &Path) -> bool {

@@ -55,6 +55,10 @@ pub struct Lease {
     pub started: u64,
     /// The Nix process that asked.
     pub nix_pid: u32,
+    /// Locked by the build's watcher until every process of the build is gone, so the lease
+    /// outlives the output locks when a killed Nix leaves the build's children running.
+    #[serde(default)]
+    pub watcher_lock: Option<PathBuf>,
 }
 
 /// A build the hook postponed, still asking.
@@ -88,13 +92,15 @@ pub struct State {
 }
 
 impl State {
-    /// Drops leases whose output locks nobody holds and waiters unseen for `waiter_ttl` seconds
-    /// (or stamped further ahead than that: a waiter from the future, or a clock stepped back,
-    /// must not hold builds back forever); returns the ended leases.
+    /// Drops leases whose output locks nobody holds and whose watcher lock is free (the build's
+    /// processes are gone), and waiters unseen for `waiter_ttl` seconds (or stamped further
+    /// ahead than that: a waiter from the future, or a clock stepped back, must not hold builds
+    /// back forever); returns the ended leases.
     pub fn prune(&mut self, held: &HeldLocks, now: u64, waiter_ttl: u64) -> Vec<Lease> {
-        let (alive, ended): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|lease| lease.lock_files.iter().any(|f| held.holds(f, lease.nix_pid)));
+        let (alive, ended): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut self.running).into_iter().partition(|lease| {
+            lease.lock_files.iter().any(|f| held.holds(f, lease.nix_pid))
+                || lease.watcher_lock.as_ref().is_some_and(|f| held.holds_watcher_lock(f))
+        });
         self.running = alive;
         self.waiting.retain(|w| w.seen.abs_diff(now) <= waiter_ttl);
         ended
@@ -363,7 +369,16 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn lease(drv: &str, lock: PathBuf) -> Lease {
-        Lease { drv: drv.into(), name: drv.into(), tier: Tier::Light, memory_mib: 10, lock_files: vec![lock], started: 1, nix_pid: 1 }
+        Lease {
+            drv: drv.into(),
+            name: drv.into(),
+            tier: Tier::Light,
+            memory_mib: 10,
+            lock_files: vec![lock],
+            started: 1,
+            nix_pid: 1,
+            watcher_lock: None,
+        }
     }
 
     fn waiter(drv: &str, seen: u64) -> Waiter {

@@ -69,6 +69,8 @@ pub struct WatchJob {
     pub builder_uids: Vec<u32>,
     /// When it was admitted, milliseconds since the epoch.
     pub started_unix_ms: u64,
+    /// The lease's watcher lock, held while the build has processes (`Lease::watcher_lock`).
+    pub watcher_lock: PathBuf,
     /// The state directory (history database).
     pub state_dir: PathBuf,
     /// The prepared parent of builds' cgroups; `None` where none is usable (the build is
@@ -122,8 +124,11 @@ fn search_pause(since_admission: Duration) -> Duration {
 
 /// Watches the build to its end.
 pub fn watch(job: &WatchJob) -> Finished {
+    // The lease lasts while this is held: until every process of the build is gone.
+    let _watcher_lock = WatcherLock::hold(&job.watcher_lock);
     // Created once the builder is found: Nix may find no free slot after all, and let go.
     let mut cgroup: Option<BuildCgroup> = None;
+    let mut descendants = Descendants::default();
     let admitted = Instant::now();
     let my_uid = procfs::uid(std::process::id());
     let mut builder: Option<Builder> = None;
@@ -179,11 +184,17 @@ pub fn watch(job: &WatchJob) -> Finished {
                 reported_kills = stats.oom_kills;
                 b.tell_log(&oom_message(job, stats.peak_memory_bytes));
             }
+        } else if let Some(b) = builder.as_ref() {
+            // No cgroup: the build's processes are the builder's descendants, followed while it
+            // runs (they are reparented away once it is gone).
+            descendants.track(procfs::tree(b.pid));
         }
         polls += 1;
         // Fast while the builder is starting (so it is moved before it grows), slow after.
         let pause = match builder.as_ref() {
             None => search_pause(admitted.elapsed()),
+            // Ended: Nix releases the locks within moments, and the lease with them.
+            Some(b) if b.log.is_none() => Duration::from_millis(5),
             Some(_) if admitted.elapsed() < Duration::from_secs(1) => Duration::from_millis(5),
             Some(_) => Duration::from_millis(100),
         };
@@ -210,6 +221,7 @@ pub fn watch(job: &WatchJob) -> Finished {
         end_leftovers(c);
         c.stats()
     });
+    descendants.end();
     if let Some(cgroup) = &cgroup {
         let _ = cgroup.remove();
     }
@@ -229,11 +241,111 @@ pub fn watch(job: &WatchJob) -> Finished {
     }
 }
 
+/// The name of one admission of `drv` at `admitted_ms`: of its cgroup and its watcher lock.
+/// Unique per admission: Nix may ask again for a build it then had no slot for.
+pub fn admission_name(drv: &str, admitted_ms: u64) -> String {
+    let stem = Path::new(drv).file_stem().map_or_else(|| "build".into(), |s| s.to_string_lossy());
+    format!("{stem}-{admitted_ms}")
+}
+
+/// Where the watcher lock of an admission lives: `<state dir>/leases/<admission>.lock`.
+pub fn watcher_lock_path(state_dir: &Path, drv: &str, admitted_ms: u64) -> PathBuf {
+    state_dir.join("leases").join(format!("{}.lock", admission_name(drv, admitted_ms)))
+}
+
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
-    // Unique per admission: Nix may ask again for a build it then had no slot for.
-    let name = format!("{}-{}", Path::new(&job.drv).file_stem()?.to_string_lossy(), job.started_unix_ms);
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
-    job.cgroups.as_ref()?.create(&name, &limits).ok()
+    job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &limits).ok()
+}
+
+/// The watcher lock, held (flock) until dropped; the file goes first, then the lock.
+struct WatcherLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl WatcherLock {
+    /// Creates and locks `path` (in the private state directory's `leases`), writing this
+    /// process's pid into it for [`HeldLocks::holds_watcher_lock`].
+    fn hold(path: &Path) -> Option<WatcherLock> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let dir = path.parent()?;
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(path)
+            .ok()?;
+        file.try_lock().ok()?;
+        file.write_all(std::process::id().to_string().as_bytes()).ok()?;
+        Some(WatcherLock { path: path.to_path_buf(), _file: file })
+    }
+}
+
+impl Drop for WatcherLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Processes of a build without a cgroup, each held through a pidfd (so a reused pid is never
+/// signalled): the builder's descendants as seen while it ran.
+#[derive(Default)]
+struct Descendants(Vec<(u32, OwnedFd)>);
+
+impl Descendants {
+    /// Adds the processes of `pids` not yet held.
+    fn track(&mut self, pids: impl IntoIterator<Item = u32>) {
+        for pid in pids {
+            if !self.0.iter().any(|(p, _)| *p == pid) {
+                if let Some(fd) = pidfd_open(pid) {
+                    self.0.push((pid, fd));
+                }
+            }
+        }
+    }
+
+    /// Waits for them to end; after a grace period kills what is left. At most 5 s.
+    fn end(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let grace = Instant::now() + Duration::from_millis(500);
+        loop {
+            self.0.retain(|(_, fd)| !exited(fd, Duration::ZERO));
+            if self.0.is_empty() || Instant::now() > deadline {
+                return;
+            }
+            if Instant::now() > grace {
+                for (_, fd) in &self.0 {
+                    // SAFETY: a plain system call on a descriptor this struct owns.
+                    unsafe {
+                        nix::libc::syscall(nix::libc::SYS_pidfd_send_signal, fd.as_raw_fd(), nix::libc::SIGKILL, 0, 0)
+                    };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A pidfd for `pid`.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: a plain system call; the returned descriptor is owned exactly once.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Waits up to `timeout` for the process of `pidfd` to exit; whether it has.
+fn exited(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    poll(&mut fds, timeout).is_ok_and(|ready| ready > 0)
 }
 
 /// The builder: the child of the Nix worker whose environment holds the build's output
@@ -296,6 +408,7 @@ pub fn running_leases(state_dir: &Path) -> Vec<crate::state::Lease> {
             lock_files: job.lock_files,
             started: job.started_unix_ms / 1000,
             nix_pid: job.nix_pid,
+            watcher_lock: Some(job.watcher_lock),
         })
         .collect()
 }
@@ -328,10 +441,9 @@ struct Builder {
 impl Builder {
     /// Takes hold of process `pid` (needs CAP_SYS_PTRACE or the same uid for its log).
     fn open(pid: u32) -> Option<Builder> {
-        use nix::libc::{syscall, SYS_pidfd_getfd, SYS_pidfd_open};
-        // SAFETY: plain system calls; each returned descriptor is owned exactly once.
-        let pidfd = unsafe { syscall(SYS_pidfd_open, pid as nix::libc::pid_t, 0) };
-        let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd as i32) })?;
+        use nix::libc::{syscall, SYS_pidfd_getfd};
+        let pidfd = pidfd_open(pid)?;
+        // SAFETY: a plain system call; the returned descriptor is owned exactly once.
         let fd = unsafe { syscall(SYS_pidfd_getfd, pidfd.as_raw_fd(), 2, 0) };
         let fd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) });
         let log = fd
@@ -347,10 +459,7 @@ impl Builder {
 
     /// Waits up to `timeout` for the builder to exit; whether it has.
     fn wait_exit(&self, timeout: Duration) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
-        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        poll(&mut fds, timeout).is_ok_and(|ready| ready > 0)
+        exited(&self.pidfd, timeout)
     }
 
     /// Writes `line` into the build's log, which Nix shows as the build's output.
