@@ -80,8 +80,9 @@ pub struct Dispatcher {
     cgroups: Option<Hierarchy>,
     /// Said once per hook process when builds cannot be bounded.
     enforcement_note: Option<String>,
-    /// Watchers started by this hook, by derivation, reaped as they finish.
-    watchers: HashMap<String, std::process::Child>,
+    /// Watchers started by this hook, by derivation, with their watcher locks; reaped as they
+    /// finish.
+    watchers: HashMap<String, (std::process::Child, std::path::PathBuf)>,
     /// This worker's `max-jobs`: it never runs more local builds at once.
     max_jobs: Option<usize>,
     /// The watcher of the build just admitted, started once Nix has its answer.
@@ -133,17 +134,18 @@ impl Dispatcher {
     /// Starts the watcher of the build just admitted. Called after the reply is written, so
     /// the fork and exec are not part of Nix's wait; a failure comes back as a line to show.
     pub fn after_reply(&mut self) -> Option<String> {
-        self.watchers.retain(|_, w| matches!(w.try_wait(), Ok(None)));
+        self.watchers.retain(|_, (w, _)| matches!(w.try_wait(), Ok(None)));
         let job = self.pending_watch.take()?;
         // Admitted again: Nix had no slot for the earlier admission and let go of it, so its
         // watcher, which found no builder, stands down and records nothing.
-        if let Some(mut superseded) = self.watchers.remove(&job.drv) {
+        if let Some((mut superseded, lock)) = self.watchers.remove(&job.drv) {
             let _ = superseded.kill();
             let _ = superseded.wait();
+            let _ = std::fs::remove_file(lock);
         }
         match watch::spawn(&job) {
             Ok(child) => {
-                self.watchers.insert(job.drv.clone(), child);
+                self.watchers.insert(job.drv.clone(), (child, job.watcher_lock.clone()));
                 None
             }
             Err(e) => Some(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", job.name)),
