@@ -308,9 +308,10 @@ fn same_file(dir: &OwnedFd, name: &str, file: &File) -> bool {
     }
 }
 
-/// Opens the state directory `path`, creating it (mode 0700) and the directories missing above
-/// it when `create` is set. Directories it creates or opens are never symlinks; an existing one
-/// must belong to this user and be writable by nobody else (it is refused, not changed).
+/// Opens the state directory `path`; to write (`create`), creating it (mode 0700) and the
+/// directories missing above it. Directories it creates or opens are never symlinks; one to
+/// write in must belong to this user and be writable by nobody else (it is refused, not
+/// changed). Readers (`nix-tier status`) only read, with bounds, so any owner will do.
 pub(crate) fn open_state_dir(path: &Path, create: bool) -> io::Result<OwnedFd> {
     let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let refuse = |why: String| io::Error::new(io::ErrorKind::PermissionDenied, format!("{}: {why}", path.display()));
@@ -322,6 +323,9 @@ pub(crate) fn open_state_dir(path: &Path, create: bool) -> io::Result<OwnedFd> {
         Err(Errno::ENOENT) if create => create_dirs(path)?,
         Err(e) => return Err(io::Error::new(io::Error::from(e).kind(), format!("{}: {e}", path.display()))),
     };
+    if !create {
+        return Ok(fd);
+    }
     let meta = nix::sys::stat::fstat(fd.as_raw_fd())?;
     let me = nix::unistd::geteuid().as_raw();
     if meta.st_uid != me {
