@@ -3,13 +3,12 @@
 //! file system mounted for the test.
 
 use std::fs;
-use std::path::Path;
 use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_cgroups::{Hierarchy, Limits, Mounts, Version};
-use nix_tier_tests::{is_root, requires, ReadOnlyCgroupRoot as ReadOnlyRoot};
+use nix_tier_tests::{cgroup_v1_present, is_root, requires, ReadOnlyCgroupRoot as ReadOnlyRoot};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -32,15 +31,9 @@ fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
     }
 }
 
-fn v1_present() -> bool {
-    requires(is_root(), "root (cgroups)")
-        && requires(Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), "the cgroup v1 memory controller")
-        && requires(Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), "the cgroup v1 cpu controller")
-}
-
 #[test]
 fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
-    if !v1_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -80,7 +73,7 @@ fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
 
 #[test]
 fn v1_cpu_quota_holds_a_spinner_to_one_core() {
-    if !v1_present() || !requires(num_cpus() >= 2, "2 CPUs") {
+    if !cgroup_v1_present() || !requires(num_cpus() >= 2, "2 CPUs") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{build_section, write_drv, write_profile, Hook};
-use nix_tier_tests::{is_root, requires, ReadOnlyCgroupRoot};
+use nix_tier_tests::{cgroup_v1_present, ReadOnlyCgroupRoot};
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -103,9 +103,7 @@ fn a_builds_children_hold_its_slot_until_gone_without_cgroups() {
 
 #[test]
 fn a_builds_children_hold_its_slot_until_gone_in_its_cgroup() {
-    if !requires(is_root(), "root (cgroups)")
-        || !requires(fs::metadata("/sys/fs/cgroup/memory/memory.limit_in_bytes").is_ok(), "the cgroup v1 memory controller")
-    {
+    if !cgroup_v1_present() {
         return;
     }
     let root = ReadOnlyCgroupRoot::new("nix-tier-test-leftovers");

@@ -132,6 +132,14 @@ pub fn requires(present: bool, what: &str) -> bool {
     present
 }
 
+/// Whether this machine has what nix-tier bounds builds with here: root and the cgroup v1
+/// memory and cpu controllers (a fresh machine of this project's kind; CI fails without them).
+pub fn cgroup_v1_present() -> bool {
+    requires(is_root(), "root (cgroups)")
+        && requires(Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), "the cgroup v1 memory controller")
+        && requires(Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), "the cgroup v1 cpu controller")
+}
+
 /// Whether this process runs as root (uid 0).
 pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")

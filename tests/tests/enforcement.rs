@@ -11,19 +11,11 @@ use nix_tier_tests::hook_env::{
     hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, Limits, NixDaemon, Running,
     TierLimits,
 };
-use nix_tier_tests::{binary, is_root, requires, stderr, NixSandbox, ReadOnlyCgroupRoot};
+use nix_tier_tests::{binary, cgroup_v1_present, requires, stderr, NixSandbox, ReadOnlyCgroupRoot};
 use serde_json::Value;
 
 /// These tests measure memory and CPU: one at a time.
 static MACHINE: Mutex<()> = Mutex::new(());
-
-/// Whether this machine has what these tests bound builds with: root and the cgroup v1 memory
-/// and cpu controllers (a fresh machine of this project's kind; CI fails without them).
-fn cgroups_present() -> bool {
-    requires(is_root(), "root (cgroups, sandboxed builds)")
-        && requires(Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), "the cgroup v1 memory controller")
-        && requires(Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), "the cgroup v1 cpu controller")
-}
 
 fn limits(medium: TierLimits) -> Limits {
     Limits {
@@ -143,7 +135,7 @@ fn over_its_limit(sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
 
 #[test]
 fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +144,7 @@ fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
 
 #[test]
 fn a_sandboxed_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,7 +155,7 @@ fn a_sandboxed_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
 fn builds_are_bounded_under_a_read_only_cgroup_root() {
     // The hook drops CAP_DAC_OVERRIDE: only a parent made before that can hold builds' cgroups
     // under a root-owned 0555 directory, as cgroup roots commonly are.
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,7 +196,7 @@ fn placed_early(sandboxed: bool) {
 
 #[test]
 fn every_build_is_placed_in_its_cgroup_as_it_starts() {
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,7 +205,7 @@ fn every_build_is_placed_in_its_cgroup_as_it_starts() {
 
 #[test]
 fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -243,7 +235,7 @@ fn user_name(uid: u32) -> Option<String> {
 fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
     // Multi-user Nix: a daemon running builders as nixbld<N>, which the hook, with only
     // CAP_SYS_PTRACE and CAP_KILL left, must still find and place.
-    if !cgroups_present() || !requires(!build_users().is_empty(), "Nix's build users (group nixbld with members: scripts/setup makes them)") {
+    if !cgroup_v1_present() || !requires(!build_users().is_empty(), "Nix's build users (group nixbld with members: scripts/setup makes them)") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -286,7 +278,7 @@ fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
 #[test]
 fn every_admitted_build_gets_one_history_row() {
     // Short builds included: most end before anything could watch them.
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -308,7 +300,7 @@ fn every_admitted_build_gets_one_history_row() {
 
 #[test]
 fn learned_reservations_let_more_builds_run_at_once() {
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -356,7 +348,7 @@ fn learned_reservations_let_more_builds_run_at_once() {
 
 #[test]
 fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
-    if !cgroups_present() || !requires(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "2 CPUs") {
+    if !cgroup_v1_present() || !requires(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "2 CPUs") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -385,7 +377,7 @@ fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
 
 #[test]
 fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
-    if !cgroups_present() {
+    if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
