@@ -215,10 +215,16 @@ impl Dispatcher {
         // Asked again for a build it admitted (Nix found no slot after all): start over.
         state.running.retain(|lease| lease.drv != request.drv_path);
         // Nix asks every goal of one pass with am-willing set, but runs only `max-jobs` builds per
-        // worker: one beyond this worker's own leases would be parked for a slot after taking a
-        // lease (the herd). Declined without one, it waits for a slot and asks again.
+        // worker: one beyond this worker's own running builds would be parked for a slot after
+        // taking a lease (the herd). Declined without one, it waits for a slot and asks again.
+        // Only builds whose output locks this worker holds count, as in Nix's own count: a lease
+        // kept alive by leftover processes alone no longer takes one of Nix's slots, and a build
+        // declined while Nix has a slot would run without a lease.
         let nix_pid = std::os::unix::process::parent_id();
-        if self.max_jobs.is_some_and(|max| state.running.iter().filter(|l| l.nix_pid == nix_pid).count() >= max) {
+        let running_here = || {
+            state.running.iter().filter(|l| l.nix_pid == nix_pid && l.lock_files.iter().any(|f| held.holds(f, nix_pid))).count()
+        };
+        if self.max_jobs.is_some_and(|max| running_here() >= max) {
             self.postponed.insert(request.drv_path.clone(), (drv, placement));
             return Ok(Reply::Decline);
         }

@@ -166,16 +166,19 @@ fn builds_are_bounded_under_a_read_only_cgroup_root() {
     }
 }
 
-/// Six builds each report how long after its start it was first in its cgroup.
+/// Builds each report how long after its start it was first in its cgroup: 24 of them
+/// through 3 of Nix's slots, so that most start as another ends (when Nix asks every waiting
+/// goal at once, and a build declined without a lease while Nix had a slot would run unwatched).
 fn placed_early(sandboxed: bool) {
+    const BUILDS: usize = 24;
     let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
-    let builds: String = (0..6)
-        .map(|i| format!(r#"{{ name = "placed{i}-1.0"; tier = "{}"; mem = 10; sleep = 200; ramp = 0; }}"#, ["light", "medium"][i % 2]))
+    let builds: String = (0..BUILDS)
+        .map(|i| format!(r#"{{ name = "placed{i}-1.0"; tier = "{}"; mem = 10; sleep = 100; ramp = 0; }}"#, ["light", "medium"][i % 2]))
         .collect();
     let expr = builds_expr(&records, &builds).replace("TB_RAMP_MS =", "TB_PLACEMENT_WAIT_MS = \"3000\"; TB_RAMP_MS =");
-    let out = nix_build(&sandbox, &expr);
+    let out = sandbox.command("nix-build").args(["--no-out-link", "-j", "3", "--expr", &expr]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    let delays: Vec<(String, String)> = (0..6)
+    let delays: Vec<(String, String)> = (0..BUILDS)
         .map(|i| {
             let name = format!("placed{i}-1.0");
             let text = std::fs::read_to_string(records.join("placed").join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -187,7 +190,7 @@ fn placed_early(sandboxed: bool) {
         assert!(delay.parse::<u64>().is_ok(), "{name} was never placed in a nix-tier cgroup ({delay}); all: {delays:?}");
     }
     // Every one of them is recorded with what its cgroup measured.
-    let rows = history_rows(&sandbox, 6);
+    let rows = history_rows(&sandbox, BUILDS);
     for (name, _) in &delays {
         let row = row(&rows, name.trim_end_matches("-1.0"));
         assert!(row["peakMiB"].is_u64() && row["cpuMs"].is_u64() && row["limitMiB"].is_u64(), "{row}");
