@@ -11,6 +11,7 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use nix_tier_tests::hook_env::*;
@@ -428,4 +429,58 @@ fn remote_builders_work_without_the_hook() {
 #[test]
 fn remote_builders_work_through_the_hook() {
     check_remote_build(true);
+}
+
+/// The parent of process `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn a_killed_daemon_workers_leftover_children_keep_the_heavy_slot() {
+    // kill -9 of a daemon worker mid-build: Nix's parent-death signal ends its builder (a shell)
+    // and the kernel releases its output locks, but the shell's child (as make's cc would) runs
+    // on. The heavy slot stays taken until it is gone; then the waiting heavy build starts.
+    let _machine = exclusive_machine();
+    let (sandbox, records_dir) = hook_sandbox_recording(&roomy_limits(), false, "");
+    let daemon = NixDaemon::start(&sandbox);
+    let pid_file = sandbox.path().join("child.pid");
+    let expr = format!(
+        r#"derivation {{ name = "worker-heavy-1.0"; system = builtins.currentSystem; builder = "/bin/sh";
+             NIX_TIER = "heavy"; PATH = "/usr/bin:/bin";
+             args = [ "-c" "sleep 60 & echo $! > {}; wait; echo > $out" ]; }}"#,
+        pid_file.display()
+    );
+    let mut cmd = daemon.command("nix-build");
+    cmd.args(["--no-out-link", "--expr", &expr]);
+    let client_a = Running::spawn(cmd, sandbox.path(), "a");
+    let child: u32 = wait_for("the first build's child", BUILD_TIMEOUT, || {
+        fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok())
+    });
+    let worker = parent_of(child).and_then(parent_of).expect("the child's shell and its Nix worker");
+
+    let waiting = Dag::new("b", PerTier { heavy: 1, medium: 0, light: 0 }, PerTier { heavy: 300, medium: 0, light: 0 }, &records_dir);
+    let client_b = Running::spawn(waiting.build_command(daemon.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "b");
+    let mut last_status = None;
+    let b_waits = wait_for_status(&sandbox, BUILD_TIMEOUT, &mut last_status, |status| {
+        status["waiting"].as_array().is_some_and(|w| w.iter().any(|w| w["name"] == "b-heavy-0"))
+    });
+    assert!(b_waits, "b-heavy-0 never waited for the heavy slot: {last_status:#?}");
+
+    let _ = Command::new("kill").args(["-KILL", &worker.to_string()]).status();
+    // While the child lives, b's heavy build must not start.
+    while !process_gone(child) {
+        assert!(
+            started(&records_dir, "b-heavy-0").is_none(),
+            "b-heavy-0 started while the killed worker's child {child} still ran"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let child_gone = now_ms();
+    let (_, _, b_start) = wait_started(&records_dir, "b-heavy-0", BUILD_TIMEOUT)
+        .unwrap_or_else(|| panic!("b-heavy-0 never started; b's stderr:\n{}", client_b.stderr()));
+    eprintln!("the leftover child was gone at {child_gone}; b-heavy-0 started {} ms later", b_start as i64 - child_gone as i64);
+    client_b.wait(BUILD_TIMEOUT).assert_success("client b");
+    drop(client_a);
 }
