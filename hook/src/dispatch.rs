@@ -16,7 +16,7 @@ use crate::output_locks::{self, HeldLocks};
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
 use crate::state::{self, Lease, StateDir, Waiter};
-use crate::watch::{self, WatchJob};
+use crate::watch::{self, WatchJob, Watcher};
 
 /// A derivation's tier, the rule that decided it, and the memory it reserves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,9 +80,8 @@ pub struct Dispatcher {
     cgroups: Option<Hierarchy>,
     /// Said once per hook process when builds cannot be bounded.
     enforcement_note: Option<String>,
-    /// Watchers started by this hook, by derivation, with their watcher locks; reaped as they
-    /// finish.
-    watchers: HashMap<String, (std::process::Child, std::path::PathBuf)>,
+    /// This hook's watcher, started with its first admission.
+    watcher: Option<Watcher>,
     /// This worker's `max-jobs`: it never runs more local builds at once.
     max_jobs: Option<usize>,
     /// The watcher of the build just admitted, started once Nix has its answer.
@@ -123,7 +122,7 @@ impl Dispatcher {
             history_note,
             cgroups,
             enforcement_note,
-            watchers: HashMap::new(),
+            watcher: None,
             max_jobs: settings.get("max-jobs").and_then(|jobs| jobs.parse().ok()),
             pending_watch: None,
             builder_uids: builder_uids(settings),
@@ -131,25 +130,20 @@ impl Dispatcher {
         }
     }
 
-    /// Starts the watcher of the build just admitted. Called after the reply is written, so
-    /// the fork and exec are not part of Nix's wait; a failure comes back as a line to show.
+    /// Hands the build just admitted to the watcher (starting it with the first admission, or
+    /// again if it is gone). Called after the reply is written, so none of it is part of Nix's
+    /// wait; a failure comes back as a line to show.
     pub fn after_reply(&mut self) -> Option<String> {
-        self.watchers.retain(|_, (w, _)| matches!(w.try_wait(), Ok(None)));
         let job = self.pending_watch.take()?;
-        // Admitted again: Nix had no slot for the earlier admission and let go of it, so its
-        // watcher, which found no builder, stands down and records nothing.
-        if let Some((mut superseded, lock)) = self.watchers.remove(&job.drv) {
-            let _ = superseded.kill();
-            let _ = superseded.wait();
-            let _ = std::fs::remove_file(lock);
-        }
-        match watch::spawn(&job) {
-            Ok(child) => {
-                self.watchers.insert(job.drv.clone(), (child, job.watcher_lock.clone()));
-                None
+        let sent = self.watcher.as_mut().map(|w| w.send(&job));
+        if !matches!(sent, Some(Ok(()))) {
+            let started = Watcher::spawn().and_then(|mut watcher| watcher.send(&job).map(|()| watcher));
+            match started {
+                Ok(watcher) => self.watcher = Some(watcher),
+                Err(e) => return Some(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", job.name)),
             }
-            Err(e) => Some(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", job.name)),
         }
+        None
     }
 
     /// Answers one `try`. Errors are internal: the caller declines and reports them.

@@ -1,44 +1,57 @@
-//! The watcher of one admitted build: bounds it with a cgroup and records how it went.
+//! The watcher of admitted builds: bounds each with a cgroup and records how it went.
 //!
-//! Nix forks the builder only after the hook has answered, so the hook starts a watcher per
-//! admitted build: `nix-tier-hook --watch-build <job>`, in its own process group so it outlives
-//! the hook (Nix kills the hook's group when its worker ends). The watcher
+//! Nix forks the builder only after the hook has answered, so the hook hands each admitted
+//! build to its watcher, one process per hook (`nix-tier-hook --watch-builds`), started with the
+//! hook's first admission in its own process group so that it outlives the hook (Nix kills the
+//! hook's group when its worker ends), and fed jobs as JSON lines through a pipe: handing over a
+//! build costs a write, not a process. It watches every build in one loop, waking for the
+//! nearest due build, a builder's exit (its pidfd) or a new job, and for each build
 //!
-//! 1. creates the build's cgroup (memory limit = the build's reservation, CPU quota = its tier's
-//!    cores) under the `nix-tier` parent;
+//! 1. holds the build's watcher lock (`<state dir>/leases/<admission>.lock`, with the job in it)
+//!    for as long as the build has processes: the lease lasts as long;
 //! 2. finds the builder: the child of the Nix worker whose environment holds the build's
-//!    `<output>=<path>` entries (any process, for sandboxed builders that are reparented), and
-//!    moves it and its descendants in, rescanning until nothing new appears; with build users,
-//!    every process of the builder's uid belongs to the build and is moved too. Processes forked
-//!    after the move are born inside;
-//! 3. watches the output locks: the build ends when Nix releases them; an OOM kill inside the
-//!    cgroup is reported in the build's own log at once;
-//! 4. records the build (wall and CPU time, peak memory, outcome) in the history database and
+//!    `<output>=<path>` entries (sandboxed builders are children of the worker too), every
+//!    millisecond at first; creates the build's cgroup (memory limit = the build's reservation,
+//!    CPU quota = its tier's cores) under the `nix-tier` parent and moves the builder and its
+//!    descendants in (with build users, every process of the builder's uid); processes forked
+//!    after the move are born inside. Without a cgroup it follows the builder's descendants;
+//! 3. watches the output locks: the build ends when Nix releases them and the builder is gone;
+//!    an OOM kill inside the cgroup is reported in the build's own log at once;
+//! 4. ends what the build left running (after a grace period), releases the watcher lock,
+//!    records the build (wall and CPU time, peak memory, outcome) in the history database and
 //!    removes the cgroup.
+//!
+//! It exits once the hook is gone (its pipe closed) and its last build has ended.
 
 use std::collections::HashSet;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix_tier_cgroups::{BuildCgroup, Hierarchy, Limits};
 use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
 
-use crate::history::{package_and_version, BuildRecord, Outcome};
+use crate::history::{package_and_version, BuildRecord, History, Outcome};
 use crate::output_locks::HeldLocks;
 use crate::procfs;
 
 /// The argument that turns `nix-tier-hook` into a watcher.
-pub const WATCH_ARG: &str = "--watch-build";
+pub const WATCH_ARG: &str = "--watch-builds";
 
 /// The parent cgroup of all tier builds.
 pub const CGROUP_PARENT: &str = "nix-tier";
 
 const MIB: u64 = 1024 * 1024;
+
+/// How long what a build leaves running may take to end by itself before it is killed.
+const LEFTOVER_GRACE: Duration = Duration::from_millis(500);
+/// How long the watcher waits for leftovers to die at all.
+const LEFTOVER_GIVE_UP: Duration = Duration::from_secs(5);
 
 /// Everything a watcher needs to know about its build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -97,18 +110,41 @@ pub struct Finished {
     pub succeeded: bool,
 }
 
-/// Starts a watcher for `job` as a detached child of this process.
-pub fn spawn(job: &WatchJob) -> io::Result<Child> {
-    // /proc/self/exe still works after the binary was upgraded in place (current_exe() would
-    // name a deleted file).
-    Command::new("/proc/self/exe")
-        .arg(WATCH_ARG)
-        .arg(serde_json::to_string(job)?)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
+/// The hook's side of its watcher: the process and the pipe that carries it jobs.
+pub struct Watcher {
+    process: Child,
+    jobs: ChildStdin,
+}
+
+impl Watcher {
+    /// Starts a watcher, detached into its own process group.
+    pub fn spawn() -> io::Result<Watcher> {
+        // /proc/self/exe still works after the binary was upgraded in place (current_exe() would
+        // name a deleted file).
+        let mut process = Command::new("/proc/self/exe")
+            .arg(WATCH_ARG)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()?;
+        let jobs = process.stdin.take().expect("piped stdin");
+        Ok(Watcher { process, jobs })
+    }
+
+    /// Hands it `job`; an error means it is gone.
+    pub fn send(&mut self, job: &WatchJob) -> io::Result<()> {
+        let mut line = serde_json::to_vec(job)?;
+        line.push(b'\n');
+        self.jobs.write_all(&line)
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        // Reaped if it is done; left to finish its builds otherwise (it is in its own group).
+        let _ = self.process.try_wait();
+    }
 }
 
 /// How often the watcher looks for the builder: every millisecond at first, so that it is
@@ -122,123 +158,267 @@ fn search_pause(since_admission: Duration) -> Duration {
     }
 }
 
-/// Watches the build to its end.
-pub fn watch(job: &WatchJob) -> Finished {
-    // The lease lasts while this is held: until every process of the build is gone.
-    let _watcher_lock = WatcherLock::hold(&job.watcher_lock);
-    // Created once the builder is found: Nix may find no free slot after all, and let go.
-    let mut cgroup: Option<BuildCgroup> = None;
-    let mut descendants = Descendants::default();
-    let admitted = Instant::now();
-    let my_uid = procfs::uid(std::process::id());
-    let mut builder: Option<Builder> = None;
-    let mut build_user: Option<u32> = None;
-    let mut moved: HashSet<u32> = HashSet::new();
-    let mut reported_kills = 0;
-    let mut charged_outside: u64 = 0;
-    let mut polls: u64 = 0;
-    let mut full_scans: u64 = 0;
-    let mut locks_checked: Option<Instant> = None;
-    // Nothing is moved once Nix has released the locks: Nix frees the build user only after
-    // that, and the next build may get the same uid within one poll.
-    // A live builder means a running build, whatever one read of the lock table says. While
-    // the builder is searched for, the lock table (costlier) is read every 20 ms.
-    let locks_held = || HeldLocks::read().is_ok_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)));
-    loop {
-        let running = match builder.as_ref() {
-            Some(b) => !b.wait_exit(Duration::ZERO) || locks_held(),
-            None if locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
+/// One watched build.
+struct Watched {
+    job: WatchJob,
+    admitted: Instant,
+    /// Held while the build has processes; released (dropped) when it ends.
+    lock: Option<WatcherLock>,
+    builder: Option<Builder>,
+    build_user: Option<u32>,
+    cgroup: Option<BuildCgroup>,
+    /// Processes moved into the cgroup.
+    moved: HashSet<u32>,
+    /// What the moved processes held before the move (charged outside the cgroup).
+    charged_outside: u64,
+    reported_kills: u64,
+    /// Without a cgroup: the builder's descendants seen while it ran.
+    descendants: Descendants,
+    polls: u64,
+    full_scans: u64,
+    locks_checked: Option<Instant>,
+    /// When it was found ended (locks released, builder gone); leftovers are ended from then.
+    ended: Option<Instant>,
+    due: Instant,
+}
+
+impl Watched {
+    fn new(job: WatchJob) -> Watched {
+        let lock = WatcherLock::hold(&job);
+        let now = Instant::now();
+        Watched {
+            job,
+            admitted: now,
+            lock,
+            builder: None,
+            build_user: None,
+            cgroup: None,
+            moved: HashSet::new(),
+            charged_outside: 0,
+            reported_kills: 0,
+            descendants: Descendants::default(),
+            polls: 0,
+            full_scans: 0,
+            locks_checked: None,
+            ended: None,
+            due: now,
+        }
+    }
+
+    /// Whether Nix still holds one of the build's output locks.
+    fn locks_held(&self) -> bool {
+        HeldLocks::read().is_ok_and(|held| self.job.lock_files.iter().any(|f| held.holds(f, self.job.nix_pid)))
+    }
+
+    /// Does what is due; the build's outcome once it has ended and its processes are gone.
+    fn step(&mut self, my_uid: Option<u32>) -> Option<Finished> {
+        let now = Instant::now();
+        if let Some(ended) = self.ended {
+            return self.end_leftovers(now.duration_since(ended));
+        }
+        // A live builder means a running build, whatever one read of the lock table says.
+        // While the builder is searched for, the lock table (costlier) is read every 20 ms.
+        let running = match self.builder.as_ref() {
+            Some(b) => !b.exited() || self.locks_held(),
+            None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
             None => {
-                locks_checked = Some(Instant::now());
-                locks_held()
+                self.locks_checked = Some(now);
+                self.locks_held()
             }
         };
         if !running {
-            break;
+            self.ended = Some(now);
+            return self.end_leftovers(Duration::ZERO);
         }
-        if builder.is_none() {
-            builder = find_builder(job, admitted.elapsed(), &mut full_scans).and_then(Builder::open);
-            build_user = builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
-            if builder.is_some() {
-                cgroup = create_cgroup(job);
+        if self.builder.is_none() {
+            self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scans).and_then(Builder::open);
+            self.build_user = self.builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
+            if self.builder.is_some() {
+                self.cgroup = create_cgroup(&self.job);
             }
         }
-        if let (Some(b), Some(cgroup)) = (builder.as_mut(), cgroup.as_ref()) {
+        if let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) {
             let mut pids = procfs::tree(b.pid);
             // With build users, every process of the uid is the build's: also those that left
             // the builder's tree (double forks). A scan of all of /proc, so not at every poll.
-            if let (Some(uid), 0) = (build_user, polls % 10) {
+            if let (Some(uid), 0) = (self.build_user, self.polls % 10) {
                 pids.extend(procfs::pids_of_user(uid));
             }
             for pid in pids {
                 // What a process already held stays charged where it was (the kernel no longer
                 // moves charges): its size just after the move is added to the peak, which then
                 // errs high, the safe side for learned reservations.
-                if !moved.contains(&pid) && cgroup.add(pid).is_ok() {
-                    moved.insert(pid);
-                    charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
+                if !self.moved.contains(&pid) && cgroup.add(pid).is_ok() {
+                    self.moved.insert(pid);
+                    self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
                 }
             }
-            let stats = cgroup.stats();
-            if stats.oom_kills > reported_kills {
-                reported_kills = stats.oom_kills;
-                b.tell_log(&oom_message(job, stats.peak_memory_bytes));
-            }
-        } else if let Some(b) = builder.as_ref() {
+        } else if let Some(b) = self.builder.as_ref() {
             // No cgroup: the build's processes are the builder's descendants, followed while it
             // runs (they are reparented away once it is gone).
-            descendants.track(procfs::tree(b.pid));
+            self.descendants.track(procfs::tree(b.pid));
         }
-        polls += 1;
-        // Fast while the builder is starting (so it is moved before it grows), slow after.
-        let pause = match builder.as_ref() {
-            None => search_pause(admitted.elapsed()),
-            // Ended: Nix releases the locks within moments, and the lease with them.
-            Some(b) if b.log.is_none() => Duration::from_millis(5),
-            Some(_) if admitted.elapsed() < Duration::from_secs(1) => Duration::from_millis(5),
-            Some(_) => Duration::from_millis(100),
-        };
-        match builder.as_mut() {
-            Some(b) if b.log.is_some() => {
-                if b.wait_exit(pause) {
-                    // Killed builders are reported before their log closes, and the watcher's
-                    // copy of the log goes at once, so Nix sees its end without waiting for us.
-                    if let Some(cgroup) = cgroup.as_ref() {
-                        let stats = cgroup.stats();
-                        if stats.oom_kills > reported_kills {
-                            reported_kills = stats.oom_kills;
-                            b.tell_log(&oom_message(job, stats.peak_memory_bytes));
-                        }
+        self.report_kills();
+        if let Some(b) = self.builder.as_mut().filter(|b| b.log.is_some() && b.exited()) {
+            // Its copy of the log goes at once, so Nix sees the build's end without waiting.
+            b.log = None;
+        }
+        self.polls += 1;
+        self.due = now
+            + match self.builder.as_ref() {
+                None => search_pause(self.admitted.elapsed()),
+                // Ended: Nix releases the locks within moments, and the lease with them.
+                Some(b) if b.log.is_none() => Duration::from_millis(5),
+                Some(_) if self.admitted.elapsed() < Duration::from_secs(1) => Duration::from_millis(5),
+                Some(_) => Duration::from_millis(100),
+            };
+        None
+    }
+
+    /// Reports new OOM kills in the cgroup in the build's log (before the log closes).
+    fn report_kills(&mut self) {
+        let (Some(cgroup), Some(b)) = (self.cgroup.as_ref(), self.builder.as_mut()) else { return };
+        let stats = cgroup.stats();
+        if stats.oom_kills > self.reported_kills {
+            self.reported_kills = stats.oom_kills;
+            b.tell_log(&oom_message(&self.job, stats.peak_memory_bytes));
+        }
+    }
+
+    /// Nix ends a build's processes itself; what remains `since` its end belongs to an abandoned
+    /// build (its client was killed) and is killed after a grace period, so the cgroup can go
+    /// and the lease end. The outcome once nothing is left.
+    fn end_leftovers(&mut self, since: Duration) -> Option<Finished> {
+        let kill = since >= LEFTOVER_GRACE;
+        let left = match self.cgroup.as_ref() {
+            Some(cgroup) => {
+                let pids = cgroup.pids().unwrap_or_default();
+                if kill {
+                    for pid in &pids {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
                     }
-                    b.log = None;
                 }
+                !pids.is_empty()
             }
-            _ => std::thread::sleep(pause),
+            None => self.descendants.remaining(kill),
+        };
+        if left && since < LEFTOVER_GIVE_UP {
+            self.due = Instant::now() + Duration::from_millis(20);
+            return None;
+        }
+        let wall = self.ended.map_or_else(|| self.admitted.elapsed(), |ended| ended.duration_since(self.admitted));
+        let stats = self.cgroup.as_ref().map(BuildCgroup::stats);
+        if let Some(cgroup) = &self.cgroup {
+            let _ = cgroup.remove();
+        }
+        // The lease ends here: the build's processes are gone.
+        self.lock = None;
+        // Nix deletes the lock files only after registering the outputs of a build it ran.
+        let succeeded = self.job.lock_files.iter().all(|f| !f.exists()) && self.job.outputs.iter().all(|o| Path::new(o).exists());
+        Some(Finished {
+            // A build too short to be seen still ran when its outputs are there; one whose
+            // builder was never seen and that left no outputs was let go by Nix (no slot after
+            // all): it is asked for again, and that admission records it.
+            started: self.builder.is_some() || succeeded,
+            wall,
+            cpu: stats.and_then(|s| s.cpu_time),
+            peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + self.charged_outside),
+            oom_kills: stats.map_or(0, |s| s.oom_kills),
+            bounded: self.cgroup.is_some(),
+            succeeded,
+        })
+    }
+}
+
+/// The watcher process: watches the builds the hook sends on stdin until the hook is gone and
+/// the last of them has ended.
+pub fn serve() -> ExitCode {
+    let mut input = io::stdin().lock();
+    let _ = nix::fcntl::fcntl(input.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
+    let mut pending = Vec::new();
+    let mut open = true;
+    let mut builds: Vec<Watched> = Vec::new();
+    let mut history: Option<(PathBuf, History)> = None;
+    let my_uid = procfs::uid(std::process::id());
+    while open || !builds.is_empty() {
+        let now = Instant::now();
+        let wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
+        {
+            let mut fds: Vec<PollFd> = Vec::new();
+            if open {
+                fds.push(PollFd::new(input.as_fd(), PollFlags::POLLIN));
+            }
+            fds.extend(
+                builds
+                    .iter()
+                    .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
+                    .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN)),
+            );
+            let timeout = wait.map_or(PollTimeout::NONE, |w| {
+                PollTimeout::try_from(w.max(Duration::from_micros(100))).unwrap_or(PollTimeout::MAX)
+            });
+            let _ = poll(&mut fds, timeout);
+        }
+        if open {
+            open = read_jobs(&mut input, &mut pending, &mut builds);
+        }
+        let now = Instant::now();
+        let mut finished = Vec::new();
+        builds.retain_mut(|b| {
+            let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.log.is_some() && builder.exited());
+            if b.due > now && !builder_ended {
+                return true;
+            }
+            match b.step(my_uid) {
+                Some(done) => {
+                    finished.push((b.job.clone(), done));
+                    false
+                }
+                None => true,
+            }
+        });
+        for (job, done) in finished.into_iter().filter(|(_, done)| done.started) {
+            if history.as_ref().is_none_or(|(dir, _)| *dir != job.state_dir) {
+                history = History::open(&job.state_dir).ok().map(|h| (job.state_dir.clone(), h));
+            }
+            if let Some((_, history)) = &history {
+                let _ = history.record(&record(&job, &done));
+            }
         }
     }
-    let wall = admitted.elapsed();
-    let stats = cgroup.as_ref().map(|c| {
-        end_leftovers(c);
-        c.stats()
-    });
-    descendants.end();
-    if let Some(cgroup) = &cgroup {
-        let _ = cgroup.remove();
+    ExitCode::SUCCESS
+}
+
+/// Reads what the hook wrote on the pipe, and the jobs complete in `pending` into `builds`;
+/// false once the hook has closed the pipe.
+fn read_jobs(input: &mut impl Read, pending: &mut Vec<u8>, builds: &mut Vec<Watched>) -> bool {
+    let mut open = true;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match input.read(&mut chunk) {
+            Ok(0) => {
+                open = false;
+                break;
+            }
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => {
+                open = false;
+                break;
+            }
+        }
     }
-    // Nix deletes the lock files only after registering the outputs of a build it ran.
-    let succeeded = job.lock_files.iter().all(|f| !f.exists()) && job.outputs.iter().all(|o| Path::new(o).exists());
-    Finished {
-        // A build too short to be seen still ran when its outputs are there; one whose builder
-        // was never seen and that left no outputs was let go by Nix (no slot after all): it is
-        // asked for again, and that admission records it.
-        started: builder.is_some() || succeeded,
-        wall,
-        cpu: stats.and_then(|s| s.cpu_time),
-        peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + charged_outside),
-        oom_kills: stats.map_or(0, |s| s.oom_kills),
-        bounded: cgroup.is_some(),
-        succeeded,
+    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+        let line: Vec<u8> = pending.drain(..=end).collect();
+        if let Ok(job) = serde_json::from_slice::<WatchJob>(&line) {
+            // Admitted again: Nix had no slot for the earlier admission and let go of it, so
+            // that watch, which found no builder, ends without a record.
+            builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
+            builds.push(Watched::new(job));
+        }
     }
+    open
 }
 
 /// The name of one admission of `drv` at `admitted_ms`: of its cgroup and its watcher lock.
@@ -258,19 +438,20 @@ fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
     job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &limits).ok()
 }
 
-/// The watcher lock, held (flock) until dropped; the file goes first, then the lock.
+/// The watcher lock of one build, held (flock) until dropped; the file goes first, then the
+/// lock. It holds this process's pid (for [`HeldLocks::holds_watcher_lock`]) and the build's
+/// job (for [`running_leases`]).
 struct WatcherLock {
     path: PathBuf,
     _file: std::fs::File,
 }
 
 impl WatcherLock {
-    /// Creates and locks `path` (in the private state directory's `leases`), writing this
-    /// process's pid into it for [`HeldLocks::holds_watcher_lock`].
-    fn hold(path: &Path) -> Option<WatcherLock> {
+    /// Creates and locks the job's lock file in the private state directory's `leases`.
+    fn hold(job: &WatchJob) -> Option<WatcherLock> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let dir = path.parent()?;
-        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        let path = &job.watcher_lock;
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(path.parent()?) {
             (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
         }
         let mut file = std::fs::OpenOptions::new()
@@ -279,12 +460,13 @@ impl WatcherLock {
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
             .open(path)
             .ok()?;
         file.try_lock().ok()?;
-        file.write_all(std::process::id().to_string().as_bytes()).ok()?;
-        Some(WatcherLock { path: path.to_path_buf(), _file: file })
+        let contents = format!("{}\n{}\n", std::process::id(), serde_json::to_string(job).ok()?);
+        file.write_all(contents.as_bytes()).ok()?;
+        Some(WatcherLock { path: path.clone(), _file: file })
     }
 }
 
@@ -292,6 +474,33 @@ impl Drop for WatcherLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// The leases of the builds being watched for `state_dir`: the jobs in the held watcher locks
+/// of its `leases` directory. What rebuilds a lost state file.
+pub fn running_leases(state_dir: &Path) -> Vec<crate::state::Lease> {
+    let Ok(held) = HeldLocks::read() else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(state_dir.join("leases")) else { return Vec::new() };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|path| held.holds_watcher_lock(path))
+        .filter_map(|path| {
+            let bytes = nix_tier_model::files::read_regular(&path, 1 << 20).ok()?;
+            let job_line = bytes.split(|b| *b == b'\n').nth(1)?;
+            let job = serde_json::from_slice::<WatchJob>(job_line).ok()?;
+            Some(crate::state::Lease {
+                drv: job.drv,
+                name: job.name,
+                tier: job.tier,
+                memory_mib: job.memory_limit_mib,
+                lock_files: job.lock_files,
+                started: job.started_unix_ms / 1000,
+                nix_pid: job.nix_pid,
+                watcher_lock: Some(path),
+            })
+        })
+        .collect()
 }
 
 /// Processes of a build without a cgroup, each held through a pidfd (so a reused pid is never
@@ -311,25 +520,16 @@ impl Descendants {
         }
     }
 
-    /// Waits for them to end; after a grace period kills what is left. At most 5 s.
-    fn end(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let grace = Instant::now() + Duration::from_millis(500);
-        loop {
-            self.0.retain(|(_, fd)| !exited(fd, Duration::ZERO));
-            if self.0.is_empty() || Instant::now() > deadline {
-                return;
+    /// Whether any is still running; with `kill`, kills those that are.
+    fn remaining(&mut self, kill: bool) -> bool {
+        self.0.retain(|(_, fd)| !exited(fd));
+        if kill {
+            for (_, fd) in &self.0 {
+                // SAFETY: a plain system call on a descriptor this struct owns.
+                unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_send_signal, fd.as_raw_fd(), nix::libc::SIGKILL, 0, 0) };
             }
-            if Instant::now() > grace {
-                for (_, fd) in &self.0 {
-                    // SAFETY: a plain system call on a descriptor this struct owns.
-                    unsafe {
-                        nix::libc::syscall(nix::libc::SYS_pidfd_send_signal, fd.as_raw_fd(), nix::libc::SIGKILL, 0, 0)
-                    };
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
         }
+        !self.0.is_empty()
     }
 }
 
@@ -340,12 +540,10 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// Waits up to `timeout` for the process of `pidfd` to exit; whether it has.
-fn exited(pidfd: &OwnedFd, timeout: Duration) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+/// Whether the process of `pidfd` has exited.
+fn exited(pidfd: &OwnedFd) -> bool {
     let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
-    let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-    poll(&mut fds, timeout).is_ok_and(|ready| ready > 0)
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
 }
 
 /// The builder: the child of the Nix worker whose environment holds the build's output
@@ -365,52 +563,6 @@ fn find_builder(job: &WatchJob, since_admission: Duration, full_scans: &mut u64)
             .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
             .find(is_builder)
     })
-}
-
-/// Nix ends a build's processes itself; what remains after it released the locks belongs to an
-/// abandoned build (its client was killed) and is killed, so the cgroup can go.
-fn end_leftovers(cgroup: &BuildCgroup) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let grace = Instant::now() + Duration::from_millis(500);
-    while let Ok(pids) = cgroup.pids() {
-        if pids.is_empty() || Instant::now() > deadline {
-            return;
-        }
-        if Instant::now() > grace {
-            for pid in pids {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The leases of the builds whose watchers (processes of this user) keep `state_dir`: each
-/// carries its build's job in its command line. What rebuilds a lost state file; the caller
-/// then drops those whose output locks are no longer held.
-pub fn running_leases(state_dir: &Path) -> Vec<crate::state::Lease> {
-    let me = procfs::uid(std::process::id());
-    procfs::all_pids()
-        .into_iter()
-        .filter(|pid| procfs::uid(*pid) == me)
-        .filter_map(|pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            (args.get(1) == Some(&WATCH_ARG.as_bytes())).then_some(())?;
-            serde_json::from_slice::<WatchJob>(args.get(2)?).ok()
-        })
-        .filter(|job| job.state_dir == state_dir)
-        .map(|job| crate::state::Lease {
-            drv: job.drv,
-            name: job.name,
-            tier: job.tier,
-            memory_mib: job.memory_limit_mib,
-            lock_files: job.lock_files,
-            started: job.started_unix_ms / 1000,
-            nix_pid: job.nix_pid,
-            watcher_lock: Some(job.watcher_lock),
-        })
-        .collect()
 }
 
 /// The line a user sees in the build log when the kernel kills inside the build's cgroup.
@@ -457,9 +609,9 @@ impl Builder {
         Some(Builder { pid, pidfd, log })
     }
 
-    /// Waits up to `timeout` for the builder to exit; whether it has.
-    fn wait_exit(&self, timeout: Duration) -> bool {
-        exited(&self.pidfd, timeout)
+    /// Whether the builder has exited.
+    fn exited(&self) -> bool {
+        exited(&self.pidfd)
     }
 
     /// Writes `line` into the build's log, which Nix shows as the build's output.

@@ -26,11 +26,12 @@ fn gone(pid: u32) -> bool {
         .map_or(true, |stat| stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).is_some_and(|s| s == "Z"))
 }
 
-/// Whether the watcher of `name` holds a pidfd for `pid` (it follows the build's processes).
-fn watcher_follows(name: &str, pid: u32) -> bool {
-    let watchers = fs::read_dir("/proc").unwrap().flatten().filter(|e| {
-        fs::read(e.path().join("cmdline")).is_ok_and(|c| c.starts_with(b"/proc/self/exe\0--watch-build") && c.windows(name.len()).any(|w| w == name.as_bytes()))
-    });
+/// Whether a watcher holds a pidfd for `pid` (it follows the build's processes).
+fn watcher_follows(pid: u32) -> bool {
+    let watchers = fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"/proc/self/exe\0--watch-builds\0"));
     watchers.into_iter().any(|w| {
         fs::read_dir(w.path().join("fdinfo")).into_iter().flatten().flatten().any(|fd| {
             fs::read_to_string(fd.path()).is_ok_and(|info| info.lines().any(|l| l.split_whitespace().eq(["Pid:", &pid.to_string()])))
@@ -68,7 +69,7 @@ fn the_slot_is_held_until_the_children_are_gone(cgroup_root: &Path) {
         child != 0
     });
     wait_until("the watcher to follow the child", || {
-        watcher_follows("first-1.0", child)
+        watcher_follows(child)
             || fs::read_to_string(format!("/proc/{child}/cgroup")).is_ok_and(|c| c.contains("/nix-tier/first-1.0-"))
     });
 

@@ -204,12 +204,12 @@ fn a_running_build_stays_counted_when_the_state_file_is_lost() {
     let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
     lock.lock().unwrap();
     assert_eq!(reply(&hook.ask(&first)), "# decline", "admitted");
-    // Its watcher is what the rebuilt state is found from.
+    // Its watcher's lock (which holds the build's job) is what the rebuilt state is found from.
     let deadline = std::time::Instant::now() + common::ANSWER_TIMEOUT;
-    while !fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        fs::read(e.path().join("cmdline")).is_ok_and(|c| c.windows(9).any(|w| w == b"first-1.0"))
-    }) {
-        assert!(std::time::Instant::now() < deadline, "no watcher for first-1.0");
+    while !fs::read_dir(setup.state().join("leases"))
+        .is_ok_and(|d| d.flatten().any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains("first-1.0"))))
+    {
+        assert!(std::time::Instant::now() < deadline, "no watcher lock for first-1.0");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     fs::write(setup.state().join("state.json"), "\u{0}garbage").unwrap();

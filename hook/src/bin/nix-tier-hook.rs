@@ -9,17 +9,17 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 
-use nix_tier_hook::{config, history, privileges};
+use nix_tier_hook::{config, privileges};
 use nix_tier_hook::dispatch::{Answer, Dispatcher};
 use nix_tier_hook::protocol::{self, Reply};
 use nix_tier_hook::relay::Relay;
 use nix_tier_hook::state::StateDir;
-use nix_tier_hook::watch::{self, WatchJob};
+use nix_tier_hook::watch;
 
 fn main() -> ExitCode {
     let verbosity = std::env::args().nth(1).unwrap_or_else(|| "3".to_string());
     if verbosity == watch::WATCH_ARG {
-        return watch_build();
+        return watch::serve();
     }
     let mut input = io::stdin().lock();
     let settings = match protocol::read_settings(&mut input) {
@@ -148,21 +148,6 @@ fn start(settings: &protocol::Settings, verbosity: &str) -> (Option<Dispatcher>,
     }
     let dispatcher = profile.zip(cgroups).map(|(p, cgroups)| Dispatcher::new(p, settings, StateDir::from_env(), relay, cgroups));
     (dispatcher, notes)
-}
-
-/// The watcher mode (`--watch-build <job>`), started by the hook for each admitted build.
-fn watch_build() -> ExitCode {
-    let Some(job) = std::env::args().nth(2).and_then(|json| serde_json::from_str::<WatchJob>(&json).ok()) else {
-        return ExitCode::FAILURE;
-    };
-    let finished = watch::watch(&job);
-    if !finished.started {
-        return ExitCode::SUCCESS;
-    }
-    match history::History::open(&job.state_dir).and_then(|h| h.record(&watch::record(&job, &finished))) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(_) => ExitCode::FAILURE,
-    }
 }
 
 /// Writes whole lines to stderr, where Nix reads the hook's replies. A message is kept on one
