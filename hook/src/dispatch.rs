@@ -82,8 +82,6 @@ pub struct Dispatcher {
     enforcement_note: Option<String>,
     /// This hook's watcher, started with its first admission.
     watcher: Option<Watcher>,
-    /// This worker's `max-jobs`: it never runs more local builds at once.
-    max_jobs: Option<usize>,
     /// The watcher of the build just admitted, started once Nix has its answer.
     pending_watch: Option<WatchJob>,
     /// The uids Nix's builders run as: this process's and the `build-users-group` members'.
@@ -123,7 +121,6 @@ impl Dispatcher {
             cgroups,
             enforcement_note,
             watcher: None,
-            max_jobs: settings.get("max-jobs").and_then(|jobs| jobs.parse().ok()),
             pending_watch: None,
             builder_uids: builder_uids(settings),
             postponed: HashMap::new(),
@@ -208,21 +205,6 @@ impl Dispatcher {
         state.prune(&held, now, self.waiter_ttl);
         // Asked again for a build it admitted (Nix found no slot after all): start over.
         state.running.retain(|lease| lease.drv != request.drv_path);
-        // Nix asks every goal of one pass with am-willing set, but runs only `max-jobs` builds per
-        // worker: one beyond this worker's own running builds would be parked for a slot after
-        // taking a lease (the herd). Declined without one, it waits for a slot and asks again.
-        // Only builds whose output locks this worker holds count, as in Nix's own count: a lease
-        // kept alive by leftover processes alone no longer takes one of Nix's slots, and a build
-        // declined while Nix has a slot would run without a lease.
-        let nix_pid = std::os::unix::process::parent_id();
-        let running_here = || {
-            state.running.iter().filter(|l| l.nix_pid == nix_pid && l.lock_files.iter().any(|f| held.holds(f, nix_pid))).count()
-        };
-        if self.max_jobs.is_some_and(|max| running_here() >= max) {
-            self.postponed.insert(request.drv_path.clone(), (drv, placement));
-            return Ok(Reply::Decline);
-        }
-
         let candidate = Claim { tier, memory_mib: placement.memory_mib };
         let waiting_heavy = state.oldest_waiting_heavy(&request.drv_path).map(|w| w.memory_mib);
         let reply = match admission::decide(&self.profile.build, &state.claims(), waiting_heavy, candidate) {
@@ -236,7 +218,7 @@ impl Dispatcher {
                     memory_mib: placement.memory_mib,
                     lock_files: output_locks::lock_files(&drv, &request.drv_path),
                     started: now,
-                    nix_pid,
+                    nix_pid: std::os::unix::process::parent_id(),
                     watcher_lock: Some(watch::watcher_lock_path(self.state_dir.path(), &request.drv_path, admitted_ms)),
                 };
                 let learned = matches!(placement.memory_source, ReservationSource::Learned { .. });

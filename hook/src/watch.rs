@@ -354,8 +354,9 @@ pub fn serve() -> ExitCode {
                     .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
                     .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN)),
             );
+            // poll(2) counts whole milliseconds: round up, or a wait under one would spin.
             let timeout = wait.map_or(PollTimeout::NONE, |w| {
-                PollTimeout::try_from(w.max(Duration::from_micros(100))).unwrap_or(PollTimeout::MAX)
+                PollTimeout::try_from(w.as_micros().div_ceil(1000).max(1) as i32).unwrap_or(PollTimeout::MAX)
             });
             let _ = poll(&mut fds, timeout);
         }
