@@ -390,6 +390,20 @@ def verdicts(results):
     return out
 
 
+def result_line(results):
+    """bench/scheduling's figures as one `RESULT` line: per configuration its makespan (s), the
+    ratio to the lower bound and, with the hook, to its tier bound, and its OOM kills."""
+    fields = []
+    for r in results:
+        c = r["config"]
+        fields.append(f"{c}_makespan_s={r['makespanMs'] / 1000:.1f}")
+        fields.append(f"{c}_over_bound={r['makespanMs'] / r['bounds']['physicalMs']:.2f}")
+        if r["hook"]:
+            fields.append(f"{c}_over_tier_bound={r['makespanMs'] / r['bounds']['tiersMs']:.2f}")
+        fields.append(f"{c}_oom_kills={r['oomKills']}")
+    return "RESULT scheduling " + " ".join(fields)
+
+
 def fitted_tiers(spec, budget_mib):
     """Tiers fitted to the workload's peaks: each tier's memoryMiB is its largest peak plus 2 %
     and 8 MiB (the builder's own code and stack); heavy 2 jobs, medium as many as the budget
@@ -431,6 +445,7 @@ def main(argv):
         print(table(spec, results))
         print()
         print("\n".join(verdicts(results)))
+        print(result_line(results))
     elif cmd == "fitted-tiers":
         args, tiers = fitted_tiers(json.loads(read_file(argv[2])), int(argv[3]))
         print(args)
