@@ -27,11 +27,6 @@ pub fn tree(pid: u32) -> Vec<u32> {
     found
 }
 
-/// Whether `pid`'s environment holds the entry `entry` (e.g. `out=/nix/store/…`).
-pub fn has_env_entry(pid: u32, entry: &str) -> bool {
-    environ(pid).is_some_and(|environ| environ.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
-}
-
 /// The largest environment read (Linux caps one exec's arguments and environment at 2 MiB).
 const MAX_ENVIRON_BYTES: usize = 2 << 20;
 
@@ -89,6 +84,10 @@ pub fn pids_of_user(uid: u32) -> Vec<u32> {
 mod tests {
     use super::*;
     use std::process::Command;
+
+    fn has_env_entry(pid: u32, entry: &str) -> bool {
+        environ(pid).is_some_and(|environ| environ.split(|b| *b == 0).any(|e| e == entry.as_bytes()))
+    }
 
     #[test]
     fn a_child_and_its_environment_are_found() {

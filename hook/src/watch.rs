@@ -158,6 +158,47 @@ fn search_pause(since_admission: Duration) -> Duration {
     }
 }
 
+/// What one pass of the watcher's loop reads of `/proc`, shared by the builds it steps: the
+/// lock table, and the Nix workers' children not yet known to be a builder, with their
+/// environments.
+struct Scan {
+    /// Processes that are no build's new builder: builders already found, and the hook.
+    known: HashSet<u32>,
+    children: std::collections::HashMap<u32, Vec<u32>>,
+    environs: std::collections::HashMap<u32, Option<Vec<u8>>>,
+    held: Option<Option<HeldLocks>>,
+}
+
+impl Scan {
+    fn new(known: HashSet<u32>) -> Scan {
+        Scan { known, children: Default::default(), environs: Default::default(), held: None }
+    }
+
+    /// Whether Nix process `holder` holds one of `lock_files`.
+    fn holds(&mut self, lock_files: &[PathBuf], holder: u32) -> bool {
+        let held = self.held.get_or_insert_with(|| HeldLocks::read().ok());
+        held.as_ref().is_some_and(|held| lock_files.iter().any(|f| held.holds(f, holder)))
+    }
+
+    /// The child of `nix_pid` whose environment holds one of `entries`.
+    fn builder_among_children(&mut self, nix_pid: u32, entries: &[String]) -> Option<u32> {
+        let known = &self.known;
+        let children = self
+            .children
+            .entry(nix_pid)
+            .or_insert_with(|| procfs::children(nix_pid).into_iter().filter(|pid| !known.contains(pid)).collect());
+        children.iter().copied().find(|pid| {
+            let environ = self.environs.entry(*pid).or_insert_with(|| procfs::environ(*pid));
+            environ.as_ref().is_some_and(|environ| holds_entry(environ, entries))
+        })
+    }
+}
+
+/// Whether an environment block holds one of `entries`.
+fn holds_entry(environ: &[u8], entries: &[String]) -> bool {
+    environ.split(|b| *b == 0).any(|e| entries.iter().any(|entry| e == entry.as_bytes()))
+}
+
 /// One watched build.
 struct Watched {
     job: WatchJob,
@@ -205,13 +246,8 @@ impl Watched {
         }
     }
 
-    /// Whether Nix still holds one of the build's output locks.
-    fn locks_held(&self) -> bool {
-        HeldLocks::read().is_ok_and(|held| self.job.lock_files.iter().any(|f| held.holds(f, self.job.nix_pid)))
-    }
-
     /// Does what is due; the build's outcome once it has ended and its processes are gone.
-    fn step(&mut self, my_uid: Option<u32>) -> Option<Finished> {
+    fn step(&mut self, my_uid: Option<u32>, scan: &mut Scan) -> Option<Finished> {
         let now = Instant::now();
         if let Some(ended) = self.ended {
             return self.end_leftovers(now.duration_since(ended));
@@ -219,11 +255,11 @@ impl Watched {
         // A live builder means a running build, whatever one read of the lock table says.
         // While the builder is searched for, the lock table (costlier) is read every 20 ms.
         let running = match self.builder.as_ref() {
-            Some(b) => !b.exited() || self.locks_held(),
+            Some(b) => !b.exited() || scan.holds(&self.job.lock_files, self.job.nix_pid),
             None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
             None => {
                 self.locks_checked = Some(now);
-                self.locks_held()
+                scan.holds(&self.job.lock_files, self.job.nix_pid)
             }
         };
         if !running {
@@ -231,7 +267,10 @@ impl Watched {
             return self.end_leftovers(Duration::ZERO);
         }
         if self.builder.is_none() {
-            self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scans).and_then(Builder::open);
+            self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scans, scan).and_then(Builder::open);
+            if let Some(b) = &self.builder {
+                scan.known.insert(b.pid);
+            }
             self.build_user = self.builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
             if self.builder.is_some() {
                 self.cgroup = create_cgroup(&self.job);
@@ -365,12 +404,15 @@ pub fn serve() -> ExitCode {
         }
         let now = Instant::now();
         let mut finished = Vec::new();
+        let mut known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
+        known.insert(std::os::unix::process::parent_id());
+        let mut scan = Scan::new(known);
         builds.retain_mut(|b| {
             let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.log.is_some() && builder.exited());
             if b.due > now && !builder_ended {
                 return true;
             }
-            match b.step(my_uid) {
+            match b.step(my_uid, &mut scan) {
                 Some(done) => {
                     finished.push((b.job.clone(), done));
                     false
@@ -552,9 +594,9 @@ fn exited(pidfd: &OwnedFd) -> bool {
 /// with `CLONE_PARENT`, from 2.8 to today). Should one not be found there for a second, every
 /// process of a uid Nix builds as is searched, once a second. Output paths are public, so a
 /// process of another user claiming them is never taken for the builder.
-fn find_builder(job: &WatchJob, since_admission: Duration, full_scans: &mut u64) -> Option<u32> {
-    let is_builder = |pid: &u32| job.output_env.iter().any(|entry| procfs::has_env_entry(*pid, entry));
-    procfs::children(job.nix_pid).into_iter().find(is_builder).or_else(|| {
+fn find_builder(job: &WatchJob, since_admission: Duration, full_scans: &mut u64, scan: &mut Scan) -> Option<u32> {
+    let is_builder = |pid: &u32| procfs::environ(*pid).is_some_and(|environ| holds_entry(&environ, &job.output_env));
+    scan.builder_among_children(job.nix_pid, &job.output_env).or_else(|| {
         if since_admission.as_secs() <= *full_scans {
             return None;
         }
