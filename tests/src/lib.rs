@@ -49,13 +49,6 @@ pub fn nix_version() -> String {
     text.split_whitespace().last().expect("nix-instantiate --version printed a version").to_string()
 }
 
-/// The Nix under test's version as numbers, for tests of version-specific behaviour.
-pub fn nix_version_numbers() -> (u32, u32, u32) {
-    let version = nix_version();
-    let mut parts = version.split(|c: char| !c.is_ascii_digit()).map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-}
-
 /// A release binary of the workspace (`nix-tier`, `nix-tier-hook`, ...).
 pub fn binary(name: &str) -> PathBuf {
     let path = target_dir().join(name);
