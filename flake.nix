@@ -27,6 +27,7 @@
         nix-tier = pkgs.callPackage ./nix/nix-tier.nix { };
         # The plugin, built against nixpkgs' `nix` (2.24 or later, or 2.8; not Lix; see
         # cpp-shim/nix-compat.hh): `nix-tier-plugin.override { nix = yourNix; }` for another.
+        # plugin-files names its loader, lib/libnix_tier_loader.so (passthru.pluginFile).
         nix-tier-plugin = pkgs.callPackage ./nix/package.nix { };
         default = nix-tier;
       });
@@ -88,7 +89,7 @@
           assert environment.NIX_TIER_CGROUP_ROOT == "/sys/fs/cgroup/system.slice/nix-daemon.service";
           assert serviceConfig.Delegate == "yes" && serviceConfig.DelegateSubgroup == "supervisor";
           pkgs.runCommand "nix-tier-nixos-module" { } ''
-            grep -q '^plugin-files = .*/lib/libnix_tier_plugin.so$' ${nixConf}
+            grep -q '^plugin-files = .*/lib/libnix_tier_loader.so$' ${nixConf}
             grep -q '^hardware-profile = .*hardware-profile.json$' ${nixConf}
             grep -q '^build-hook = .*/bin/nix-tier-hook$' ${nixConf}
             grep -q '^max-jobs = 12$' ${nixConf}

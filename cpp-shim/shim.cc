@@ -121,14 +121,8 @@ struct Registration
 {
     Registration()
     {
-        // A plugin built against another Nix would meet a different C++ ABI: refuse politely.
-        if (nix::nixVersion != NIX_TIER_BUILT_FOR_NIX) {
-            nix::warn("nix-tier plugin was built for Nix %s but is loaded into Nix %s, so it registers "
-                      "nothing; rebuild it against this Nix (./scripts/setup on Debian, or the flake "
-                      "package built from this Nix)",
-                NIX_TIER_BUILT_FOR_NIX, nix::nixVersion);
-            return;
-        }
+        // Only loader/nix-tier-loader.cc loads this library, and only into the Nix it was built
+        // against: loaded into another, it would not even resolve its symbols.
         static nix::GlobalConfig::Register config(&settings());
         compat::registerPrimOp("__hardwareProfile", {}, 0, hardwareProfileDoc, primHardwareProfile);
         compat::registerPrimOp("__optimizeFor", {"options", "drv"}, 2, optimizeForDoc, primOptimizeFor);

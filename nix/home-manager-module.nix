@@ -86,7 +86,7 @@ in
         type = types.package;
         default = pkgs.callPackage ./package.nix { nix = config.nix.package; };
         defaultText = literalExpression "pkgs.callPackage <nix-tier>/nix/package.nix { nix = config.nix.package; }";
-        description = "The plugin, built against `config.nix.package`.";
+        description = "The plugin, built against `config.nix.package`; `plugin-files` names its loader, which loads the build only into that Nix and otherwise warns once.";
       };
     };
 

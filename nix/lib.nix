@@ -400,11 +400,12 @@ let
     hookSupportsNix = version: !(atLeast version "2.94pre");
 
     /**
-      The plugin's shared object: `plugin` itself when it is a path or a string, else
-      `<plugin>/lib/libnix_tier_plugin.so` of the package.
+      What `plugin-files` names: `plugin` itself when it is a path or a string, else the
+      package's loader `<plugin>/lib/libnix_tier_loader.so`, which loads the plugin build for the
+      running Nix (or warns once, and Nix carries on).
     */
     pluginFile = plugin:
-      if isPath plugin || isString plugin then toString plugin else "${plugin}/lib/libnix_tier_plugin.so";
+      if isPath plugin || isString plugin then toString plugin else "${plugin}/lib/libnix_tier_loader.so";
 
     /**
       The hook program: `hook` itself when it is a path or a string, else

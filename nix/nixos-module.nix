@@ -124,7 +124,8 @@ in
         defaultText = literalExpression "pkgs.callPackage <nix-tier>/nix/package.nix { nix = config.nix.package; }";
         description = ''
           The plugin, built against `config.nix.package`: the Nix that loads it must be the
-          Nix it was built with.
+          Nix it was built with. `plugin-files` names its loader (`lib/libnix_tier_loader.so`),
+          which loads the build only into that Nix and otherwise warns once.
         '';
       };
     };

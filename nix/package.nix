@@ -5,6 +5,13 @@
 # `config.nix.package`). plugin/build.rs finds it through pkg-config (`nix-expr`) and its
 # headers in `${nix.dev}/include`.
 #
+# The output is what `plugin-files` names, the loader `lib/libnix_tier_loader.so`
+# (loader/nix-tier-loader.cc, no Nix symbols), with the build beside it in
+# `lib/nix-tier-plugin/<Nix version>/`. The loader loads the build for the running Nix and
+# otherwise warns once, so a Nix upgrade never breaks Nix. For several Nix versions, join the
+# packages: `symlinkJoin { name = "nix-tier-plugin"; paths = map (nix: nix-tier-plugin.override
+# { inherit nix; }) [ nixA nixB ]; }` carries a build for each behind one loader.
+#
 # Supported: Nix 2.8, and Nix 2.24 onwards (not Lix). cpp-shim/nix-compat.hh holds every Nix API
 # difference; for any other version the build stops at once with a message (rather than at the
 # compat header's #error deep inside cargo's output). nix/lib.nix's pluginSupportsNix says the
@@ -49,17 +56,20 @@ rustPlatform.buildRustPackage {
     exit 1
   '';
 
-  # A cdylib: install the shared object Nix loads through plugin-files.
+  # The build goes under the version the running Nix reports (what the loader looks for);
+  # the loader is plain C++ compiled here.
   installPhase = ''
     runHook preInstall
+    version=$(${lib.getBin nix}/bin/nix-instantiate --version | awk '{print $NF}')
     so=$(find target -path '*/release/libnix_tier_plugin.so' -print -quit)
-    install -Dm755 "$so" "$out/lib/libnix_tier_plugin.so"
+    install -Dm755 "$so" "$out/lib/nix-tier-plugin/$version/libnix_tier_plugin.so"
+    $CXX -std=c++17 -O2 -Wall -Wextra -Werror -fPIC -shared -o "$out/lib/libnix_tier_loader.so" loader/nix-tier-loader.cc
     runHook postInstall
   '';
 
   passthru = {
     inherit nix;
-    pluginFile = "lib/libnix_tier_plugin.so";
+    pluginFile = "lib/libnix_tier_loader.so";
   };
 
   meta = {

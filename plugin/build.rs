@@ -1,8 +1,8 @@
 //! Compiles the C++ shim (cpp-shim/) against the exact Nix that will load the plugin.
 //!
 //! Nix is found through pkg-config (`nix-expr`); its version becomes preprocessor defines so that
-//! cpp-shim/nix-compat.hh can pick the right API, and is recorded in the plugin so a plugin loaded
-//! into a different Nix refuses to register instead of crashing on a changed C++ ABI.
+//! cpp-shim/nix-compat.hh can pick the right API. The result loads only into that Nix: the loader
+//! (loader/nix-tier-loader.cc) picks the build for the running Nix.
 //! The shim is linked `+whole-archive`: its only entry points are static registrations, which the
 //! linker would otherwise drop as unreferenced.
 
@@ -22,8 +22,6 @@ fn main() {
     let version = parse_version(&nix.version);
     let include = nix_include_dir(&workspace, &nix);
     let cflags = other_cflags(version);
-    // Tests set this to build a plugin that claims another Nix version (the mismatch guard).
-    let recorded = env::var("NIX_TIER_RECORDED_NIX_VERSION").unwrap_or_else(|_| nix.version.clone());
 
     let mut build = cxx_build::bridge("src/ffi.rs");
     build.file(shim.join("shim.cc")).include(&shim);
@@ -44,7 +42,6 @@ fn main() {
         .define("NIX_TIER_NIX_VERSION_MAJOR", version.0.to_string().as_str())
         .define("NIX_TIER_NIX_VERSION_MINOR", version.1.to_string().as_str())
         .define("NIX_TIER_NIX_VERSION_PATCH", version.2.to_string().as_str())
-        .define("NIX_TIER_BUILT_FOR_NIX", format!("\"{recorded}\"").as_str())
         .flag_if_supported("-Wno-deprecated-declarations")
         .link_lib_modifier("+whole-archive")
         .compile("nix_tier_shim");
@@ -62,7 +59,6 @@ fn main() {
     }
     println!("cargo:rerun-if-changed=src/ffi.rs");
     println!("cargo:rerun-if-env-changed=NIX_TIER_NIX_INCLUDE");
-    println!("cargo:rerun-if-env-changed=NIX_TIER_RECORDED_NIX_VERSION");
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
 }
 

@@ -100,8 +100,8 @@ let
     };
 
     pluginFile = {
-      got = [ (tier.pluginFile "/x/libnix_tier_plugin.so") (tier.pluginFile { type = "derivation"; outPath = "/nix/store/p"; }) ];
-      expected = [ "/x/libnix_tier_plugin.so" "/nix/store/p/lib/libnix_tier_plugin.so" ];
+      got = [ (tier.pluginFile "/x/libnix_tier_loader.so") (tier.pluginFile { type = "derivation"; outPath = "/nix/store/p"; }) ];
+      expected = [ "/x/libnix_tier_loader.so" "/nix/store/p/lib/libnix_tier_loader.so" ];
     };
     hookFile = {
       got = tier.hookFile { type = "derivation"; outPath = "/nix/store/h"; };

@@ -16,6 +16,7 @@ let
 
   lib = stubLib // {
     getDev = p: p.dev or p;
+    getBin = p: p.bin or p.out or p;
     licenses = { mit = { spdxId = "MIT"; }; asl20 = { spdxId = "Apache-2.0"; }; };
     platforms = { linux = [ "x86_64-linux" "aarch64-linux" ]; };
   };

@@ -3,7 +3,9 @@
 //! /nix, never see the user's configuration, and can run in parallel.
 //!
 //! The binaries under test are the release builds made by `./scripts/test` (or `cargo build
-//! --release`); `NIX_TIER_TARGET_DIR` points elsewhere when needed.
+//! --release`); `NIX_TIER_TARGET_DIR` points elsewhere when needed. The Nix under test is the
+//! first `nix-instantiate` on `PATH`: `./scripts/test` runs the plugin's suites once with this
+//! machine's Nix and once with the newer Nix `scripts/check-newer-nix` builds.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,11 +22,31 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"))
 }
 
-/// The plugin Nix loads through `plugin-files`.
+/// The plugin as installed by `scripts/setup` and `scripts/check-newer-nix`: the loader and, in
+/// `nix-tier-plugin/<Nix version>/`, the plugin build for each Nix they built it against.
+pub fn plugin_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/plugin")
+}
+
+/// What `plugin-files` names: the loader, which loads the build for the running Nix.
 pub fn plugin_path() -> PathBuf {
-    let path = target_dir().join("libnix_tier_plugin.so");
-    assert!(path.is_file(), "{} missing: run ./scripts/test or cargo build --release", path.display());
+    let path = plugin_dir().join("libnix_tier_loader.so");
+    assert!(path.is_file(), "{} missing: run ./scripts/setup", path.display());
     path
+}
+
+/// The plugin build the loader picks for the Nix under test.
+pub fn plugin_build() -> PathBuf {
+    let path = plugin_dir().join("nix-tier-plugin").join(nix_version()).join("libnix_tier_plugin.so");
+    assert!(path.is_file(), "{} missing: run ./scripts/setup (and scripts/check-newer-nix for the newer Nix)", path.display());
+    path
+}
+
+/// The version of the Nix under test, as Nix itself prints it (`nix::nixVersion`).
+pub fn nix_version() -> String {
+    let out = Command::new("nix-instantiate").arg("--version").output().expect("run nix-instantiate --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().last().expect("nix-instantiate --version printed a version").to_string()
 }
 
 /// A release binary of the workspace (`nix-tier`, `nix-tier-hook`, ...).
