@@ -80,10 +80,10 @@ inline bool pureEval(nix::EvalState & state)
 }
 
 /// Forces `v` to an attribute set and returns its attribute `name`, or nullptr.
-inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, const char * name, PrimOpPos pos)
+inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, nix::Symbol name, PrimOpPos pos)
 {
-    state.forceAttrs(v, pos, "while reading nix-tier's Nix glue");
-    auto attr = v.attrs()->get(state.symbols.create(name));
+    state.forceAttrs(v, pos, "while reading an attribute set for nix-tier");
+    auto attr = v.attrs()->get(name);
     return attr ? attr->value : nullptr;
 }
 
@@ -133,11 +133,11 @@ inline bool pureEval(nix::EvalState &)
     return nix::evalSettings.pureEval;
 }
 
-inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, const char * name, PrimOpPos pos)
+inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, nix::Symbol name, PrimOpPos pos)
 {
     state.forceAttrs(v, pos);
-    auto attr = v.attrs->find(state.symbols.create(name));
-    return attr == v.attrs->end() ? nullptr : attr->value;
+    auto attr = v.attrs->get(name);
+    return attr ? attr->value : nullptr;
 }
 
 inline nix::Expr * parseExpression(nix::EvalState & state, std::string source)

@@ -1,9 +1,9 @@
 //! The plan behind `builtins.optimizeFor`: which compiler flags, system features and package
 //! switches a derivation gets for a target CPU, and the tier the build hook will give it.
 //!
-//! Pure: the inputs are the caller's options, facts the plugin's Nix glue read from the
-//! derivation ([`Facts`]), Nix's `system-features`, and the evaluating host's profile; the
-//! output ([`Plan`]) is applied by that glue through `override`/`overrideAttrs`.
+//! Pure: the inputs are the caller's options, facts the plugin read from the derivation
+//! ([`Facts`]), Nix's `system-features`, and the evaluating host's profile; the output
+//! ([`Plan`]) is applied by the plugin's Nix glue through `override`/`overrideAttrs`.
 //! docs/optimize-for.md documents the interface.
 //!
 //! What does not change the built code stays out of the derivation (out paths are kept): the
@@ -31,7 +31,7 @@ pub const DEFAULT_OPT_OUT: &[(&str, &str)] = &[
 /// The derivation attribute that names a build's tier; the build hook reads it from the .drv.
 pub const TIER_ATTRIBUTE: &str = "NIX_TIER";
 
-/// The variables a plan may write. The glue reports where the package keeps each of them
+/// The variables a plan may write. The plugin reports where the package keeps each of them
 /// ([`Facts::exported`], [`Facts::hidden`]).
 pub const VARIABLES: &[&str] = &[
     CFLAGS_BEFORE,
@@ -41,10 +41,6 @@ pub const VARIABLES: &[&str] = &[
     "GOAMD64",
     "NIX_BUILD_CORES",
 ];
-
-/// The `override` switches a plan may turn on; the glue reports which are already on
-/// ([`Facts::switches_on`]).
-pub const SWITCHES: &[&str] = &[PGO_SWITCHES[0], PGO_SWITCHES[1], LTO_SWITCHES[0]];
 
 /// cc-wrapper puts this variable before the command's own arguments (as `gcc.arch`'s
 /// `cc-cflags-before`), so a source file's own `-march` still wins.
@@ -108,16 +104,14 @@ impl<'de> Deserialize<'de> for OptLevel {
     }
 }
 
-/// What the plugin's Nix glue read from the derivation (before any earlier `optimizeFor`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// What the plugin read from the derivation (before any earlier `optimizeFor`).
+#[derive(Debug, Clone, Default)]
 pub struct Facts {
     /// The derivation's `name`.
     pub name: String,
     /// Its `pname`, when it has one.
     pub pname: Option<String>,
     /// Its `requiredSystemFeatures`.
-    #[serde(default)]
     pub required_system_features: Vec<String>,
     /// Whether it has `overrideAttrs` (was made by `stdenv.mkDerivation`).
     pub has_override_attrs: bool,
@@ -125,36 +119,30 @@ pub struct Facts {
     pub has_cargo_deps: bool,
     /// Whether it has `goModules` or `vendorHash` (a Go package).
     pub has_go_modules: bool,
-    /// The arguments its `override` accepts.
-    #[serde(default)]
+    /// The arguments its `override` accepts; read only when [`Prepared::switches_to_check`]
+    /// has some or the package has a package set.
     pub override_args: Vec<String>,
     /// `stdenv.cc`, when its stdenv has a C compiler (not stdenvNoCC, runCommand).
     pub compiler: Option<Compiler>,
     /// `__structuredAttrs`: only `env` reaches the builder's environment.
-    #[serde(default)]
     pub structured_attrs: bool,
     /// Of [`VARIABLES`], those the package sets where the builder sees them.
-    #[serde(default)]
     pub exported: Vec<String>,
     /// Of [`VARIABLES`], those the package keeps at the top level of a structured-attrs
     /// derivation, where stdenv does not export them (and `env` may not repeat them).
-    #[serde(default)]
     pub hidden: Vec<String>,
-    /// Of [`SWITCHES`] asked for, those already on: `override { switch = true; }` gives the
-    /// same derivation.
-    #[serde(default)]
+    /// Of [`Prepared::switches_to_check`], those already on: `override { switch = true; }`
+    /// gives the same derivation.
     pub switches_on: Vec<String>,
     /// Whether it is a C compiler itself (`isGNU`/`isClang`): its switches build features
     /// into the compiler rather than optimise it.
-    #[serde(default)]
     pub is_compiler: bool,
     /// Whether it has a package set built on itself (`withPackages`, as interpreters do).
-    #[serde(default)]
     pub has_package_set: bool,
 }
 
 /// The C compiler of a derivation's stdenv.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Compiler {
     /// `stdenv.cc.isGNU`.
     pub gnu: bool,
@@ -165,8 +153,9 @@ pub struct Compiler {
 }
 
 /// The changes to make, applied by the Nix glue. A variable goes where the package keeps it:
-/// at the top level when the package has it there, else in `env`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// at the top level when the package has it there, else in `env`. Plans compare and hash by
+/// value, so that one evaluation can share a plan among the many packages that get the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     /// Variables to append to, space-separated, after the package's own value.
@@ -177,7 +166,7 @@ pub struct Plan {
     pub attributes: BTreeMap<String, String>,
     /// Hardening features to add to `hardeningDisable`.
     pub hardening_disable: Vec<String>,
-    /// Features to add to `requiredSystemFeatures`.
+    /// Features to add to `requiredSystemFeatures` (none it already has).
     pub system_features: Vec<String>,
     /// Arguments for the package's `override`.
     pub override_args: BTreeMap<String, bool>,
@@ -197,7 +186,7 @@ fn json_string<S: serde::Serializer>(info: &PlanInfo, serializer: S) -> Result<S
 }
 
 /// The record of a plan, for users (`drv.nixTier`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlanInfo {
     /// The microarchitecture built for.
@@ -286,6 +275,40 @@ struct Derived {
 /// A compiler: whether it is clang, and its version.
 type CompilerKey = (bool, Option<String>);
 
+/// What a package's name decides in its plan: whether it is opted out (and why) and which of
+/// the profile's rules matches it. Two packages with the same facts but their names and the
+/// same class get plans that differ at most where the plan quotes the name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NameClass {
+    opted_out: Option<String>,
+    rule: Option<usize>,
+}
+
+impl Prepared {
+    /// The class of the package called `name` (its `pname`, else its derivation name).
+    pub fn name_class(&self, name: &str, pname: Option<&str>) -> NameClass {
+        let name = pname.unwrap_or_else(|| package_name(name));
+        NameClass {
+            opted_out: opted_out(&self.options, name).map(str::to_string),
+            rule: self.profile.build.rules.iter().position(|rule| rule.pattern.matches(name)),
+        }
+    }
+
+    /// The `override` switches whose state the plans need ([`Facts::switches_on`]): those that
+    /// turn on what the options ask for. Finding that a switch is on evaluates the package
+    /// twice, so nothing else is checked.
+    pub fn switches_to_check(&self) -> Vec<&'static str> {
+        let mut switches = Vec::new();
+        if self.options.pgo {
+            switches.extend(PGO_SWITCHES);
+        }
+        if self.options.lto {
+            switches.extend(LTO_SWITCHES);
+        }
+        switches
+    }
+}
+
 /// Resolves the caller's `options` (JSON): parses them, finds the profile and the target and
 /// checks that the host can run it. `host` yields the evaluating host's profile; it is only
 /// called when needed.
@@ -369,6 +392,7 @@ pub fn plan_prepared(
     if !options.for_another_machine {
         warn_unbuildable(&mut plan, target, system_features);
     }
+    plan.system_features.retain(|feature| !facts.required_system_features.contains(feature));
     add_tier(&mut plan, options, facts, profile, name);
     Ok(plan)
 }
