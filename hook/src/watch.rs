@@ -267,14 +267,16 @@ impl Watched {
             return self.end_leftovers(Duration::ZERO);
         }
         if self.builder.is_none() {
+            // Made before the builder starts: creating a cgroup takes milliseconds, which would
+            // otherwise delay its placement.
+            if self.cgroup.is_none() && self.polls == 0 {
+                self.cgroup = create_cgroup(&self.job);
+            }
             self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scans, scan).and_then(Builder::open);
             if let Some(b) = &self.builder {
                 scan.known.insert(b.pid);
             }
             self.build_user = self.builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
-            if self.builder.is_some() {
-                self.cgroup = create_cgroup(&self.job);
-            }
         }
         if let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) {
             let mut pids = procfs::tree(b.pid);
@@ -346,7 +348,8 @@ impl Watched {
             return None;
         }
         let wall = self.ended.map_or_else(|| self.admitted.elapsed(), |ended| ended.duration_since(self.admitted));
-        let stats = self.cgroup.as_ref().map(BuildCgroup::stats);
+        // A cgroup nothing was moved into measured nothing of the build.
+        let stats = self.cgroup.as_ref().filter(|_| !self.moved.is_empty()).map(BuildCgroup::stats);
         if let Some(cgroup) = &self.cgroup {
             let _ = cgroup.remove();
         }
@@ -363,7 +366,7 @@ impl Watched {
             cpu: stats.and_then(|s| s.cpu_time),
             peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + self.charged_outside),
             oom_kills: stats.map_or(0, |s| s.oom_kills),
-            bounded: self.cgroup.is_some(),
+            bounded: stats.is_some(),
             succeeded,
         })
     }
