@@ -152,10 +152,24 @@ impl Drop for Watcher {
 /// Nix is slow to start it (a busy worker, a large sandbox to set up).
 fn search_pause(since_admission: Duration) -> Duration {
     match since_admission.as_millis() {
-        0..2000 => Duration::from_millis(1),
-        2000..10_000 => Duration::from_millis(10),
+        0..500 => Duration::from_millis(1),
+        500..2000 => Duration::from_millis(5),
+        2000..10_000 => Duration::from_millis(20),
         _ => Duration::from_millis(100),
     }
+}
+
+/// When the watcher looks for the builder among all processes, should it not be a child of the
+/// worker (it always is, in every Nix from 2.8 on): at 2 s, then every 10 s.
+fn full_scan_due(since_admission: Duration, last: &mut Option<Duration>) -> bool {
+    let due = match *last {
+        None => since_admission >= Duration::from_secs(2),
+        Some(at) => since_admission >= at + Duration::from_secs(10),
+    };
+    if due {
+        *last = Some(since_admission);
+    }
+    due
 }
 
 /// What one pass of the watcher's loop reads of `/proc`, shared by the builds it steps: the
@@ -216,7 +230,8 @@ struct Watched {
     /// Without a cgroup: the builder's descendants seen while it ran.
     descendants: Descendants,
     polls: u64,
-    full_scans: u64,
+    /// When the last search of every process was, after admission.
+    full_scan: Option<Duration>,
     locks_checked: Option<Instant>,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
@@ -239,7 +254,7 @@ impl Watched {
             reported_kills: 0,
             descendants: Descendants::default(),
             polls: 0,
-            full_scans: 0,
+            full_scan: None,
             locks_checked: None,
             ended: None,
             due: now,
@@ -272,7 +287,7 @@ impl Watched {
             if self.cgroup.is_none() && self.polls == 0 {
                 self.cgroup = create_cgroup(&self.job);
             }
-            self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scans, scan).and_then(Builder::open);
+            self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan).and_then(Builder::open);
             if let Some(b) = &self.builder {
                 scan.known.insert(b.pid);
             }
@@ -594,16 +609,15 @@ fn exited(pidfd: &OwnedFd) -> bool {
 
 /// The builder: the child of the Nix worker whose environment holds the build's output
 /// entries. Sandboxed builders are children of the worker too (Nix's sandbox helper clones them
-/// with `CLONE_PARENT`, from 2.8 to today). Should one not be found there for a second, every
-/// process of a uid Nix builds as is searched, once a second. Output paths are public, so a
-/// process of another user claiming them is never taken for the builder.
-fn find_builder(job: &WatchJob, since_admission: Duration, full_scans: &mut u64, scan: &mut Scan) -> Option<u32> {
+/// with `CLONE_PARENT`, from 2.8 to today). Should one not be found there, every process of a
+/// uid Nix builds as is searched now and then ([`full_scan_due`]). Output paths are public, so
+/// a process of another user claiming them is never taken for the builder.
+fn find_builder(job: &WatchJob, since_admission: Duration, full_scan: &mut Option<Duration>, scan: &mut Scan) -> Option<u32> {
     let is_builder = |pid: &u32| procfs::environ(*pid).is_some_and(|environ| holds_entry(&environ, &job.output_env));
     scan.builder_among_children(job.nix_pid, &job.output_env).or_else(|| {
-        if since_admission.as_secs() <= *full_scans {
+        if !full_scan_due(since_admission, full_scan) {
             return None;
         }
-        *full_scans = since_admission.as_secs();
         procfs::all_pids()
             .into_iter()
             .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
