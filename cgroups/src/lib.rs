@@ -280,21 +280,8 @@ impl Hierarchy {
         Ok(cgroup)
     }
 
-    /// The existing child cgroups (builds' cgroups), by name.
-    pub fn children(&self) -> Vec<String> {
-        fs::read_dir(self.path())
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
     /// The child cgroup `name`, whether or not it exists.
-    pub fn child(&self, name: &str) -> BuildCgroup {
+    fn child(&self, name: &str) -> BuildCgroup {
         BuildCgroup { version: self.version, dirs: self.parents.iter().map(|(c, p)| (c.clone(), p.join(name))).collect() }
     }
 }
@@ -474,7 +461,6 @@ mod tests {
         assert_eq!(stats.cpu_time, Some(Duration::from_millis(2500)));
         cgroup.add(4242).unwrap();
         assert_eq!(cgroup.pids().unwrap(), vec![4242]);
-        assert_eq!(hierarchy.children(), vec!["b1".to_string()]);
         // Not a cgroup: its files stay, and so does the directory.
         assert!(cgroup.remove().is_err());
         assert!(cgroup.path().join("memory.max").exists());

@@ -11,19 +11,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{build_section, write_drv, write_profile, Hook};
+use nix_tier_tests::hook_env::{process_gone, wait_for};
 use nix_tier_tests::{cgroup_v1_present, ReadOnlyCgroupRoot};
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "waited 10 s for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn gone(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_or(true, |stat| stat.rsplit(')').next().and_then(|r| r.split_whitespace().next()).is_some_and(|s| s == "Z"))
+    wait_for(what, Duration::from_secs(10), || done().then_some(()));
 }
 
 /// Whether a watcher holds a pidfd for `pid` (it follows the build's processes).
@@ -77,7 +69,7 @@ fn the_slot_is_held_until_the_children_are_gone(cgroup_root: &Path) {
     shell.kill().unwrap();
     shell.wait().unwrap();
     drop(lock);
-    assert!(!gone(child), "precondition: the child outlives the builder");
+    assert!(!process_gone(child), "precondition: the child outlives the builder");
 
     let (second, second_out) = write_drv(dir.path(), "second-1.0");
     let second_lock = fs::File::create(format!("{}.lock", second_out.display())).unwrap();
@@ -85,7 +77,7 @@ fn the_slot_is_held_until_the_children_are_gone(cgroup_root: &Path) {
     let lines = hook.ask(&second);
     assert_eq!(lines.last().map(String::as_str), Some("# postpone"), "the child still holds the heavy slot: {lines:?}");
 
-    wait_until("the watcher to end the leftover child", || gone(child));
+    wait_until("the watcher to end the leftover child", || process_gone(child));
     let ended = Instant::now();
     let mut reply = String::new();
     wait_until("the second build to be admitted", || {

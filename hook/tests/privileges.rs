@@ -5,9 +5,10 @@ mod common;
 
 use std::fs;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{build_section, write_drv, write_profile, Hook};
+use nix_tier_tests::hook_env::wait_for;
 use nix_tier_tests::{cgroup_v1_present, requires, ReadOnlyCgroupRoot};
 
 fn status_field(pid: u32, field: &str) -> u64 {
@@ -17,11 +18,7 @@ fn status_field(pid: u32, field: &str) -> u64 {
 }
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "waited 10 s for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for(what, Duration::from_secs(10), || done().then_some(()));
 }
 
 #[test]
