@@ -280,6 +280,12 @@ impl Hierarchy {
         Ok(cgroup)
     }
 
+    /// The child cgroup `name` if it exists (made earlier, e.g. by a process that is gone).
+    pub fn existing(&self, name: &str) -> Option<BuildCgroup> {
+        let cgroup = self.child(name);
+        cgroup.dirs.iter().all(|(_, dir)| dir.is_dir()).then_some(cgroup)
+    }
+
     /// The child cgroup `name`, whether or not it exists.
     fn child(&self, name: &str) -> BuildCgroup {
         BuildCgroup { version: self.version, dirs: self.parents.iter().map(|(c, p)| (c.clone(), p.join(name))).collect() }

@@ -1,9 +1,8 @@
 //! The hook's decision for each derivation Nix is about to build.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use nix_tier_model::admission::{self, Admission, Claim};
 use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
 use nix_tier_model::learning::{self, ReservationSource};
@@ -11,12 +10,14 @@ use nix_tier_model::optimize::TIER_ATTRIBUTE;
 use nix_tier_cgroups::Hierarchy;
 use nix_tier_model::{Profile, Tier};
 
+use crate::broker::client::Client;
+use crate::broker::{FromBroker, Hello, TryBuild};
 use crate::history::History;
-use crate::output_locks::{self, HeldLocks};
+use crate::output_locks;
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
-use crate::state::{self, Lease, StateDir, Waiter};
-use crate::watch::{self, WatchJob, Watcher};
+use crate::state::StateDir;
+use crate::watch::WatchJob;
 
 /// A derivation's tier, the rule that decided it, and the memory it reserves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,16 +64,27 @@ pub enum Answer {
     HandOver { lines: Vec<String>, relay: Relay },
 }
 
-/// One hook process: the settings of its Nix worker, the profile, the shared state.
+/// How long a build of each tier is guessed to run when its package has no history,
+/// milliseconds: what orders waiting builds longest first before anything is learned.
+fn guessed_wall_ms(tier: Tier) -> u64 {
+    match tier {
+        Tier::Heavy => 30 * 60_000,
+        Tier::Medium => 5 * 60_000,
+        Tier::Light => 30_000,
+    }
+}
+
+/// One hook process: the settings of its Nix worker, the profile, its client of the broker.
 pub struct Dispatcher {
     profile: Profile,
     state_dir: StateDir,
-    waiter_ttl: u64,
+    broker: Client,
     relay: Option<Relay>,
     /// What each waiting derivation was last announced as waiting for, so it is not announced
     /// anew at every poll.
     announced: HashMap<String, String>,
-    /// The build history, to learn reservations from; `None` when it cannot be opened.
+    /// The build history, to learn reservations and durations from; `None` when it cannot be
+    /// opened.
     history: Option<History>,
     /// Said once per hook process: why the history cannot be used.
     history_note: Option<String>,
@@ -80,14 +92,11 @@ pub struct Dispatcher {
     cgroups: Option<Hierarchy>,
     /// Said once per hook process when builds cannot be bounded.
     enforcement_note: Option<String>,
-    /// This hook's watcher, started with its first admission.
-    watcher: Option<Watcher>,
-    /// The watcher of the build just admitted, started once Nix has its answer.
-    pending_watch: Option<WatchJob>,
     /// The uids Nix's builders run as: this process's and the `build-users-group` members'.
     builder_uids: Vec<u32>,
-    /// Builds this hook postponed: their derivation and placement, until they are admitted.
-    postponed: HashMap<String, (Derivation, Placement)>,
+    /// Builds asked about and not yet admitted, as the broker is told about them: Nix asks
+    /// again about a waiting build, and its .drv (immutable) is read once.
+    asked: HashMap<String, TryBuild>,
 }
 
 impl Dispatcher {
@@ -100,53 +109,37 @@ impl Dispatcher {
         relay: Option<Relay>,
         cgroups: Result<Hierarchy, nix_tier_cgroups::Unavailable>,
     ) -> Dispatcher {
-        // A postponed build asks again every poll interval; three missed polls mean it is gone.
-        let waiter_ttl = 3 * protocol::poll_interval_secs(settings).max(1) + 2;
-        let (history, history_note) = match History::open(state_dir.path()) {
-            Ok(history) => (Some(history), None),
+        let (history, history_note) = match History::open_read_only(state_dir.path()) {
+            Ok(history) => (history, None),
             Err(error) => (None, Some(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"))),
         };
         let (cgroups, enforcement_note) = match cgroups {
             Ok(hierarchy) => (Some(hierarchy), None),
             Err(e) => (None, Some(format!("nix-tier-hook: {e}; builds are admitted by tier but not bounded"))),
         };
+        let hello = Hello {
+            worker_pid: std::os::unix::process::parent_id(),
+            max_jobs: protocol::max_jobs(settings),
+            build: profile.build.clone(),
+            poll_interval_secs: protocol::poll_interval_secs(settings),
+        };
         Dispatcher {
+            broker: Client::new(state_dir.clone(), hello),
             profile,
             state_dir,
-            waiter_ttl,
             relay,
             announced: HashMap::new(),
             history,
             history_note,
             cgroups,
             enforcement_note,
-            watcher: None,
-            pending_watch: None,
             builder_uids: builder_uids(settings),
-            postponed: HashMap::new(),
+            asked: HashMap::new(),
         }
-    }
-
-    /// Hands the build just admitted to the watcher (starting it with the first admission, or
-    /// again if it is gone). Called after the reply is written, so none of it is part of Nix's
-    /// wait; a failure comes back as a line to show.
-    pub fn after_reply(&mut self) -> Option<String> {
-        let job = self.pending_watch.take()?;
-        let sent = self.watcher.as_mut().map(|w| w.send(&job));
-        if !matches!(sent, Some(Ok(()))) {
-            let started = Watcher::spawn().and_then(|mut watcher| watcher.send(&job).map(|()| watcher));
-            match started {
-                Ok(watcher) => self.watcher = Some(watcher),
-                Err(e) => return Some(format!("nix-tier-hook: cannot watch {} ({e}); it runs unbounded", job.name)),
-            }
-        }
-        None
     }
 
     /// Answers one `try`. Errors are internal: the caller declines and reports them.
     pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
-        // A watcher is started only for an admission that was saved and answered.
-        self.pending_watch = None;
         let mut lines: Vec<String> = self.enforcement_note.take().into_iter().collect();
         lines.extend(self.history_note.take());
         if let Some(relay) = self.relay.as_mut() {
@@ -178,115 +171,71 @@ impl Dispatcher {
         if !request.am_willing {
             return Ok(Reply::Decline);
         }
-        // A postponed build asks again every poll interval: what its .drv says (immutable) and
-        // what it reserves are kept until it is admitted.
-        let (drv, placement) = match self.postponed.remove(&request.drv_path) {
+        let build = match self.asked.remove(&request.drv_path) {
             Some(known) => known,
-            None => {
-                let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
-                let placement = place(&self.profile, &drv, self.history.as_ref());
-                if let Some(error) = &placement.history_error {
-                    // Said once; later tries quietly use the tier figures.
-                    lines.push(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"));
-                    self.history = None;
-                }
-                (drv, placement)
-            }
+            None => self.try_build(request, lines)?,
         };
-        let tier = placement.classification.tier;
-
-        let locked = self.state_dir.lock().map_err(|e| format!("state directory {}: {e}", self.state_dir.path().display()))?;
-        let (mut state, repaired) = locked.load(|| watch::running_leases(self.state_dir.path()));
-        if let Some(note) = repaired {
-            lines.push(format!("nix-tier-hook: {note}"));
-        }
-        let held = HeldLocks::read().map_err(|e| format!("reading /proc/locks: {e}"))?;
-        let now = state::now();
-        state.prune(&held, now, self.waiter_ttl);
-        // Asked again for a build it admitted (Nix found no slot after all): start over.
-        state.running.retain(|lease| lease.drv != request.drv_path);
-        let candidate = Claim { tier, memory_mib: placement.memory_mib };
-        let waiting_heavy = state.oldest_waiting_heavy(&request.drv_path).map(|w| w.memory_mib);
-        let reply = match admission::decide(&self.profile.build, &state.claims(), waiting_heavy, candidate) {
-            Admission::Admit => {
-                state.waiting.retain(|w| w.drv != request.drv_path);
-                let admitted_ms = state::now_ms();
-                let lease = Lease {
-                    drv: request.drv_path.clone(),
-                    name: placement.name,
-                    tier,
-                    memory_mib: placement.memory_mib,
-                    lock_files: output_locks::lock_files(&drv, &request.drv_path),
-                    started: now,
-                    nix_pid: std::os::unix::process::parent_id(),
-                    watcher_lock: Some(watch::watcher_lock_path(self.state_dir.path(), &request.drv_path, admitted_ms)),
-                };
-                let learned = matches!(placement.memory_source, ReservationSource::Learned { .. });
-                self.pending_watch = Some(self.watch_job(&lease, &drv, learned, admitted_ms));
-                state.running.push(lease);
+        let answer = self.broker.ask(&build).map_err(|e| format!("{e} (fails open)"))?;
+        match answer {
+            FromBroker::Admit => {
                 self.announced.remove(&request.drv_path);
-                Reply::Decline
+                Ok(Reply::Decline)
             }
-            Admission::Wait(reason) => {
-                let holders: Vec<&Lease> = state
-                    .running
-                    .iter()
-                    .filter(|l| matches!(reason, admission::WaitReason::TierFull { .. }) == (l.tier == tier))
-                    .collect();
-                let shown: Vec<String> =
-                    holders.iter().map(|l| format!("{}, {}", l.name, age(now.saturating_sub(l.started)))).collect();
-                // Announce again only when the reason or the builds it waits on change, not as they age.
-                let key = format!("{reason} {:?}", holders.iter().map(|l| &l.drv).collect::<Vec<_>>());
-                let reason = format!("{reason} ({})", shown.join("; "));
-                match state.waiting.iter_mut().find(|w| w.drv == request.drv_path) {
-                    Some(waiter) => {
-                        waiter.seen = now;
-                        waiter.reason = reason.clone();
-                    }
-                    None => state.waiting.push(Waiter {
-                        drv: request.drv_path.clone(),
-                        name: placement.name.clone(),
-                        tier,
-                        memory_mib: placement.memory_mib,
-                        since: now,
-                        seen: now,
-                        reason: reason.clone(),
-                    }),
-                }
+            FromBroker::Wait { reason, key } => {
                 if self.announced.get(&request.drv_path) != Some(&key) {
-                    lines.push(protocol::log_message(&format!("waiting: {reason} — {} ({tier})", placement.name)));
+                    lines.push(protocol::log_message(&format!("waiting: {reason} — {} ({})", build.job.name, build.job.tier)));
                     self.announced.insert(request.drv_path.clone(), key);
                 }
-                self.postponed.insert(request.drv_path.clone(), (drv, placement));
-                Reply::Postpone
+                self.asked.insert(request.drv_path.clone(), build);
+                Ok(Reply::Postpone)
             }
-        };
-        locked.save(&state).map_err(|e| format!("writing state in {}: {e}", self.state_dir.path().display()))?;
-        Ok(reply)
+            // Nix parks it for one of its own slots and asks again; the broker picks it up
+            // should it start anyway.
+            FromBroker::WorkerFull => {
+                self.asked.insert(request.drv_path.clone(), build);
+                Ok(Reply::Decline)
+            }
+            FromBroker::Refused(why) => Err(format!("the broker refused: {why}")),
+            FromBroker::Tries(_) => Err("the broker answered another question".to_string()),
+        }
     }
-}
 
-impl Dispatcher {
-    fn watch_job(&self, lease: &Lease, drv: &Derivation, learned: bool, admitted_ms: u64) -> WatchJob {
+    /// Reads and places the derivation of `request`: the broker's view of it.
+    fn try_build(&mut self, request: &TryRequest, lines: &mut Vec<String>) -> Result<TryBuild, String> {
+        let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
+        let placement = place(&self.profile, &drv, self.history.as_ref());
+        if let Some(error) = &placement.history_error {
+            // Said once; later tries quietly use the tier figures.
+            lines.push(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"));
+            self.history = None;
+        }
+        let tier = placement.classification.tier;
+        let expected_ms = self
+            .history
+            .as_ref()
+            .and_then(|h| h.expected_wall_ms(package_name(&placement.name)).ok().flatten())
+            .unwrap_or_else(|| guessed_wall_ms(tier));
         let outputs: Vec<(&String, &str)> =
             drv.outputs.iter().map(|(name, o)| (name, o.path.as_str())).filter(|(_, p)| !p.is_empty()).collect();
-        WatchJob {
-            drv: lease.drv.clone(),
-            name: lease.name.clone(),
-            tier: lease.tier,
-            memory_limit_mib: lease.memory_mib,
-            limit_learned: learned,
-            cores: self.profile.build.tiers.get(lease.tier).cores,
-            lock_files: lease.lock_files.clone(),
+        let job = WatchJob {
+            drv: request.drv_path.clone(),
+            name: placement.name,
+            tier,
+            memory_limit_mib: placement.memory_mib,
+            limit_learned: matches!(placement.memory_source, ReservationSource::Learned { .. }),
+            cores: self.profile.build.tiers.get(tier).cores,
+            lock_files: output_locks::lock_files(&drv, &request.drv_path),
             output_env: outputs.iter().map(|(name, path)| format!("{name}={path}")).collect(),
             outputs: outputs.iter().map(|(_, path)| path.to_string()).collect(),
-            nix_pid: lease.nix_pid,
+            nix_pid: std::os::unix::process::parent_id(),
             builder_uids: self.builder_uids.clone(),
-            started_unix_ms: admitted_ms,
-            watcher_lock: lease.watcher_lock.clone().unwrap_or_default(),
+            // Set by the broker when it admits the build.
+            started_unix_ms: 0,
+            watcher_lock: PathBuf::new(),
             state_dir: self.state_dir.path().to_path_buf(),
             cgroups: self.cgroups.clone(),
-        }
+        };
+        Ok(TryBuild { job, expected_ms })
     }
 }
 

@@ -383,6 +383,21 @@ impl History {
         peaks.into_iter().map(|p| self.unsigned("peak_mib", p)).collect()
     }
 
+    /// How long `package`'s builds take, milliseconds: the median wall time of its newest
+    /// succeeded builds (at most [`MAX_SAMPLES`]); `None` without any. One indexed query.
+    pub fn expected_wall_ms(&self, package: &str) -> Result<Option<u64>, HistoryError> {
+        let sql = "SELECT wall_ms FROM builds WHERE package = ?1 AND outcome = 'succeeded'
+             ORDER BY started_unix_ms DESC LIMIT ?2";
+        let limit = i64::try_from(MAX_SAMPLES).unwrap_or(i64::MAX);
+        let mut query = self.conn.prepare_cached(sql).map_err(|e| self.sqlite(e))?;
+        let mut walls = query
+            .query_map(params![package, limit], |row| row.get::<_, i64>(0))
+            .and_then(Iterator::collect::<Result<Vec<i64>, _>>)
+            .map_err(|e| self.sqlite(e))?;
+        walls.sort_unstable();
+        walls.get(walls.len() / 2).map(|w| self.unsigned("wall_ms", *w)).transpose()
+    }
+
     fn unsigned(&self, column: &str, value: i64) -> Result<u64, HistoryError> {
         u64::try_from(value).map_err(|_| self.invalid(format!("negative {column} {value}")))
     }

@@ -7,6 +7,7 @@
 //! policy in `nix_tier_model::admission`). Admissions are recorded machine-wide ([`state`]) and
 //! end when Nix releases the build's output locks ([`output_locks`]).
 
+pub mod broker;
 pub mod config;
 pub mod dispatch;
 pub mod history;

@@ -122,6 +122,16 @@ pub fn poll_interval_secs(settings: &Settings) -> u64 {
     settings.get("build-poll-interval").and_then(|v| v.parse().ok()).unwrap_or(5)
 }
 
+/// The worker's `max-jobs`: how many builds it runs at once (`auto`: one per CPU; Nix's
+/// default 1 when absent or unreadable).
+pub fn max_jobs(settings: &Settings) -> u32 {
+    match settings.get("max-jobs").map(String::as_str) {
+        Some("auto") => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        Some(value) => value.parse().unwrap_or(1),
+        None => 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -186,6 +186,27 @@ impl StateDir {
         }
     }
 
+    /// Takes the exclusive lock on file `name` in the directory (creating both if needed) for as
+    /// long as the file returned is open; `None` when another process holds it.
+    pub fn exclusive(&self, name: &str) -> io::Result<Option<File>> {
+        let dir = open_state_dir(&self.path, true)?;
+        let (file, _) = open_regular_at(&dir, name, true)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// Opens (creating if needed) file `name` in the directory for appending, e.g. a log.
+    pub fn append(&self, name: &str) -> io::Result<File> {
+        let dir = open_state_dir(&self.path, true)?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        let fd = openat(Some(dir.as_raw_fd()), name, flags, Mode::from_bits_truncate(0o600)).map_err(not_followed)?;
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
     /// Reads the state without the lock and without changing anything (for `nix-tier status`):
     /// a snapshot that may be a moment old. A missing directory or file is the empty state.
     pub fn peek(&self) -> io::Result<State> {
@@ -243,7 +264,11 @@ impl LockedState {
         // SAFETY: openat returned a new descriptor that nothing else owns.
         let mut file = unsafe { File::from_raw_fd(fd) };
         file.write_all(&serde_json::to_vec(state)?)?;
-        renameat(Some(self.dir.as_raw_fd()), temp.as_str(), Some(self.dir.as_raw_fd()), STATE_FILE)?;
+        if renameat(Some(self.dir.as_raw_fd()), temp.as_str(), Some(self.dir.as_raw_fd()), STATE_FILE).is_err() {
+            // Something that cannot be replaced (a directory) is in the way.
+            set_aside(&self.dir, STATE_FILE)?;
+            renameat(Some(self.dir.as_raw_fd()), temp.as_str(), Some(self.dir.as_raw_fd()), STATE_FILE)?;
+        }
         Ok(())
     }
 }

@@ -24,15 +24,14 @@
 //! It exits once the hook is gone (its pipe closed) and its last build has ended.
 
 use std::collections::HashSet;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix_tier_cgroups::{BuildCgroup, Hierarchy, Limits};
+use nix_tier_model::leases::LeaseId;
 use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
 
@@ -110,43 +109,6 @@ pub struct Finished {
     pub succeeded: bool,
 }
 
-/// The hook's side of its watcher: the process and the pipe that carries it jobs.
-pub struct Watcher {
-    process: Child,
-    jobs: ChildStdin,
-}
-
-impl Watcher {
-    /// Starts a watcher, detached into its own process group.
-    pub fn spawn() -> io::Result<Watcher> {
-        // /proc/self/exe still works after the binary was upgraded in place (current_exe() would
-        // name a deleted file).
-        let mut process = Command::new("/proc/self/exe")
-            .arg(WATCH_ARG)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()?;
-        let jobs = process.stdin.take().expect("piped stdin");
-        Ok(Watcher { process, jobs })
-    }
-
-    /// Hands it `job`; an error means it is gone.
-    pub fn send(&mut self, job: &WatchJob) -> io::Result<()> {
-        let mut line = serde_json::to_vec(job)?;
-        line.push(b'\n');
-        self.jobs.write_all(&line)
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        // Reaped if it is done; left to finish its builds otherwise (it is in its own group).
-        let _ = self.process.try_wait();
-    }
-}
-
 /// How often the watcher looks for the builder: every millisecond at first, so that it is
 /// placed before it grows (Nix starts it within milliseconds of the answer), less often when
 /// Nix is slow to start it (a busy worker, a large sandbox to set up).
@@ -216,6 +178,7 @@ fn holds_entry(environ: &[u8], entries: &[String]) -> bool {
 /// One watched build.
 struct Watched {
     job: WatchJob,
+    lease: LeaseId,
     admitted: Instant,
     /// Held while the build has processes; released (dropped) when it ends.
     lock: Option<WatcherLock>,
@@ -239,11 +202,14 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(job: WatchJob) -> Watched {
-        let lock = WatcherLock::hold(&job);
+    /// Watches `job` under `lease`, with its watcher `lock` when it is taken over (else one is
+    /// made).
+    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>) -> Watched {
+        let lock = lock.or_else(|| WatcherLock::hold(&job));
         let now = Instant::now();
         Watched {
             job,
+            lease,
             admitted: now,
             lock,
             builder: None,
@@ -387,24 +353,115 @@ impl Watched {
     }
 }
 
-/// The watcher process: watches the builds the hook sends on stdin until the hook is gone and
-/// the last of them has ended.
-pub fn serve() -> ExitCode {
-    let mut input = io::stdin().lock();
-    let _ = nix::fcntl::fcntl(input.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK));
-    let mut pending = Vec::new();
+/// What the broker hands the watcher.
+pub enum Order {
+    /// Watch an admitted build holding `lease`.
+    Watch {
+        /// The build.
+        job: WatchJob,
+        /// Its lease in the table.
+        lease: LeaseId,
+    },
+    /// A build whose worker was full: nothing was reserved, but should it start anyway it is
+    /// adopted into the table and watched like any other.
+    Candidate(WatchJob),
+    /// A build found running when the broker started, adopted with `lease`; `lock` is its
+    /// watcher lock, taken over.
+    Recovered {
+        /// The build.
+        job: WatchJob,
+        /// Its lease in the table.
+        lease: LeaseId,
+        /// Its watcher lock.
+        lock: WatcherLock,
+    },
+}
+
+/// How the watcher tells the lease table what it saw.
+pub trait Leases {
+    /// Counts `job`, found running without a lease; its lease.
+    fn adopt(&self, job: &WatchJob) -> LeaseId;
+    /// Ends `lease`: its build's processes are gone.
+    fn end(&self, lease: LeaseId);
+}
+
+/// How long a candidate is looked for among its worker's new children.
+const CANDIDATE_TTL: Duration = Duration::from_secs(10);
+
+/// Builds declined without a lease because their worker was full, by output path, until they
+/// are seen starting or forgotten.
+#[derive(Default)]
+struct Candidates {
+    by_output: std::collections::HashMap<String, (WatchJob, Instant)>,
+    /// Children of workers already read and found to be no candidate's builder.
+    not_builders: HashSet<u32>,
+    looked: Option<Instant>,
+}
+
+impl Candidates {
+    fn add(&mut self, job: WatchJob) {
+        let now = Instant::now();
+        for output in &job.outputs {
+            self.by_output.insert(output.clone(), (job.clone(), now));
+        }
+    }
+
+    /// The candidates whose builder is among their workers' children now (every 5 ms at most).
+    fn started(&mut self, known: &HashSet<u32>) -> Vec<(WatchJob, u32)> {
+        self.by_output.retain(|_, (_, at)| at.elapsed() < CANDIDATE_TTL);
+        if self.by_output.is_empty() {
+            self.not_builders.clear();
+            return Vec::new();
+        }
+        if self.looked.is_some_and(|at| at.elapsed() < Duration::from_millis(5)) {
+            return Vec::new();
+        }
+        self.looked = Some(Instant::now());
+        let workers: HashSet<u32> = self.by_output.values().map(|(job, _)| job.nix_pid).collect();
+        let mut found = Vec::new();
+        for worker in workers {
+            for child in procfs::children(worker) {
+                if known.contains(&child) || self.not_builders.contains(&child) {
+                    continue;
+                }
+                let job = procfs::environ(child).and_then(|environ| {
+                    environ.split(|b| *b == 0).find_map(|entry| {
+                        let path = std::str::from_utf8(entry).ok()?.split_once('=')?.1;
+                        self.by_output.get(path).map(|(job, _)| job.clone())
+                    })
+                });
+                match job {
+                    Some(job) if job.nix_pid == worker => {
+                        self.by_output.retain(|_, (j, _)| j.drv != job.drv);
+                        found.push((job, child));
+                    }
+                    _ => {
+                        self.not_builders.insert(child);
+                    }
+                }
+            }
+        }
+        found
+    }
+}
+
+/// The broker's watcher thread: watches every leased build until it ends, picks up candidates
+/// that start, and tells `leases`; runs until `orders` is closed and no build is left. `wake`
+/// becomes readable when an order was sent.
+pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn Leases, state_dir: &Path) {
     let mut open = true;
     let mut builds: Vec<Watched> = Vec::new();
-    let mut history: Option<(PathBuf, History)> = None;
+    let mut candidates = Candidates::default();
+    let mut history: Option<History> = None;
     let my_uid = procfs::uid(std::process::id());
     while open || !builds.is_empty() {
         let now = Instant::now();
-        let wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
+        let mut wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
+        if !candidates.by_output.is_empty() {
+            wait = Some(wait.map_or(Duration::from_millis(5), |w| w.min(Duration::from_millis(5))));
+        }
         {
-            let mut fds: Vec<PollFd> = Vec::new();
-            if open {
-                fds.push(PollFd::new(input.as_fd(), PollFlags::POLLIN));
-            }
+            let mut fds: Vec<PollFd> = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
             fds.extend(
                 builds
                     .iter()
@@ -417,13 +474,39 @@ pub fn serve() -> ExitCode {
             });
             let _ = poll(&mut fds, timeout);
         }
-        if open {
-            open = read_jobs(&mut input, &mut pending, &mut builds);
+        drain(&wake);
+        loop {
+            match orders.try_recv() {
+                Ok(Order::Watch { job, lease }) => {
+                    // Admitted again: Nix had no slot for the earlier admission and let go of it,
+                    // so that watch, which found no builder, ends without a record.
+                    builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
+                    builds.push(Watched::new(job, lease, None));
+                }
+                Ok(Order::Candidate(job)) => candidates.add(job),
+                Ok(Order::Recovered { job, lease, lock }) => builds.push(Watched::new(job, lease, Some(lock))),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
         }
         let now = Instant::now();
         let mut finished = Vec::new();
+        let known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
+        for (mut job, builder) in candidates.started(&known) {
+            // Started without a lease after all: counted from now, watched like the rest.
+            job.started_unix_ms = crate::state::now_ms();
+            job.watcher_lock = watcher_lock_path(state_dir, &job.drv, job.started_unix_ms);
+            let lease = leases.adopt(&job);
+            let mut watched = Watched::new(job, lease, None);
+            watched.cgroup = create_cgroup(&watched.job);
+            watched.builder = Builder::open(builder);
+            builds.push(watched);
+        }
         let mut known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
-        known.insert(std::os::unix::process::parent_id());
+        known.insert(std::process::id());
         let mut scan = Scan::new(known);
         builds.retain_mut(|b| {
             let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.log.is_some() && builder.exited());
@@ -432,6 +515,7 @@ pub fn serve() -> ExitCode {
             }
             match b.step(my_uid, &mut scan) {
                 Some(done) => {
+                    leases.end(b.lease);
                     finished.push((b.job.clone(), done));
                     false
                 }
@@ -439,47 +523,20 @@ pub fn serve() -> ExitCode {
             }
         });
         for (job, done) in finished.into_iter().filter(|(_, done)| done.started) {
-            if history.as_ref().is_none_or(|(dir, _)| *dir != job.state_dir) {
-                history = History::open(&job.state_dir).ok().map(|h| (job.state_dir.clone(), h));
+            if history.is_none() {
+                history = History::open(state_dir).ok();
             }
-            if let Some((_, history)) = &history {
+            if let Some(history) = &history {
                 let _ = history.record(&record(&job, &done));
             }
         }
     }
-    ExitCode::SUCCESS
 }
 
-/// Reads what the hook wrote on the pipe, and the jobs complete in `pending` into `builds`;
-/// false once the hook has closed the pipe.
-fn read_jobs(input: &mut impl Read, pending: &mut Vec<u8>, builds: &mut Vec<Watched>) -> bool {
-    let mut open = true;
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        match input.read(&mut chunk) {
-            Ok(0) => {
-                open = false;
-                break;
-            }
-            Ok(n) => pending.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(_) => {
-                open = false;
-                break;
-            }
-        }
-    }
-    while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-        let line: Vec<u8> = pending.drain(..=end).collect();
-        if let Ok(job) = serde_json::from_slice::<WatchJob>(&line) {
-            // Admitted again: Nix had no slot for the earlier admission and let go of it, so
-            // that watch, which found no builder, ends without a record.
-            builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
-            builds.push(Watched::new(job));
-        }
-    }
-    open
+/// Empties the wake-up pipe.
+fn drain(wake: &OwnedFd) {
+    let mut buf = [0u8; 512];
+    while matches!(nix::unistd::read(wake.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
 }
 
 /// The name of one admission of `drv` at `admitted_ms`: of its cgroup and its watcher lock.
@@ -502,7 +559,7 @@ fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
 /// The watcher lock of one build, held (flock) until dropped; the file goes first, then the
 /// lock. It holds this process's pid (for [`HeldLocks::holds_watcher_lock`]) and the build's
 /// job (for [`running_leases`]).
-struct WatcherLock {
+pub struct WatcherLock {
     path: PathBuf,
     _file: std::fs::File,
 }
@@ -537,30 +594,43 @@ impl Drop for WatcherLock {
     }
 }
 
-/// The leases of the builds being watched for `state_dir`: the jobs in the held watcher locks
-/// of its `leases` directory. What rebuilds a lost state file.
-pub fn running_leases(state_dir: &Path) -> Vec<crate::state::Lease> {
-    let Ok(held) = HeldLocks::read() else { return Vec::new() };
+impl WatcherLock {
+    /// Takes over the watcher lock at `path`, left by a broker that is gone, with its job.
+    /// `None` when another process holds it or it holds no job.
+    fn take_over(path: &Path) -> Option<(WatcherLock, WatchJob)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+            .open(path)
+            .ok()?;
+        file.try_lock().ok()?;
+        let bytes = nix_tier_model::files::read_opened(file.try_clone().ok()?, 1 << 20).ok()?;
+        let job_line = bytes.split(|b| *b == b'\n').nth(1)?;
+        let job = serde_json::from_slice::<WatchJob>(job_line).ok()?;
+        Some((WatcherLock { path: path.to_path_buf(), _file: file }, job))
+    }
+}
+
+/// The builds a broker that is gone was watching and that still run, from the watcher locks in
+/// `<state_dir>/leases`: a build runs while its Nix worker holds one of its output locks or its
+/// cgroup has processes. Each comes with its watcher lock, taken over; the files of builds that
+/// ended meanwhile are removed.
+pub fn running_builds(state_dir: &Path) -> Vec<(WatchJob, WatcherLock)> {
     let Ok(entries) = std::fs::read_dir(state_dir.join("leases")) else { return Vec::new() };
+    let held = HeldLocks::read().ok();
     entries
         .flatten()
-        .map(|e| e.path())
-        .filter(|path| held.holds_watcher_lock(path))
-        .filter_map(|path| {
-            let bytes = nix_tier_model::files::read_regular(&path, 1 << 20).ok()?;
-            let job_line = bytes.split(|b| *b == b'\n').nth(1)?;
-            let job = serde_json::from_slice::<WatchJob>(job_line).ok()?;
-            Some(crate::state::Lease {
-                drv: job.drv,
-                name: job.name,
-                tier: job.tier,
-                memory_mib: job.memory_limit_mib,
-                lock_files: job.lock_files,
-                started: job.started_unix_ms / 1000,
-                nix_pid: job.nix_pid,
-                watcher_lock: Some(path),
-            })
+        .filter_map(|e| WatcherLock::take_over(&e.path()))
+        .filter(|(_, job)| {
+            let locked = held.as_ref().is_some_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)));
+            let populated = job.cgroups.as_ref().is_some_and(|h| {
+                h.existing(&admission_name(&job.drv, job.started_unix_ms)).and_then(|c| c.pids().ok()).is_some_and(|p| !p.is_empty())
+            });
+            locked || populated
         })
+        .map(|(lock, job)| (job, lock))
         .collect()
 }
 

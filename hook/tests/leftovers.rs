@@ -18,12 +18,12 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     wait_for(what, Duration::from_secs(10), || done().then_some(()));
 }
 
-/// Whether a watcher holds a pidfd for `pid` (it follows the build's processes).
-fn watcher_follows(pid: u32) -> bool {
+/// Whether the broker (its watcher) holds a pidfd for `pid` (it follows the build's processes).
+fn broker_follows(pid: u32) -> bool {
     let watchers = fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"/proc/self/exe\0--watch-builds\0"));
+        .filter(|e| fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"/proc/self/exe\0--broker\0"));
     watchers.into_iter().any(|w| {
         fs::read_dir(w.path().join("fdinfo")).into_iter().flatten().flatten().any(|fd| {
             fs::read_to_string(fd.path()).is_ok_and(|info| info.lines().any(|l| l.split_whitespace().eq(["Pid:", &pid.to_string()])))
@@ -61,7 +61,7 @@ fn the_slot_is_held_until_the_children_are_gone(cgroup_root: &Path) {
         child != 0
     });
     wait_until("the watcher to follow the child", || {
-        watcher_follows(child)
+        broker_follows(child)
             || fs::read_to_string(format!("/proc/{child}/cgroup")).is_ok_and(|c| c.contains("/nix-tier/first-1.0-"))
     });
 

@@ -59,9 +59,9 @@ fn the_hook_keeps_only_what_it_needs_and_bounds_builds_under_a_read_only_root() 
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .find(|p| fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.windows(13).any(|w| w == b"--watch-build")))
-        .expect("a watcher runs");
-    assert_eq!(status_field(watcher, "CapEff"), expected, "the watcher runs with the hook's capabilities");
+        .find(|p| fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.windows(8).any(|w| w == b"--broker")))
+        .expect("a broker runs");
+    assert_eq!(status_field(watcher, "CapEff"), expected, "the broker runs with the hook's capabilities");
 
     builder.kill().unwrap();
     builder.wait().unwrap();

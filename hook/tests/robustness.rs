@@ -102,68 +102,121 @@ fn a_fifo_or_a_device_as_profile_falls_back_to_the_host_defaults() {
     }
 }
 
-#[test]
-fn a_fifo_as_state_file_blocks_no_hook_and_is_repaired() {
-    let setup = Setup::new(8000);
-    fs::create_dir(setup.state()).unwrap();
-    mkfifo(&setup.state().join("state.json"));
-    // Two clients' hooks at once: neither blocks the other through the state lock.
-    let mut first = setup.hook();
-    let mut second = setup.hook();
-    let (a, _) = write_drv(setup.path(), "a-1.0");
-    let (b, _) = write_drv(setup.path(), "b-1.0");
-    let lines = first.ask(&a);
-    assert_eq!(reply(&lines), "# decline", "{lines:?}");
-    assert!(mentions(&lines, &["state.json", "set aside"]), "{lines:?}");
-    assert_eq!(reply(&second.ask(&b)), "# decline");
-    assert!(fs::symlink_metadata(setup.state().join("state.json")).unwrap().is_file());
+/// A profile with one heavy slot that every build takes: the second build waits for the first
+/// exactly when the broker counts the first.
+fn one_heavy_slot(setup: &Setup) {
+    let mut build = build_section(8000);
+    build["defaultTier"] = "heavy".into();
+    write_profile(&setup.profile(), build);
 }
 
-#[test]
-fn a_state_file_or_lock_replaced_by_a_directory_is_repaired() {
-    let setup = Setup::new(8000);
-    fs::create_dir_all(setup.state().join("state.json")).unwrap();
-    fs::create_dir_all(setup.state().join("state.lock")).unwrap();
-    let mut hook = setup.hook();
-    let (drv, out) = write_drv(setup.path(), "d-1.0");
-    // As Nix does before it asks: the output lock, held while the build runs.
+/// Asks `hook` about a new build `name` while holding its output lock, as Nix does.
+fn ask_holding_lock(setup: &Setup, hook: &mut Hook, name: &str) -> (Vec<String>, fs::File) {
+    let (drv, out) = write_drv(setup.path(), name);
     let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
     lock.lock().unwrap();
-    let lines = hook.ask(&drv);
-    assert_eq!(reply(&lines), "# decline", "{lines:?}");
-    assert!(mentions(&lines, &["state.lock", "set aside"]) && mentions(&lines, &["state.json", "set aside"]), "{lines:?}");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-        .args(["status", "--json"])
-        .env("NIX_TIER_STATE_DIR", setup.state())
-        .env("NIX_TIER_PROFILE", setup.profile())
-        .output()
-        .unwrap();
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert_eq!(status["running"].as_array().map(Vec::len), Some(1), "the admitted build is counted: {status}");
+    (hook.ask(&drv), lock)
 }
 
-/// A state file with one waiting heavy build that needs the whole budget, last seen at `seen`.
-fn state_with_waiting_heavy(setup: &Setup, seen: u64) {
-    let state = serde_json::json!({
-        "running": [],
-        "waiting": [{ "drv": "/x/heavy.drv", "name": "heavy-1.0", "tier": "heavy", "memoryMiB": 1000,
-                      "since": 0, "seen": seen, "reason": "" }],
+/// The pid of the broker of `setup`, from its lock file.
+fn broker_pid(setup: &Setup) -> i32 {
+    let mut pid = 0;
+    nix_tier_tests::hook_env::wait_for("the broker's pid in broker.lock", common::ANSWER_TIMEOUT, || {
+        pid = fs::read_to_string(setup.state().join("broker.lock")).ok()?.trim().parse().ok()?;
+        Some(())
     });
-    fs::create_dir_all(setup.state()).unwrap();
-    fs::write(setup.state().join("state.json"), state.to_string()).unwrap();
+    pid
 }
 
 #[test]
-fn a_waiting_entry_from_the_future_does_not_hold_builds_back() {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let setup = Setup::new(1000);
-    let (drv, _) = write_drv(setup.path(), "light-1.0");
-    // Control: a heavy build that waits now holds a light one back (it needs the whole budget).
-    state_with_waiting_heavy(&setup, now);
-    assert_eq!(reply(&setup.hook().ask(&drv)), "# postpone");
-    // Stamped a day ahead (a clock stepped back, or a forged entry): it is gone.
-    state_with_waiting_heavy(&setup, now + 86_400);
-    assert_eq!(reply(&setup.hook().ask(&drv)), "# decline");
+fn broken_broker_files_are_set_aside_and_builds_counted() {
+    let setup = Setup::new(8000);
+    one_heavy_slot(&setup);
+    fs::create_dir_all(setup.state().join("broker.lock")).unwrap();
+    fs::create_dir_all(setup.state().join("state.json")).unwrap();
+    mkfifo(&setup.state().join("broker.sock"));
+    let (lines, _first) = ask_holding_lock(&setup, &mut setup.hook(), "first-1.0");
+    assert_eq!(reply(&lines), "# decline", "{lines:?}");
+    assert!(!mentions(&lines, &["fails open"]), "admitted by the broker: {lines:?}");
+    // Another client's hook: the broker counts the first build.
+    let (lines, _second) = ask_holding_lock(&setup, &mut setup.hook(), "second-1.0");
+    assert_eq!(reply(&lines), "# postpone", "{lines:?}");
+    nix_tier_tests::hook_env::wait_for("nix-tier status to show the running build", common::ANSWER_TIMEOUT, || {
+        let status = std::process::Command::new(env!("CARGO_BIN_EXE_nix-tier"))
+            .args(["status", "--json"])
+            .env("NIX_TIER_STATE_DIR", setup.state())
+            .env("NIX_TIER_PROFILE", setup.profile())
+            .output()
+            .ok()?;
+        let status: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
+        (status["running"].as_array().map(Vec::len) == Some(1)).then_some(())
+    });
+}
+
+#[test]
+fn a_stopped_broker_costs_a_short_wait_then_declines() {
+    let setup = Setup::new(8000);
+    one_heavy_slot(&setup);
+    let mut hook = setup.hook();
+    let (lines, _first) = ask_holding_lock(&setup, &mut hook, "first-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
+    let broker = nix::unistd::Pid::from_raw(broker_pid(&setup));
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let asked = std::time::Instant::now();
+    let (lines, _second) = ask_holding_lock(&setup, &mut setup.hook(), "second-1.0");
+    let waited = asked.elapsed();
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(reply(&lines), "# decline", "fails open: {lines:?}");
+    assert!(mentions(&lines, &["did not answer", "fails open"]), "{lines:?}");
+    // 40 ms of waiting for the broker, and starting a hook; far less than Nix's patience.
+    assert!(waited < std::time::Duration::from_secs(1), "declined after {waited:?}");
+}
+
+#[test]
+fn a_broker_answering_garbage_is_declined() {
+    let setup = Setup::new(8000);
+    fs::create_dir_all(setup.state()).unwrap();
+    // This test is the broker: it holds the lock (a real one started on demand exits) and
+    // answers nonsense.
+    let held = fs::File::create(setup.state().join("broker.lock")).unwrap();
+    held.lock().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(setup.state().join("broker.sock")).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut &stream, b"\x00garbage\n");
+            std::mem::forget(stream);
+        }
+    });
+    let (drv, _) = write_drv(setup.path(), "g-1.0");
+    let lines = setup.hook().ask(&drv);
+    assert_eq!(reply(&lines), "# decline", "{lines:?}");
+    assert!(mentions(&lines, &["unreadable", "fails open"]), "{lines:?}");
+}
+
+#[test]
+fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
+    let setup = Setup::new(8000);
+    one_heavy_slot(&setup);
+    let mut hook = setup.hook();
+    let (lines, _first_lock) = ask_holding_lock(&setup, &mut hook, "first-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
+    // Its watcher lock (which holds the build's job) is what the next broker finds it from.
+    nix_tier_tests::hook_env::wait_for("the watcher lock of first-1.0", common::ANSWER_TIMEOUT, || {
+        fs::read_dir(setup.state().join("leases"))
+            .ok()?
+            .flatten()
+            .any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains("first-1.0")))
+            .then_some(())
+    });
+    let broker = broker_pid(&setup);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix_tier_tests::hook_env::wait_for("the broker to be gone", common::ANSWER_TIMEOUT, || {
+        nix_tier_tests::hook_env::process_gone(broker as u32).then_some(())
+    });
+    // A new client: its hook starts a broker, which counts the first build before answering.
+    let (lines, _second_lock) = ask_holding_lock(&setup, &mut setup.hook(), "second-1.0");
+    assert_eq!(reply(&lines), "# postpone", "the running build still holds the heavy slot: {lines:?}");
+    assert_ne!(broker_pid(&setup), broker);
 }
 
 #[test]
@@ -189,32 +242,5 @@ fn an_unusable_state_directory_declines_and_says_why() {
     let (drv, _) = write_drv(setup.path(), "s-1.0");
     let lines = hook.ask(&drv);
     assert_eq!(reply(&lines), "# decline", "{lines:?}");
-    assert!(mentions(&lines, &["state directory", "not a directory", "without tier limits"]), "{lines:?}");
-}
-
-#[test]
-fn a_running_build_stays_counted_when_the_state_file_is_lost() {
-    // One heavy slot: the build running when the state file is destroyed still holds it.
-    let setup = Setup::new(8000);
-    let mut build = build_section(8000);
-    build["defaultTier"] = "heavy".into();
-    write_profile(&setup.profile(), build);
-    let mut hook = setup.hook();
-    let (first, out) = write_drv(setup.path(), "first-1.0");
-    let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
-    lock.lock().unwrap();
-    assert_eq!(reply(&hook.ask(&first)), "# decline", "admitted");
-    // Its watcher's lock (which holds the build's job) is what the rebuilt state is found from.
-    let deadline = std::time::Instant::now() + common::ANSWER_TIMEOUT;
-    while !fs::read_dir(setup.state().join("leases"))
-        .is_ok_and(|d| d.flatten().any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains("first-1.0"))))
-    {
-        assert!(std::time::Instant::now() < deadline, "no watcher lock for first-1.0");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    fs::write(setup.state().join("state.json"), "\u{0}garbage").unwrap();
-    let (second, _) = write_drv(setup.path(), "second-1.0");
-    let lines = setup.hook().ask(&second);
-    assert_eq!(reply(&lines), "# postpone", "the lost state was rebuilt with the running build: {lines:?}");
-    assert!(mentions(&lines, &["rebuilt from the 1 running build(s) found"]), "{lines:?}");
+    assert!(mentions(&lines, &["state/broker.sock", "Not a directory", "fails open", "without tier limits"]), "{lines:?}");
 }

@@ -59,6 +59,11 @@ pub enum WaitReason {
         /// The waiting heavy build's reservation, MiB.
         heavy_mib: u64,
     },
+    /// A waiting build expected to run longer could start now and would no longer fit.
+    LongerFirst {
+        /// How long that build is expected to run, seconds.
+        expected_secs: u64,
+    },
 }
 
 impl fmt::Display for WaitReason {
@@ -72,6 +77,9 @@ impl fmt::Display for WaitReason {
             }
             WaitReason::HeavyWaiting { heavy_mib } => {
                 write!(f, "a waiting heavy build needs {heavy_mib} MiB first")
+            }
+            WaitReason::LongerFirst { expected_secs } => {
+                write!(f, "a waiting build expected to take {expected_secs} s starts first")
             }
         }
     }

@@ -16,6 +16,7 @@ pub mod build;
 pub mod derivation;
 pub mod detect;
 pub mod files;
+pub mod leases;
 pub mod learning;
 pub mod optimize;
 pub mod profile;

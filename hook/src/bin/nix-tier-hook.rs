@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 
-use nix_tier_hook::{config, privileges};
+use nix_tier_hook::{broker, config, privileges};
 use nix_tier_hook::dispatch::{Answer, Dispatcher};
 use nix_tier_hook::protocol::{self, Reply};
 use nix_tier_hook::relay::Relay;
@@ -18,8 +18,11 @@ use nix_tier_hook::watch;
 
 fn main() -> ExitCode {
     let verbosity = std::env::args().nth(1).unwrap_or_else(|| "3".to_string());
-    if verbosity == watch::WATCH_ARG {
-        return watch::serve();
+    if verbosity == broker::BROKER_ARG {
+        if let Err(error) = privileges::keep_only_needed() {
+            eprintln!("nix-tier-hook --broker: cannot drop capabilities ({error}); running with those it was given");
+        }
+        return broker::serve(std::env::args().any(|a| a == broker::STAY_ARG));
     }
     let mut input = io::stdin().lock();
     let settings = match protocol::read_settings(&mut input) {
@@ -65,8 +68,6 @@ fn main() -> ExitCode {
                 lines.push(reply.line().to_string());
                 say(&lines);
                 unanswered = false;
-                let started = panic::catch_unwind(AssertUnwindSafe(|| dispatcher.after_reply()));
-                notes.extend(started.unwrap_or_else(|panic| Some(format!("nix-tier-hook: internal error: {}", panic_message(&*panic)))));
             }
             Ok(Answer::HandOver { lines: said, relay }) => {
                 lines.extend(said);

@@ -1,0 +1,139 @@
+//! The hook's side of the broker: one connection per hook, a request and its answer per `try`,
+//! and failing open.
+//!
+//! Every question gets an answer within [`ANSWER_WITHIN`] or an error, and the hook then declines
+//! (Nix builds as without nix-tier): a broker that is missing and cannot be started in time, hung
+//! (stopped), killed, or answering garbage never holds a build back for longer. After a failure
+//! the broker is not asked again for [`RETRY_AFTER`], so a hung broker costs one wait, not one per
+//! build; the next question connects anew, starting a broker when none runs.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{FromBroker, Hello, ToBroker, TryBuild, BROKER_ARG, SOCKET};
+use crate::state::StateDir;
+
+/// The longest a hook waits for the broker (connecting, starting it, the answer).
+pub const ANSWER_WITHIN: Duration = Duration::from_millis(40);
+/// How long the broker is left alone after it failed to answer.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// A hook's connection to the broker.
+pub struct Client {
+    state_dir: StateDir,
+    hello: Hello,
+    connection: Option<BufReader<UnixStream>>,
+    /// When the broker may be asked again after a failure.
+    resting_until: Option<Instant>,
+    /// The broker this hook started, reaped once it exits.
+    started: Option<Child>,
+}
+
+impl Client {
+    /// A client for the broker of `state_dir`, introducing itself with `hello`. Connects at the
+    /// first question.
+    pub fn new(state_dir: StateDir, hello: Hello) -> Client {
+        Client { state_dir, hello, connection: None, resting_until: None, started: None }
+    }
+
+    /// Asks about one build; an error (said for the user) means: decline.
+    pub fn ask(&mut self, request: &TryBuild) -> Result<FromBroker, String> {
+        if self.resting_until.is_some_and(|until| Instant::now() < until) {
+            return Err("the broker failed to answer a moment ago".to_string());
+        }
+        let deadline = Instant::now() + ANSWER_WITHIN;
+        let answer = self.exchange(&ToBroker::Try(request.clone()), deadline);
+        match answer {
+            Ok(FromBroker::Refused(why)) => self.failed(format!("the broker refused the request: {why}")),
+            Ok(answer) => Ok(answer),
+            Err(error) => self.failed(error),
+        }
+    }
+
+    fn failed(&mut self, error: String) -> Result<FromBroker, String> {
+        self.connection = None;
+        self.resting_until = Some(Instant::now() + RETRY_AFTER);
+        Err(error)
+    }
+
+    fn exchange(&mut self, message: &ToBroker, deadline: Instant) -> Result<FromBroker, String> {
+        if self.connection.is_none() {
+            let stream = self.connect(deadline)?;
+            let mut hello = serde_json::to_vec(&ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
+            hello.push(b'\n');
+            (&stream).write_all(&hello).map_err(|e| format!("writing to the broker: {e}"))?;
+            self.connection = Some(BufReader::new(stream));
+        }
+        let connection = self.connection.as_mut().expect("connected above");
+        let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let remaining = |what: &str| {
+            deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(format!("the broker did not {what} within {ANSWER_WITHIN:?}"))
+        };
+        connection.get_ref().set_write_timeout(Some(remaining("read the request")?)).map_err(|e| e.to_string())?;
+        connection.get_mut().write_all(&line).map_err(|e| format!("writing to the broker: {e}"))?;
+        connection.get_ref().set_read_timeout(Some(remaining("answer")?)).map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        match connection.read_until(b'\n', &mut answer) {
+            Ok(0) => return Err("the broker closed the connection".to_string()),
+            Ok(_) if answer.ends_with(b"\n") => {}
+            Ok(_) => return Err("the broker closed the connection mid-answer".to_string()),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(format!("the broker did not answer within {ANSWER_WITHIN:?}"))
+            }
+            Err(e) => return Err(format!("reading from the broker: {e}")),
+        }
+        serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))
+    }
+
+    /// Connects, starting a broker when none listens, until `deadline`.
+    fn connect(&mut self, deadline: Instant) -> Result<UnixStream, String> {
+        let socket = self.state_dir.path().join(SOCKET);
+        let mut started = false;
+        loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => return Ok(stream),
+                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
+                    if !started {
+                        self.start_broker().map_err(|e| format!("cannot start the broker: {e}"))?;
+                        started = true;
+                    }
+                }
+                Err(e) => return Err(format!("cannot connect to the broker at {}: {e}", socket.display())),
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no broker at {} within {ANSWER_WITHIN:?}", socket.display()));
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Starts `nix-tier-hook --broker` in its own process group (Nix ends the hook's group with
+    /// its worker; the broker serves every worker), its errors appended to `broker.log` in the
+    /// state directory. Should another hook start one at the same moment, one of the two exits
+    /// at once (the broker's lock).
+    fn start_broker(&mut self) -> io::Result<()> {
+        if let Some(child) = self.started.as_mut() {
+            if child.try_wait()?.is_none() {
+                return Ok(());
+            }
+        }
+        let log = self
+            .state_dir
+            .append("broker.log")
+            .map_err(|e| io::Error::new(e.kind(), format!("state directory {}: {e}", self.state_dir.path().display())))?;
+        // /proc/self/exe still works after the binary was upgraded in place.
+        let child = Command::new("/proc/self/exe")
+            .arg(BROKER_ARG)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()?;
+        self.started = Some(child);
+        Ok(())
+    }
+}

@@ -1,0 +1,387 @@
+//! The broker: the one process per machine (per state directory) that holds the lease table and
+//! watches every admitted build. `nix-tier-hook --broker`.
+//!
+//! Hooks are thin clients ([`client`]): each Nix worker's hook connects to
+//! `<state dir>/broker.sock`, says who it is ([`Hello`]: its worker, that worker's `max-jobs`,
+//! the profile's build section), and sends every `try` it does not answer by itself. The broker
+//! decides in memory ([`nix_tier_model::leases::LeaseTable`]) and answers at once; only then does
+//! it hand the build to its watcher thread ([`crate::watch::run`]), which finds the builder,
+//! bounds it with a cgroup, ends the lease once the build's processes are gone and records the
+//! build in the history, the one writer of it. One thread per connection reads requests; the
+//! table is shared under a mutex held for the microseconds of a decision.
+//!
+//! It is started on demand by the first hook that finds no broker (or by a service manager,
+//! `--stay`), and only one runs per state directory: it holds `<state dir>/broker.lock` for its
+//! lifetime, so a second one exits at once. Without `--stay` it exits after [`IDLE_EXIT`] with no
+//! client and no build. Started again after it was killed, it finds the builds that still run
+//! from the watcher locks they left in `<state dir>/leases` ([`crate::watch::running_builds`]):
+//! their leases are counted again before the first request is answered.
+//!
+//! Only Nix's side may take leases: a connection is accepted only from the broker's own user or
+//! root (peer credentials). The state directory is the broker's user's and writable by nobody
+//! else ([`crate::state`]). For `nix-tier status`, the broker keeps `state.json` up to date
+//! (at most every 100 ms, never on a request's path).
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix_tier_model::admission::{Claim, WaitReason};
+use nix_tier_model::leases::{Decision, LeaseId, LeaseTable, Request};
+use nix_tier_model::Build;
+use serde::{Deserialize, Serialize};
+
+use crate::state::{self, StateDir};
+use crate::watch::{self, Order, WatchJob};
+
+/// The argument that turns `nix-tier-hook` into the broker.
+pub const BROKER_ARG: &str = "--broker";
+/// With [`BROKER_ARG`]: never exit for being idle (under a service manager).
+pub const STAY_ARG: &str = "--stay";
+/// The broker's socket in the state directory.
+pub const SOCKET: &str = "broker.sock";
+/// Held by the running broker.
+pub const LOCK: &str = "broker.lock";
+/// How long a broker started on demand lives on without clients or builds.
+pub const IDLE_EXIT: Duration = Duration::from_secs(60);
+
+/// A hook's first message: who asks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// The Nix worker the hook serves.
+    pub worker_pid: u32,
+    /// That worker's `max-jobs`.
+    pub max_jobs: u32,
+    /// The profile's build section the hook works with.
+    pub build: Build,
+    /// The worker's `build-poll-interval`, seconds: how often a postponed build asks again.
+    pub poll_interval_secs: u64,
+}
+
+/// A `try` the hook passes on: the build as the watcher needs it, and its expected duration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TryBuild {
+    /// The build (`started_unix_ms` and `watcher_lock` are set by the broker).
+    pub job: WatchJob,
+    /// How long it is expected to run, milliseconds.
+    pub expected_ms: u64,
+}
+
+/// What a hook sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ToBroker {
+    /// First, once.
+    Hello(Hello),
+    /// A build Nix is about to start.
+    Try(TryBuild),
+    /// How many `try` requests each build took so far (for bench/dispatch).
+    Tries,
+}
+
+/// The broker's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FromBroker {
+    /// Start it: a lease is held.
+    Admit,
+    /// Not now.
+    Wait {
+        /// Why, with the builds it waits on, for the user.
+        reason: String,
+        /// Changes only when the reason or those builds change (not as they age).
+        key: String,
+    },
+    /// The worker is full: Nix parks the build itself; nothing was reserved.
+    WorkerFull,
+    /// The request was refused; why.
+    Refused(String),
+    /// The number of `try` requests of every build asked about so far.
+    Tries(Vec<u32>),
+}
+
+/// What the broker shares between its threads.
+struct Shared {
+    table: LeaseTable,
+    /// The jobs of the leases, for `state.json`.
+    jobs: HashMap<LeaseId, WatchJob>,
+    /// The names of waiting builds, for `state.json`.
+    waiting_names: HashMap<String, String>,
+    tries: HashMap<String, u32>,
+    /// Whether `state.json` is behind.
+    changed: bool,
+    clients: usize,
+    /// When the last client left or the last build ended.
+    idle_since: Instant,
+}
+
+/// The broker's lease table, as the watcher thread sees it.
+struct Board {
+    shared: Mutex<Shared>,
+    state_dir: PathBuf,
+}
+
+impl Board {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        // A panicked thread leaves the table as consistent as any decision does.
+        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Decides one `try` of the hook that said `hello`; the reply, and the order for the
+    /// watcher.
+    fn decide(&self, hello: &Hello, mut request: TryBuild) -> (FromBroker, Option<Order>) {
+        let now = state::now_ms();
+        let ttl_ms = (3 * hello.poll_interval_secs.max(1) + 2) * 1000;
+        let job = &request.job;
+        let table_request = Request {
+            worker: hello.worker_pid,
+            worker_max_jobs: hello.max_jobs,
+            drv: job.drv.clone(),
+            claim: Claim { tier: job.tier, memory_mib: job.memory_limit_mib },
+            expected_ms: request.expected_ms,
+        };
+        let mut shared = self.lock();
+        *shared.tries.entry(job.drv.clone()).or_default() += 1;
+        let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
+        let shared = &mut *shared;
+        let table = &shared.table;
+        shared.jobs.retain(|id, _| table.lease(*id).is_some());
+        match decision {
+            Decision::Admit(lease) => {
+                request.job.started_unix_ms = now;
+                request.job.watcher_lock = watch::watcher_lock_path(&self.state_dir, &request.job.drv, now);
+                shared.jobs.insert(lease, request.job.clone());
+                shared.waiting_names.remove(&request.job.drv);
+                shared.changed = true;
+                (FromBroker::Admit, Some(Order::Watch { job: request.job, lease }))
+            }
+            Decision::Wait(reason) => {
+                let holders: Vec<&WatchJob> = shared
+                    .table
+                    .leases()
+                    .iter()
+                    .filter(|l| matches!(reason, WaitReason::TierFull { .. }) == (l.claim.tier == job.tier))
+                    .filter_map(|l| shared.jobs.get(&l.id))
+                    .collect();
+                let key = format!("{reason} {:?}", holders.iter().map(|j| &j.drv).collect::<Vec<_>>());
+                let shown: Vec<String> = holders
+                    .iter()
+                    .map(|j| format!("{}, {}", j.name, crate::dispatch::age(now.saturating_sub(j.started_unix_ms) / 1000)))
+                    .collect();
+                shared.waiting_names.insert(job.drv.clone(), job.name.clone());
+                shared.changed = true;
+                (FromBroker::Wait { reason: format!("{reason} ({})", shown.join("; ")), key }, None)
+            }
+            Decision::WorkerFull => (FromBroker::WorkerFull, Some(Order::Candidate(request.job))),
+        }
+    }
+
+    /// The snapshot `nix-tier status` reads.
+    fn snapshot(&self) -> state::State {
+        let shared = self.lock();
+        let running = shared
+            .table
+            .leases()
+            .iter()
+            .filter_map(|l| {
+                let job = shared.jobs.get(&l.id)?;
+                Some(state::Lease {
+                    drv: job.drv.clone(),
+                    name: job.name.clone(),
+                    tier: job.tier,
+                    memory_mib: l.claim.memory_mib,
+                    lock_files: job.lock_files.clone(),
+                    started: job.started_unix_ms / 1000,
+                    nix_pid: job.nix_pid,
+                    watcher_lock: Some(job.watcher_lock.clone()),
+                })
+            })
+            .collect();
+        let waiting = shared
+            .table
+            .waiting()
+            .iter()
+            .map(|w| state::Waiter {
+                drv: w.drv.clone(),
+                name: shared.waiting_names.get(&w.drv).cloned().unwrap_or_default(),
+                tier: w.claim.tier,
+                memory_mib: w.claim.memory_mib,
+                since: w.since_ms / 1000,
+                seen: w.seen_ms / 1000,
+                reason: w.reason.to_string(),
+            })
+            .collect();
+        state::State { running, waiting }
+    }
+}
+
+impl watch::Leases for Board {
+    fn adopt(&self, job: &WatchJob) -> LeaseId {
+        let mut shared = self.lock();
+        let claim = Claim { tier: job.tier, memory_mib: job.memory_limit_mib };
+        let lease = shared.table.adopt(job.nix_pid, &job.drv, claim, 0, state::now_ms());
+        shared.jobs.insert(lease, job.clone());
+        shared.changed = true;
+        lease
+    }
+
+    fn end(&self, lease: LeaseId) {
+        let mut shared = self.lock();
+        shared.table.end(lease);
+        shared.jobs.remove(&lease);
+        shared.changed = true;
+        if shared.table.leases().is_empty() {
+            shared.idle_since = Instant::now();
+        }
+    }
+}
+
+/// Runs the broker for the state directory of the environment; `stay` keeps it running when
+/// idle. Exits at once, successfully, when another broker runs.
+pub fn serve(stay: bool) -> ExitCode {
+    let state_dir = StateDir::from_env();
+    match serve_in(&state_dir, stay) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("nix-tier-hook --broker: {}: {error}", state_dir.path().display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
+    let Some(mut running) = state_dir.exclusive(LOCK)? else { return Ok(()) };
+    // Who holds it, for people and tests.
+    running.set_len(0)?;
+    writeln!(running, "{}", std::process::id())?;
+    let socket = state_dir.path().join(SOCKET);
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket)?;
+    let board = Arc::new(Board {
+        shared: Mutex::new(Shared {
+            table: LeaseTable::new(),
+            jobs: HashMap::new(),
+            waiting_names: HashMap::new(),
+            tries: HashMap::new(),
+            changed: true,
+            clients: 0,
+            idle_since: Instant::now(),
+        }),
+        state_dir: state_dir.path().to_path_buf(),
+    });
+    let (orders, inbox) = mpsc::channel();
+    let (wake_read, wake_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
+    let wake_write = Arc::new(wake_write);
+    // What a broker that is gone left running is counted before anything is admitted.
+    for (job, lock) in watch::running_builds(state_dir.path()) {
+        let lease = watch::Leases::adopt(&*board, &job);
+        let _ = orders.send(Order::Recovered { job, lease, lock });
+    }
+    {
+        let board = Arc::clone(&board);
+        let state_dir = state_dir.path().to_path_buf();
+        std::thread::spawn(move || watch::run(inbox, wake_read, &*board, &state_dir));
+    }
+    {
+        let board = Arc::clone(&board);
+        let state_dir = state_dir.clone();
+        std::thread::spawn(move || keep_snapshot(&board, &state_dir, stay));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let allowed = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .is_ok_and(|cred| cred.uid() == me || cred.uid() == 0);
+        if !allowed {
+            let mut stream = stream;
+            let _ = reply(&mut stream, &FromBroker::Refused("only Nix's own user may take leases".to_string()));
+            continue;
+        }
+        let board = Arc::clone(&board);
+        let orders = orders.clone();
+        let wake = Arc::clone(&wake_write);
+        board.lock().clients += 1;
+        std::thread::spawn(move || {
+            let _ = serve_client(stream, &board, &orders, &wake);
+            let mut shared = board.lock();
+            shared.clients -= 1;
+            shared.idle_since = Instant::now();
+        });
+    }
+    Ok(())
+}
+
+/// Answers one hook's requests until it is gone.
+fn serve_client(stream: UnixStream, board: &Board, orders: &Sender<Order>, wake: &OwnedFd) -> io::Result<()> {
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut hello: Option<Hello> = None;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        let message = match serde_json::from_slice::<ToBroker>(&line) {
+            Ok(message) => message,
+            Err(e) => return reply(&mut writer, &FromBroker::Refused(format!("unreadable request: {e}"))),
+        };
+        match (message, hello.as_ref()) {
+            (ToBroker::Hello(said), _) => hello = Some(said),
+            (ToBroker::Try(request), Some(hello)) => {
+                let (answer, order) = board.decide(hello, request);
+                reply(&mut writer, &answer)?;
+                if let Some(order) = order {
+                    if orders.send(order).is_ok() {
+                        let _ = nix::unistd::write(wake, &[1]);
+                    }
+                }
+            }
+            (ToBroker::Try(_), None) => reply(&mut writer, &FromBroker::Refused("no hello first".to_string()))?,
+            (ToBroker::Tries, _) => {
+                let tries = board.lock().tries.values().copied().collect();
+                reply(&mut writer, &FromBroker::Tries(tries))?;
+            }
+        }
+    }
+}
+
+fn reply(writer: &mut UnixStream, answer: &FromBroker) -> io::Result<()> {
+    let mut line = serde_json::to_vec(answer)?;
+    line.push(b'\n');
+    writer.write_all(&line)
+}
+
+/// Writes `state.json` when the table changed, at most every 100 ms; ends the process once it
+/// has been idle for [`IDLE_EXIT`] (unless `stay`).
+fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let (changed, idle) = {
+            let mut shared = board.lock();
+            let idle = shared.clients == 0 && shared.table.leases().is_empty() && shared.idle_since.elapsed() >= IDLE_EXIT;
+            (std::mem::take(&mut shared.changed), idle)
+        };
+        if changed {
+            let snapshot = board.snapshot();
+            if let Ok(locked) = state_dir.lock() {
+                let _ = locked.save(&snapshot);
+            }
+        }
+        if idle && !stay {
+            // The socket goes first: a hook that finds none starts a new broker.
+            let _ = std::fs::remove_file(state_dir.path().join(SOCKET));
+            std::process::exit(0);
+        }
+    }
+}

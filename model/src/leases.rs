@@ -1,0 +1,372 @@
+//! The machine's lease table: which builds hold a slot and memory now, which wait, and for which
+//! Nix worker. Pure and in memory; the broker (`nix-tier-hook --broker`) owns the one instance of
+//! a machine and feeds it every `try` of every Nix worker.
+//!
+//! A decision ([`LeaseTable::decide`]) is, in this order:
+//!
+//! 1. **Asked again** for a build that holds a lease: Nix let go of it (no slot after all), so the
+//!    old lease ends and the build is decided anew.
+//! 2. **The worker is full**: the asking worker already holds as many leases as its own
+//!    `max-jobs`. Nix will park this build for a slot itself, whatever the answer, so nothing is
+//!    reserved for it ([`Decision::WorkerFull`]); the caller lets Nix go on and counts the build
+//!    should it start anyway ([`LeaseTable::adopt`]). This is what keeps a woken herd of goals
+//!    from each taking a lease that all but one then leave unused.
+//! 3. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
+//!    waiting heavy build.
+//! 4. **Longest first**: a waiting build that is expected to run longer, could start now and would
+//!    no longer fit once the candidate is admitted keeps its place: the candidate waits. A build
+//!    that cannot delay a longer one is never held back. Waiting builds that have not asked within
+//!    the waiting time-to-live are forgotten (their Nix is gone or busy elsewhere).
+
+use crate::admission::{self, Admission, Claim, WaitReason};
+use crate::Build;
+
+/// One `try` as the table sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The Nix worker asking (its pid).
+    pub worker: u32,
+    /// That worker's own `max-jobs` (from its settings handshake).
+    pub worker_max_jobs: u32,
+    /// The .drv path.
+    pub drv: String,
+    /// What the build would reserve.
+    pub claim: Claim,
+    /// How long it is expected to run, milliseconds (from history, else its tier's guess).
+    pub expected_ms: u64,
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start it now: lease `LeaseId` is held for it.
+    Admit(LeaseId),
+    /// Not now; it was recorded as waiting.
+    Wait(WaitReason),
+    /// Its worker already holds `max-jobs` leases: Nix parks it itself; nothing was reserved.
+    WorkerFull,
+}
+
+/// Names one lease for as long as the table lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub u64);
+
+/// A build holding a slot and its memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Its name.
+    pub id: LeaseId,
+    /// The Nix worker building it.
+    pub worker: u32,
+    /// The .drv path.
+    pub drv: String,
+    /// What it reserves.
+    pub claim: Claim,
+    /// How long it is expected to run, milliseconds.
+    pub expected_ms: u64,
+    /// When it was admitted (or adopted), milliseconds on the caller's clock.
+    pub since_ms: u64,
+}
+
+/// A build that was told to wait and is expected to ask again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiter {
+    /// The Nix worker asking for it.
+    pub worker: u32,
+    /// The .drv path.
+    pub drv: String,
+    /// What it would reserve.
+    pub claim: Claim,
+    /// How long it is expected to run, milliseconds.
+    pub expected_ms: u64,
+    /// When it first waited, milliseconds.
+    pub since_ms: u64,
+    /// When it last asked, milliseconds.
+    pub seen_ms: u64,
+    /// What it waits for.
+    pub reason: WaitReason,
+}
+
+/// The leases and waiting builds of one machine.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseTable {
+    leases: Vec<Lease>,
+    waiting: Vec<Waiter>,
+    next_id: u64,
+}
+
+impl LeaseTable {
+    /// An empty table.
+    pub fn new() -> LeaseTable {
+        LeaseTable::default()
+    }
+
+    /// The builds holding leases, oldest first.
+    pub fn leases(&self) -> &[Lease] {
+        &self.leases
+    }
+
+    /// The builds waiting, first to wait first.
+    pub fn waiting(&self) -> &[Waiter] {
+        &self.waiting
+    }
+
+    /// The lease `id`, while it lasts.
+    pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
+        self.leases.iter().find(|l| l.id == id)
+    }
+
+    /// Decides `request` at `now_ms` under `build`'s limits; waiting builds not seen for
+    /// `waiter_ttl_ms` are forgotten first.
+    pub fn decide(&mut self, build: &Build, request: &Request, now_ms: u64, waiter_ttl_ms: u64) -> Decision {
+        self.waiting.retain(|w| now_ms.saturating_sub(w.seen_ms) <= waiter_ttl_ms && w.seen_ms <= now_ms.saturating_add(waiter_ttl_ms));
+        self.leases.retain(|l| l.drv != request.drv);
+        let held_by_worker = self.leases.iter().filter(|l| l.worker == request.worker).count();
+        if held_by_worker >= request.worker_max_jobs.max(1) as usize {
+            return Decision::WorkerFull;
+        }
+        let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
+        let waiting_heavy = self
+            .waiting
+            .iter()
+            .filter(|w| w.drv != request.drv && w.claim.tier == crate::Tier::Heavy)
+            .min_by_key(|w| w.since_ms)
+            .map(|w| w.claim.memory_mib);
+        let mut verdict = admission::decide(build, &claims, waiting_heavy, request.claim);
+        if verdict == Admission::Admit {
+            if let Some(longer) = self.delayed_longer_build(build, request, &claims) {
+                verdict = Admission::Wait(WaitReason::LongerFirst { expected_secs: longer.div_ceil(1000) });
+            }
+        }
+        match verdict {
+            Admission::Admit => {
+                self.waiting.retain(|w| w.drv != request.drv);
+                let id = LeaseId(self.next_id);
+                self.next_id += 1;
+                self.leases.push(Lease {
+                    id,
+                    worker: request.worker,
+                    drv: request.drv.clone(),
+                    claim: request.claim,
+                    expected_ms: request.expected_ms,
+                    since_ms: now_ms,
+                });
+                Decision::Admit(id)
+            }
+            Admission::Wait(reason) => {
+                match self.waiting.iter_mut().find(|w| w.drv == request.drv) {
+                    Some(waiter) => {
+                        waiter.seen_ms = now_ms;
+                        waiter.worker = request.worker;
+                        waiter.claim = request.claim;
+                        waiter.expected_ms = request.expected_ms;
+                        waiter.reason = reason.clone();
+                    }
+                    None => self.waiting.push(Waiter {
+                        worker: request.worker,
+                        drv: request.drv.clone(),
+                        claim: request.claim,
+                        expected_ms: request.expected_ms,
+                        since_ms: now_ms,
+                        seen_ms: now_ms,
+                        reason: reason.clone(),
+                    }),
+                }
+                Decision::Wait(reason)
+            }
+        }
+    }
+
+    /// The expected duration of a waiting build that runs longer than `request`'s, could start
+    /// now, and could not once `request` is admitted; the longest such.
+    fn delayed_longer_build(&self, build: &Build, request: &Request, claims: &[Claim]) -> Option<u64> {
+        let mut with_candidate = claims.to_vec();
+        with_candidate.push(request.claim);
+        self.waiting
+            .iter()
+            .filter(|w| w.drv != request.drv && w.expected_ms > request.expected_ms)
+            .filter(|w| {
+                admission::decide(build, claims, None, w.claim) == Admission::Admit
+                    && admission::decide(build, &with_candidate, None, w.claim) != Admission::Admit
+            })
+            .map(|w| w.expected_ms)
+            .max()
+    }
+
+    /// Counts a build that runs without having been admitted (it started although its worker was
+    /// full, or it was found running after a restart), whatever the limits say: it runs.
+    pub fn adopt(&mut self, worker: u32, drv: &str, claim: Claim, expected_ms: u64, now_ms: u64) -> LeaseId {
+        self.leases.retain(|l| l.drv != drv);
+        self.waiting.retain(|w| w.drv != drv);
+        let id = LeaseId(self.next_id);
+        self.next_id += 1;
+        self.leases.push(Lease { id, worker, drv: drv.to_string(), claim, expected_ms, since_ms: now_ms });
+        id
+    }
+
+    /// Ends lease `id` (its build's processes are gone); the lease, if it was still held.
+    pub fn end(&mut self, id: LeaseId) -> Option<Lease> {
+        let at = self.leases.iter().position(|l| l.id == id)?;
+        Some(self.leases.remove(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tiers::{TierLimits, TierTable};
+    use crate::Tier;
+    use proptest::prelude::*;
+
+    fn build() -> Build {
+        let limits = |max_jobs, memory_mib| TierLimits { max_jobs, cores: 1, memory_mib };
+        Build {
+            memory_budget_mib: 1000,
+            default_tier: Tier::Light,
+            rules: Vec::new(),
+            tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
+        }
+    }
+
+    fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
+        let memory_mib = build().tiers.get(tier).memory_mib;
+        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib }, expected_ms }
+    }
+
+    #[test]
+    fn a_full_worker_reserves_nothing() {
+        let mut table = LeaseTable::new();
+        let b = build();
+        assert!(matches!(table.decide(&b, &request(1, 1, "a", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
+        assert_eq!(table.decide(&b, &request(1, 1, "b", Tier::Light, 10), 0, 1000), Decision::WorkerFull);
+        assert_eq!(table.leases().len(), 1);
+        assert!(table.waiting().is_empty());
+        // Another worker is not full.
+        assert!(matches!(table.decide(&b, &request(2, 1, "b", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
+    }
+
+    #[test]
+    fn asked_again_the_old_lease_ends() {
+        let mut table = LeaseTable::new();
+        let b = build();
+        let Decision::Admit(first) = table.decide(&b, &request(1, 4, "h", Tier::Heavy, 10), 0, 1000) else { panic!() };
+        let Decision::Admit(second) = table.decide(&b, &request(1, 4, "h", Tier::Heavy, 10), 5, 1000) else { panic!() };
+        assert_ne!(first, second);
+        assert_eq!(table.leases().len(), 1);
+        assert_eq!(table.end(first), None);
+        assert!(table.end(second).is_some());
+    }
+
+    #[test]
+    fn a_longer_waiting_build_keeps_its_place() {
+        let b = build();
+        let mut table = LeaseTable::new();
+        // Two medium builds hold the medium slots; a long medium build waits.
+        table.decide(&b, &request(1, 9, "m1", Tier::Medium, 1000), 0, 10_000);
+        table.decide(&b, &request(1, 9, "m2", Tier::Medium, 1000), 0, 10_000);
+        assert!(matches!(table.decide(&b, &request(1, 9, "long", Tier::Medium, 60_000), 1, 10_000), Decision::Wait(_)));
+        let m1 = table.leases()[0].id;
+        table.end(m1);
+        // Now "long" could start; a shorter medium build that would take its slot waits ...
+        assert!(matches!(
+            table.decide(&b, &request(2, 9, "short", Tier::Medium, 500), 2, 10_000),
+            Decision::Wait(WaitReason::LongerFirst { expected_secs: 60 })
+        ));
+        // ... a light build that leaves room for it does not ...
+        assert!(matches!(table.decide(&b, &request(2, 9, "light", Tier::Light, 500), 3, 10_000), Decision::Admit(_)));
+        // ... and "long" starts when it asks.
+        assert!(matches!(table.decide(&b, &request(1, 9, "long", Tier::Medium, 60_000), 4, 10_000), Decision::Admit(_)));
+    }
+
+    #[test]
+    fn a_waiter_that_stops_asking_is_forgotten() {
+        let b = build();
+        let mut table = LeaseTable::new();
+        table.decide(&b, &request(1, 9, "m1", Tier::Medium, 1000), 0, 1000);
+        table.decide(&b, &request(1, 9, "m2", Tier::Medium, 1000), 0, 1000);
+        table.decide(&b, &request(1, 9, "long", Tier::Medium, 60_000), 0, 1000);
+        let m1 = table.leases()[0].id;
+        table.end(m1);
+        assert!(matches!(table.decide(&b, &request(2, 9, "short", Tier::Medium, 500), 5000, 1000), Decision::Admit(_)));
+    }
+
+    /// One step of a random run: a `try` or the end of a lease.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Try { worker: u32, max_jobs: u32, drv: u8, tier: Tier, memory_mib: u64, expected_ms: u64 },
+        End(usize),
+        Adopt { worker: u32, drv: u8 },
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let tier = prop_oneof![Just(Tier::Heavy), Just(Tier::Medium), Just(Tier::Light)];
+        prop_oneof![
+            4 => (1u32..4, 1u32..5, 0u8..30, tier, 1u64..1500, 1u64..100_000).prop_map(
+                |(worker, max_jobs, drv, tier, memory_mib, expected_ms)| Step::Try { worker, max_jobs, drv, tier, memory_mib, expected_ms }
+            ),
+            2 => (0usize..8).prop_map(Step::End),
+            1 => (1u32..4, 100u8..110).prop_map(|(worker, drv)| Step::Adopt { worker, drv }),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the order of requests and ends: admitted builds keep every tier within its
+        /// maxJobs and the budget (a build larger than the budget only alone), no worker holds
+        /// more admitted leases than its max-jobs, and a drv holds at most one lease.
+        #[test]
+        fn limits_are_never_exceeded(steps in proptest::collection::vec(step(), 1..200)) {
+            let b = build();
+            let mut table = LeaseTable::new();
+            let mut max_jobs = std::collections::HashMap::new();
+            let mut adopted = std::collections::HashSet::new();
+            for (now, s) in steps.into_iter().enumerate() {
+                let now = now as u64 * 10;
+                match s {
+                    Step::Try { worker, max_jobs: m, drv, tier, memory_mib, expected_ms } => {
+                        let m = *max_jobs.entry(worker).or_insert(m);
+                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), claim: Claim { tier, memory_mib }, expected_ms };
+                        let before = table.leases().len();
+                        let decision = table.decide(&b, &r, now, 50);
+                        if let Decision::Admit(id) = decision {
+                            prop_assert!(table.lease(id).is_some());
+                        } else {
+                            prop_assert!(table.leases().len() <= before);
+                        }
+                    }
+                    Step::End(i) => {
+                        if let Some(id) = table.leases().get(i).map(|l| l.id) {
+                            adopted.remove(&id);
+                            prop_assert!(table.end(id).is_some());
+                        }
+                    }
+                    Step::Adopt { worker, drv } => {
+                        max_jobs.entry(worker).or_insert(4);
+                        let id = table.adopt(worker, &format!("a{drv}"), Claim { tier: Tier::Light, memory_mib: 1 }, 1, now);
+                        adopted.insert(id);
+                    }
+                }
+                // Adopted builds run whatever the limits; the rest is checked without them,
+                // since admission counted them like any other.
+                let admitted: Vec<&Lease> = table.leases().iter().filter(|l| !adopted.contains(&l.id)).collect();
+                let all = table.leases();
+                for tier in Tier::ALL {
+                    let n = all.iter().filter(|l| l.claim.tier == tier).count() as u32;
+                    let adopted_n = all.iter().filter(|l| l.claim.tier == tier && adopted.contains(&l.id)).count() as u32;
+                    prop_assert!(n <= b.tiers.get(tier).max_jobs + adopted_n, "{tier}: {n} running");
+                }
+                let reserved: u64 = all.iter().map(|l| l.claim.memory_mib).sum();
+                let adopted_mib: u64 = all.iter().filter(|l| adopted.contains(&l.id)).map(|l| l.claim.memory_mib).sum();
+                prop_assert!(reserved <= b.memory_budget_mib + adopted_mib || admitted.len() == 1, "{reserved} MiB reserved");
+                for (worker, m) in &max_jobs {
+                    let held = admitted.iter().filter(|l| l.worker == *worker).count() as u32;
+                    prop_assert!(held <= *m, "worker {worker} holds {held} of {m}");
+                }
+                let mut drvs: Vec<&str> = all.iter().map(|l| l.drv.as_str()).collect();
+                drvs.sort();
+                let n = drvs.len();
+                drvs.dedup();
+                prop_assert_eq!(drvs.len(), n);
+            }
+        }
+    }
+}
