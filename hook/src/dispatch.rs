@@ -167,14 +167,18 @@ impl Dispatcher {
     }
 
     fn admit_locally(&mut self, request: &TryRequest, lines: &mut Vec<String>) -> Result<Reply, String> {
-        // No free local slot: Nix waits for one and asks again; reserve nothing meanwhile.
-        if !request.am_willing {
-            return Ok(Reply::Decline);
-        }
         let build = match self.asked.remove(&request.drv_path) {
             Some(known) => known,
             None => self.try_build(request, lines)?,
         };
+        // No free local slot: Nix waits for one and asks again; nothing is reserved meanwhile.
+        // Should a slot free before Nix looks again, it starts the build without asking: the
+        // broker then counts it as it starts.
+        if !request.am_willing {
+            self.broker.tell_declined(&build);
+            self.asked.insert(request.drv_path.clone(), build);
+            return Ok(Reply::Decline);
+        }
         let answer = self.broker.ask(&build).map_err(|e| format!("{e} (fails open)"))?;
         match answer {
             FromBroker::Admit => {

@@ -393,8 +393,6 @@ const CANDIDATE_TTL: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct Candidates {
     by_output: std::collections::HashMap<String, (WatchJob, Instant)>,
-    /// Children of workers already read and found to be no candidate's builder.
-    not_builders: HashSet<u32>,
     looked: Option<Instant>,
 }
 
@@ -406,11 +404,15 @@ impl Candidates {
         }
     }
 
+    /// Stops looking for `drv` (admitted, or found).
+    fn forget(&mut self, drv: &str) {
+        self.by_output.retain(|_, (job, _)| job.drv != drv);
+    }
+
     /// The candidates whose builder is among their workers' children now (every 5 ms at most).
     fn started(&mut self, known: &HashSet<u32>) -> Vec<(WatchJob, u32)> {
         self.by_output.retain(|_, (_, at)| at.elapsed() < CANDIDATE_TTL);
         if self.by_output.is_empty() {
-            self.not_builders.clear();
             return Vec::new();
         }
         if self.looked.is_some_and(|at| at.elapsed() < Duration::from_millis(5)) {
@@ -421,7 +423,8 @@ impl Candidates {
         let mut found = Vec::new();
         for worker in workers {
             for child in procfs::children(worker) {
-                if known.contains(&child) || self.not_builders.contains(&child) {
+                // Read anew each time: a child just forked still has the worker's environment.
+                if known.contains(&child) {
                     continue;
                 }
                 let job = procfs::environ(child).and_then(|environ| {
@@ -430,14 +433,9 @@ impl Candidates {
                         self.by_output.get(path).map(|(job, _)| job.clone())
                     })
                 });
-                match job {
-                    Some(job) if job.nix_pid == worker => {
-                        self.by_output.retain(|_, (j, _)| j.drv != job.drv);
-                        found.push((job, child));
-                    }
-                    _ => {
-                        self.not_builders.insert(child);
-                    }
+                if let Some(job) = job.filter(|job| job.nix_pid == worker) {
+                    self.forget(&job.drv);
+                    found.push((job, child));
                 }
             }
         }
@@ -481,6 +479,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                     // Admitted again: Nix had no slot for the earlier admission and let go of it,
                     // so that watch, which found no builder, ends without a record.
                     builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
+                    candidates.forget(&job.drv);
                     builds.push(Watched::new(job, lease, None));
                 }
                 Ok(Order::Candidate(job)) => candidates.add(job),
@@ -496,7 +495,9 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         let mut finished = Vec::new();
         let known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
         for (mut job, builder) in candidates.started(&known) {
-            // Started without a lease after all: counted from now, watched like the rest.
+            // Started without a lease after all: counted from now, watched like the rest (an
+            // admission of it that found no builder is over).
+            builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
             job.started_unix_ms = crate::state::now_ms();
             job.watcher_lock = watcher_lock_path(state_dir, &job.drv, job.started_unix_ms);
             let lease = leases.adopt(&job);

@@ -53,6 +53,18 @@ impl Client {
         }
     }
 
+    /// Tells the broker about a build declined without asking it (no answer is awaited);
+    /// nothing is said when it cannot be told.
+    pub fn tell_declined(&mut self, request: &TryBuild) {
+        if self.resting_until.is_some_and(|until| Instant::now() < until) {
+            return;
+        }
+        let deadline = Instant::now() + ANSWER_WITHIN;
+        if let Err(error) = self.send(&ToBroker::Declined(request.clone()), deadline) {
+            let _ = self.failed(error);
+        }
+    }
+
     fn failed(&mut self, error: String) -> Result<FromBroker, String> {
         self.connection = None;
         self.resting_until = Some(Instant::now() + RETRY_AFTER);
@@ -60,22 +72,11 @@ impl Client {
     }
 
     fn exchange(&mut self, message: &ToBroker, deadline: Instant) -> Result<FromBroker, String> {
-        if self.connection.is_none() {
-            let stream = self.connect(deadline)?;
-            let mut hello = serde_json::to_vec(&ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
-            hello.push(b'\n');
-            (&stream).write_all(&hello).map_err(|e| format!("writing to the broker: {e}"))?;
-            self.connection = Some(BufReader::new(stream));
-        }
-        let connection = self.connection.as_mut().expect("connected above");
-        let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
-        line.push(b'\n');
-        let remaining = |what: &str| {
-            deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(format!("the broker did not {what} within {ANSWER_WITHIN:?}"))
-        };
-        connection.get_ref().set_write_timeout(Some(remaining("read the request")?)).map_err(|e| e.to_string())?;
-        connection.get_mut().write_all(&line).map_err(|e| format!("writing to the broker: {e}"))?;
-        connection.get_ref().set_read_timeout(Some(remaining("answer")?)).map_err(|e| e.to_string())?;
+        self.send(message, deadline)?;
+        let connection = self.connection.as_mut().expect("connected by send");
+        let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
+        let timeout = timeout.ok_or(format!("the broker did not answer within {ANSWER_WITHIN:?}"))?;
+        connection.get_ref().set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
         let mut answer = Vec::new();
         match connection.read_until(b'\n', &mut answer) {
             Ok(0) => return Err("the broker closed the connection".to_string()),
@@ -87,6 +88,24 @@ impl Client {
             Err(e) => return Err(format!("reading from the broker: {e}")),
         }
         serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))
+    }
+
+    /// Writes `message`, connecting first if needed.
+    fn send(&mut self, message: &ToBroker, deadline: Instant) -> Result<(), String> {
+        if self.connection.is_none() {
+            let stream = self.connect(deadline)?;
+            let mut hello = serde_json::to_vec(&ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
+            hello.push(b'\n');
+            (&stream).write_all(&hello).map_err(|e| format!("writing to the broker: {e}"))?;
+            self.connection = Some(BufReader::new(stream));
+        }
+        let connection = self.connection.as_mut().expect("connected above");
+        let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
+        let timeout = timeout.ok_or(format!("the broker did not read the request within {ANSWER_WITHIN:?}"))?;
+        connection.get_ref().set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+        connection.get_mut().write_all(&line).map_err(|e| format!("writing to the broker: {e}"))
     }
 
     /// Connects, starting a broker when none listens, until `deadline`.

@@ -85,6 +85,9 @@ pub enum ToBroker {
     Hello(Hello),
     /// A build Nix is about to start.
     Try(TryBuild),
+    /// A build the hook declined by itself (Nix had no free slot when it asked): Nix may still
+    /// start it, should a slot free before it does. Not answered.
+    Declined(TryBuild),
     /// How many `try` requests each build took so far (for bench/dispatch).
     Tries,
 }
@@ -230,6 +233,9 @@ impl watch::Leases for Board {
         let mut shared = self.lock();
         let claim = Claim { tier: job.tier, memory_mib: job.memory_limit_mib };
         let lease = shared.table.adopt(job.nix_pid, &job.drv, claim, 0, state::now_ms());
+        let shared = &mut *shared;
+        let table = &shared.table;
+        shared.jobs.retain(|id, _| table.lease(*id).is_some());
         shared.jobs.insert(lease, job.clone());
         shared.changed = true;
         lease
@@ -348,6 +354,12 @@ fn serve_client(stream: UnixStream, board: &Board, orders: &Sender<Order>, wake:
                 }
             }
             (ToBroker::Try(_), None) => reply(&mut writer, &FromBroker::Refused("no hello first".to_string()))?,
+            (ToBroker::Declined(request), _) => {
+                *board.lock().tries.entry(request.job.drv.clone()).or_default() += 1;
+                if orders.send(Order::Candidate(request.job)).is_ok() {
+                    let _ = nix::unistd::write(wake, &[1]);
+                }
+            }
             (ToBroker::Tries, _) => {
                 let tries = board.lock().tries.values().copied().collect();
                 reply(&mut writer, &FromBroker::Tries(tries))?;
