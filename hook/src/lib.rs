@@ -10,6 +10,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod history;
+pub mod nix_version;
 pub mod output_locks;
 pub mod privileges;
 pub mod procfs;
