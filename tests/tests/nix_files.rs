@@ -298,7 +298,7 @@ fn nix_conf_fragment_runs_the_hook_with_the_profile_and_state_directory() {
         &json!({ "build": { "rules": [ { "match": "nix-conf-probe", "tier": "medium" } ] } }),
     );
     let fragment = nix_conf(&scratch, true, true, &profile_path);
-    for line in ["build-hook = ", "build-poll-interval = 1\n", "max-jobs = ", "extra-system-features = "] {
+    for line in ["build-hook = ", "build-poll-interval = 0\n", "max-jobs = ", "extra-system-features = "] {
         assert!(fragment.contains(line), "{line:?} missing from\n{fragment}");
     }
     let sandbox = NixSandbox::with_conf(&fragment);
