@@ -13,7 +13,7 @@
 
 let
   tier = import ./lib.nix;
-  inherit (lib) mkOption mkEnableOption mkIf mkMerge types literalExpression optionalAttrs;
+  inherit (lib) mkOption mkEnableOption mkIf mkMerge types literalExpression optional optionalAttrs;
 
   cfg = config.programs.nix-tier;
   nixPackage = config.nix.package;
@@ -106,9 +106,15 @@ in
     };
 
     pollInterval = mkOption {
-      type = types.ints.positive;
-      default = 1;
-      description = "`build-poll-interval` in seconds, with `hook.enable`.";
+      type = types.ints.unsigned;
+      default = 0;
+      description = ''
+        `build-poll-interval` in seconds, with `hook.enable`: how long Nix waits before asking
+        the hook again about a postponed build. With 0, Nix asks again at every wake-up of
+        its worker (within milliseconds of a build ending, at least every second when idle),
+        which costs little because the hook decides in microseconds. A larger value starts a
+        waiting build up to that many seconds late.
+      '';
     };
   };
 
@@ -128,6 +134,7 @@ in
           message = "programs.nix-tier.hook.enable: nix.package is version ${toString nixVersion}, a Lix 2.94 or later, which no longer speaks the text build hook protocol nix-tier-hook implements. Set programs.nix-tier.hook.enable = false.";
         }
       ];
+      warnings = optional (nixPackage != null && tier.nixLosesSlotWakeups nixVersion) (tier.slotWakeupsWarning "programs.nix-tier" nixVersion);
       home.packages = [ cfg.package ];
       home.sessionVariables = optionalAttrs hasProfile { NIX_TIER_PROFILE = profileFile; };
     }

@@ -400,6 +400,21 @@ let
     hookSupportsNix = version: !(atLeast version "2.94pre");
 
     /**
+      Whether Nix `version` is 2.35.0 or 2.35.1 (a suffix such as `pre…` included): these wake
+      the builds waiting for a `max-jobs` slot one per finished build and can lose wake-ups, up
+      to a crash (`Assertion '!awake.empty()' failed`, NixOS/nix#16005 and #16321). Fixed in
+      2.35.2. The modules warn about them, and so does the hook (hook/src/nix_version.rs).
+    */
+    nixLosesSlotWakeups = version: match "2[.]35[.][01]([^0-9].*)?" version != null;
+
+    /**
+      The warning the modules give for a Nix that `nixLosesSlotWakeups`; `option` names the
+      setting (`"services.nix-tier"`).
+    */
+    slotWakeupsWarning = option: version:
+      "${option}: Nix ${version} (nix.package) can lose the wake-ups of builds waiting for a max-jobs slot and then stop with \"Assertion '!awake.empty()' failed\" (NixOS/nix#16005, #16321). Upgrade to Nix 2.35.2 or later, or pin Nix 2.34 (nix.package = pkgs.nixVersions.nix_2_34).";
+
+    /**
       What `plugin-files` names: `plugin` itself when it is a path or a string, else the
       package's loader `<plugin>/lib/libnix_tier_loader.so`, which loads the plugin build for the
       running Nix (or warns once, and Nix carries on).
@@ -432,7 +447,9 @@ let
       - `plugin` (package or .so path): `plugin-files`, and `hardware-profile` when a profile is
         given (the setting is the plugin's: Nix rejects it without the plugin);
       - `hook` (package or program path): `build-hook` and `build-poll-interval`
-        (`pollInterval`, default 1 second);
+        (`pollInterval`, default 0: the hook decides in microseconds, so Nix may ask again at
+        every wake-up of its worker, within milliseconds of a build ending and at least every
+        second; a larger value starts a waiting build up to that many seconds late);
       - `profile` (path, string or attribute set): besides `hardware-profile`,
         `extra-system-features` (`gccarchFeaturesWith inferiors profile`, added to Nix's own
         defaults, `kvm` and `uid-range` included) when a plugin or a hook is given, and
@@ -447,7 +464,7 @@ let
       , hook ? null
       , profile ? null
       , inferiors ? { }
-      , pollInterval ? 1
+      , pollInterval ? 0
       , settings ? { }
       }:
       let

@@ -10,6 +10,10 @@
 #   lose build-hook from /etc/nix/nix.conf (NIX_CONFIG, read after it, keeps it; fixed in 2.34).
 #   The environment, unlike an ExecStart override, leaves the daemon's command line to nixpkgs,
 #   which replaces it itself for an unprivileged daemon (nix.daemonUser);
+# - nix-tier-broker.service: `nix-tier-hook --broker --stay`, the machine's lease table, which
+#   every hook talks to over `<state dir>/broker.sock`. A hook starts it on demand when it is not
+#   running; the service keeps one running from boot, as root (it makes the builds' cgroups),
+#   with the environment the daemon gives the hook;
 # - the system environment: the nix-tier command, and the same variables for `nix-tier status`.
 #
 # With nix.enable = false there is no daemon and no nix.conf to configure: an assertion says so
@@ -48,6 +52,7 @@ let
   hookProgram = tier.hookFile cfg.package;
   hookWorks = tier.hookSupportsNix nixVersion;
   tierEnvironment = { NIX_TIER_STATE_DIR = cfg.stateDirectory; } // optionalAttrs hasProfile { NIX_TIER_PROFILE = profileFile; };
+  cgroupEnvironment = { NIX_TIER_CGROUP_ROOT = cfg.cgroups.root; };
   # nixpkgs' table of the architectures each gcc.arch can run (haswell, broadwell under skylake).
   inferiors = lib.systems.architectures.inferiors or { };
 in
@@ -142,8 +147,11 @@ in
           (docs/hook.md, docs/enforcement.md). Sets `build-hook`, `build-poll-interval` and,
           with a pinned profile, `max-jobs` (as a default) to the largest tier `maxJobs`;
           `build-hook` goes to the daemon's environment as `NIX_CONFIG` too, because Nix 2.25
-          to 2.33 lose it from /etc/nix/nix.conf. Remote builders (`nix.buildMachines`) keep
-          working: the hook hands them what Nix's own build-remote accepts.
+          to 2.33 lose it from /etc/nix/nix.conf. Adds the service `nix-tier-broker`
+          (`nix-tier-hook --broker --stay`, as root), which keeps the machine's lease table
+          the hooks ask; without it the first hook starts one. Remote builders
+          (`nix.buildMachines`) keep working: the hook hands them what Nix's own build-remote
+          accepts.
 
           Lix 2.94 and later replaced the build hook protocol the hook speaks: there the
           default is `false`, and what works is the pinned profile (for `nix-tier`) and the
@@ -153,12 +161,15 @@ in
     };
 
     pollInterval = mkOption {
-      type = types.ints.positive;
-      default = 1;
+      type = types.ints.unsigned;
+      default = 0;
       description = ''
-        `build-poll-interval`, in seconds: how soon Nix asks the hook again about a build it
-        postponed. Nix's default is 5; 1 starts waiting builds within a second of a slot
-        freeing up, at the cost of one short hook request per waiting build per second.
+        `build-poll-interval`, in seconds: how long Nix waits before asking the hook again
+        about a build it postponed (Nix's default is 5). With 0, Nix asks again at every
+        wake-up of its worker: within milliseconds of a build ending in the same Nix process,
+        and at least every second when idle. The hook decides in microseconds, so the extra
+        requests cost next to nothing. A larger value saves them but starts a waiting build
+        up to that many seconds late.
       '';
     };
 
@@ -234,7 +245,8 @@ in
         warnings = optional (!hasProfile)
           "services.nix-tier: no profile pinned (services.nix-tier.profile or profileSettings): the hook detects the host, no gccarch-* features or max-jobs are set, and builtins.hardwareProfile fails in pure evaluation (flakes)."
           ++ optional (!hookWorks)
-          "services.nix-tier: config.nix.package is Lix ${nixVersion}, which replaced the build hook protocol nix-tier-hook speaks (Lix 2.94), and the plugin is not built for Lix: builds are not admitted by tier or bounded by cgroups. What works: the pinned profile (nix-tier, NIX_TIER_PROFILE, /etc/nix/hardware-profile.json) and the gccarch-* system features.";
+          "services.nix-tier: config.nix.package is Lix ${nixVersion}, which replaced the build hook protocol nix-tier-hook speaks (Lix 2.94), and the plugin is not built for Lix: builds are not admitted by tier or bounded by cgroups. What works: the pinned profile (nix-tier, NIX_TIER_PROFILE, /etc/nix/hardware-profile.json) and the gccarch-* system features."
+          ++ optional (tier.nixLosesSlotWakeups nixVersion) (tier.slotWakeupsWarning "services.nix-tier" nixVersion);
 
         environment.systemPackages = [ cfg.package ];
         environment.variables = tierEnvironment;
@@ -261,6 +273,19 @@ in
         # Nix 2.25 to 2.33 reset build-hook after reading /etc/nix/nix.conf but honour
         # NIX_CONFIG (fixed in 2.34 by NixOS/nix#15083; tests/tests/nix_files.rs runs Nix 2.26).
         systemd.services.nix-daemon.environment.NIX_CONFIG = "build-hook = ${hookProgram}";
+        # Started with the daemon (and at boot), before it, so the first hook finds the broker
+        # running; a hook still starts one itself if this one is down.
+        systemd.services.nix-tier-broker = {
+          description = "nix-tier build admission broker";
+          wantedBy = [ "multi-user.target" "nix-daemon.service" ];
+          before = [ "nix-daemon.service" ];
+          environment = tierEnvironment // optionalAttrs cfg.cgroups.enable cgroupEnvironment;
+          serviceConfig = {
+            ExecStart = "${hookProgram} --broker --stay";
+            Restart = "always";
+            RestartSec = "1s";
+          };
+        };
       })
 
       (mkIf (cfg.hook.enable && cfg.cgroups.enable) {
@@ -268,7 +293,7 @@ in
           Delegate = "yes";
           DelegateSubgroup = "supervisor";
         };
-        systemd.services.nix-daemon.environment.NIX_TIER_CGROUP_ROOT = cfg.cgroups.root;
+        systemd.services.nix-daemon.environment = cgroupEnvironment;
         warnings = optional (config.nix.settings.use-cgroups or false)
           "services.nix-tier.cgroups: nix.settings.use-cgroups is on as well; Nix would move builds into its own nix-build-uid-* cgroups and the hook into its own: keep one of them.";
       })

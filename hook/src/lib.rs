@@ -11,6 +11,7 @@ pub mod broker;
 pub mod config;
 pub mod dispatch;
 pub mod history;
+pub mod nix_version;
 pub mod output_locks;
 pub mod privileges;
 pub mod procfs;

@@ -94,6 +94,10 @@ let
       got = map tier.pluginSupportsNix [ "2.7.0" "2.8.0" "2.8.1" "2.9.0" "2.23.4" "2.24.0" "2.28.3" "2.34.8" "2.35.0" "2.93.3" ];
       expected = [ false true true false false true true true true false ];
     };
+    slotWakeupVersions = {
+      got = map tier.nixLosesSlotWakeups [ "2.34.8" "2.35.0" "2.35.1" "2.35.1pre20260701_0123abc" "2.35.2" "2.35.10" "2.36.0" "2.93.3" ];
+      expected = [ false true true true false false false false ];
+    };
     hookVersions = {
       got = map tier.hookSupportsNix [ "2.8.0" "2.34.0" "2.93.3" "2.94.0" ];
       expected = [ true true true false ];
@@ -125,6 +129,11 @@ let
       got = tier.nixConf { hook = "/h"; profile = skylake; pollInterval = 2; };
       expected = "build-hook = /h\nbuild-poll-interval = 2\nmax-jobs = 12\n"
         + "extra-system-features = gccarch-skylake gccarch-x86-64-v3 gccarch-x86-64-v2 gccarch-x86-64\n";
+    };
+    # Nix asks again about a postponed build at every wake-up of its worker.
+    nixConfDefaultPollInterval = {
+      got = tier.nixConf { hook = "/h"; };
+      expected = "build-hook = /h\nbuild-poll-interval = 0\n";
     };
     nixConfExtraSettings = {
       got = tier.nixConf { settings = { cores = 4; keep-going = true; }; };

@@ -30,7 +30,8 @@ let
   systemdModule =
     # nixos/lib/systemd-unit-options.nix and nixos/lib/systemd-types.nix: a service's
     # `environment` values merge only when equal; `serviceConfig` values are `unitOption`, whose
-    # lists (ExecStart = [ "" "…" ]) concatenate across definitions.
+    # lists (ExecStart = [ "" "…" ]) concatenate across definitions; `description` is one
+    # string, `wantedBy` and `before` are lists of unit names.
     { lib, ... }: with lib;
     let
       unitOption = mkOptionType {
@@ -52,6 +53,9 @@ let
               environment = mkOption { type = types.attrsOf (types.nullOr (types.oneOf [ types.str types.path types.package ])); default = { }; };
               serviceConfig = mkOption { type = types.attrsOf unitOption; default = { }; };
               path = mkOption { type = types.listOf types.package; default = [ ]; };
+              description = mkOption { type = types.str; default = ""; };
+              wantedBy = mkOption { type = types.listOf types.str; default = [ ]; };
+              before = mkOption { type = types.listOf types.str; default = [ ]; };
             };
           });
           default = { };

@@ -298,7 +298,7 @@ fn nix_conf_fragment_runs_the_hook_with_the_profile_and_state_directory() {
         &json!({ "build": { "rules": [ { "match": "nix-conf-probe", "tier": "medium" } ] } }),
     );
     let fragment = nix_conf(&scratch, true, true, &profile_path);
-    for line in ["build-hook = ", "build-poll-interval = 1\n", "max-jobs = ", "extra-system-features = "] {
+    for line in ["build-hook = ", "build-poll-interval = 0\n", "max-jobs = ", "extra-system-features = "] {
         assert!(fragment.contains(line), "{line:?} missing from\n{fragment}");
     }
     let sandbox = NixSandbox::with_conf(&fragment);
@@ -460,7 +460,7 @@ fn nixos_module_declares_typed_documented_options() {
     check("enable", "boolean", "false");
     check("profile", "null or absolute path", "null");
     check("profileSettings", "hardware profile fields (docs/profile.md)", "{ }");
-    check("pollInterval", "positive integer, meaning >0", "1");
+    check("pollInterval", "unsigned integer, meaning >=0", "0");
     check("stateDirectory", "string", "\"/var/lib/nix-tier\"");
     check("cgroups.root", "string", "\"/sys/fs/cgroup/system.slice/nix-daemon.service\"");
     // Defaults that depend on the system's Nix are documented, not evaluated.
@@ -484,7 +484,7 @@ fn nixos_module_configures_nix_conf_and_the_daemon() {
     assert_eq!(copied, fs::read_to_string(repo().join("nix/examples/skylake.json")).unwrap());
     let hook = settings["build-hook"].as_str().unwrap();
     assert!(hook.ends_with("-nix-tier-0.1.0/bin/nix-tier-hook"), "{settings}");
-    assert_eq!(settings["build-poll-interval"], 1);
+    assert_eq!(settings["build-poll-interval"], 0);
     assert_eq!(settings["max-jobs"], 12);
     assert_eq!(
         strings(&settings["system-features"]),
@@ -498,6 +498,23 @@ fn nixos_module_configures_nix_conf_and_the_daemon() {
     assert_eq!(daemon["environment"]["NIX_CONFIG"], json!(format!("build-hook = {hook}")));
     // nixpkgs' own settings stay; the command line is the packaged unit's.
     assert_eq!(daemon["serviceConfig"], json!({ "Delegate": "yes", "DelegateSubgroup": "supervisor", "LimitNOFILE": 1048576 }));
+    // The broker runs from boot and before the daemon, as root (no User), with the hook's
+    // environment.
+    assert_eq!(
+        config["systemd"]["services"]["nix-tier-broker"],
+        json!({
+            "description": "nix-tier build admission broker",
+            "wantedBy": ["multi-user.target", "nix-daemon.service"],
+            "before": ["nix-daemon.service"],
+            "environment": {
+                "NIX_TIER_STATE_DIR": "/var/lib/nix-tier",
+                "NIX_TIER_PROFILE": profile_file,
+                "NIX_TIER_CGROUP_ROOT": "/sys/fs/cgroup/system.slice/nix-daemon.service",
+            },
+            "serviceConfig": { "ExecStart": format!("{hook} --broker --stay"), "Restart": "always", "RestartSec": "1s" },
+            "path": [],
+        })
+    );
     assert_eq!(config["systemd"]["tmpfiles"]["rules"], json!(["d /var/lib/nix-tier 0700 root root - -"]));
     assert_eq!(config["environment"]["variables"]["NIX_TIER_STATE_DIR"], "/var/lib/nix-tier");
     assert_eq!(config["environment"]["etc"]["nix/hardware-profile.json"]["source"], profile_file);
@@ -558,6 +575,16 @@ fn nixos_module_follows_the_nix_version() {
     let forced = "{ services.nix-tier = { enable = true; inherit profile; hook.enable = true; }; }";
     let assertions = eval_module(&sandbox, "nix/nixos-module.nix", forced, Some("2.94.0"), "config.assertions");
     assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("hook.enable")));
+
+    // Nix 2.35.0 and 2.35.1 can lose the wake-ups of builds waiting for a max-jobs slot: one
+    // warning names the bug and the fix; 2.34 and 2.35.2 get none.
+    for version in ["2.35.0", "2.35.1"] {
+        let warnings = strings(&eval_module(&sandbox, "nix/nixos-module.nix", typical, Some(version), "config.warnings"));
+        assert!(warnings.len() == 1 && warnings[0].contains(&format!("Nix {version} ")) && warnings[0].contains("nix#16005") && warnings[0].contains("2.35.2 or later"), "{version}: {warnings:?}");
+    }
+    for version in ["2.34.8", "2.35.2"] {
+        assert_eq!(eval_module(&sandbox, "nix/nixos-module.nix", typical, Some(version), "config.warnings"), json!([]), "{version}");
+    }
 }
 
 /// Nix 2.26, Debian trixie's source package built by scripts/check-newer-nix (its `nix`,
@@ -878,6 +905,9 @@ fn nixos_module_without_profile_hook_or_cgroups() {
     assert_eq!(config["warnings"].as_array().unwrap().len(), 1, "a warning says nothing is pinned");
     let daemon = &config["systemd"]["services"]["nix-daemon"];
     assert!(daemon["serviceConfig"].get("Delegate").is_none() && daemon["environment"].get("NIX_TIER_CGROUP_ROOT").is_none(), "{daemon}");
+    let broker = &config["systemd"]["services"]["nix-tier-broker"];
+    assert_eq!(broker["environment"], json!({ "NIX_TIER_STATE_DIR": "/var/lib/nix-tier" }), "{broker}");
+    assert_eq!(broker["serviceConfig"]["ExecStart"], json!(format!("{} --broker --stay", settings["build-hook"].as_str().unwrap())));
 
     let config = eval_module(&sandbox, "nix/nixos-module.nix", "{ services.nix-tier = { enable = true; inherit profile; hook.enable = false; }; }", Some("2.8.0"), "config");
     let settings = &config["nix"]["settings"];
@@ -885,6 +915,7 @@ fn nixos_module_without_profile_hook_or_cgroups() {
     assert!(settings.get("plugin-files").is_some() && settings["system-features"].to_string().contains("gccarch-skylake"), "{settings}");
     let daemon = &config["systemd"]["services"]["nix-daemon"];
     assert!(daemon["serviceConfig"].get("Delegate").is_none() && daemon["environment"].get("NIX_CONFIG").is_none(), "{daemon}");
+    assert!(config["systemd"]["services"].get("nix-tier-broker").is_none(), "a broker without the hook: {}", config["systemd"]["services"]);
 }
 
 #[test]
@@ -931,11 +962,18 @@ fn home_manager_module_sets_the_users_nix_conf() {
     let single = "{ programs.nix-tier = { enable = true; inherit profile; hook.enable = true; }; }";
     let settings = eval_module(&sandbox, "nix/home-manager-module.nix", single, Some("2.8.0"), "config.nix.settings");
     assert!(settings["build-hook"].as_str().unwrap().ends_with("/bin/nix-tier-hook"));
+    assert_eq!(settings["build-poll-interval"], 0);
     assert_eq!(settings["max-jobs"], 12);
     assert_eq!(strings(&settings["extra-system-features"])[0], "gccarch-skylake");
     // Not on Lix 2.94, which dropped the text hook protocol.
     let assertions = eval_module(&sandbox, "nix/home-manager-module.nix", single, Some("2.94.0"), "config.assertions");
     assert!(assertions.as_array().unwrap().iter().any(|a| a["assertion"] == false && a["message"].as_str().unwrap().contains("hook.enable")));
+
+    // Nix 2.35.0 and 2.35.1 can lose the wake-ups of builds waiting for a max-jobs slot.
+    let warnings = strings(&eval_module(&sandbox, "nix/home-manager-module.nix", typical, Some("2.35.1"), "config.warnings"));
+    assert!(warnings.len() == 1 && warnings[0].starts_with("programs.nix-tier: Nix 2.35.1 ") && warnings[0].contains("nix#16005"), "{warnings:?}");
+    assert_eq!(eval_module(&sandbox, "nix/home-manager-module.nix", typical, Some("2.35.2"), "config.warnings"), json!([]));
+    assert_eq!(eval_module(&sandbox, "nix/home-manager-module.nix", typical, None, "config.warnings"), json!([]));
 
     // Without nix.package the plugin is off by default; asked for, an assertion explains.
     let settings = eval_module(&sandbox, "nix/home-manager-module.nix", typical, None, "config.nix.settings");

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 
-use nix_tier_hook::{broker, config, privileges};
+use nix_tier_hook::{broker, config, nix_version, privileges};
 use nix_tier_hook::dispatch::{Answer, Dispatcher};
 use nix_tier_hook::protocol::{self, Reply};
 use nix_tier_hook::relay::Relay;
@@ -106,11 +106,13 @@ fn main() -> ExitCode {
     })
 }
 
-/// Sets the hook up for a Nix worker with `settings`: the profile, Nix's build-remote when
-/// builders are configured, and least privilege. `None` when there is nothing to enforce with;
+/// Sets the hook up for a Nix worker with `settings`: a warning when that Nix has a known bug
+/// in waking waiting builds, the profile, Nix's build-remote when builders are configured, and
+/// least privilege. `None` when there is nothing to enforce with;
 /// the notes are lines for the user.
 fn start(settings: &protocol::Settings, verbosity: &str) -> (Option<Dispatcher>, Vec<String>) {
     let mut notes = Vec::new();
+    notes.extend(nix_version::of_parent().and_then(|v| nix_version::warning(&v)).map(|w| format!("nix-tier-hook: {w}")));
     let profile = match config::load_profile(config::profile_path(settings).as_deref()) {
         Ok((profile, note)) => {
             notes.extend(note.map(|n| format!("nix-tier-hook: {n}")));
