@@ -167,6 +167,20 @@ wait_for_watchers() {
   while [ -n "$(ls -A "$leases" 2>/dev/null)" ] && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.05; done
 }
 
+# The median number of `try` requests per build the broker listening on $1 was asked (0 if none).
+broker_tries_median() {
+  python3 - "$1" <<'PY' 2>/dev/null || echo 0
+import json, socket, statistics, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(b'"tries"\n')
+answer = s.makefile().readline()
+tries = json.loads(answer)["tries"]
+print(statistics.median(tries) if tries else 0)
+PY
+}
+
 machine_line() {
   local model mem
   model=$(lscpu | sed -n 's/^Model name: *//p' | head -n1)

@@ -6,17 +6,19 @@
 //!
 //! 1. **Asked again** for a build that holds a lease: Nix let go of it (no slot after all), so the
 //!    old lease ends and the build is decided anew.
-//! 2. **The worker is full**: the asking worker already holds as many leases as its own
-//!    `max-jobs`. Nix will park this build for a slot itself, whatever the answer, so nothing is
-//!    reserved for it ([`Decision::WorkerFull`]); the caller lets Nix go on and counts the build
-//!    should it start anyway ([`LeaseTable::adopt`]). This is what keeps a woken herd of goals
-//!    from each taking a lease that all but one then leave unused.
-//! 3. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
-//!    waiting heavy build.
-//! 4. **Longest first**: a waiting build that is expected to run longer, could start now and would
+//! 2. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
+//!    waiting heavy build. A build it holds back waits (Nix asks again).
+//! 3. **Longest first**: a waiting build that is expected to run longer, could start now and would
 //!    no longer fit once the candidate is admitted keeps its place: the candidate waits. A build
 //!    that cannot delay a longer one is never held back. Waiting builds that have not asked within
 //!    the waiting time-to-live are forgotten (their Nix is gone or busy elsewhere).
+//! 4. **The worker is full**: a build the policy would admit, but whose worker already holds as
+//!    many leases as its own `max-jobs`. Nix parks it for one of its own slots whatever the
+//!    answer, so nothing is reserved for it ([`Decision::WorkerFull`]). This keeps a woken herd of
+//!    goals from each taking a lease that all but one then leave unused. Nix does not always
+//!    start the goal that got the lease, though: should it start this one instead, the caller
+//!    counts it as it starts ([`LeaseTable::adopt`]); it fitted beside every lease when asked,
+//!    and the lease Nix left unused ends when the caller sees that goal let go.
 
 use crate::admission::{self, Admission, Claim, WaitReason};
 use crate::Build;
@@ -121,10 +123,6 @@ impl LeaseTable {
     pub fn decide(&mut self, build: &Build, request: &Request, now_ms: u64, waiter_ttl_ms: u64) -> Decision {
         self.waiting.retain(|w| now_ms.saturating_sub(w.seen_ms) <= waiter_ttl_ms && w.seen_ms <= now_ms.saturating_add(waiter_ttl_ms));
         self.leases.retain(|l| l.drv != request.drv);
-        let held_by_worker = self.leases.iter().filter(|l| l.worker == request.worker).count();
-        if held_by_worker >= request.worker_max_jobs.max(1) as usize {
-            return Decision::WorkerFull;
-        }
         let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
         let waiting_heavy = self
             .waiting
@@ -138,7 +136,12 @@ impl LeaseTable {
                 verdict = Admission::Wait(WaitReason::LongerFirst { expected_secs: longer.div_ceil(1000) });
             }
         }
+        let held_by_worker = self.leases.iter().filter(|l| l.worker == request.worker).count();
         match verdict {
+            Admission::Admit if held_by_worker >= request.worker_max_jobs.max(1) as usize => {
+                self.waiting.retain(|w| w.drv != request.drv);
+                Decision::WorkerFull
+            }
             Admission::Admit => {
                 self.waiting.retain(|w| w.drv != request.drv);
                 let id = LeaseId(self.next_id);

@@ -186,8 +186,10 @@ fn placed_early(sandboxed: bool) {
         })
         .collect();
     eprintln!("placement delays (µs after the builder's start), sandboxed {sandboxed}: {delays:?}");
+    let err = stderr(&out);
+    let hook_lines: Vec<&str> = err.lines().filter(|l| l.contains("nix-tier-hook")).map(|l| &l[..l.len().min(300)]).collect();
     for (name, delay) in &delays {
-        assert!(delay.parse::<u64>().is_ok(), "{name} was never placed in a nix-tier cgroup ({delay}); all: {delays:?}");
+        assert!(delay.parse::<u64>().is_ok(), "{name} was never placed in a nix-tier cgroup ({delay}); all: {delays:?}; the hook said {hook_lines:?}");
     }
     // Every one of them is recorded with what its cgroup measured.
     let rows = history_rows(&sandbox, BUILDS);

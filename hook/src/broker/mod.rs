@@ -270,6 +270,10 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
     // Who holds it, for people and tests.
     running.set_len(0)?;
     writeln!(running, "{}", std::process::id())?;
+    // The history's schema exists before any client can read it.
+    if let Err(error) = crate::history::History::open(state_dir.path()) {
+        eprintln!("nix-tier-hook --broker: {error}; builds are not recorded");
+    }
     let socket = state_dir.path().join(SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
@@ -397,3 +401,4 @@ fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
         }
     }
 }
+
