@@ -29,7 +29,8 @@ pub fn keep_only_needed() -> Result<(), caps::errors::CapsError> {
             caps::drop(None, CapSet::Bounding, cap)?;
         }
     }
-    if !keep.contains(&Capability::CAP_SETPCAP) {
+    // Already gone when this process was started by one that dropped it (the broker).
+    if !keep.contains(&Capability::CAP_SETPCAP) && caps::has_cap(None, CapSet::Bounding, Capability::CAP_SETPCAP)? {
         caps::drop(None, CapSet::Bounding, Capability::CAP_SETPCAP)?;
     }
     caps::clear(None, CapSet::Ambient)?;

@@ -381,6 +381,8 @@ pub enum Order {
 pub trait Leases {
     /// Counts `job`, found running without a lease; its lease.
     fn adopt(&self, job: &WatchJob) -> LeaseId;
+    /// Lease `lease`'s builder was found: `pidfd` becomes readable when it exits.
+    fn builder_started(&self, lease: LeaseId, pidfd: OwnedFd);
     /// Ends `lease`: its build's processes are gone.
     fn end(&self, lease: LeaseId);
 }
@@ -504,6 +506,9 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             let mut watched = Watched::new(job, lease, None);
             watched.cgroup = create_cgroup(&watched.job);
             watched.builder = Builder::open(builder);
+            if let Some(pidfd) = watched.builder.as_ref().and_then(|b| b.pidfd.try_clone().ok()) {
+                leases.builder_started(lease, pidfd);
+            }
             builds.push(watched);
         }
         let mut known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
@@ -514,7 +519,12 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             if b.due > now && !builder_ended {
                 return true;
             }
-            match b.step(my_uid, &mut scan) {
+            let searching = b.builder.is_none();
+            let outcome = b.step(my_uid, &mut scan);
+            if let Some(pidfd) = b.builder.as_ref().filter(|_| searching).and_then(|b| b.pidfd.try_clone().ok()) {
+                leases.builder_started(b.lease, pidfd);
+            }
+            match outcome {
                 Some(done) => {
                     leases.end(b.lease);
                     finished.push((b.job.clone(), done));
@@ -673,7 +683,7 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 }
 
 /// Whether the process of `pidfd` has exited.
-fn exited(pidfd: &OwnedFd) -> bool {
+pub fn exited(pidfd: &OwnedFd) -> bool {
     let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
     poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
 }

@@ -36,6 +36,10 @@ pub struct Request {
     pub claim: Claim,
     /// How long it is expected to run, milliseconds (from history, else its tier's guess).
     pub expected_ms: u64,
+    /// Leases of this worker whose builder has exited: Nix has their slots back (it asks with a
+    /// free slot as soon as a builder is gone), though their leases last until every process of
+    /// the build is gone.
+    pub slots_freed: Vec<LeaseId>,
 }
 
 /// The answer to a [`Request`].
@@ -136,7 +140,8 @@ impl LeaseTable {
                 verdict = Admission::Wait(WaitReason::LongerFirst { expected_secs: longer.div_ceil(1000) });
             }
         }
-        let held_by_worker = self.leases.iter().filter(|l| l.worker == request.worker).count();
+        let held_by_worker =
+            self.leases.iter().filter(|l| l.worker == request.worker && !request.slots_freed.contains(&l.id)).count();
         match verdict {
             Admission::Admit if held_by_worker >= request.worker_max_jobs.max(1) as usize => {
                 self.waiting.retain(|w| w.drv != request.drv);
@@ -233,7 +238,7 @@ mod tests {
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;
-        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib }, expected_ms }
+        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib }, expected_ms, slots_freed: vec![] }
     }
 
     #[test]
@@ -246,6 +251,18 @@ mod tests {
         assert!(table.waiting().is_empty());
         // Another worker is not full.
         assert!(matches!(table.decide(&b, &request(2, 1, "b", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
+    }
+
+    #[test]
+    fn a_slot_freed_by_an_exited_builder_is_the_workers_again() {
+        let mut table = LeaseTable::new();
+        let b = build();
+        let Decision::Admit(first) = table.decide(&b, &request(1, 1, "a", Tier::Light, 10), 0, 1000) else { panic!() };
+        let mut next = request(1, 1, "b", Tier::Light, 10);
+        next.slots_freed = vec![first];
+        assert!(matches!(table.decide(&b, &next, 1, 1000), Decision::Admit(_)));
+        // The first lease still counts against the tier and the budget until it ends.
+        assert_eq!(table.leases().len(), 2);
     }
 
     #[test]
@@ -327,7 +344,7 @@ mod tests {
                 match s {
                     Step::Try { worker, max_jobs: m, drv, tier, memory_mib, expected_ms } => {
                         let m = *max_jobs.entry(worker).or_insert(m);
-                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), claim: Claim { tier, memory_mib }, expected_ms };
+                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), claim: Claim { tier, memory_mib }, expected_ms, slots_freed: vec![] };
                         let before = table.leases().len();
                         let decision = table.decide(&b, &r, now, 50);
                         if let Decision::Admit(id) = decision {

@@ -118,6 +118,8 @@ struct Shared {
     table: LeaseTable,
     /// The jobs of the leases, for `state.json`.
     jobs: HashMap<LeaseId, WatchJob>,
+    /// The builders of the leases, as found by the watcher: Nix's slot is free once one exits.
+    builders: HashMap<LeaseId, OwnedFd>,
     /// The names of waiting builds, for `state.json`.
     waiting_names: HashMap<String, String>,
     tries: HashMap<String, u32>,
@@ -152,13 +154,23 @@ impl Board {
             drv: job.drv.clone(),
             claim: Claim { tier: job.tier, memory_mib: job.memory_limit_mib },
             expected_ms: request.expected_ms,
+            slots_freed: Vec::new(),
         };
         let mut shared = self.lock();
+        let mut table_request = table_request;
+        table_request.slots_freed = shared
+            .builders
+            .iter()
+            .filter(|(id, _)| shared.table.lease(**id).is_some_and(|l| l.worker == hello.worker_pid))
+            .filter(|(_, pidfd)| watch::exited(pidfd))
+            .map(|(id, _)| *id)
+            .collect();
         *shared.tries.entry(job.drv.clone()).or_default() += 1;
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
         let shared = &mut *shared;
         let table = &shared.table;
         shared.jobs.retain(|id, _| table.lease(*id).is_some());
+        shared.builders.retain(|id, _| table.lease(*id).is_some());
         match decision {
             Decision::Admit(lease) => {
                 request.job.started_unix_ms = now;
@@ -241,10 +253,18 @@ impl watch::Leases for Board {
         lease
     }
 
+    fn builder_started(&self, lease: LeaseId, pidfd: OwnedFd) {
+        let mut shared = self.lock();
+        if shared.table.lease(lease).is_some() {
+            shared.builders.insert(lease, pidfd);
+        }
+    }
+
     fn end(&self, lease: LeaseId) {
         let mut shared = self.lock();
         shared.table.end(lease);
         shared.jobs.remove(&lease);
+        shared.builders.remove(&lease);
         shared.changed = true;
         if shared.table.leases().is_empty() {
             shared.idle_since = Instant::now();
@@ -281,6 +301,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
         shared: Mutex::new(Shared {
             table: LeaseTable::new(),
             jobs: HashMap::new(),
+            builders: HashMap::new(),
             waiting_names: HashMap::new(),
             tries: HashMap::new(),
             changed: true,
