@@ -160,10 +160,10 @@ dmesg_oom_kills() {
 
 now_ms() { date +%s%3N; }
 
-# Waits (at most 10 s) until the hook's watcher of the run rooted at $1 has released every build's
-# lock: it records a build once its processes are gone, then lets go.
+# Waits (at most 10 s) until the broker of the state directory $1 has released every build's
+# watcher lock: it records a build once its processes are gone, then lets go.
 wait_for_watchers() {
-  local leases=$1/state/nix-tier/leases deadline=$(( $(date +%s%3N) + 10000 ))
+  local leases=$1/leases deadline=$(( $(date +%s%3N) + 10000 ))
   while [ -n "$(ls -A "$leases" 2>/dev/null)" ] && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.05; done
 }
 

@@ -375,10 +375,16 @@ def verdicts(results):
     """The targets of bench/scheduling, checked; one line each."""
     a = next((r for r in results if r["config"] == "a"), None)
     c = next((r for r in results if r["config"] == "c"), None)
-    if a is None or c is None:
-        return ["(targets are checked when (a) and (c) both ran)"]
-    b = c["bounds"]
+    e = next((r for r in results if r["config"] == "e"), None)
     out = []
+    if e is not None:
+        ratio = e["makespanMs"] / e["bounds"]["physicalMs"]
+        ok = ratio <= 1.3 and e["oomKills"] == 0 and not e["killedOrFailed"]
+        out.append(f"(e) learned mode within 1.3x of the lower bound, 0 OOM kills: {'met' if ok else 'MISSED'} "
+                   f"({ratio:.2f}x, {e['oomKills']} OOM kills, {len(e['killedOrFailed'])} failed)")
+    if a is None or c is None:
+        return out + ["(the other targets are checked when (a) and (c) both ran)"]
+    b = c["bounds"]
     ok = c["oomKills"] == 0 and not c["killedOrFailed"] and c["exit"] == 0
     out.append(f"(c) zero OOM kills and failures: {'met' if ok else 'MISSED'} "
                f"({c['oomKills']} OOM kills, {len(c['killedOrFailed'])} failed, exit {c['exit']})")

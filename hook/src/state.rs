@@ -1,18 +1,13 @@
-//! The machine-wide state every hook process shares: running builds (leases) and waiting
-//! builds, in one JSON file under the state directory, read and written under an exclusive
-//! `flock` on a separate lock file (as Nix's build-remote guards `current-load`).
-//!
-//! A lease ends when Nix no longer holds its output locks ([`HeldLocks`]): on success, failure,
-//! a killed client, or Nix waiting for a local slot after all. So a dead client leaks a slot
-//! only until the next decision, at most one `build-poll-interval` away.
+//! The state directory the broker and `nix-tier` share, and `state.json` in it: the snapshot of
+//! the running builds (leases) and waiting builds that the broker writes (at most every 100 ms)
+//! for `nix-tier status`, replaced atomically under an exclusive `flock` on `state.lock`.
 //!
 //! The directory is created mode 0700 and its files 0600. An existing directory must belong to
 //! the hook's user and be writable by nobody else; it is never chmod-ed or taken over. Its files
 //! are opened relative to it with `O_NOFOLLOW` and `O_NONBLOCK`, must be regular files, and are
-//! read with a bound, so nothing put there can redirect, block or exhaust the hook. A file that
-//! is not what it should be (a directory, a FIFO, a symlink, garbage) is set aside as
-//! `<name>.broken-<ms>` and made anew: the state is then rebuilt by the caller from what can be
-//! observed (the running builds' watchers and their output locks), not reset to empty.
+//! read with a bound, so nothing put there can redirect, block or exhaust a reader. A file that
+//! is not what it should be (a directory, a FIFO, a symlink) is set aside as
+//! `<name>.broken-<ms>-<pid>-<n>` and made anew.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -25,11 +20,9 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::{fstatat, mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
-use nix_tier_model::admission::Claim;
 use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
 
-use crate::output_locks::HeldLocks;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "state.lock";
@@ -91,32 +84,6 @@ pub struct State {
     pub waiting: Vec<Waiter>,
 }
 
-impl State {
-    /// Drops leases whose output locks nobody holds and whose watcher lock is free (the build's
-    /// processes are gone), and waiters unseen for `waiter_ttl` seconds (or stamped further
-    /// ahead than that: a waiter from the future, or a clock stepped back, must not hold builds
-    /// back forever); returns the ended leases.
-    pub fn prune(&mut self, held: &HeldLocks, now: u64, waiter_ttl: u64) -> Vec<Lease> {
-        let (alive, ended): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut self.running).into_iter().partition(|lease| {
-            lease.lock_files.iter().any(|f| held.holds(f, lease.nix_pid))
-                || lease.watcher_lock.as_ref().is_some_and(|f| held.holds_watcher_lock(f))
-        });
-        self.running = alive;
-        self.waiting.retain(|w| w.seen.abs_diff(now) <= waiter_ttl);
-        ended
-    }
-
-    /// The claims of the running builds.
-    pub fn claims(&self) -> Vec<Claim> {
-        self.running.iter().map(|l| Claim { tier: l.tier, memory_mib: l.memory_mib }).collect()
-    }
-
-    /// The oldest heavy build waiting, other than `drv`.
-    pub fn oldest_waiting_heavy(&self, drv: &str) -> Option<&Waiter> {
-        self.waiting.iter().filter(|w| w.tier == Tier::Heavy && w.drv != drv).min_by_key(|w| w.since)
-    }
-}
-
 /// Seconds since the epoch.
 pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -161,15 +128,13 @@ impl StateDir {
     pub fn lock(&self) -> io::Result<LockedState> {
         let dir = open_state_dir(&self.path, true)?;
         let deadline = Instant::now() + LOCK_TIMEOUT;
-        let mut notes = Vec::new();
         loop {
-            let (file, note) = open_regular_at(&dir, LOCK_FILE, true)?;
-            notes.extend(note);
+            let (file, _) = open_regular_at(&dir, LOCK_FILE, true)?;
             match file.try_lock() {
                 // The lock counts only on the file that is there now: another hook may have set
                 // a broken one aside meanwhile.
                 Ok(()) if same_file(&dir, LOCK_FILE, &file) => {
-                    return Ok(LockedState { dir, path: self.path.clone(), notes, _lock: file });
+                    return Ok(LockedState { dir, _lock: file });
                 }
                 Ok(()) => {}
                 Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
@@ -225,36 +190,10 @@ impl StateDir {
 /// The state directory, locked; dropping it releases the lock.
 pub struct LockedState {
     dir: OwnedFd,
-    path: PathBuf,
-    /// What was repaired while taking the lock.
-    notes: Vec<String>,
     _lock: File,
 }
 
 impl LockedState {
-    /// The shared state. A state file that cannot be used is set aside and the state rebuilt:
-    /// the leases from `observe` (what runs now), no waiters (they ask again). The second value
-    /// says what was repaired.
-    pub fn load(&self, observe: impl FnOnce() -> Vec<Lease>) -> (State, Option<String>) {
-        let mut notes = self.notes.clone();
-        let state = match read_state(&self.dir) {
-            Ok(state) => state,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => State::default(),
-            Err(e) => {
-                let aside = set_aside(&self.dir, STATE_FILE)
-                    .map_or_else(|e| format!("could not be set aside ({e})"), |name| format!("set aside as {name}"));
-                let running = observe();
-                notes.push(format!(
-                    "state file {} was unusable ({e}); {aside}, and rebuilt from the {} running build(s) found",
-                    self.path.join(STATE_FILE).display(),
-                    running.len()
-                ));
-                State { running, waiting: Vec::new() }
-            }
-        };
-        (state, (!notes.is_empty()).then(|| notes.join("; ")))
-    }
-
     /// Replaces the state file atomically.
     pub fn save(&self, state: &State) -> io::Result<()> {
         let temp = format!("{STATE_FILE}.{}", std::process::id());
@@ -423,19 +362,13 @@ mod tests {
     }
 
     #[test]
-    fn state_round_trips_and_a_corrupt_file_is_rebuilt_from_what_runs() {
+    fn the_snapshot_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = StateDir::at(dir.path().join("s"));
-        let locked = state_dir.lock().unwrap();
-        assert_eq!(locked.load(Vec::new), (State::default(), None));
+        assert_eq!(state_dir.peek().unwrap(), State::default(), "nothing written yet");
         let state = State { running: vec![lease("a", "/x".into())], waiting: vec![waiter("w", now())] };
-        locked.save(&state).unwrap();
-        assert_eq!(locked.load(|| unreachable!("the file is fine")).0, state);
-        fs::write(dir.path().join("s").join(STATE_FILE), "{ not json").unwrap();
-        let (repaired, note) = locked.load(|| vec![lease("observed", "/y".into())]);
-        assert_eq!(repaired, State { running: vec![lease("observed", "/y".into())], waiting: vec![] });
-        assert!(note.unwrap().contains("state.json"));
-        assert_eq!(set_aside_count(&dir.path().join("s"), STATE_FILE), 1, "the corrupt file is kept for inspection");
+        state_dir.lock().unwrap().save(&state).unwrap();
+        assert_eq!(state_dir.peek().unwrap(), state);
     }
 
     #[test]
@@ -449,14 +382,11 @@ mod tests {
             // peek (nix-tier status) says so without blocking or changing anything.
             let err = state_dir.peek().unwrap_err().to_string();
             assert!(err.contains("not a regular file") || err.contains("a directory"), "{what}: {err}");
-            let locked = state_dir.lock().unwrap();
-            let (state, note) = locked.load(Vec::new);
-            assert_eq!(state, State::default());
-            assert!(note.is_some_and(|n| n.contains("set aside")), "{what}");
-            locked.save(&State::default()).unwrap();
+            state_dir.lock().unwrap().save(&State::default()).unwrap();
             assert!(fs::symlink_metadata(&file).unwrap().is_file(), "{what}: a regular state file again");
             fs::remove_file(&file).unwrap();
         }
+        assert_eq!(set_aside_count(&dir.path().join("s"), STATE_FILE), 1, "the directory is kept for inspection");
     }
 
     #[test]
@@ -474,39 +404,11 @@ mod tests {
         for (what, make) in makers {
             fs::remove_file(&lock).or_else(|_| fs::remove_dir(&lock)).ok();
             make(&lock);
-            let locked = state_dir.lock().unwrap_or_else(|e| panic!("{what} in place of the lock: {e}"));
-            let (_, note) = locked.load(Vec::new);
-            assert!(note.is_some_and(|n| n.contains("state.lock")), "{what}: repaired and said");
+            drop(state_dir.lock().unwrap_or_else(|e| panic!("{what} in place of the lock: {e}")));
             assert!(fs::symlink_metadata(&lock).unwrap().is_file(), "{what}");
         }
+        assert_eq!(set_aside_count(&dir.path().join("s"), LOCK_FILE), 3);
         assert_eq!(fs::read_to_string("/etc/passwd").map(|t| t.is_empty()).ok(), Some(false), "the link's target is untouched");
-    }
-
-    #[test]
-    fn leases_end_when_their_locks_are_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let held_path = dir.path().join("held.lock");
-        let held_file = File::create(&held_path).unwrap();
-        held_file.lock().unwrap();
-        let mut state = State {
-            running: vec![lease("held", held_path), lease("gone", dir.path().join("gone.lock"))],
-            waiting: vec![],
-        };
-        let ended = state.prune(&HeldLocks::read().unwrap(), now(), 10);
-        assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].drv, "gone");
-        assert_eq!(state.running[0].drv, "held");
-    }
-
-    #[test]
-    fn waiters_from_the_future_or_after_a_clock_step_back_expire() {
-        let now = now();
-        let mut state = State {
-            running: vec![],
-            waiting: vec![waiter("fresh", now - 2), waiter("future", now + 86_400), waiter("stale", now - 60)],
-        };
-        state.prune(&HeldLocks::default(), now, 10);
-        assert_eq!(state.waiting.iter().map(|w| w.drv.as_str()).collect::<Vec<_>>(), ["fresh"]);
     }
 
     #[test]

@@ -198,6 +198,9 @@ struct Watched {
     locks_checked: Option<Instant>,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
+    /// Whether its lease was ended (its processes are gone), perhaps before Nix released the
+    /// output locks.
+    lease_ended: bool,
     due: Instant,
 }
 
@@ -223,6 +226,7 @@ impl Watched {
             full_scan: None,
             locks_checked: None,
             ended: None,
+            lease_ended: false,
             due: now,
         }
     }
@@ -295,6 +299,19 @@ impl Watched {
                 Some(_) => Duration::from_millis(100),
             };
         None
+    }
+
+    /// Whether the build's processes are gone: its builder has exited and nothing of it is left
+    /// (in its cgroup, or among the descendants followed). Nix may still hold the output locks
+    /// while it registers the outputs, but no process of the build runs then.
+    fn processes_gone(&mut self) -> bool {
+        if !self.builder.as_ref().is_some_and(Builder::exited) {
+            return false;
+        }
+        match self.cgroup.as_ref() {
+            Some(cgroup) => cgroup.pids().is_ok_and(|pids| pids.is_empty()),
+            None => !self.descendants.remaining(false),
+        }
     }
 
     /// Reports new OOM kills in the cgroup in the build's log (before the log closes).
@@ -524,9 +541,17 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             if let Some(pidfd) = b.builder.as_ref().filter(|_| searching).and_then(|b| b.pidfd.try_clone().ok()) {
                 leases.builder_started(b.lease, pidfd);
             }
+            // The lease ends as soon as the build's processes are gone; the watch goes on until
+            // Nix has released the locks, for the build's outcome.
+            if outcome.is_none() && !b.lease_ended && b.processes_gone() {
+                leases.end(b.lease);
+                b.lease_ended = true;
+            }
             match outcome {
                 Some(done) => {
-                    leases.end(b.lease);
+                    if !b.lease_ended {
+                        leases.end(b.lease);
+                    }
                     finished.push((b.job.clone(), done));
                     false
                 }

@@ -71,7 +71,7 @@ fn build(drv: &Path, started: u64, peak: u64, outcome: Outcome) -> BuildRecord {
 }
 
 #[test]
-fn explain_learns_from_three_builds_and_history_lists_them() {
+fn explain_learns_from_past_builds_and_history_lists_them() {
     let dir = TempDir::new().expect("tempdir");
     let state = dir.path().join("state-dir");
     let profile_path = dir.path().join("hardware-profile.json");
@@ -96,16 +96,19 @@ fn explain_learns_from_three_builds_and_history_lists_them() {
     assert_eq!(first["historySamples"], 0);
     assert_eq!(first["historyError"], Value::Null);
 
+    let human = nix_tier(&state, &["explain", drv_arg, "--profile", profile_arg]);
+    let human = String::from_utf8_lossy(&human.stdout).into_owned();
+    assert!(human.contains("the medium tier's memoryMiB (no successful build of pkg yet)"), "{human}");
+
+    // One successful build (a failed one says nothing): learned with a margin of 1.5.
     let history = History::open(&state).expect("open history");
     history.record(&build(&drv, 1, 300, Outcome::Succeeded)).expect("record");
     history.record(&build(&drv, 2, 999, Outcome::Failed)).expect("record");
     history.record(&build(&drv, 3, 250, Outcome::Succeeded)).expect("record");
     let two = explain();
-    assert_eq!(two["memorySource"], "tier");
+    assert_eq!(two["memorySource"], "learned", "{two}");
+    assert_eq!(two["memoryMiB"], learning::reservation(&[250, 300], tier_mib).memory_mib);
     assert_eq!(two["historySamples"], 2);
-    let human = nix_tier(&state, &["explain", drv_arg, "--profile", profile_arg]);
-    let human = String::from_utf8_lossy(&human.stdout).into_owned();
-    assert!(human.contains("the medium tier's memoryMiB (no history: 2 of 3 builds of pkg needed)"), "{human}");
 
     // The third successful build: learned, p95 330 × 1.25 = 412.5 → 413 MiB.
     history.record(&build(&drv, 4, 330, Outcome::Succeeded)).expect("record");

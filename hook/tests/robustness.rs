@@ -183,8 +183,13 @@ fn a_broker_answering_garbage_is_declined() {
     let listener = std::os::unix::net::UnixListener::bind(setup.state().join("broker.sock")).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let _ = std::io::Write::write_all(&mut &stream, b"\x00garbage\n");
-            std::mem::forget(stream);
+            // Nonsense for every request line after the hello, on a connection kept open.
+            std::thread::spawn(move || {
+                let mut lines = std::io::BufRead::split(std::io::BufReader::new(&stream), b'\n').skip(1);
+                while lines.next().is_some() {
+                    let _ = std::io::Write::write_all(&mut &stream, b"\x00garbage\n");
+                }
+            });
         }
     });
     let (drv, _) = write_drv(setup.path(), "g-1.0");
@@ -214,9 +219,16 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
         nix_tier_tests::hook_env::process_gone(broker as u32).then_some(())
     });
     // A new client: its hook starts a broker, which counts the first build before answering.
-    let (lines, _second_lock) = ask_holding_lock(&setup, &mut setup.hook(), "second-1.0");
+    let mut second_hook = setup.hook();
+    let (lines, _second_lock) = ask_holding_lock(&setup, &mut second_hook, "second-1.0");
     assert_eq!(reply(&lines), "# postpone", "the running build still holds the heavy slot: {lines:?}");
     assert_ne!(broker_pid(&setup), broker);
+    // The recovered build ends (its worker lets go of its lock): the slot is free again.
+    drop(_first_lock);
+    let (second, _) = write_drv(setup.path(), "second-1.0");
+    nix_tier_tests::hook_env::wait_for("the recovered build to end", common::ANSWER_TIMEOUT, || {
+        (reply(&second_hook.ask(&second)) == "# decline").then_some(())
+    });
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! The policy (pure; the build hook feeds it the machine-wide state):
 //!
 //! 1. **Job slots.** A build starts only while fewer than its tier's `maxJobs` builds of that tier
-//!    run.
+//!    run; in learned mode ([`crate::build::Mode::Learned`]) a build whose reservation was learned
+//!    skips this (the budget packs it), unless its tier is capped.
 //! 2. **Memory budget.** The reservations of running builds plus its own must fit in
 //!    `build.memoryBudgetMiB`. A build that could never fit (nothing else runs and it still does
 //!    not) is admitted alone rather than left waiting forever.
@@ -24,6 +25,8 @@ pub struct Claim {
     pub tier: Tier,
     /// The memory reserved for it, in MiB.
     pub memory_mib: u64,
+    /// Whether `memory_mib` was learned from its package's past builds.
+    pub learned: bool,
 }
 
 /// The decision for one build.
@@ -91,7 +94,7 @@ impl fmt::Display for WaitReason {
 pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, candidate: Claim) -> Admission {
     let limits = build.tiers.get(candidate.tier);
     let same_tier = running.iter().filter(|c| c.tier == candidate.tier).count() as u32;
-    if same_tier >= limits.max_jobs {
+    if same_tier >= limits.max_jobs && build.job_slots_bind(candidate.tier, candidate.learned) {
         return Admission::Wait(WaitReason::TierFull {
             tier: candidate.tier,
             running: same_tier,
@@ -129,11 +132,28 @@ mod tests {
             default_tier: Tier::Light,
             rules: Vec::new(),
             tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
+            mode: crate::build::Mode::Tiers,
+            caps: Vec::new(),
         }
     }
 
+    #[test]
+    fn learned_builds_are_packed_by_the_budget_unless_capped() {
+        let mut b = build();
+        b.mode = crate::build::Mode::Learned;
+        let learned = Claim { tier: Tier::Heavy, memory_mib: 200, learned: true };
+        let running = [learned];
+        assert_eq!(decide(&b, &running, None, learned), Admission::Admit, "the heavy slot no longer binds");
+        assert!(matches!(decide(&b, &running, None, claim(Tier::Heavy)), Admission::Wait(WaitReason::TierFull { .. })));
+        b.caps = vec![Tier::Heavy];
+        assert!(matches!(decide(&b, &running, None, learned), Admission::Wait(WaitReason::TierFull { .. })));
+        // The budget still binds: 5 × 200 = 1000.
+        b.caps.clear();
+        assert!(matches!(decide(&b, &[learned; 5], None, learned), Admission::Wait(WaitReason::Memory { .. })));
+    }
+
     fn claim(tier: Tier) -> Claim {
-        Claim { tier, memory_mib: build().tiers.get(tier).memory_mib }
+        Claim { tier, memory_mib: build().tiers.get(tier).memory_mib, learned: false }
     }
 
     #[test]
@@ -163,7 +183,7 @@ mod tests {
     #[test]
     fn a_build_larger_than_the_budget_runs_alone() {
         let b = build();
-        let huge = Claim { tier: Tier::Heavy, memory_mib: 5000 };
+        let huge = Claim { tier: Tier::Heavy, memory_mib: 5000, learned: false };
         assert_eq!(decide(&b, &[], None, huge), Admission::Admit);
         assert!(matches!(decide(&b, &[claim(Tier::Light)], None, huge), Admission::Wait(_)));
     }

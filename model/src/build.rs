@@ -21,6 +21,42 @@ pub struct Build {
     pub rules: Vec<Rule>,
     /// The limits of each tier.
     pub tiers: TierTable,
+    /// How tiers' `maxJobs` hold once builds have a history. Omitted in JSON when it is the
+    /// default, [`Mode::Learned`].
+    #[serde(default, skip_serializing_if = "Mode::is_learned")]
+    pub mode: Mode,
+    /// In [`Mode::Learned`], the tiers whose `maxJobs` still caps every build (e.g. `["heavy"]`
+    /// where heavy builds each want every core). Omitted in JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caps: Vec<Tier>,
+}
+
+/// How tiers' `maxJobs` hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Mode {
+    /// A build whose memory reservation was learned from its package's past builds is held by
+    /// the memory budget (and Nix's own `max-jobs`), not by its tier's `maxJobs`, unless the tier
+    /// is in `caps`: the measured figures do the packing. Builds without history keep their
+    /// tier's limits, which are the guess until something is learned.
+    #[default]
+    Learned,
+    /// Every build is held to its tier's `maxJobs`.
+    Tiers,
+}
+
+impl Mode {
+    fn is_learned(&self) -> bool {
+        *self == Mode::Learned
+    }
+}
+
+impl Build {
+    /// Whether a build of `tier` is held to the tier's `maxJobs`: always in [`Mode::Tiers`] or
+    /// for a capped tier; otherwise only while its reservation is not `learned`.
+    pub fn job_slots_bind(&self, tier: Tier, learned: bool) -> bool {
+        self.mode == Mode::Tiers || !learned || self.caps.contains(&tier)
+    }
 }
 
 impl Build {
@@ -33,6 +69,8 @@ impl Build {
             default_tier: Tier::Light,
             rules: Vec::new(),
             tiers: tiers::default_tiers(threads, memory_budget_mib),
+            mode: Mode::Learned,
+            caps: Vec::new(),
         }
     }
 

@@ -11,12 +11,12 @@
 //!
 //! 1. Use at most the [`MAX_SAMPLES`] (20) newest peaks: old builds of a package that has since
 //!    grown (or shrunk) should stop counting.
-//! 2. With fewer than [`MIN_SAMPLES`] (3) peaks, reserve the tier's `memoryMiB`
-//!    ([`ReservationSource::Tier`]): one or two builds say too little about the spread.
+//! 2. Without any peak, reserve the tier's `memoryMiB` ([`ReservationSource::Tier`]).
 //! 3. Otherwise take the 95th percentile by nearest rank, `p95 = sorted[ceil(0.95 n) - 1]`
 //!    (with up to 19 samples that is the largest peak, with 20 the second largest: one
-//!    outlier among 20 builds is forgiven) and reserve
-//!    `clamp(ceil(p95 × 1.25), 64 MiB, memoryMiB)` ([`ReservationSource::Learned`]).
+//!    outlier among 20 builds is forgiven) and reserve `clamp(ceil(p95 × margin), 64 MiB,
+//!    memoryMiB)` ([`ReservationSource::Learned`]), where the margin is × 1.5 while there are
+//!    fewer than [`SETTLED_SAMPLES`] (3) peaks and × 1.25 from then on.
 //!
 //! Why these figures:
 //!
@@ -26,6 +26,10 @@
 //! * **× 1.25**: peaks vary with the inputs (a new version, more tests, a different parallel
 //!   schedule); a quarter on top of the worst observed case absorbs ordinary growth while still
 //!   freeing most of an oversized tier reservation.
+//! * **from the first build, × 1.5 until three**: a rebuild builds each package once, so waiting
+//!   for three builds would leave the tiers' guesses in charge for three rebuilds. One or two
+//!   peaks say less about the spread, hence the larger margin; a build that still outgrows it is
+//!   killed at its limit, says so, and sends its package back to the tier's figure (below).
 //! * **at least 64 MiB**: tiny builds (writing a file, copying a script) still need a shell,
 //!   the builder's own memory and page cache; reserving less would only make the budget's
 //!   arithmetic pretend. 64 MiB is small next to any tier, so it rarely binds.
@@ -36,13 +40,22 @@
 //! Which builds count is up to the caller: the hook passes the succeeded builds of the package
 //! *since its last OOM kill* (see `nix_tier_hook::history::History::learning_peaks`), so a
 //! build killed for lack of memory sends the package back to the tier's figure until it has
-//! succeeded [`MIN_SAMPLES`] more times. Failed builds are ignored (their peaks say nothing
+//! succeeded again. Failed builds are ignored (their peaks say nothing
 //! about what a whole build needs).
 
 use std::fmt;
 
 /// Fewest peaks from which a reservation is learned.
-pub const MIN_SAMPLES: usize = 3;
+pub const MIN_SAMPLES: usize = 1;
+
+/// From this many peaks on the margin is [`MARGIN_NUM`]/[`MARGIN_DEN`]; below, it is
+/// [`FEW_MARGIN_NUM`]/[`FEW_MARGIN_DEN`].
+pub const SETTLED_SAMPLES: usize = 3;
+
+/// The margin with fewer than [`SETTLED_SAMPLES`] peaks, `FEW_MARGIN_NUM / FEW_MARGIN_DEN` (1.5).
+pub const FEW_MARGIN_NUM: u64 = 3;
+/// See [`FEW_MARGIN_NUM`].
+pub const FEW_MARGIN_DEN: u64 = 2;
 
 /// Most peaks (the newest) a reservation is learned from.
 pub const MAX_SAMPLES: usize = 20;
@@ -96,7 +109,9 @@ impl fmt::Display for ReservationSource {
         match self {
             ReservationSource::Tier => f.write_str("the tier's memoryMiB"),
             ReservationSource::Learned { samples, p95_mib } => {
-                write!(f, "learned from {samples} builds (p95 {p95_mib} MiB × 1.25)")
+                let margin = if *samples < SETTLED_SAMPLES { "1.5" } else { "1.25" };
+                let builds = if *samples == 1 { "build" } else { "builds" };
+                write!(f, "learned from {samples} {builds} (p95 {p95_mib} MiB × {margin})")
             }
         }
     }
@@ -112,8 +127,9 @@ pub fn reservation(peaks_mib: &[u64], tier_limit_mib: u64) -> Reservation {
     }
     recent.sort_unstable();
     let p95_mib = nearest_rank(&recent, PERCENTILE).expect("at least MIN_SAMPLES peaks");
-    // ceil(p95 × 5/4) without overflow.
-    let margin = (u128::from(p95_mib) * u128::from(MARGIN_NUM)).div_ceil(u128::from(MARGIN_DEN));
+    let (num, den) = if recent.len() < SETTLED_SAMPLES { (FEW_MARGIN_NUM, FEW_MARGIN_DEN) } else { (MARGIN_NUM, MARGIN_DEN) };
+    // ceil(p95 × num/den) without overflow.
+    let margin = (u128::from(p95_mib) * u128::from(num)).div_ceil(u128::from(den));
     let with_margin = u64::try_from(margin).unwrap_or(u64::MAX);
     let memory_mib = with_margin.max(FLOOR_MIB).min(tier_limit_mib);
     Reservation { memory_mib, source: ReservationSource::Learned { samples: recent.len(), p95_mib } }
@@ -137,10 +153,16 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn too_few_samples_use_the_tier() {
-        for peaks in [&[][..], &[100], &[100, 200]] {
-            assert_eq!(reservation(peaks, 4096), Reservation { memory_mib: 4096, source: ReservationSource::Tier });
-        }
+    fn no_samples_use_the_tier() {
+        assert_eq!(reservation(&[], 4096), Reservation { memory_mib: 4096, source: ReservationSource::Tier });
+    }
+
+    #[test]
+    fn one_or_two_samples_learn_with_a_larger_margin() {
+        let r = reservation(&[100], 4096);
+        assert_eq!(r, Reservation { memory_mib: 150, source: ReservationSource::Learned { samples: 1, p95_mib: 100 } });
+        assert_eq!(r.source.to_string(), "learned from 1 build (p95 100 MiB × 1.5)");
+        assert_eq!(reservation(&[100, 201], 4096).memory_mib, 302);
     }
 
     #[test]
@@ -195,14 +217,14 @@ mod tests {
             prop_assert!(r.memory_mib <= limit, "{r:?} above the tier's {limit}");
             match r.source {
                 ReservationSource::Tier => {
-                    prop_assert!(peaks.len() < MIN_SAMPLES);
+                    prop_assert!(peaks.is_empty());
                     prop_assert_eq!(r.memory_mib, limit);
                 }
                 ReservationSource::Learned { samples, p95_mib } => {
                     prop_assert_eq!(samples, peaks.len().min(MAX_SAMPLES));
                     prop_assert!(peaks[..samples].contains(&p95_mib));
                     // Whenever the margin fits under the tier, the reservation covers the p95.
-                    if u128::from(p95_mib) * 5 <= u128::from(limit) * 4 {
+                    if u128::from(p95_mib) * 3 <= u128::from(limit) * 2 {
                         prop_assert!(r.memory_mib >= p95_mib);
                         prop_assert!(r.memory_mib >= p95_mib + p95_mib / 4);
                     }

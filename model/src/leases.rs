@@ -233,12 +233,14 @@ mod tests {
             default_tier: Tier::Light,
             rules: Vec::new(),
             tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
+            mode: crate::build::Mode::Tiers,
+            caps: Vec::new(),
         }
     }
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;
-        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib }, expected_ms, slots_freed: vec![] }
+        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
     }
 
     #[test]
@@ -310,6 +312,19 @@ mod tests {
         assert!(matches!(table.decide(&b, &request(2, 9, "short", Tier::Medium, 500), 5000, 1000), Decision::Admit(_)));
     }
 
+    #[test]
+    fn a_waiter_stamped_in_the_future_is_forgotten() {
+        let b = build();
+        let mut table = LeaseTable::new();
+        // Heavy waits for memory held by two medium builds; it would hold a light build back.
+        table.decide(&b, &request(1, 9, "m1", Tier::Medium, 1), 100_000_000, 1000);
+        table.decide(&b, &request(1, 9, "m2", Tier::Medium, 1), 100_000_000, 1000);
+        table.decide(&b, &request(1, 9, "heavy", Tier::Heavy, 1), 100_000_000, 1000);
+        assert!(matches!(table.decide(&b, &request(2, 9, "l", Tier::Light, 1), 100_000_000, 1000), Decision::Wait(_)));
+        // The clock steps back a day: the waiter's stamp is far in the future, and it goes.
+        assert!(matches!(table.decide(&b, &request(2, 9, "l", Tier::Light, 1), 100_000_000 - 86_400_000, 1000), Decision::Admit(_)));
+    }
+
     /// One step of a random run: a `try` or the end of a lease.
     #[derive(Debug, Clone)]
     enum Step {
@@ -344,7 +359,7 @@ mod tests {
                 match s {
                     Step::Try { worker, max_jobs: m, drv, tier, memory_mib, expected_ms } => {
                         let m = *max_jobs.entry(worker).or_insert(m);
-                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), claim: Claim { tier, memory_mib }, expected_ms, slots_freed: vec![] };
+                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] };
                         let before = table.leases().len();
                         let decision = table.decide(&b, &r, now, 50);
                         if let Decision::Admit(id) = decision {
@@ -361,7 +376,7 @@ mod tests {
                     }
                     Step::Adopt { worker, drv } => {
                         max_jobs.entry(worker).or_insert(4);
-                        let id = table.adopt(worker, &format!("a{drv}"), Claim { tier: Tier::Light, memory_mib: 1 }, 1, now);
+                        let id = table.adopt(worker, &format!("a{drv}"), Claim { tier: Tier::Light, memory_mib: 1, learned: false }, 1, now);
                         adopted.insert(id);
                     }
                 }

@@ -284,37 +284,118 @@ fn a_killed_client_frees_its_heavy_slot_within_a_poll_interval() {
     }
 }
 
+/// The broker's state directory in a hook sandbox ($NIX_STATE_DIR/nix-tier).
+fn state_dir(sandbox: &NixSandbox) -> std::path::PathBuf {
+    sandbox.path().join("state/nix-tier")
+}
+
+/// The pid of the broker of `sandbox`, from its lock file, once one runs.
+fn broker_pid(sandbox: &NixSandbox) -> i32 {
+    wait_for("a broker's pid in broker.lock", Duration::from_secs(10), || {
+        let pid: i32 = fs::read_to_string(state_dir(sandbox).join("broker.lock")).ok()?.trim().parse().ok()?;
+        (!process_gone(pid as u32)).then_some(pid)
+    })
+}
+
+/// A small DAG of every tier built by `nix-build`; asserts it succeeded and each ran once, and
+/// returns what the hook said.
+fn build_small_dag(sandbox: &NixSandbox, prefix: &str) -> String {
+    let records_dir = sandbox.path().join("records");
+    let dag = Dag::new(prefix, PerTier { heavy: 1, medium: 1, light: 2 }, PerTier { heavy: 300, medium: 300, light: 300 }, &records_dir);
+    let build = run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), prefix, BUILD_TIMEOUT);
+    build.assert_success(prefix);
+    let ran: Vec<String> = read_records(&records_dir).into_iter().map(|r| r.name).collect();
+    for name in dag.names() {
+        assert_eq!(ran.iter().filter(|r| **r == name).count(), 1, "{name} ran once; runs: {ran:?}");
+    }
+    hook_lines(&build.stderr).join("\n")
+}
+
 #[test]
-fn a_corrupt_state_file_does_not_stop_builds() {
+fn the_broker_is_started_on_demand_and_a_stopped_one_does_not_stop_builds() {
     let _machine = shared_machine();
     let (sandbox, _) = hook_sandbox(&roomy_limits(), "");
+    // No broker runs: the first hook starts one, and the builds go through it.
+    let said = build_small_dag(&sandbox, "first");
+    assert!(!said.contains("fails open"), "the broker answered every build:\n{said}");
+    let broker = nix::unistd::Pid::from_raw(broker_pid(&sandbox));
+
+    // Stopped (SIGSTOP): each hook waits at most 40 ms for it, then declines; Nix builds.
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let said = std::panic::catch_unwind(|| build_small_dag(&sandbox, "stopped"));
+    let took = started.elapsed();
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let said = said.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    assert!(said.contains("the broker did not answer within 40ms (fails open)"), "the hook said why:\n{said}");
+    eprintln!("4 builds with the broker stopped took {took:?}");
+}
+
+#[test]
+fn a_broker_answering_garbage_does_not_stop_builds() {
+    let _machine = shared_machine();
+    let (sandbox, _) = hook_sandbox(&roomy_limits(), "");
+    // This test is the broker: it holds the lock (so one started on demand exits at once) and
+    // answers nonsense to every connection.
+    let state = state_dir(&sandbox);
+    fs::create_dir_all(&state).unwrap();
+    let held = fs::File::create(state.join("broker.lock")).unwrap();
+    held.lock().unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(state.join("broker.sock")).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            // Nonsense for every request line after the hello, on a connection kept open.
+            std::thread::spawn(move || {
+                let mut lines = std::io::BufRead::lines(std::io::BufReader::new(&stream)).skip(1);
+                while lines.next().is_some() {
+                    let _ = std::io::Write::write_all(&mut &stream, b"{\"no such answer\": 1}\n");
+                }
+            });
+        }
+    });
+    let said = build_small_dag(&sandbox, "garbage");
+    assert!(said.contains("unreadable") && said.contains("fails open"), "the hook said why:\n{said}");
+}
+
+#[test]
+fn a_killed_broker_is_started_again_and_the_running_heavy_build_keeps_its_slot() {
+    let _machine = exclusive_machine();
+    let (sandbox, _) = hook_sandbox(&roomy_limits(), "");
     let records_dir = sandbox.path().join("records");
-    let counts = PerTier { heavy: 1, medium: 1, light: 2 };
-    let sleeps = PerTier { heavy: 300, medium: 300, light: 300 };
+    let counts = PerTier { heavy: 1, medium: 0, light: 0 };
+    let long = Dag::new("a", counts, PerTier { heavy: 120_000, medium: 0, light: 0 }, &records_dir);
+    let short = Dag::new("b", counts, PerTier { heavy: 300, medium: 0, light: 0 }, &records_dir);
 
-    let first = Dag::new("first", counts, sleeps, &records_dir);
-    run_with_timeout(first.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "first", BUILD_TIMEOUT)
-        .assert_success("first build");
+    let client_a = Running::spawn(long.build_command(sandbox.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "a");
+    let (builder_pid, builder_pgid, _) = wait_started(&records_dir, "a-heavy-0", Duration::from_secs(60))
+        .unwrap_or_else(|| panic!("a-heavy-0 never started:\n{}", client_a.stderr()));
+    // The broker placed it (its watcher lock holds the build's job), then is killed.
+    wait_for("a-heavy-0's watcher lock", Duration::from_secs(10), || {
+        fs::read_dir(state_dir(&sandbox).join("leases"))
+            .ok()?
+            .flatten()
+            .any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains("a-heavy-0")))
+            .then_some(())
+    });
+    let first_broker = broker_pid(&sandbox);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first_broker), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(wait_gone(&[first_broker as u32], Duration::from_secs(10)), "the broker survived kill -9");
 
-    // The hook keeps its shared state in $NIX_STATE_DIR/nix-tier/state.json (hook/src/state.rs).
-    let state_dir = sandbox.path().join("state/nix-tier");
-    assert!(state_dir.is_dir(), "the hook left no state directory {}", state_dir.display());
-    fs::write(state_dir.join("state.json"), "\u{0}garbage{{{ not json \u{7f}\n").unwrap();
+    // Client b's hook starts a new broker, which finds a-heavy-0 still running: b waits.
+    let client_b = Running::spawn(short.build_command(sandbox.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "b");
+    let mut last_status = None;
+    let waiting = wait_for_status(&sandbox, Duration::from_secs(30), &mut last_status, |status| {
+        status["waiting"].as_array().is_some_and(|w| w.iter().any(|w| w["name"] == "b-heavy-0"))
+            && status["running"].as_array().is_some_and(|r| r.iter().any(|r| r["name"] == "a-heavy-0"))
+    });
+    assert!(waiting, "b-heavy-0 should wait for a-heavy-0 under the new broker; status {last_status:#?}; b said:\n{}", client_b.stderr());
+    assert_ne!(broker_pid(&sandbox), first_broker, "a new broker runs");
+    assert!(started(&records_dir, "b-heavy-0").is_none(), "b-heavy-0 started beside a-heavy-0 under a one-job heavy tier");
 
-    let second = Dag::new("second", counts, sleeps, &records_dir);
-    let build =
-        run_with_timeout(second.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "second", BUILD_TIMEOUT);
-    build.assert_success("build after corrupting the state file");
-    let ran: Vec<String> = read_records(&records_dir).into_iter().map(|r| r.name).collect();
-    for name in second.names() {
-        assert!(ran.contains(&name), "{name} never ran; runs: {ran:?}");
-    }
-    let lines = hook_lines(&build.stderr);
-    assert!(
-        lines.iter().any(|l| l.to_lowercase().contains("state")),
-        "expected a nix-tier-hook: line about the corrupt state; stderr:\n{}",
-        build.stderr
-    );
+    client_a.kill9();
+    kill_group(builder_pgid);
+    assert!(wait_gone(&[builder_pid], Duration::from_secs(10)), "builder {builder_pid} survived kill -9");
+    client_b.wait(BUILD_TIMEOUT).assert_success("client b after a was killed");
 }
 
 #[test]

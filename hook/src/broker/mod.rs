@@ -152,7 +152,7 @@ impl Board {
             worker: hello.worker_pid,
             worker_max_jobs: hello.max_jobs,
             drv: job.drv.clone(),
-            claim: Claim { tier: job.tier, memory_mib: job.memory_limit_mib },
+            claim: Claim { tier: job.tier, memory_mib: job.memory_limit_mib, learned: job.limit_learned },
             expected_ms: request.expected_ms,
             slots_freed: Vec::new(),
         };
@@ -243,7 +243,7 @@ impl Board {
 impl watch::Leases for Board {
     fn adopt(&self, job: &WatchJob) -> LeaseId {
         let mut shared = self.lock();
-        let claim = Claim { tier: job.tier, memory_mib: job.memory_limit_mib };
+        let claim = Claim { tier: job.tier, memory_mib: job.memory_limit_mib, learned: job.limit_learned };
         let lease = shared.table.adopt(job.nix_pid, &job.drv, claim, 0, state::now_ms());
         let shared = &mut *shared;
         let table = &shared.table;
@@ -275,6 +275,7 @@ impl watch::Leases for Board {
 /// Runs the broker for the state directory of the environment; `stay` keeps it running when
 /// idle. Exits at once, successfully, when another broker runs.
 pub fn serve(stay: bool) -> ExitCode {
+    close_inherited_descriptors();
     let state_dir = StateDir::from_env();
     match serve_in(&state_dir, stay) {
         Ok(()) => ExitCode::SUCCESS,
@@ -282,6 +283,17 @@ pub fn serve(stay: bool) -> ExitCode {
             eprintln!("nix-tier-hook --broker: {}: {error}", state_dir.path().display());
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Closes what the process that started the broker left open beyond stdin, stdout and stderr
+/// (a hook's pipes, a test harness's files): the broker outlives them all.
+fn close_inherited_descriptors() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = entries.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).filter(|fd| *fd > 2).collect();
+    for fd in fds {
+        // The directory's own descriptor is among them and already closed by then: EBADF.
+        let _ = nix::unistd::close(fd);
     }
 }
 
@@ -317,6 +329,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
     for (job, lock) in watch::running_builds(state_dir.path()) {
         let lease = watch::Leases::adopt(&*board, &job);
         let _ = orders.send(Order::Recovered { job, lease, lock });
+        let _ = nix::unistd::write(&*wake_write, &[1]);
     }
     {
         let board = Arc::clone(&board);

@@ -6,7 +6,7 @@ use nix_tier_hook::dispatch::place;
 use nix_tier_hook::history::History;
 use nix_tier_hook::state::StateDir;
 use nix_tier_model::build::package_name;
-use nix_tier_model::learning::{self, ReservationSource};
+use nix_tier_model::learning::ReservationSource;
 use nix_tier_model::Derivation;
 
 use crate::CommandResult;
@@ -48,10 +48,7 @@ pub fn run(args: &Args) -> CommandResult {
     let why = match (placement.memory_source, &history_error) {
         (ReservationSource::Learned { .. }, _) => placement.memory_source.to_string(),
         (ReservationSource::Tier, Some(error)) => format!("the {tier} tier's memoryMiB (build history unavailable: {error})"),
-        (ReservationSource::Tier, None) => format!(
-            "the {tier} tier's memoryMiB (no history: {samples} of {} builds of {package} needed)",
-            learning::MIN_SAMPLES
-        ),
+        (ReservationSource::Tier, None) => format!("the {tier} tier's memoryMiB (no successful build of {package} yet)"),
     };
     let capped = match placement.memory_source {
         ReservationSource::Learned { .. } if placement.memory_mib == limits.memory_mib => {
