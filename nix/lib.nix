@@ -81,6 +81,8 @@ let
         defaultTier = tier;
         rules = optional (list (object { match = { kind = "pattern"; }; tier = tier; }));
         tiers = object { heavy = limits; medium = limits; light = limits; };
+        mode = optional (enum [ "learned" "tiers" ]);
+        caps = optional (list tier);
       });
     };
 

@@ -238,10 +238,11 @@ impl Watched {
             return self.end_leftovers(now.duration_since(ended));
         }
         // A live builder means a running build, whatever one read of the lock table says.
-        // While the builder is searched for, the lock table (costlier) is read every 20 ms.
+        // While the builder is searched for, the lock table (costlier) is read every 2 ms: a
+        // build too short to be seen ends when Nix lets go of its locks, and its lease with it.
         let running = match self.builder.as_ref() {
             Some(b) => !b.exited() || scan.holds(&self.job.lock_files, self.job.nix_pid),
-            None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
+            None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(2)) => true,
             None => {
                 self.locks_checked = Some(now);
                 scan.holds(&self.job.lock_files, self.job.nix_pid)
@@ -590,6 +591,16 @@ pub fn watcher_lock_path(state_dir: &Path, drv: &str, admitted_ms: u64) -> PathB
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
     job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &limits).ok()
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // A watch dropped before its build ended (admitted again, or found starting under
+        // another admission) leaves no cgroup behind; removing an emptied one again is harmless.
+        if let Some(cgroup) = &self.cgroup {
+            let _ = cgroup.remove();
+        }
+    }
 }
 
 /// The watcher lock of one build, held (flock) until dropped; the file goes first, then the
