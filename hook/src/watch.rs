@@ -237,12 +237,16 @@ impl Watched {
         if let Some(ended) = self.ended {
             return self.end_leftovers(now.duration_since(ended));
         }
-        // A live builder means a running build, whatever one read of the lock table says.
-        // While the builder is searched for, the lock table (costlier) is read every 2 ms: a
-        // build too short to be seen ends when Nix lets go of its locks, and its lease with it.
+        // A live builder means a running build, whatever one read of the lock table says. Nix
+        // deletes the lock files of a build that succeeded before it lets go of them, so a
+        // missing one (a stat) ends the build without reading the lock table (costly: every lock
+        // of the machine); while the builder is searched for, that table is read every 20 ms, for
+        // a build that failed or that Nix let go without starting.
+        let locks_deleted = || self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err());
         let running = match self.builder.as_ref() {
-            Some(b) => !b.exited() || scan.holds(&self.job.lock_files, self.job.nix_pid),
-            None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(2)) => true,
+            Some(b) => !b.exited() || (!locks_deleted() && scan.holds(&self.job.lock_files, self.job.nix_pid)),
+            None if locks_deleted() => false,
+            None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
             None => {
                 self.locks_checked = Some(now);
                 scan.holds(&self.job.lock_files, self.job.nix_pid)
