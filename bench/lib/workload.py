@@ -356,7 +356,8 @@ def table(spec, results):
                     if r["tierPeaks"].get(t, 0) > m]
             lines.append(f"{r['label']}: most builds at once per tier "
                          + ", ".join(f"{t} {r['tierPeaks'].get(t, 0)}/{m}" for t, m in r["tierLimits"].items())
-                         + (f" -- TIER LIMIT EXCEEDED: {'; '.join(over)}" if over else ""))
+                         + ((" (learned mode: maxJobs holds only builds without history)" if "learned mode" in r["label"]
+                             else f" -- TIER LIMIT EXCEEDED: {'; '.join(over)}") if over else ""))
         for e in r.get("builderErrors", [])[:3]:
             lines.append(f"{r['label']}: {e}")
         if r.get("killedNotByOom"):
