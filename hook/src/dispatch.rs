@@ -10,7 +10,7 @@ use nix_tier_model::optimize::TIER_ATTRIBUTE;
 use nix_tier_cgroups::Hierarchy;
 use nix_tier_model::{Profile, Tier};
 
-use crate::broker::client::Client;
+use crate::broker::client::{Client, Failure};
 use crate::broker::{FromBroker, Hello, TryBuild};
 use crate::history::History;
 use crate::output_locks;
@@ -179,7 +179,15 @@ impl Dispatcher {
             self.asked.insert(request.drv_path.clone(), build);
             return Ok(Reply::Decline);
         }
-        let answer = self.broker.ask(&build).map_err(|e| format!("{e} (fails open)"))?;
+        let answer = match self.broker.ask(&build) {
+            Ok(answer) => answer,
+            Err(Failure::Starting) => {
+                // Asked again at Nix's next wake-up, by when the broker is up.
+                self.asked.insert(request.drv_path.clone(), build);
+                return Ok(Reply::Postpone);
+            }
+            Err(Failure::Failed(error)) => return Err(format!("{error} (fails open)")),
+        };
         match answer {
             FromBroker::Admit => {
                 self.announced.remove(&request.drv_path);

@@ -215,8 +215,10 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
     });
     let broker = broker_pid(&setup);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker), nix::sys::signal::Signal::SIGKILL).unwrap();
-    nix_tier_tests::hook_env::wait_for("the broker to be gone", common::ANSWER_TIMEOUT, || {
-        nix_tier_tests::hook_env::process_gone(broker as u32).then_some(())
+    // Gone once its socket refuses connections: a killed process's threads and descriptors go a
+    // moment after its main thread is a zombie.
+    nix_tier_tests::hook_env::wait_for("the killed broker's socket to close", common::ANSWER_TIMEOUT, || {
+        std::os::unix::net::UnixStream::connect(setup.state().join("broker.sock")).is_err().then_some(())
     });
     // A new client: its hook starts a broker, which counts the first build before answering.
     let mut second_hook = setup.hook();

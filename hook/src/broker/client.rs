@@ -2,10 +2,14 @@
 //! and failing open.
 //!
 //! Every question gets an answer within [`ANSWER_WITHIN`] or an error, and the hook then declines
-//! (Nix builds as without nix-tier): a broker that is missing and cannot be started in time, hung
+//! (Nix builds as without nix-tier): a broker that is missing and cannot be started, hung
 //! (stopped), killed, or answering garbage never holds a build back for longer. After a failure
 //! the broker is not asked again for [`RETRY_AFTER`], so a hung broker costs one wait, not one per
 //! build; the next question connects anew, starting a broker when none runs.
+//!
+//! One exception: a broker this hook has just started (it runs, for less than [`STARTING`]) is
+//! [`Failure::Starting`], not failed, and the hook postpones instead of declining: Nix asks again
+//! at once, and the builds of a session's first moments are counted like the rest.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -20,6 +24,17 @@ use crate::state::StateDir;
 pub const ANSWER_WITHIN: Duration = Duration::from_millis(40);
 /// How long the broker is left alone after it failed to answer.
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long a broker this hook started may take to answer before it counts as failed.
+pub const STARTING: Duration = Duration::from_secs(2);
+
+/// Why the broker gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The broker this hook started is not answering yet: ask again soon.
+    Starting,
+    /// It failed (said for the user): decline.
+    Failed(String),
+}
 
 /// A hook's connection to the broker.
 pub struct Client {
@@ -28,8 +43,8 @@ pub struct Client {
     connection: Option<BufReader<UnixStream>>,
     /// When the broker may be asked again after a failure.
     resting_until: Option<Instant>,
-    /// The broker this hook started, reaped once it exits.
-    started: Option<Child>,
+    /// The broker this hook started, reaped once it exits, and when.
+    started: Option<(Child, Instant)>,
 }
 
 impl Client {
@@ -39,17 +54,20 @@ impl Client {
         Client { state_dir, hello, connection: None, resting_until: None, started: None }
     }
 
-    /// Asks about one build; an error (said for the user) means: decline.
-    pub fn ask(&mut self, request: &TryBuild) -> Result<FromBroker, String> {
+    /// Asks about one build.
+    pub fn ask(&mut self, request: &TryBuild) -> Result<FromBroker, Failure> {
         if self.resting_until.is_some_and(|until| Instant::now() < until) {
-            return Err("the broker failed to answer a moment ago".to_string());
+            return Err(Failure::Failed("the broker failed to answer a moment ago".to_string()));
         }
         let deadline = Instant::now() + ANSWER_WITHIN;
-        let answer = self.exchange(&ToBroker::Try(request.clone()), deadline);
-        match answer {
-            Ok(FromBroker::Refused(why)) => self.failed(format!("the broker refused the request: {why}")),
+        match self.exchange(&ToBroker::Try(request.clone()), deadline) {
+            Ok(FromBroker::Refused(why)) => Err(self.failed(format!("the broker refused the request: {why}"))),
             Ok(answer) => Ok(answer),
-            Err(error) => self.failed(error),
+            Err(_) if self.starting() => {
+                self.connection = None;
+                Err(Failure::Starting)
+            }
+            Err(error) => Err(self.failed(error)),
         }
     }
 
@@ -61,14 +79,24 @@ impl Client {
         }
         let deadline = Instant::now() + ANSWER_WITHIN;
         if let Err(error) = self.send(&ToBroker::Declined(request.clone()), deadline) {
-            let _ = self.failed(error);
+            if !self.starting() {
+                self.failed(error);
+            }
+            self.connection = None;
         }
     }
 
-    fn failed(&mut self, error: String) -> Result<FromBroker, String> {
+    /// Whether a broker this hook started runs and is young enough to be still starting.
+    fn starting(&mut self) -> bool {
+        self.started
+            .as_mut()
+            .is_some_and(|(child, at)| at.elapsed() < STARTING && matches!(child.try_wait(), Ok(None)))
+    }
+
+    fn failed(&mut self, error: String) -> Failure {
         self.connection = None;
         self.resting_until = Some(Instant::now() + RETRY_AFTER);
-        Err(error)
+        Failure::Failed(error)
     }
 
     fn exchange(&mut self, message: &ToBroker, deadline: Instant) -> Result<FromBroker, String> {
@@ -135,7 +163,7 @@ impl Client {
     /// state directory. Should another hook start one at the same moment, one of the two exits
     /// at once (the broker's lock).
     fn start_broker(&mut self) -> io::Result<()> {
-        if let Some(child) = self.started.as_mut() {
+        if let Some((child, _)) = self.started.as_mut() {
             if child.try_wait()?.is_none() {
                 return Ok(());
             }
@@ -152,7 +180,7 @@ impl Client {
             .stderr(log)
             .process_group(0)
             .spawn()?;
-        self.started = Some(child);
+        self.started = Some((child, Instant::now()));
         Ok(())
     }
 }
