@@ -23,7 +23,7 @@ fn broker_follows(pid: u32) -> bool {
     let watchers = fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| fs::read(e.path().join("cmdline")).is_ok_and(|c| c == b"/proc/self/exe\0--broker\0"));
+        .filter(|e| fs::read(e.path().join("cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"--broker")));
     watchers.into_iter().any(|w| {
         fs::read_dir(w.path().join("fdinfo")).into_iter().flatten().flatten().any(|fd| {
             fs::read_to_string(fd.path()).is_ok_and(|info| info.lines().any(|l| l.split_whitespace().eq(["Pid:", &pid.to_string()])))
@@ -39,7 +39,7 @@ fn the_slot_is_held_until_the_children_are_gone(cgroup_root: &Path) {
     let mut build = build_section(8000);
     build["defaultTier"] = "heavy".into(); // one heavy job at a time
     write_profile(&profile, build);
-    let mut hook = Hook::start(&[
+    let mut hook = Hook::start_with_broker(&[
         ("NIX_TIER_PROFILE", &profile),
         ("NIX_TIER_STATE_DIR", &dir.path().join("state")),
         ("NIX_TIER_CGROUP_ROOT", cgroup_root),

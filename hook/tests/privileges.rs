@@ -30,7 +30,7 @@ fn the_hook_keeps_only_what_it_needs_and_bounds_builds_under_a_read_only_root() 
     let profile = dir.path().join("hw.json");
     write_profile(&profile, build_section(8000));
     let root = ReadOnlyCgroupRoot::new("nix-tier-test-priv");
-    let mut hook = Hook::start(&[
+    let mut hook = Hook::start_with_broker(&[
         ("NIX_TIER_PROFILE", &profile),
         ("NIX_TIER_STATE_DIR", &dir.path().join("state")),
         ("NIX_TIER_CGROUP_ROOT", root.memory()),

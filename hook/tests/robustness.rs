@@ -33,17 +33,34 @@ impl Setup {
         self.path().join("state")
     }
 
-    fn hook_with_profile(&self, profile: &Path) -> Hook {
-        Hook::start(&[
+    fn env<'a>(&'a self, profile: &'a Path, state: &'a Path) -> [(&'static str, &'a Path); 3] {
+        [
             ("NIX_TIER_PROFILE", profile),
-            ("NIX_TIER_STATE_DIR", &self.state()),
+            ("NIX_TIER_STATE_DIR", state),
             // Not a cgroup: the hook says so and admits without bounding.
             ("NIX_TIER_CGROUP_ROOT", self.path()),
-        ])
+        ]
+    }
+
+    /// A hook whose broker runs already (started once per state directory).
+    fn hook_with_profile(&self, profile: &Path) -> Hook {
+        let state = self.state();
+        let env = self.env(profile, &state);
+        if std::os::unix::net::UnixStream::connect(state.join("broker.sock")).is_ok() {
+            Hook::start(&env)
+        } else {
+            Hook::start_with_broker(&env)
+        }
     }
 
     fn hook(&self) -> Hook {
         self.hook_with_profile(&self.profile())
+    }
+
+    /// A hook that finds no broker running and starts one itself.
+    fn hook_starting_the_broker(&self) -> Hook {
+        let (profile, state) = (self.profile(), self.state());
+        Hook::start(&self.env(&profile, &state))
     }
 }
 
@@ -110,12 +127,21 @@ fn one_heavy_slot(setup: &Setup) {
     write_profile(&setup.profile(), build);
 }
 
-/// Asks `hook` about a new build `name` while holding its output lock, as Nix does.
+/// Asks `hook` about a new build `name` while holding its output lock, as Nix does; asks again,
+/// as Nix would, while the hook postpones for a broker it is starting (the broker's own
+/// postpones of a new build say what it waits for); the lines of every ask.
 fn ask_holding_lock(setup: &Setup, hook: &mut Hook, name: &str) -> (Vec<String>, fs::File) {
     let (drv, out) = write_drv(setup.path(), name);
     let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
     lock.lock().unwrap();
-    (hook.ask(&drv), lock)
+    let mut said = Vec::new();
+    nix_tier_tests::hook_env::wait_for("an answer from the broker", common::ANSWER_TIMEOUT, || {
+        let lines = hook.ask(&drv);
+        let answered = reply(&lines) != "# postpone" || lines.iter().any(|l| l.contains("waiting: "));
+        said.extend(lines);
+        answered.then_some(())
+    });
+    (said, lock)
 }
 
 /// The pid of the broker of `setup`, from its lock file.
@@ -135,7 +161,7 @@ fn broken_broker_files_are_set_aside_and_builds_counted() {
     fs::create_dir_all(setup.state().join("broker.lock")).unwrap();
     fs::create_dir_all(setup.state().join("state.json")).unwrap();
     mkfifo(&setup.state().join("broker.sock"));
-    let (lines, _first) = ask_holding_lock(&setup, &mut setup.hook(), "first-1.0");
+    let (lines, _first) = ask_holding_lock(&setup, &mut setup.hook_starting_the_broker(), "first-1.0");
     assert_eq!(reply(&lines), "# decline", "{lines:?}");
     assert!(!mentions(&lines, &["fails open"]), "admitted by the broker: {lines:?}");
     // Another client's hook: the broker counts the first build.
@@ -193,7 +219,7 @@ fn a_broker_answering_garbage_is_declined() {
         }
     });
     let (drv, _) = write_drv(setup.path(), "g-1.0");
-    let lines = setup.hook().ask(&drv);
+    let lines = setup.hook_starting_the_broker().ask(&drv);
     assert_eq!(reply(&lines), "# decline", "{lines:?}");
     assert!(mentions(&lines, &["unreadable", "fails open"]), "{lines:?}");
 }
@@ -220,10 +246,12 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
     nix_tier_tests::hook_env::wait_for("the killed broker's socket to close", common::ANSWER_TIMEOUT, || {
         std::os::unix::net::UnixStream::connect(setup.state().join("broker.sock")).is_err().then_some(())
     });
-    // A new client: its hook starts a broker, which counts the first build before answering.
-    let mut second_hook = setup.hook();
+    // A new client: its hook starts a broker, which counts the first build before answering
+    // (until it does, the hook postpones too).
+    let mut second_hook = setup.hook_starting_the_broker();
     let (lines, _second_lock) = ask_holding_lock(&setup, &mut second_hook, "second-1.0");
     assert_eq!(reply(&lines), "# postpone", "the running build still holds the heavy slot: {lines:?}");
+    assert!(lines.iter().any(|l| l.contains("heavy tier 1/1 busy (first-1.0")), "{lines:?}");
     assert_ne!(broker_pid(&setup), broker);
     // The recovered build ends (its worker lets go of its lock): the slot is free again.
     drop(_first_lock);
@@ -252,7 +280,7 @@ fn a_request_cut_short_is_still_answered() {
 fn an_unusable_state_directory_declines_and_says_why() {
     let setup = Setup::new(8000);
     fs::write(setup.state(), "not a directory").unwrap();
-    let mut hook = setup.hook();
+    let mut hook = setup.hook_starting_the_broker();
     let (drv, _) = write_drv(setup.path(), "s-1.0");
     let lines = hook.ask(&drv);
     assert_eq!(reply(&lines), "# decline", "{lines:?}");

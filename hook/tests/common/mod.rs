@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
@@ -47,6 +48,28 @@ impl Hook {
         protocol::write_settings(&mut stdin, &settings).unwrap();
         stdin.flush().unwrap();
         Hook { child, stdin: Some(stdin), lines }
+    }
+
+    /// Starts the broker for `env`'s state directory first, as a service manager would, and
+    /// waits until it accepts connections; then the hook, as [`Hook::start`]. Its first answers
+    /// then come from a running broker, not from one the hook is still starting (which it
+    /// postpones for).
+    pub fn start_with_broker(env: &[(&str, &Path)]) -> Hook {
+        let state = env.iter().find(|(name, _)| *name == "NIX_TIER_STATE_DIR").expect("a state directory").1;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-tier-hook"));
+        cmd.arg("--broker").stdin(Stdio::null()).stdout(Stdio::null()).env_remove("NIX_TIER_CGROUP_ROOT");
+        cmd.process_group(0);
+        for (name, value) in env {
+            cmd.env(name, value);
+        }
+        let mut broker = cmd.spawn().expect("start nix-tier-hook --broker");
+        nix_tier_tests::hook_env::wait_for("the broker to accept connections", ANSWER_TIMEOUT, || {
+            assert!(broker.try_wait().unwrap().is_none_or(|s| s.success()), "the broker failed to start");
+            std::os::unix::net::UnixStream::connect(state.join("broker.sock")).ok()
+        });
+        // It runs on by itself (exiting when idle), as one started by a hook does.
+        std::thread::spawn(move || broker.wait());
+        Hook::start(env)
     }
 
     /// Asks about `drv` (Nix has a free slot); the lines the hook printed up to and including
