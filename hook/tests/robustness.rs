@@ -239,6 +239,25 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
             .any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains("first-1.0")))
             .then_some(())
     });
+    // A build waits, and `nix-tier status` says so while the broker runs, not after it is gone.
+    let (lines, _waiting_lock) = ask_holding_lock(&setup, &mut hook, "waiting-1.0");
+    assert_eq!(reply(&lines), "# postpone", "{lines:?}");
+    let waiting = || {
+        let mut waiting = 0;
+        nix_tier_tests::hook_env::wait_for("nix-tier status", common::ANSWER_TIMEOUT, || {
+            let status = std::process::Command::new(env!("CARGO_BIN_EXE_nix-tier"))
+                .args(["status", "--json"])
+                .env("NIX_TIER_STATE_DIR", setup.state())
+                .env("NIX_TIER_PROFILE", setup.profile())
+                .output()
+                .ok()?;
+            let status: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
+            waiting = status["waiting"].as_array()?.len();
+            Some(())
+        });
+        waiting
+    };
+    nix_tier_tests::hook_env::wait_for("the waiting build in nix-tier status", common::ANSWER_TIMEOUT, || (waiting() == 1).then_some(()));
     let broker = broker_pid(&setup);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker), nix::sys::signal::Signal::SIGKILL).unwrap();
     // Gone once its socket refuses connections: a killed process's threads and descriptors go a
@@ -246,6 +265,7 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
     nix_tier_tests::hook_env::wait_for("the killed broker's socket to close", common::ANSWER_TIMEOUT, || {
         std::os::unix::net::UnixStream::connect(setup.state().join("broker.sock")).is_err().then_some(())
     });
+    assert_eq!(waiting(), 0, "no broker, nothing waits");
     // A new client: its hook starts a broker, which counts the first build before answering
     // (until it does, the hook postpones too).
     let mut second_hook = setup.hook_starting_the_broker();

@@ -27,13 +27,19 @@ pub struct Args {
 pub fn run(args: &Args) -> CommandResult {
     let (profile, _) = super::hook_profile(args.profile.as_deref())?;
     let state_dir = StateDir::from_env();
-    let state = state_dir.peek()?;
+    let mut state = state_dir.peek()?;
+    let held = HeldLocks::read()?;
+    // Builds wait only while a broker runs to answer them: a snapshot left by one that is gone
+    // keeps its last waiting builds.
+    if !held.holds_watcher_lock(&state_dir.path().join(nix_tier_hook::broker::LOCK)) {
+        state.waiting.clear();
+    }
     // Without a history database (no build finished yet) there are no kills to show.
     let history = match History::open_read_only(state_dir.path())? {
         Some(history) => history.rows(None, 200)?,
         None => Vec::new(),
     };
-    let report = status::report(state, &profile, &HeldLocks::read()?, &history, &state_dir.path().display().to_string());
+    let report = status::report(state, &profile, &held, &history, &state_dir.path().display().to_string());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
