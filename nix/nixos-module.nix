@@ -53,6 +53,10 @@ let
   hookWorks = tier.hookSupportsNix nixVersion;
   tierEnvironment = { NIX_TIER_STATE_DIR = cfg.stateDirectory; } // optionalAttrs hasProfile { NIX_TIER_PROFILE = profileFile; };
   cgroupEnvironment = { NIX_TIER_CGROUP_ROOT = cfg.cgroups.root; };
+  # The user Nix's daemon, and so its hooks, run as: root, or nix.daemonUser where nixpkgs has
+  # it (2026-02 on). The state directory and the broker are that user's: the hooks write the one
+  # and talk to the other, which accepts only its own user and root.
+  daemonUser = config.nix.daemonUser or "root";
   # nixpkgs' table of the architectures each gcc.arch can run (haswell, broadwell under skylake).
   inferiors = lib.systems.architectures.inferiors or { };
 in
@@ -177,10 +181,11 @@ in
       type = types.str;
       default = "/var/lib/nix-tier";
       description = ''
-        The hook's shared state (leases, waiting builds, the build history
-        history.sqlite), as `NIX_TIER_STATE_DIR` for the daemon and for `nix-tier` in users'
-        shells. Created mode 0700, owned by root like the daemon that writes it: run
-        `sudo nix-tier status` to read it.
+        The runtime's state (the broker's socket and lock, its snapshot of running and
+        waiting builds, the build history history.sqlite), as `NIX_TIER_STATE_DIR` for the
+        daemon, the `nix-tier-broker` service and `nix-tier` in users' shells. Created mode
+        0700, owned by the user the daemon runs as (root, or `nix.daemonUser`), as the broker
+        is: run `sudo nix-tier status` to read it.
       '';
     };
 
@@ -252,7 +257,7 @@ in
         environment.variables = tierEnvironment;
         environment.etc."nix/hardware-profile.json" = mkIf hasProfile { source = profileFile; };
 
-        systemd.tmpfiles.rules = [ "d ${cfg.stateDirectory} 0700 root root - -" ];
+        systemd.tmpfiles.rules = [ "d ${cfg.stateDirectory} 0700 ${daemonUser} - - -" ];
         systemd.services.nix-daemon.environment = tierEnvironment;
 
         nix.settings = mkIf (hasProfile && cfg.gccarchFeatures) {
@@ -284,7 +289,7 @@ in
             ExecStart = "${hookProgram} --broker --stay";
             Restart = "always";
             RestartSec = "1s";
-          };
+          } // optionalAttrs (daemonUser != "root") { User = daemonUser; };
         };
       })
 

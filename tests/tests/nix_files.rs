@@ -515,7 +515,7 @@ fn nixos_module_configures_nix_conf_and_the_daemon() {
             "path": [],
         })
     );
-    assert_eq!(config["systemd"]["tmpfiles"]["rules"], json!(["d /var/lib/nix-tier 0700 root root - -"]));
+    assert_eq!(config["systemd"]["tmpfiles"]["rules"], json!(["d /var/lib/nix-tier 0700 root - - -"]));
     assert_eq!(config["environment"]["variables"]["NIX_TIER_STATE_DIR"], "/var/lib/nix-tier");
     assert_eq!(config["environment"]["etc"]["nix/hardware-profile.json"]["source"], profile_file);
     assert!(config["environment"]["systemPackages"][0].as_str().unwrap().ends_with("-nix-tier-0.1.0"));
@@ -644,7 +644,7 @@ fn nixos_module_keeps_the_hook_with_every_daemon_form() {
             let definitions = format!("[ {{ services.nix-tier = {{ enable = true; inherit profile; plugin.enable = false; }}; }} {daemon} ]");
             let expr = module_expr("nix/nixos-module.nix", fixtures, &definitions, Some(version));
             let out = sandbox.eval_with(
-                &format!("(e: {{ inherit (e.config.systemd.services) nix-daemon; hook = e.config.nix.settings.build-hook; conf = e.config.environment.etc.\"nix/nix.conf\".source.text; }}) ({expr})"),
+                &format!("(e: {{ inherit (e.config.systemd.services) nix-daemon nix-tier-broker; hook = e.config.nix.settings.build-hook; conf = e.config.environment.etc.\"nix/nix.conf\".source.text; tmpfiles = e.config.systemd.tmpfiles.rules; }}) ({expr})"),
                 &["--read-write-mode"],
             );
             assert!(out.status.success(), "{form}, Nix {version}: {}", stderr(&out));
@@ -660,6 +660,10 @@ fn nixos_module_keeps_the_hook_with_every_daemon_form() {
                 }
                 _ => assert_eq!(exec, None, "{form}, Nix {version}: {daemon}"),
             }
+            // The broker and the state directory are the user the daemon's hooks run as.
+            let user = if form == "unprivileged daemon" { "nix-daemon" } else { "root" };
+            assert_eq!(config["nix-tier-broker"]["serviceConfig"].get("User").and_then(Value::as_str).unwrap_or("root"), user, "{form}");
+            assert!(strings(&config["tmpfiles"]).iter().any(|r| r.starts_with("d ") && r.contains(&format!(" 0700 {user} "))), "{form}: {}", config["tmpfiles"]);
             // Whatever starts gets the hook from its environment, as every Nix reads it.
             let nix_config = daemon["environment"]["NIX_CONFIG"].as_str().unwrap_or_else(|| panic!("{form}: no NIX_CONFIG: {daemon}"));
             let nix_conf = config["conf"].as_str().unwrap();
