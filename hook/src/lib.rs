@@ -3,9 +3,10 @@
 //! Nix runs the program named by `build-hook` and asks it, for every derivation it is about to
 //! build, whether to build it now ([`protocol`]). The hook relays the question to Nix's own
 //! `build-remote` when remote builders are configured ([`relay`]), and otherwise admits the build
-//! only while its tier has a free slot and the memory budget holds ([`dispatch`], with the
-//! policy in `nix_tier_model::admission`). Admissions are recorded machine-wide ([`state`]) and
-//! end when Nix releases the build's output locks ([`output_locks`]).
+//! only while the machine's broker says so ([`dispatch`], a client of [`broker`], which holds the
+//! lease table of `nix_tier_model::leases` and the policy of `nix_tier_model::admission`). The
+//! broker's watcher ([`watch`]) bounds each admitted build and ends its lease when the build's
+//! processes are gone; `nix-tier status` reads the broker's snapshot ([`state`]).
 
 pub mod broker;
 pub mod config;

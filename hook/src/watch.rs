@@ -1,27 +1,29 @@
-//! The watcher of admitted builds: bounds each with a cgroup and records how it went.
+//! The broker's watcher: bounds each admitted build with a cgroup, ends its lease and records
+//! how it went.
 //!
-//! Nix forks the builder only after the hook has answered, so the hook hands each admitted
-//! build to its watcher, one process per hook (`nix-tier-hook --watch-builds`), started with the
-//! hook's first admission in its own process group so that it outlives the hook (Nix kills the
-//! hook's group when its worker ends), and fed jobs as JSON lines through a pipe: handing over a
-//! build costs a write, not a process. It watches every build in one loop, waking for the
-//! nearest due build, a builder's exit (its pidfd) or a new job, and for each build
+//! Nix forks the builder only after the hook has answered, so the broker hands each admitted
+//! build to this thread ([`run`]) after replying: handing over a build costs a message, not a
+//! process. It watches every build in one loop, waking for the nearest due build, a builder's
+//! exit (its pidfd) or a new order, and for each build
 //!
 //! 1. holds the build's watcher lock (`<state dir>/leases/<admission>.lock`, with the job in it)
-//!    for as long as the build has processes: the lease lasts as long;
+//!    for as long as the build is watched, so that a broker started after this one is killed
+//!    finds the build again ([`running_builds`]);
 //! 2. finds the builder: the child of the Nix worker whose environment holds the build's
 //!    `<output>=<path>` entries (sandboxed builders are children of the worker too), every
 //!    millisecond at first; creates the build's cgroup (memory limit = the build's reservation,
 //!    CPU quota = its tier's cores) under the `nix-tier` parent and moves the builder and its
 //!    descendants in (with build users, every process of the builder's uid); processes forked
 //!    after the move are born inside. Without a cgroup it follows the builder's descendants;
-//! 3. watches the output locks: the build ends when Nix releases them and the builder is gone;
-//!    an OOM kill inside the cgroup is reported in the build's own log at once;
+//! 3. ends the lease as soon as the build's processes are gone, and the watch when Nix has also
+//!    released the output locks; an OOM kill inside the cgroup is reported in the build's own log
+//!    at once;
 //! 4. ends what the build left running (after a grace period), releases the watcher lock,
 //!    records the build (wall and CPU time, peak memory, outcome) in the history database and
 //!    removes the cgroup.
 //!
-//! It exits once the hook is gone (its pipe closed) and its last build has ended.
+//! Builds declined without a lease ([`Order::Candidate`]) are looked for among their worker's
+//! new children and, should one start, adopted into the table and watched like the rest.
 
 use std::collections::HashSet;
 use std::io::{self, Write};
@@ -38,9 +40,6 @@ use serde::{Deserialize, Serialize};
 use crate::history::{package_and_version, BuildRecord, History, Outcome};
 use crate::output_locks::HeldLocks;
 use crate::procfs;
-
-/// The argument that turns `nix-tier-hook` into a watcher.
-pub const WATCH_ARG: &str = "--watch-builds";
 
 /// The parent cgroup of all tier builds.
 pub const CGROUP_PARENT: &str = "nix-tier";
@@ -609,7 +608,7 @@ impl Drop for Watched {
 
 /// The watcher lock of one build, held (flock) until dropped; the file goes first, then the
 /// lock. It holds this process's pid (for [`HeldLocks::holds_watcher_lock`]) and the build's
-/// job (for [`running_leases`]).
+/// job (for [`running_builds`]).
 pub struct WatcherLock {
     path: PathBuf,
     _file: std::fs::File,

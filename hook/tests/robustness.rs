@@ -144,6 +144,17 @@ fn ask_holding_lock(setup: &Setup, hook: &mut Hook, name: &str) -> (Vec<String>,
     (said, lock)
 }
 
+/// `nix-tier status --json` for `setup`'s state directory; `None` if it does not answer JSON.
+fn status(setup: &Setup) -> Option<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nix-tier"))
+        .args(["status", "--json"])
+        .env("NIX_TIER_STATE_DIR", setup.state())
+        .env("NIX_TIER_PROFILE", setup.profile())
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
 /// The pid of the broker of `setup`, from its lock file.
 fn broker_pid(setup: &Setup) -> i32 {
     let mut pid = 0;
@@ -168,14 +179,7 @@ fn broken_broker_files_are_set_aside_and_builds_counted() {
     let (lines, _second) = ask_holding_lock(&setup, &mut setup.hook(), "second-1.0");
     assert_eq!(reply(&lines), "# postpone", "{lines:?}");
     nix_tier_tests::hook_env::wait_for("nix-tier status to show the running build", common::ANSWER_TIMEOUT, || {
-        let status = std::process::Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-            .args(["status", "--json"])
-            .env("NIX_TIER_STATE_DIR", setup.state())
-            .env("NIX_TIER_PROFILE", setup.profile())
-            .output()
-            .ok()?;
-        let status: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
-        (status["running"].as_array().map(Vec::len) == Some(1)).then_some(())
+        (status(&setup)?["running"].as_array().map(Vec::len) == Some(1)).then_some(())
     });
 }
 
@@ -243,19 +247,7 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
     let (lines, _waiting_lock) = ask_holding_lock(&setup, &mut hook, "waiting-1.0");
     assert_eq!(reply(&lines), "# postpone", "{lines:?}");
     let waiting = || {
-        let mut waiting = 0;
-        nix_tier_tests::hook_env::wait_for("nix-tier status", common::ANSWER_TIMEOUT, || {
-            let status = std::process::Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-                .args(["status", "--json"])
-                .env("NIX_TIER_STATE_DIR", setup.state())
-                .env("NIX_TIER_PROFILE", setup.profile())
-                .output()
-                .ok()?;
-            let status: serde_json::Value = serde_json::from_slice(&status.stdout).ok()?;
-            waiting = status["waiting"].as_array()?.len();
-            Some(())
-        });
-        waiting
+        nix_tier_tests::hook_env::wait_for("nix-tier status", common::ANSWER_TIMEOUT, || Some(status(&setup)?["waiting"].as_array()?.len()))
     };
     nix_tier_tests::hook_env::wait_for("the waiting build in nix-tier status", common::ANSWER_TIMEOUT, || (waiting() == 1).then_some(()));
     let broker = broker_pid(&setup);

@@ -123,19 +123,7 @@ pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, cand
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiers::{TierLimits, TierTable};
-
-    fn build() -> Build {
-        let limits = |max_jobs, memory_mib| TierLimits { max_jobs, cores: 1, memory_mib };
-        Build {
-            memory_budget_mib: 1000,
-            default_tier: Tier::Light,
-            rules: Vec::new(),
-            tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
-            mode: crate::build::Mode::Tiers,
-            caps: Vec::new(),
-        }
-    }
+    use crate::test_fixtures::build;
 
     #[test]
     fn learned_builds_are_packed_by_the_budget_unless_capped() {

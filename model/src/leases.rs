@@ -222,21 +222,9 @@ impl LeaseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tiers::{TierLimits, TierTable};
+    use crate::test_fixtures::build;
     use crate::Tier;
     use proptest::prelude::*;
-
-    fn build() -> Build {
-        let limits = |max_jobs, memory_mib| TierLimits { max_jobs, cores: 1, memory_mib };
-        Build {
-            memory_budget_mib: 1000,
-            default_tier: Tier::Light,
-            rules: Vec::new(),
-            tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
-            mode: crate::build::Mode::Tiers,
-            caps: Vec::new(),
-        }
-    }
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;

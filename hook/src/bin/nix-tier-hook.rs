@@ -140,7 +140,7 @@ fn start(settings: &protocol::Settings, verbosity: &str) -> (Option<Dispatcher>,
     }
     // The privileged step first: the parent of builds' cgroups may have to be made in a
     // root-owned 0555 directory (CAP_DAC_OVERRIDE). Then build-remote (started above, if at
-    // all) keeps what it needs for SSH; the hook and its watchers keep only what they need.
+    // all) keeps what it needs for SSH; the hook and a broker it starts keep only what they need.
     let cgroups = profile.as_ref().map(|_| {
         let mounts = nix_tier_cgroups::Mounts::read()
             .map_err(|e| nix_tier_cgroups::Unavailable::from(format!("cannot read /proc/self/mountinfo: {e}")))?;

@@ -148,7 +148,7 @@ impl Board {
         let now = state::now_ms();
         let ttl_ms = (3 * hello.poll_interval_secs.max(1) + 2) * 1000;
         let job = &request.job;
-        let table_request = Request {
+        let mut table_request = Request {
             worker: hello.worker_pid,
             worker_max_jobs: hello.max_jobs,
             drv: job.drv.clone(),
@@ -157,7 +157,6 @@ impl Board {
             slots_freed: Vec::new(),
         };
         let mut shared = self.lock();
-        let mut table_request = table_request;
         table_request.slots_freed = shared
             .builders
             .iter()
