@@ -64,16 +64,6 @@ pub enum Answer {
     HandOver { lines: Vec<String>, relay: Relay },
 }
 
-/// How long a build of each tier is guessed to run when its package has no history,
-/// milliseconds: what orders waiting builds longest first before anything is learned.
-fn guessed_wall_ms(tier: Tier) -> u64 {
-    match tier {
-        Tier::Heavy => 30 * 60_000,
-        Tier::Medium => 5 * 60_000,
-        Tier::Light => 30_000,
-    }
-}
-
 /// One hook process: the settings of its Nix worker, the profile, its client of the broker.
 pub struct Dispatcher {
     profile: Profile,
@@ -226,7 +216,7 @@ impl Dispatcher {
             .history
             .as_ref()
             .and_then(|h| h.expected_wall_ms(package_name(&placement.name)).ok().flatten())
-            .unwrap_or_else(|| guessed_wall_ms(tier));
+            .unwrap_or_else(|| learning::guessed_wall_ms(tier));
         let outputs: Vec<(&String, &str)> =
             drv.outputs.iter().map(|(name, o)| (name, o.path.as_str())).filter(|(_, p)| !p.is_empty()).collect();
         let job = WatchJob {

@@ -386,16 +386,29 @@ impl History {
     /// How long `package`'s builds take, milliseconds: the median wall time of its newest
     /// succeeded builds (at most [`MAX_SAMPLES`]); `None` without any. One indexed query.
     pub fn expected_wall_ms(&self, package: &str) -> Result<Option<u64>, HistoryError> {
-        let sql = "SELECT wall_ms FROM builds WHERE package = ?1 AND outcome = 'succeeded'
-             ORDER BY started_unix_ms DESC LIMIT ?2";
+        self.recent_median(package, "wall_ms")
+    }
+
+    /// The CPU time `package`'s builds use, milliseconds: the median over its newest succeeded
+    /// builds whose CPU time was measured (at most [`MAX_SAMPLES`]). One indexed query.
+    pub fn expected_cpu_ms(&self, package: &str) -> Result<Option<u64>, HistoryError> {
+        self.recent_median(package, "cpu_ms")
+    }
+
+    /// The median of `column` over `package`'s newest succeeded builds that have it.
+    fn recent_median(&self, package: &str, column: &'static str) -> Result<Option<u64>, HistoryError> {
+        let sql = format!(
+            "SELECT {column} FROM builds WHERE package = ?1 AND outcome = 'succeeded' AND {column} IS NOT NULL
+             ORDER BY started_unix_ms DESC LIMIT ?2"
+        );
         let limit = i64::try_from(MAX_SAMPLES).unwrap_or(i64::MAX);
-        let mut query = self.conn.prepare_cached(sql).map_err(|e| self.sqlite(e))?;
-        let mut walls = query
+        let mut query = self.conn.prepare_cached(&sql).map_err(|e| self.sqlite(e))?;
+        let mut values = query
             .query_map(params![package, limit], |row| row.get::<_, i64>(0))
             .and_then(Iterator::collect::<Result<Vec<i64>, _>>)
             .map_err(|e| self.sqlite(e))?;
-        walls.sort_unstable();
-        walls.get(walls.len() / 2).map(|w| self.unsigned("wall_ms", *w)).transpose()
+        values.sort_unstable();
+        values.get(values.len() / 2).map(|v| self.unsigned(column, *v)).transpose()
     }
 
     fn unsigned(&self, column: &str, value: i64) -> Result<u64, HistoryError> {

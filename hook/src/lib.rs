@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod history;
 pub mod nix_version;
 pub mod output_locks;
+pub mod plan;
 pub mod privileges;
 pub mod procfs;
 pub mod protocol;

@@ -29,6 +29,7 @@ enum Command {
     Status(cli::status::Args),
     Explain(cli::explain::Args),
     History(cli::history::Args),
+    Simulate(cli::simulate::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status::run(&args),
         Command::Explain(args) => cli::explain::run(&args),
         Command::History(args) => cli::history::run(&args),
+        Command::Simulate(args) => cli::simulate::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -47,6 +47,8 @@
 
 use std::fmt;
 
+use crate::Tier;
+
 /// Fewest peaks from which a reservation is learned.
 pub const MIN_SAMPLES: usize = 1;
 
@@ -64,6 +66,16 @@ pub const MARGIN_DEN: u64 = 4;
 
 /// The smallest learned reservation, MiB (unless the tier's figure is smaller still).
 pub const FLOOR_MIB: u64 = 64;
+
+/// How long a build of `tier` is guessed to run when its package has no history,
+/// milliseconds: what orders waiting builds longest first before anything is learned.
+pub fn guessed_wall_ms(tier: Tier) -> u64 {
+    match tier {
+        Tier::Heavy => 30 * 60_000,
+        Tier::Medium => 5 * 60_000,
+        Tier::Light => 30_000,
+    }
+}
 
 /// The memory a build reserves and where the figure comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -93,6 +93,13 @@ pub struct Waiter {
     pub reason: WaitReason,
 }
 
+/// How long a waiting build is remembered without asking again, milliseconds, for a Nix
+/// worker whose `build-poll-interval` is `poll_interval_secs`: three of its retries (at least a
+/// second apart, as Nix retries at least every second) and two seconds of slack.
+pub fn waiter_ttl_ms(poll_interval_secs: u64) -> u64 {
+    (3 * poll_interval_secs.max(1) + 2) * 1000
+}
+
 /// The leases and waiting builds of one machine.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseTable {

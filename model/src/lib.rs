@@ -20,6 +20,7 @@ pub mod leases;
 pub mod learning;
 pub mod optimize;
 pub mod profile;
+pub mod simulate;
 pub mod tiers;
 
 #[cfg(test)]

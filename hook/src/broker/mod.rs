@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix_tier_model::admission::{Claim, WaitReason};
-use nix_tier_model::leases::{Decision, LeaseId, LeaseTable, Request};
+use nix_tier_model::leases::{self, Decision, LeaseId, LeaseTable, Request};
 use nix_tier_model::Build;
 use serde::{Deserialize, Serialize};
 
@@ -146,7 +146,7 @@ impl Board {
     /// watcher.
     fn decide(&self, hello: &Hello, mut request: TryBuild) -> (FromBroker, Option<Order>) {
         let now = state::now_ms();
-        let ttl_ms = (3 * hello.poll_interval_secs.max(1) + 2) * 1000;
+        let ttl_ms = leases::waiter_ttl_ms(hello.poll_interval_secs);
         let job = &request.job;
         let mut table_request = Request {
             worker: hello.worker_pid,

@@ -1,0 +1,617 @@
+//! Predicting a build run: the runtime's own admission policy ([`LeaseTable`]) over a DAG of
+//! builds in simulated time, on a described machine.
+//!
+//! # The model
+//!
+//! One Nix worker builds every job of a DAG (as `nix-store --realise --keep-going` does):
+//!
+//! * **Nix's side.** A job is *ready* once its dependencies are built. At each wake-up Nix goes
+//!   through its ready goals in the order of their keys (Nix orders goals by derivation name),
+//!   and stops at the first that finds its `max-jobs` slots all taken. Each goal asks the hook
+//!   ([`Nix::try_ms`] each), and an admitted build starts after [`Nix::start_ms`] (forking the
+//!   builder, setting up its sandbox; one after another within a wake-up). A build that ended
+//!   frees its slot and makes its dependents ready [`Nix::finish_ms`] later (registering its
+//!   outputs), and wakes Nix. A postponed goal asks again at every wake-up when
+//!   `build-poll-interval` is 0, and at least once a second; otherwise only when the interval's
+//!   timer fires.
+//! * **The hook's side** is [`LeaseTable::decide`] with the profile's [`Build`] section,
+//!   exactly as the broker calls it: the claim is the job's tier and its reservation
+//!   ([`learning::reservation`] of the peaks its history has, else the tier's `memoryMiB`), the
+//!   expected duration its history's (else [`learning::guessed_wall_ms`]). A lease ends when
+//!   its builder exits.
+//! * **The machine.** A running build holds its peak memory for its whole run. With the hook,
+//!   a build whose peak exceeds its reservation is killed at its cgroup's limit (counted at the
+//!   end of its run: real builds reach their peaks late). When the builds together hold more
+//!   than the machine's memory, the kernel's OOM killer ends the largest. A failed build's
+//!   dependents are never built.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::admission::Claim;
+use crate::leases::{self, Decision, LeaseId, LeaseTable, Request};
+use crate::learning::{self, ReservationSource};
+use crate::{Build, Tier};
+
+/// One build of the DAG.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Its derivation name (Nix orders its goals by it).
+    pub name: String,
+    /// Its tier.
+    pub tier: Tier,
+    /// How long it runs, milliseconds.
+    pub wall_ms: u64,
+    /// Its memory peak, MiB.
+    pub peak_mib: u64,
+    /// The CPU time it uses, milliseconds, when known.
+    pub cpu_ms: Option<u64>,
+    /// What the runtime knows of its package from the history, if anything.
+    pub known: Option<Known>,
+    /// The jobs it needs built first, as indices of earlier jobs.
+    pub deps: Vec<usize>,
+}
+
+/// What the history says of a job's package, as the runtime reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// Its expected duration, milliseconds (`History::expected_wall_ms`).
+    pub expected_ms: u64,
+    /// The peaks its reservation is learned from, newest first (`History::learning_peaks`).
+    pub peaks_mib: Vec<u64>,
+}
+
+/// The machine and the Nix that builds on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setup {
+    /// Hardware threads, for the CPU utilisation.
+    pub threads: u32,
+    /// Memory the builds may use before the kernel's OOM killer strikes, MiB.
+    pub memory_mib: u64,
+    /// How Nix runs builds.
+    pub nix: Nix,
+    /// The profile's build section when nix-tier-hook admits the builds; `None` for Nix alone.
+    pub hook: Option<Build>,
+}
+
+/// Nix's settings and its own costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nix {
+    /// `max-jobs`.
+    pub max_jobs: u32,
+    /// `build-poll-interval`, seconds.
+    pub poll_interval_secs: u64,
+    /// Time one `try` of the hook takes, milliseconds.
+    pub try_ms: u64,
+    /// From the decision to start a build to its builder running, milliseconds.
+    pub start_ms: u64,
+    /// From a builder's exit to its slot being free and its dependents ready, milliseconds.
+    pub finish_ms: u64,
+}
+
+impl Nix {
+    /// Nix with `max_jobs` and `build-poll-interval = 0` (docs/hook.md), with the costs measured
+    /// by bench/scheduling on a two-core machine.
+    pub fn with_max_jobs(max_jobs: u32) -> Nix {
+        Nix { max_jobs, poll_interval_secs: 0, try_ms: 1, start_ms: 5, finish_ms: 5 }
+    }
+}
+
+/// How a job's build ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It succeeded.
+    Built,
+    /// Its peak exceeded its reservation: the hook's cgroup limit killed it.
+    OverLimit,
+    /// The builds together exceeded the machine's memory and the kernel killed this one.
+    OomKilled,
+    /// A dependency failed: it never started.
+    NotBuilt,
+}
+
+/// One job's run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Run {
+    /// When its dependencies were all built, milliseconds.
+    pub ready_ms: Option<u64>,
+    /// When its builder started.
+    pub start_ms: Option<u64>,
+    /// When its builder ended.
+    pub end_ms: Option<u64>,
+    /// The memory the hook reserved for it, MiB (with the hook).
+    #[serde(rename = "reservedMiB")]
+    pub reserved_mib: Option<u64>,
+    /// Whether that reservation was learned.
+    pub learned: bool,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl Run {
+    /// How long it was ready and not started, milliseconds.
+    pub fn waited_ms(&self) -> Option<u64> {
+        Some(self.start_ms?.saturating_sub(self.ready_ms?))
+    }
+}
+
+/// The waits of one tier's builds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TierWaits {
+    /// Builds of the tier that started.
+    pub builds: u32,
+    /// Of those, the ones that waited more than a second.
+    pub waited: u32,
+    /// Their waits together, milliseconds.
+    pub total_ms: u64,
+    /// The longest wait, milliseconds.
+    pub longest_ms: u64,
+}
+
+/// The predicted run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Prediction {
+    /// Each job's run, in the order of the jobs.
+    pub runs: Vec<Run>,
+    /// From the start until Nix is done, milliseconds.
+    pub makespan_ms: u64,
+    /// Most builds running at once.
+    pub most_at_once: u32,
+    /// The largest memory the builds held at once, MiB.
+    #[serde(rename = "peakMemoryMiB")]
+    pub peak_memory_mib: u64,
+    /// The largest memory the hook reserved at once, MiB.
+    #[serde(rename = "peakReservedMiB")]
+    pub peak_reserved_mib: u64,
+    /// The memory the builds may hold: the hook's budget, else the machine's memory, MiB.
+    #[serde(rename = "memoryBudgetMiB")]
+    pub memory_budget_mib: u64,
+    /// The memory held on average over the makespan, as a fraction of the budget.
+    pub memory_utilisation: f64,
+    /// The CPU time used over the makespan, as a fraction of the threads, when every built
+    /// job's CPU time is known.
+    pub cpu_utilisation: Option<f64>,
+    /// The waits per tier.
+    pub waits: BTreeMap<Tier, TierWaits>,
+}
+
+impl Prediction {
+    /// How many jobs ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> usize {
+        self.runs.iter().filter(|r| r.outcome == outcome).count()
+    }
+}
+
+/// A DAG the simulation cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SimulateError {
+    /// A dependency is not an earlier job.
+    #[error("job {job} (\"{name}\") depends on job {dep}, which is not listed before it; list every build after its dependencies")]
+    DependencyOrder {
+        /// The job's index.
+        job: usize,
+        /// Its name.
+        name: String,
+        /// The dependency's index.
+        dep: usize,
+    },
+    /// `max-jobs = 0`: Nix could build nothing locally.
+    #[error("max-jobs is 0: Nix would build nothing locally; give at least 1")]
+    NoJobs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// Nix runs its ready goals; `timer` when the poll timer fired.
+    Wake { timer: bool },
+    /// A builder starts.
+    Start(usize),
+    /// A builder exits (ignored when the OOM killer ended it first).
+    Exit(usize),
+    /// Nix has seen a builder's exit: its slot is free, its dependents ready if it succeeded.
+    Finish(usize),
+}
+
+/// The one Nix worker the simulation builds with.
+const WORKER: u32 = 1;
+
+/// Runs `jobs` on `setup`; see the [module docs](self) for the model.
+pub fn simulate(jobs: &[Job], setup: &Setup) -> Result<Prediction, SimulateError> {
+    if setup.nix.max_jobs == 0 {
+        return Err(SimulateError::NoJobs);
+    }
+    for (index, job) in jobs.iter().enumerate() {
+        if let Some(&dep) = job.deps.iter().find(|&&d| d >= index) {
+            return Err(SimulateError::DependencyOrder { job: index, name: job.name.clone(), dep });
+        }
+    }
+    Ok(Simulation::new(jobs, setup).run())
+}
+
+struct Simulation<'a> {
+    jobs: &'a [Job],
+    setup: &'a Setup,
+    runs: Vec<Run>,
+    /// Keys of the jobs as the table knows them.
+    keys: Vec<String>,
+    dependents: Vec<Vec<usize>>,
+    missing_deps: Vec<usize>,
+    /// Ready goals not started, in Nix's order: (name, index).
+    ready: BTreeSet<(&'a str, usize)>,
+    postponed: BTreeSet<usize>,
+    leases: BTreeMap<usize, LeaseId>,
+    running: BTreeSet<usize>,
+    /// Builds Nix counts against `max-jobs`: started or starting, not yet finished.
+    local_builds: u32,
+    table: LeaseTable,
+    events: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    sequence: u64,
+    /// The memory held and reserved now, and when it last changed, for the averages.
+    held_mib: u64,
+    held_area: u128,
+    held_since: u64,
+    peak_held: u64,
+    peak_reserved: u64,
+    most_at_once: u32,
+    timer_pending: bool,
+    now: u64,
+}
+
+impl<'a> Simulation<'a> {
+    fn new(jobs: &'a [Job], setup: &'a Setup) -> Simulation<'a> {
+        let mut dependents = vec![Vec::new(); jobs.len()];
+        for (index, job) in jobs.iter().enumerate() {
+            for &dep in &job.deps {
+                dependents[dep].push(index);
+            }
+        }
+        let runs = jobs
+            .iter()
+            .map(|_| Run { ready_ms: None, start_ms: None, end_ms: None, reserved_mib: None, learned: false, outcome: Outcome::NotBuilt })
+            .collect();
+        Simulation {
+            jobs,
+            setup,
+            runs,
+            keys: (0..jobs.len()).map(|i| i.to_string()).collect(),
+            dependents,
+            missing_deps: jobs.iter().map(|j| j.deps.iter().collect::<BTreeSet<_>>().len()).collect(),
+            ready: BTreeSet::new(),
+            postponed: BTreeSet::new(),
+            leases: BTreeMap::new(),
+            running: BTreeSet::new(),
+            local_builds: 0,
+            table: LeaseTable::new(),
+            events: BinaryHeap::new(),
+            sequence: 0,
+            held_mib: 0,
+            held_area: 0,
+            held_since: 0,
+            peak_held: 0,
+            peak_reserved: 0,
+            most_at_once: 0,
+            timer_pending: false,
+            now: 0,
+        }
+    }
+
+    fn at(&mut self, time: u64, event: Event) {
+        self.sequence += 1;
+        self.events.push(Reverse((time, self.sequence, event)));
+    }
+
+    fn run(mut self) -> Prediction {
+        for index in 0..self.jobs.len() {
+            if self.missing_deps[index] == 0 {
+                self.make_ready(index);
+            }
+        }
+        self.at(0, Event::Wake { timer: false });
+        let mut done = 0;
+        while let Some(Reverse((time, _, event))) = self.events.pop() {
+            self.now = time;
+            match event {
+                Event::Wake { timer } => self.wake(timer),
+                Event::Start(job) => self.start(job),
+                Event::Exit(job) => self.exit(job),
+                Event::Finish(job) => {
+                    done = time;
+                    self.finish(job);
+                }
+            }
+        }
+        self.prediction(done)
+    }
+
+    fn make_ready(&mut self, index: usize) {
+        self.runs[index].ready_ms = Some(self.now);
+        self.ready.insert((self.jobs[index].name.as_str(), index));
+    }
+
+    /// Nix's worker loop over its ready goals.
+    fn wake(&mut self, timer: bool) {
+        if timer {
+            self.timer_pending = false;
+        }
+        let (setup, jobs): (&'a Setup, &'a [Job]) = (self.setup, self.jobs);
+        let nix = &setup.nix;
+        let retry_postponed = timer || nix.poll_interval_secs == 0;
+        let mut cursor = self.now;
+        let goals: Vec<(&'a str, usize)> = self.ready.iter().copied().collect();
+        for (name, index) in goals {
+            if self.local_builds >= nix.max_jobs {
+                break;
+            }
+            if self.postponed.contains(&index) && !retry_postponed {
+                continue;
+            }
+            if let Some(build) = &setup.hook {
+                cursor += nix.try_ms;
+                let job = &jobs[index];
+                let tier_mib = build.tiers.get(job.tier).memory_mib;
+                let peaks = job.known.as_ref().map_or(&[][..], |k| &k.peaks_mib[..]);
+                let reservation = learning::reservation(peaks, tier_mib);
+                let learned = matches!(reservation.source, ReservationSource::Learned { .. });
+                let request = Request {
+                    worker: WORKER,
+                    worker_max_jobs: nix.max_jobs,
+                    drv: self.keys[index].clone(),
+                    claim: Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned },
+                    expected_ms: job.known.as_ref().map_or_else(|| learning::guessed_wall_ms(job.tier), |k| k.expected_ms),
+                    slots_freed: Vec::new(),
+                };
+                let ttl = leases::waiter_ttl_ms(nix.poll_interval_secs);
+                match self.table.decide(build, &request, cursor, ttl) {
+                    Decision::Admit(lease) => {
+                        self.leases.insert(index, lease);
+                        self.runs[index].reserved_mib = Some(reservation.memory_mib);
+                        self.runs[index].learned = learned;
+                        let reserved = self.table.leases().iter().map(|l| l.claim.memory_mib).sum();
+                        self.peak_reserved = self.peak_reserved.max(reserved);
+                    }
+                    Decision::Wait(_) => {
+                        self.postponed.insert(index);
+                        continue;
+                    }
+                    Decision::WorkerFull => break,
+                }
+            }
+            self.ready.remove(&(name, index));
+            self.postponed.remove(&index);
+            self.local_builds += 1;
+            cursor += nix.start_ms;
+            self.at(cursor, Event::Start(index));
+        }
+        if !self.postponed.is_empty() && !self.timer_pending {
+            // Nix's timer: the poll interval, or its idle wake-up every second at interval 0.
+            let period = nix.poll_interval_secs.max(1) * 1000;
+            self.timer_pending = true;
+            self.at((self.now / period + 1) * period, Event::Wake { timer: true });
+        }
+    }
+
+    fn account_memory(&mut self) {
+        self.held_area += u128::from(self.held_mib) * u128::from(self.now - self.held_since);
+        self.held_since = self.now;
+    }
+
+    fn start(&mut self, index: usize) {
+        let job = &self.jobs[index];
+        self.account_memory();
+        self.runs[index].start_ms = Some(self.now);
+        self.running.insert(index);
+        self.held_mib += job.peak_mib;
+        self.most_at_once = self.most_at_once.max(self.running.len() as u32);
+        self.at(self.now + job.wall_ms, Event::Exit(index));
+        // The OOM killer ends the largest builds (the newest of equals) until the rest fit.
+        while self.held_mib > self.setup.memory_mib {
+            let Some(&largest) = self.running.iter().max_by_key(|&&i| (self.jobs[i].peak_mib, self.runs[i].start_ms, i)) else { break };
+            self.peak_held = self.peak_held.max(self.held_mib);
+            self.end_run(largest, Outcome::OomKilled);
+        }
+        self.peak_held = self.peak_held.max(self.held_mib);
+    }
+
+    fn exit(&mut self, index: usize) {
+        if !self.running.contains(&index) {
+            return; // killed earlier
+        }
+        let job = &self.jobs[index];
+        let over_limit = self.runs[index].reserved_mib.is_some_and(|limit| job.peak_mib > limit);
+        self.end_run(index, if over_limit { Outcome::OverLimit } else { Outcome::Built });
+    }
+
+    /// A builder is gone: its memory and its lease end now; Nix sees it `finish_ms` later.
+    fn end_run(&mut self, index: usize, outcome: Outcome) {
+        self.account_memory();
+        self.running.remove(&index);
+        self.held_mib -= self.jobs[index].peak_mib;
+        self.runs[index].end_ms = Some(self.now);
+        self.runs[index].outcome = outcome;
+        if let Some(lease) = self.leases.remove(&index) {
+            self.table.end(lease);
+        }
+        self.at(self.now + self.setup.nix.finish_ms, Event::Finish(index));
+    }
+
+    fn finish(&mut self, index: usize) {
+        self.local_builds -= 1;
+        if self.runs[index].outcome == Outcome::Built {
+            for d in 0..self.dependents[index].len() {
+                let dependent = self.dependents[index][d];
+                self.missing_deps[dependent] -= 1;
+                if self.missing_deps[dependent] == 0 {
+                    self.make_ready(dependent);
+                }
+            }
+        }
+        self.at(self.now, Event::Wake { timer: false });
+    }
+
+    fn prediction(mut self, makespan_ms: u64) -> Prediction {
+        self.now = makespan_ms.max(self.held_since);
+        self.account_memory();
+        let budget = self.setup.hook.as_ref().map_or(self.setup.memory_mib, |b| b.memory_budget_mib);
+        let span = makespan_ms.max(1);
+        let memory_utilisation = self.held_area as f64 / (span as f64 * budget.max(1) as f64);
+        let built = || self.jobs.iter().zip(&self.runs).filter(|(_, r)| r.start_ms.is_some());
+        let cpu_utilisation = built().map(|(j, _)| j.cpu_ms).sum::<Option<u64>>().map(|cpu| {
+            cpu as f64 / (span as f64 * f64::from(self.setup.threads.max(1)))
+        });
+        let mut waits: BTreeMap<Tier, TierWaits> = BTreeMap::new();
+        for (job, run) in built() {
+            let entry = waits.entry(job.tier).or_default();
+            let waited = run.waited_ms().unwrap_or(0);
+            entry.builds += 1;
+            entry.waited += u32::from(waited > 1000);
+            entry.total_ms += waited;
+            entry.longest_ms = entry.longest_ms.max(waited);
+        }
+        Prediction {
+            makespan_ms,
+            most_at_once: self.most_at_once,
+            peak_memory_mib: self.peak_held,
+            peak_reserved_mib: self.peak_reserved,
+            memory_budget_mib: budget,
+            memory_utilisation,
+            cpu_utilisation,
+            waits,
+            runs: self.runs,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Built => "built",
+            Outcome::OverLimit => "killed at its memory limit",
+            Outcome::OomKilled => "killed by the OOM killer",
+            Outcome::NotBuilt => "not built",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::build::Mode;
+    use crate::test_fixtures::build;
+
+    fn job(name: &str, tier: Tier, secs: u64, peak_mib: u64, deps: &[usize]) -> Job {
+        Job { name: name.into(), tier, wall_ms: secs * 1000, peak_mib, cpu_ms: None, known: None, deps: deps.to_vec() }
+    }
+
+    fn known(mut job: Job) -> Job {
+        job.known = Some(Known { expected_ms: job.wall_ms, peaks_mib: vec![job.peak_mib] });
+        job
+    }
+
+    /// Nix without costs of its own, so that makespans can be worked out by hand.
+    fn setup(max_jobs: u32, poll_interval_secs: u64, hook: Option<Build>) -> Setup {
+        let nix = Nix { max_jobs, poll_interval_secs, try_ms: 0, start_ms: 0, finish_ms: 0 };
+        Setup { threads: 2, memory_mib: 4000, nix, hook }
+    }
+
+    fn starts(prediction: &Prediction) -> Vec<u64> {
+        prediction.runs.iter().map(|r| r.start_ms.unwrap_or(u64::MAX) / 1000).collect()
+    }
+
+    #[test]
+    fn nix_alone_meets_the_critical_path() {
+        // a (4 s) and b (2 s) before c (3 s); d (5 s) on its own; two slots. b ends at 2 and d
+        // takes its slot; c starts when a ends at 4: 7 s, the chain a → c.
+        let jobs = [
+            job("a", Tier::Light, 4, 10, &[]),
+            job("b", Tier::Light, 2, 10, &[]),
+            job("c", Tier::Light, 3, 10, &[0, 1]),
+            job("d", Tier::Light, 5, 10, &[]),
+        ];
+        let p = simulate(&jobs, &setup(2, 0, None)).unwrap();
+        assert_eq!(p.makespan_ms, 7000);
+        assert_eq!(starts(&p), [0, 0, 4, 2]);
+        assert_eq!(p.most_at_once, 2);
+        assert_eq!(p.waits[&Tier::Light].total_ms, 2000, "d waited for b's slot");
+    }
+
+    #[test]
+    fn the_budget_serialises_what_the_oom_killer_would_end() {
+        // Two 600 MiB builds of 10 s and a dependent of the second, on 1000 MiB.
+        let jobs = [job("x", Tier::Medium, 10, 600, &[]), job("y", Tier::Medium, 10, 600, &[]), job("z", Tier::Light, 1, 10, &[1])];
+        let mut alone = setup(2, 0, None);
+        alone.memory_mib = 1000;
+        let p = simulate(&jobs, &alone).unwrap();
+        assert_eq!(p.count(Outcome::OomKilled), 1);
+        assert_eq!(p.runs[1].outcome, Outcome::OomKilled, "the largest, newest on a tie, is killed");
+        assert_eq!(p.runs[2].outcome, Outcome::NotBuilt);
+
+        let mut hook = build();
+        hook.tiers.medium.memory_mib = 600;
+        let p = simulate(&jobs, &Setup { memory_mib: 1000, ..setup(2, 0, Some(hook)) }).unwrap();
+        assert_eq!(p.count(Outcome::Built), 3);
+        assert_eq!(p.makespan_ms, 21_000);
+        assert_eq!(p.peak_reserved_mib, 600);
+    }
+
+    #[test]
+    fn a_postponed_build_waits_for_the_poll_timer_unless_the_interval_is_0() {
+        // Two heavy builds of 1 s, one heavy job slot.
+        let jobs = [job("h1", Tier::Heavy, 1, 10, &[]), job("h2", Tier::Heavy, 1, 10, &[])];
+        let at_5 = simulate(&jobs, &setup(4, 5, Some(build()))).unwrap();
+        assert_eq!(starts(&at_5), [0, 5]);
+        assert_eq!(at_5.makespan_ms, 6000);
+        let at_0 = simulate(&jobs, &setup(4, 0, Some(build()))).unwrap();
+        assert_eq!(at_0.makespan_ms, 2000);
+    }
+
+    #[test]
+    fn a_longer_waiting_build_goes_first() {
+        // One build at a time (each reserves 600 of 1000 MiB). While "0-first" runs, "a-short"
+        // and "b-long" both ask and wait; when it ends, "a-short" asks first in Nix's order but
+        // "b-long" is expected to take longer and starts first.
+        let jobs = [
+            known(job("0-first", Tier::Medium, 2, 100, &[])),
+            known(job("a-short", Tier::Medium, 1, 100, &[])),
+            known(job("b-long", Tier::Medium, 10, 100, &[])),
+        ];
+        let mut hook = build();
+        hook.tiers.medium = crate::TierLimits { max_jobs: 1, cores: 1, memory_mib: 600 };
+        let p = simulate(&jobs, &setup(4, 0, Some(hook))).unwrap();
+        assert_eq!(starts(&p), [0, 12, 2]);
+        assert_eq!(p.makespan_ms, 13_000);
+    }
+
+    #[test]
+    fn learned_reservations_pack_what_tier_limits_keep_apart() {
+        let jobs = [known(job("h1", Tier::Heavy, 10, 100, &[])), known(job("h2", Tier::Heavy, 10, 100, &[]))];
+        let mut learned = build();
+        learned.mode = Mode::Learned;
+        let p = simulate(&jobs, &setup(4, 0, Some(learned.clone()))).unwrap();
+        assert_eq!(p.makespan_ms, 10_000);
+        assert_eq!(p.runs[0].reserved_mib, Some(125), "p95 × 1.25");
+        learned.caps = vec![Tier::Heavy];
+        assert_eq!(simulate(&jobs, &setup(4, 0, Some(learned))).unwrap().makespan_ms, 20_000);
+    }
+
+    #[test]
+    fn a_build_over_its_learned_reservation_is_killed_at_its_limit() {
+        let mut grown = known(job("grows", Tier::Light, 1, 80, &[]));
+        grown.peak_mib = 200;
+        let p = simulate(&[grown], &setup(1, 0, Some(build()))).unwrap();
+        assert_eq!(p.runs[0].outcome, Outcome::OverLimit);
+    }
+
+    #[test]
+    fn dependencies_must_come_first() {
+        let jobs = [job("a", Tier::Light, 1, 1, &[1]), job("b", Tier::Light, 1, 1, &[])];
+        let error = simulate(&jobs, &setup(1, 0, None)).unwrap_err();
+        assert!(error.to_string().contains("\"a\") depends on job 1"), "{error}");
+    }
+}
