@@ -6,6 +6,8 @@ Subcommands (all output JSON on stdout unless said otherwise):
   scheduling-spec MS_PER_MIN MIB_PER_GB   the seed-shaped DAG (ADR-028), scaled
   slot-reuse-spec N                        N heavy builds without dependencies
   dispatch-spec N                          N trivial /bin/sh derivations in a DAG (for dag-sh.nix)
+  with-touch-cost SPEC MS_PER_MIB          SPEC for `nix-tier simulate`: each build's time to touch
+                                           its memory added to its time and as its CPU time
   analyze SPEC RUN_DIR BUDGET_MIB TIERS_JSON   one run of a DAG (see analyze())
   table SPEC RESULT...                     the comparison table of bench/scheduling (text)
   gaps RUN_DIR                             heavy-to-heavy gaps of one bench/slot-reuse run
@@ -117,6 +119,17 @@ def dispatch_spec(n):
     top = "top"
     builds.append({"name": top, "tier": "light", "ms": 0, "mib": 0, "deps": [b["name"] for b in builds]})
     return {"scale": None, "top": top, "builds": builds}
+
+
+def with_touch_cost(spec, ms_per_mib):
+    """The spec as `nix-tier simulate` should see it: the test builder writes every page it holds
+    before it sleeps, so a build runs its sleep plus the time to touch its memory, and that time
+    is CPU time."""
+    for b in spec["builds"]:
+        touch = int(round(b["mib"] * ms_per_mib))
+        b["ms"] += touch
+        b["cpuMs"] = touch
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +297,13 @@ def analyze(spec, run_dir, budget_mib, tiers):
         "historyPeakBelowHeld": under,
         "bounds": bounds(spec, budget_mib, tiers),
     }
+    prediction = json.loads(read_file(os.path.join(run_dir, "prediction.json"), "null") or "null")
+    if prediction:
+        p = prediction["prediction"]
+        result["predictedMs"] = p["makespanMs"]
+        result["predictionError"] = (p["makespanMs"] - result["makespanMs"]) / result["makespanMs"]
+        result["predictedOomKills"] = sum(1 for r in p["runs"] if r["outcome"] == "oom-killed")
+        result["predictedNotBuilt"] = sum(1 for r in p["runs"] if r["outcome"] == "not-built")
     oom = [v for v in (result["oomKillsKernelLog"], result["oomKillsCgroup"]) if v is not None]
     result["oomKills"] = max(oom + [result["oomKillsHistory"]])
     result["killedNotByOom"] = max(0, result["killedBySignal9"] - result["oomKills"])
@@ -320,7 +340,7 @@ def table(spec, results):
         lines.append(f"lower bound under the seed's tiers: {fmt_s(tb['tiersMs'])} s = max(chain, reservations x time / budget "
                      f"{fmt_s(tb['reservedMemoryMs'])} s, time per tier / maxJobs: {per}{serial})")
     lines.append("")
-    head = ["config", "makespan s", "(a)/this", "this/bound", "this/tier bound", "peak MiB", "held MiB", "at once",
+    head = ["config", "makespan s", "predicted s", "error", "(a)/this", "this/bound", "this/tier bound", "peak MiB", "held MiB", "at once",
             "OOM kills", "failed", "not built"]
     rows = []
     for r in results:
@@ -329,6 +349,8 @@ def table(spec, results):
         rows.append([
             r["label"],
             fmt_s(r["makespanMs"]) + ("*" if r["succeeded"] < r["builds"] else ""),
+            fmt_s(r["predictedMs"]) if "predictedMs" in r else "",
+            f"{100 * r['predictionError']:+.1f} %" if "predictedMs" in r else "",
             f"{base['makespanMs'] / r['makespanMs']:.2f}",
             f"{r['makespanMs'] / b['physicalMs']:.2f}",
             f"{r['makespanMs'] / r['bounds']['tiersMs']:.2f} of {fmt_s(r['bounds']['tiersMs'])}" if r["hook"] else "",
@@ -349,6 +371,7 @@ def table(spec, results):
     lines.append("failed: builders that started and never finished (killed or failed); not built: never started (a dependency failed).")
     if any(r["succeeded"] < r["builds"] for r in results):
         lines.append("*: the build did not complete (failed builds, and everything depending on them never built).")
+    lines.append("predicted: `nix-tier simulate` before the build; error: (predicted - measured) / measured.")
     lines.append("bound: the lower bound any scheduler faces; tier bound: the one a scheduler obeying that row's tiers faces.")
     for r in results:
         if r.get("tierLimits"):
@@ -358,6 +381,9 @@ def table(spec, results):
                          + ", ".join(f"{t} {r['tierPeaks'].get(t, 0)}/{m}" for t, m in r["tierLimits"].items())
                          + ((" (learned mode: maxJobs holds only builds without history)" if "learned mode" in r["label"]
                              else f" -- TIER LIMIT EXCEEDED: {'; '.join(over)}") if over else ""))
+        if "predictedMs" in r and (r["predictedOomKills"] or r["oomKills"]):
+            lines.append(f"{r['label']}: predicted {r['predictedOomKills']} OOM kills and {r['predictedNotBuilt']} builds never "
+                         f"started; measured {r['oomKills']} and {r['builds'] - r['succeeded'] - len(r['killedOrFailed'])}")
         for e in r.get("builderErrors", [])[:3]:
             lines.append(f"{r['label']}: {e}")
         if r.get("killedNotByOom"):
@@ -383,6 +409,11 @@ def verdicts(results):
         ok = ratio <= 1.3 and e["oomKills"] == 0 and not e["killedOrFailed"]
         out.append(f"(e) learned mode within 1.3x of the lower bound, 0 OOM kills: {'met' if ok else 'MISSED'} "
                    f"({ratio:.2f}x, {e['oomKills']} OOM kills, {len(e['killedOrFailed'])} failed)")
+    predicted = [r for r in results if "predictedMs" in r]
+    if predicted:
+        off = [r for r in predicted if abs(r["predictionError"]) > 0.10]
+        out.append(f"predictions within 10 % of the measured makespan: {'met' if not off else 'MISSED'} ("
+                   + ", ".join(f"{r['config']} {100 * r['predictionError']:+.1f} %" for r in predicted) + ")")
     if a is None or c is None:
         return out + ["(the other targets are checked when (a) and (c) both ran)"]
     b = c["bounds"]
@@ -408,6 +439,9 @@ def result_line(results):
         if r["hook"]:
             fields.append(f"{c}_over_tier_bound={r['makespanMs'] / r['bounds']['tiersMs']:.2f}")
         fields.append(f"{c}_oom_kills={r['oomKills']}")
+        if "predictedMs" in r:
+            fields.append(f"{c}_predicted_s={r['predictedMs'] / 1000:.1f}")
+            fields.append(f"{c}_prediction_error={r['predictionError']:+.3f}")
     return "RESULT scheduling " + " ".join(fields)
 
 
@@ -442,6 +476,8 @@ def main(argv):
         json.dump(slot_reuse_spec(int(argv[2])), sys.stdout, indent=1)
     elif cmd == "dispatch-spec":
         json.dump(dispatch_spec(int(argv[2])), sys.stdout)
+    elif cmd == "with-touch-cost":
+        json.dump(with_touch_cost(json.loads(read_file(argv[2])), float(argv[3])), sys.stdout)
     elif cmd == "analyze":
         spec = json.loads(read_file(argv[2]))
         tiers = json.loads(argv[5]) if argv[5] else None

@@ -40,7 +40,8 @@ pub enum PlanError {
 }
 
 /// A workload file, as bench/lib/workload.py writes it: `{"builds": [{"name", "tier", "ms",
-/// "mib", "deps"}]}` (other fields are ignored).
+/// "mib", "deps"}]}`, each build optionally with its CPU time `cpuMs` (other fields are
+/// ignored).
 #[derive(Deserialize)]
 struct Workload {
     builds: Vec<WorkloadBuild>,
@@ -52,6 +53,8 @@ struct WorkloadBuild {
     tier: Tier,
     ms: u64,
     mib: u64,
+    #[serde(default, rename = "cpuMs")]
+    cpu_ms: Option<u64>,
     #[serde(default)]
     deps: Vec<String>,
 }
@@ -80,7 +83,7 @@ pub fn from_workload(path: &Path, history: Option<&History>) -> Result<Vec<Job>,
     let jobs = order.iter().map(|&i| {
         let build = &workload.builds[i];
         let known = known(history, package_name(&build.name))?;
-        Ok(Job { name: build.name.clone(), tier: build.tier, wall_ms: build.ms, peak_mib: build.mib, cpu_ms: None, known, deps: deps[i].clone() })
+        Ok(Job { name: build.name.clone(), tier: build.tier, wall_ms: build.ms, peak_mib: build.mib, cpu_ms: build.cpu_ms, known, deps: deps[i].clone() })
     });
     Ok(renumber(jobs.collect::<Result<Vec<Job>, PlanError>>()?, &order))
 }

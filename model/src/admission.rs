@@ -19,7 +19,7 @@ use std::fmt;
 use crate::{Build, Tier};
 
 /// A running (or candidate) build's claim on the machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Claim {
     /// Its tier.
     pub tier: Tier,

@@ -138,7 +138,7 @@ impl LeaseTable {
         let waiting_heavy = self
             .waiting
             .iter()
-            .filter(|w| w.drv != request.drv && w.claim.tier == crate::Tier::Heavy)
+            .filter(|w| w.claim.tier == crate::Tier::Heavy && w.drv != request.drv)
             .min_by_key(|w| w.since_ms)
             .map(|w| w.claim.memory_mib);
         let mut verdict = admission::decide(build, &claims, waiting_heavy, request.claim);
@@ -199,7 +199,7 @@ impl LeaseTable {
         with_candidate.push(request.claim);
         self.waiting
             .iter()
-            .filter(|w| w.drv != request.drv && w.expected_ms > request.expected_ms)
+            .filter(|w| w.expected_ms > request.expected_ms && w.drv != request.drv)
             .filter(|w| {
                 admission::decide(build, claims, None, w.claim) == Admission::Admit
                     && admission::decide(build, &with_candidate, None, w.claim) != Admission::Admit

@@ -19,7 +19,11 @@
 //!   ([`learning::reservation`] of the peaks its history has, else the tier's `memoryMiB`), the
 //!   expected duration its history's (else [`learning::guessed_wall_ms`]). A lease ends when
 //!   its builder exits.
-//! * **The machine.** A running build holds its peak memory for its whole run. With the hook,
+//! * **The machine.** A build with a known CPU time wants `cpu_ms / wall_ms` threads on average
+//!   over its run (its parallelism). While the running builds together want more threads than
+//!   the machine has, each progresses at `threads / wanted` of its speed (the kernel shares the
+//!   CPU fairly); a build without a CPU time wants none. A running build holds its peak memory
+//!   for its whole run. With the hook,
 //!   a build whose peak exceeds its reservation is killed at its cgroup's limit (counted at the
 //!   end of its run: real builds reach their peaks late). When the builds together hold more
 //!   than the machine's memory, the kernel's OOM killer ends the largest. A failed build's
@@ -31,8 +35,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::admission::Claim;
-use crate::leases::{self, Decision, LeaseId, LeaseTable, Request};
+use crate::admission::{Claim, WaitReason};
+use crate::leases::{Decision, LeaseId, LeaseTable, Request};
 use crate::learning::{self, ReservationSource};
 use crate::{Build, Tier};
 
@@ -96,7 +100,7 @@ impl Nix {
     /// Nix with `max_jobs` and `build-poll-interval = 0` (docs/hook.md), with the costs measured
     /// by bench/scheduling on a two-core machine.
     pub fn with_max_jobs(max_jobs: u32) -> Nix {
-        Nix { max_jobs, poll_interval_secs: 0, try_ms: 1, start_ms: 5, finish_ms: 5 }
+        Nix { max_jobs, poll_interval_secs: 0, try_ms: 0, start_ms: 5, finish_ms: 5 }
     }
 }
 
@@ -213,8 +217,9 @@ enum Event {
     Wake { timer: bool },
     /// A builder starts.
     Start(usize),
-    /// A builder exits (ignored when the OOM killer ended it first).
-    Exit(usize),
+    /// A builder would exit, if its run has not been re-timed since (its `timing`) and the OOM
+    /// killer has not ended it first.
+    Exit(usize, u64),
     /// Nix has seen a builder's exit: its slot is free, its dependents ready if it succeeded.
     Finish(usize),
 }
@@ -241,13 +246,31 @@ struct Simulation<'a> {
     runs: Vec<Run>,
     /// Keys of the jobs as the table knows them.
     keys: Vec<String>,
+    /// What each job asks the hook for: its claim and expected duration (with the hook).
+    requests: Vec<(Claim, u64)>,
     dependents: Vec<Vec<usize>>,
     missing_deps: Vec<usize>,
-    /// Ready goals not started, in Nix's order: (name, index).
-    ready: BTreeSet<(&'a str, usize)>,
-    postponed: BTreeSet<usize>,
+    /// Each job's place in Nix's order of goals (by name), and the job at each place.
+    rank: Vec<usize>,
+    by_rank: Vec<usize>,
+    /// Ready goals not started, by rank.
+    ready: BTreeSet<usize>,
+    /// Per job, whether it was asked about and told to wait.
+    postponed: Vec<bool>,
+    postponed_count: usize,
     leases: BTreeMap<usize, LeaseId>,
+    /// Per tier and whether the reservation was learned: waits the table gave since the leases
+    /// last changed, by which a postponed build's retry is answered without asking.
+    known_waits: [[KnownWaits; 2]; 3],
     running: BTreeSet<usize>,
+    /// Per job, the work left (milliseconds of its run at full speed) as of `progress_at`.
+    work_left: Vec<f64>,
+    /// Per job, how many times its exit was re-timed: earlier `Exit` events are stale.
+    timing: Vec<u64>,
+    /// The speed of the running builds that want CPU (1 unless it is oversubscribed), and
+    /// since when.
+    speed: f64,
+    progress_at: u64,
     /// Builds Nix counts against `max-jobs`: started or starting, not yet finished.
     local_builds: u32,
     table: LeaseTable,
@@ -261,6 +284,12 @@ struct Simulation<'a> {
     peak_reserved: u64,
     most_at_once: u32,
     timer_pending: bool,
+    /// Whether the leases changed since the postponed builds were last all asked again (and none
+    /// admitted): until they do, asking again gets the same answers, and Nix's timer changes
+    /// nothing.
+    retry_due: bool,
+    /// Until when Nix's worker (one thread) is busy starting and finishing builds.
+    worker_busy_until: u64,
     now: u64,
 }
 
@@ -272,6 +301,12 @@ impl<'a> Simulation<'a> {
                 dependents[dep].push(index);
             }
         }
+        let mut by_rank: Vec<usize> = (0..jobs.len()).collect();
+        by_rank.sort_by(|&a, &b| jobs[a].name.cmp(&jobs[b].name).then(a.cmp(&b)));
+        let mut rank = vec![0; jobs.len()];
+        for (at, &index) in by_rank.iter().enumerate() {
+            rank[index] = at;
+        }
         let runs = jobs
             .iter()
             .map(|_| Run { ready_ms: None, start_ms: None, end_ms: None, reserved_mib: None, learned: false, outcome: Outcome::NotBuilt })
@@ -281,12 +316,21 @@ impl<'a> Simulation<'a> {
             setup,
             runs,
             keys: (0..jobs.len()).map(|i| i.to_string()).collect(),
+            requests: jobs.iter().map(|job| request(setup.hook.as_ref(), job)).collect(),
+            rank,
+            by_rank,
             dependents,
             missing_deps: jobs.iter().map(|j| j.deps.iter().collect::<BTreeSet<_>>().len()).collect(),
             ready: BTreeSet::new(),
-            postponed: BTreeSet::new(),
+            postponed: vec![false; jobs.len()],
+            postponed_count: 0,
             leases: BTreeMap::new(),
+            known_waits: Default::default(),
             running: BTreeSet::new(),
+            work_left: jobs.iter().map(|j| j.wall_ms as f64).collect(),
+            timing: vec![0; jobs.len()],
+            speed: 1.0,
+            progress_at: 0,
             local_builds: 0,
             table: LeaseTable::new(),
             events: BinaryHeap::new(),
@@ -298,6 +342,8 @@ impl<'a> Simulation<'a> {
             peak_reserved: 0,
             most_at_once: 0,
             timer_pending: false,
+            retry_due: false,
+            worker_busy_until: 0,
             now: 0,
         }
     }
@@ -320,7 +366,8 @@ impl<'a> Simulation<'a> {
             match event {
                 Event::Wake { timer } => self.wake(timer),
                 Event::Start(job) => self.start(job),
-                Event::Exit(job) => self.exit(job),
+                Event::Exit(job, timing) if timing == self.timing[job] => self.exit(job),
+                Event::Exit(..) => {}
                 Event::Finish(job) => {
                     done = time;
                     self.finish(job);
@@ -332,7 +379,7 @@ impl<'a> Simulation<'a> {
 
     fn make_ready(&mut self, index: usize) {
         self.runs[index].ready_ms = Some(self.now);
-        self.ready.insert((self.jobs[index].name.as_str(), index));
+        self.ready.insert(self.rank[index]);
     }
 
     /// Nix's worker loop over its ready goals.
@@ -340,56 +387,75 @@ impl<'a> Simulation<'a> {
         if timer {
             self.timer_pending = false;
         }
-        let (setup, jobs): (&'a Setup, &'a [Job]) = (self.setup, self.jobs);
+        let setup: &'a Setup = self.setup;
         let nix = &setup.nix;
         let retry_postponed = timer || nix.poll_interval_secs == 0;
-        let mut cursor = self.now;
-        let goals: Vec<(&'a str, usize)> = self.ready.iter().copied().collect();
-        for (name, index) in goals {
+        let mut cursor = self.now.max(self.worker_busy_until);
+        let (mut all_asked, mut admitted) = (true, false);
+        let goals: Vec<usize> = self.ready.iter().copied().collect();
+        for at in goals {
+            let index = self.by_rank[at];
             if self.local_builds >= nix.max_jobs {
+                all_asked = false;
                 break;
             }
-            if self.postponed.contains(&index) && !retry_postponed {
+            let postponed = self.postponed[index];
+            if postponed && !retry_postponed {
                 continue;
             }
             if let Some(build) = &setup.hook {
                 cursor += nix.try_ms;
-                let job = &jobs[index];
-                let tier_mib = build.tiers.get(job.tier).memory_mib;
-                let peaks = job.known.as_ref().map_or(&[][..], |k| &k.peaks_mib[..]);
-                let reservation = learning::reservation(peaks, tier_mib);
-                let learned = matches!(reservation.source, ReservationSource::Learned { .. });
+                let (claim, expected_ms) = self.requests[index];
+                if postponed && self.known_waits[tier_index(claim.tier)][usize::from(claim.learned)].cover(claim, expected_ms) {
+                    continue;
+                }
                 let request = Request {
                     worker: WORKER,
                     worker_max_jobs: nix.max_jobs,
                     drv: self.keys[index].clone(),
-                    claim: Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned },
-                    expected_ms: job.known.as_ref().map_or_else(|| learning::guessed_wall_ms(job.tier), |k| k.expected_ms),
+                    claim,
+                    expected_ms,
                     slots_freed: Vec::new(),
                 };
-                let ttl = leases::waiter_ttl_ms(nix.poll_interval_secs);
-                match self.table.decide(build, &request, cursor, ttl) {
+                // Nix asks about every postponed build at least once a second, so the table forgets
+                // none of them; answering retries without asking must not make it either.
+                match self.table.decide(build, &request, cursor, u64::MAX) {
                     Decision::Admit(lease) => {
+                        self.known_waits = Default::default();
+                        admitted = true;
                         self.leases.insert(index, lease);
-                        self.runs[index].reserved_mib = Some(reservation.memory_mib);
-                        self.runs[index].learned = learned;
+                        self.runs[index].reserved_mib = Some(claim.memory_mib);
+                        self.runs[index].learned = claim.learned;
                         let reserved = self.table.leases().iter().map(|l| l.claim.memory_mib).sum();
                         self.peak_reserved = self.peak_reserved.max(reserved);
                     }
-                    Decision::Wait(_) => {
-                        self.postponed.insert(index);
+                    Decision::Wait(reason) => {
+                        self.known_waits[tier_index(claim.tier)][usize::from(claim.learned)].add(&reason, claim, expected_ms);
+                        if !postponed {
+                            self.postponed[index] = true;
+                            self.postponed_count += 1;
+                        }
                         continue;
                     }
                     Decision::WorkerFull => break,
                 }
             }
-            self.ready.remove(&(name, index));
-            self.postponed.remove(&index);
+            self.ready.remove(&at);
+            if postponed {
+                self.postponed[index] = false;
+                self.postponed_count -= 1;
+            }
             self.local_builds += 1;
             cursor += nix.start_ms;
             self.at(cursor, Event::Start(index));
         }
-        if !self.postponed.is_empty() && !self.timer_pending {
+        self.worker_busy_until = cursor;
+        if admitted {
+            self.retry_due = true;
+        } else if retry_postponed && all_asked {
+            self.retry_due = false;
+        }
+        if self.postponed_count > 0 && self.retry_due && !self.timer_pending {
             // Nix's timer: the poll interval, or its idle wake-up every second at interval 0.
             let period = nix.poll_interval_secs.max(1) * 1000;
             self.timer_pending = true;
@@ -406,10 +472,11 @@ impl<'a> Simulation<'a> {
         let job = &self.jobs[index];
         self.account_memory();
         self.runs[index].start_ms = Some(self.now);
+        self.advance_work();
         self.running.insert(index);
         self.held_mib += job.peak_mib;
         self.most_at_once = self.most_at_once.max(self.running.len() as u32);
-        self.at(self.now + job.wall_ms, Event::Exit(index));
+        self.retime(Some(index));
         // The OOM killer ends the largest builds (the newest of equals) until the rest fit.
         while self.held_mib > self.setup.memory_mib {
             let Some(&largest) = self.running.iter().max_by_key(|&&i| (self.jobs[i].peak_mib, self.runs[i].start_ms, i)) else { break };
@@ -420,9 +487,6 @@ impl<'a> Simulation<'a> {
     }
 
     fn exit(&mut self, index: usize) {
-        if !self.running.contains(&index) {
-            return; // killed earlier
-        }
         let job = &self.jobs[index];
         let over_limit = self.runs[index].reserved_mib.is_some_and(|limit| job.peak_mib > limit);
         self.end_run(index, if over_limit { Outcome::OverLimit } else { Outcome::Built });
@@ -431,14 +495,59 @@ impl<'a> Simulation<'a> {
     /// A builder is gone: its memory and its lease end now; Nix sees it `finish_ms` later.
     fn end_run(&mut self, index: usize, outcome: Outcome) {
         self.account_memory();
+        self.advance_work();
         self.running.remove(&index);
+        self.timing[index] += 1;
+        self.retime(None);
         self.held_mib -= self.jobs[index].peak_mib;
         self.runs[index].end_ms = Some(self.now);
         self.runs[index].outcome = outcome;
         if let Some(lease) = self.leases.remove(&index) {
             self.table.end(lease);
+            self.known_waits = Default::default();
+            self.retry_due = true;
         }
-        self.at(self.now + self.setup.nix.finish_ms, Event::Finish(index));
+        // Nix's worker notices the exit and registers the outputs, one build after another.
+        self.worker_busy_until = self.now.max(self.worker_busy_until) + self.setup.nix.finish_ms;
+        self.at(self.worker_busy_until, Event::Finish(index));
+    }
+
+    /// Brings the running builds' work left up to now, at the speed they ran.
+    fn advance_work(&mut self) {
+        let elapsed = (self.now - self.progress_at) as f64;
+        for &i in &self.running {
+            self.work_left[i] = (self.work_left[i] - elapsed * self.speed_of(i)).max(0.0);
+        }
+        self.progress_at = self.now;
+    }
+
+    /// How fast build `index` progresses: builds that want CPU share it, others do not wait.
+    fn speed_of(&self, index: usize) -> f64 {
+        match parallelism(&self.jobs[index], f64::from(self.setup.threads.max(1))) > 0.0 {
+            true => self.speed,
+            false => 1.0,
+        }
+    }
+
+    /// Sets the speed of the builds that want CPU and times exits: every such build's when the
+    /// speed changed, and the `started` one's.
+    fn retime(&mut self, started: Option<usize>) {
+        let threads = f64::from(self.setup.threads.max(1));
+        let wanted: f64 = self.running.iter().map(|&i| parallelism(&self.jobs[i], threads)).sum();
+        let speed = if wanted > threads { threads / wanted } else { 1.0 };
+        let changed = (speed - self.speed).abs() > f64::EPSILON;
+        self.speed = speed;
+        let retimed: Vec<usize> = self
+            .running
+            .iter()
+            .copied()
+            .filter(|&i| Some(i) == started || (changed && parallelism(&self.jobs[i], threads) > 0.0))
+            .collect();
+        for index in retimed {
+            self.timing[index] += 1;
+            let exit = self.now + (self.work_left[index] / self.speed_of(index)).ceil() as u64;
+            self.at(exit, Event::Exit(index, self.timing[index]));
+        }
     }
 
     fn finish(&mut self, index: usize) {
@@ -485,6 +594,63 @@ impl<'a> Simulation<'a> {
             waits,
             runs: self.runs,
         }
+    }
+}
+
+/// Waits the table gave builds of one kind (tier, learned or not) while the leases stayed the
+/// same; the answers are monotone, so they answer other builds of the kind.
+#[derive(Debug, Clone, Copy, Default)]
+struct KnownWaits {
+    /// The smallest reservation the limits (tier slots, budget, a waiting heavy build) held back:
+    /// the tier is as full and the budget as short for any reservation as large.
+    limits_mib: Option<u64>,
+    /// A reservation and expected duration held back for a longer waiting build: that build
+    /// still could not start beside a reservation as large, and is longer still than any build
+    /// expected to take no longer.
+    longer_first: Option<(u64, u64)>,
+}
+
+impl KnownWaits {
+    fn add(&mut self, reason: &WaitReason, claim: Claim, expected_ms: u64) {
+        match reason {
+            WaitReason::LongerFirst { .. } => {
+                self.longer_first.get_or_insert((claim.memory_mib, expected_ms));
+            }
+            _ => self.limits_mib = Some(self.limits_mib.map_or(claim.memory_mib, |m| m.min(claim.memory_mib))),
+        }
+    }
+
+    fn cover(&self, claim: Claim, expected_ms: u64) -> bool {
+        self.limits_mib.is_some_and(|m| claim.memory_mib >= m)
+            || self.longer_first.is_some_and(|(m, e)| claim.memory_mib >= m && expected_ms <= e)
+    }
+}
+
+/// What `job` asks `hook` for: its claim (tier, and the reservation learned from its known peaks
+/// or its tier's `memoryMiB`) and its expected duration (known, else its tier's guess).
+fn request(hook: Option<&Build>, job: &Job) -> (Claim, u64) {
+    let tier_mib = hook.map_or(0, |build| build.tiers.get(job.tier).memory_mib);
+    let peaks = job.known.as_ref().map_or(&[][..], |k| &k.peaks_mib[..]);
+    let reservation = learning::reservation(peaks, tier_mib);
+    let learned = matches!(reservation.source, ReservationSource::Learned { .. });
+    let expected_ms = job.known.as_ref().map_or_else(|| learning::guessed_wall_ms(job.tier), |k| k.expected_ms);
+    (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, expected_ms)
+}
+
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Heavy => 0,
+        Tier::Medium => 1,
+        Tier::Light => 2,
+    }
+}
+
+/// The threads `job` wants on average while it runs: its CPU time over its wall time, at most
+/// the machine's `threads`; none without a CPU time.
+fn parallelism(job: &Job, threads: f64) -> f64 {
+    match job.cpu_ms {
+        Some(cpu) if job.wall_ms > 0 => (cpu as f64 / job.wall_ms as f64).min(threads),
+        _ => 0.0,
     }
 }
 
@@ -606,6 +772,27 @@ mod tests {
         grown.peak_mib = 200;
         let p = simulate(&[grown], &setup(1, 0, Some(build()))).unwrap();
         assert_eq!(p.runs[0].outcome, Outcome::OverLimit);
+    }
+
+    #[test]
+    fn builds_share_the_cpu_when_they_want_more_threads_than_the_machine_has() {
+        // Two builds of 10 s wanting 2 threads each on 2 threads run at half speed and end at
+        // 20 s; a build without a CPU time beside them is not slowed.
+        let mut jobs = [job("a", Tier::Light, 10, 1, &[]), job("b", Tier::Light, 10, 1, &[]), job("c", Tier::Light, 10, 1, &[])];
+        jobs[0].cpu_ms = Some(20_000);
+        jobs[1].cpu_ms = Some(20_000);
+        let p = simulate(&jobs, &setup(3, 0, None)).unwrap();
+        let ends: Vec<u64> = p.runs.iter().map(|r| r.end_ms.unwrap()).collect();
+        assert_eq!(ends, [20_000, 20_000, 10_000]);
+        assert_eq!(p.cpu_utilisation, None, "c's CPU time is unknown");
+        // One wanting 2 threads for 10 s, one wanting 2 threads for 4 s: half speed while both
+        // run (8 s, 4 s of work each), then full speed: 8 + 6 = 14 s.
+        jobs[1].wall_ms = 4000;
+        jobs[1].cpu_ms = Some(8000);
+        let p = simulate(&jobs[..2], &setup(2, 0, None)).unwrap();
+        assert_eq!(p.makespan_ms, 14_000);
+        assert_eq!(p.runs[1].end_ms, Some(8000));
+        assert_eq!(p.cpu_utilisation, Some(28_000.0 / (14_000.0 * 2.0)));
     }
 
     #[test]

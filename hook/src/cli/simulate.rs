@@ -35,7 +35,7 @@ pub struct Scenario {
     #[arg(value_name = "DRV", required_unless_present = "workload", conflicts_with = "workload")]
     pub drv: Option<PathBuf>,
     /// A workload file instead of a derivation: {"builds": [{"name", "tier", "ms", "mib",
-    /// "deps": [names]}]}, as bench/lib/workload.py writes it.
+    /// "deps": [names]}]} (optionally "cpuMs" per build), as bench/lib/workload.py writes it.
     #[arg(long, value_name = "FILE")]
     pub workload: Option<PathBuf>,
     /// The hardware profile (default: as the hook finds it).
