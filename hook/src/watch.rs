@@ -19,8 +19,8 @@
 //!    released the output locks; an OOM kill inside the cgroup is reported in the build's own log
 //!    at once;
 //! 4. ends what the build left running (after a grace period), releases the watcher lock,
-//!    records the build (wall and CPU time, peak memory, outcome) in the history database and
-//!    removes the cgroup.
+//!    records the build (its wait for admission, wall and CPU time, peak memory, outcome) in the
+//!    history database and removes the cgroup.
 //!
 //! Builds declined without a lease ([`Order::Candidate`]) are looked for among their worker's
 //! new children and, should one start, adopted into the table and watched like the rest.
@@ -78,6 +78,11 @@ pub struct WatchJob {
     pub nix_pid: u32,
     /// The uids a builder of this Nix may run as: the worker's own and the build users'.
     pub builder_uids: Vec<u32>,
+    /// When the hook was first asked about it, milliseconds since the epoch: it waited from then
+    /// until admitted. `None` in the job of a build admitted by an older hook (a watcher lock
+    /// taken over across an upgrade).
+    #[serde(default)]
+    pub asked_unix_ms: Option<u64>,
     /// When it was admitted, milliseconds since the epoch.
     pub started_unix_ms: u64,
     /// The lease's watcher lock, held while the build has processes (`Lease::watcher_lock`).
@@ -820,5 +825,54 @@ pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
             (false, true) => Outcome::Succeeded,
             (false, false) => Outcome::Failed,
         },
+        waited_ms: job.asked_unix_ms.map(|asked| job.started_unix_ms.saturating_sub(asked)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(asked_unix_ms: Option<u64>) -> WatchJob {
+        WatchJob {
+            drv: "/nix/store/00000000000000000000000000000000-pkg-1.0.drv".into(),
+            name: "pkg-1.0".into(),
+            tier: Tier::Heavy,
+            memory_limit_mib: 400,
+            limit_learned: false,
+            cores: 2,
+            lock_files: Vec::new(),
+            output_env: Vec::new(),
+            outputs: Vec::new(),
+            nix_pid: 1,
+            builder_uids: Vec::new(),
+            asked_unix_ms,
+            started_unix_ms: 10_000,
+            watcher_lock: PathBuf::new(),
+            state_dir: PathBuf::new(),
+            cgroups: None,
+        }
+    }
+
+    #[test]
+    fn a_build_that_waited_records_its_wait() {
+        let finished = Finished {
+            started: true,
+            wall: Duration::from_millis(1500),
+            cpu: None,
+            peak_bytes: Some(3 * MIB + 1),
+            oom_kills: 0,
+            bounded: true,
+            succeeded: true,
+        };
+        let row = record(&job(Some(7_500)), &finished);
+        assert_eq!(row.waited_ms, Some(2_500), "asked at 7.5 s, admitted at 10 s");
+        assert_eq!((row.package.as_str(), row.version.as_str(), row.peak_mib, row.limit_mib), ("pkg", "1.0", Some(4), Some(400)));
+        assert_eq!(record(&job(Some(10_000)), &finished).waited_ms, Some(0));
+        // The job of an older hook, taken over from its watcher lock: no wait known.
+        let mut json = serde_json::to_value(job(Some(1))).unwrap();
+        json.as_object_mut().unwrap().remove("askedUnixMs");
+        let old: WatchJob = serde_json::from_value(json).unwrap();
+        assert_eq!(record(&old, &finished).waited_ms, None);
     }
 }

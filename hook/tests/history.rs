@@ -67,6 +67,7 @@ fn build(drv: &Path, started: u64, peak: u64, outcome: Outcome) -> BuildRecord {
         peak_mib: Some(peak),
         limit_mib: Some(4096),
         outcome,
+        waited_ms: Some(started * 100),
     }
 }
 
@@ -140,6 +141,7 @@ fn explain_learns_from_past_builds_and_history_lists_them() {
     assert_eq!(builds[1]["outcome"], "oom-killed");
     assert_eq!(builds[1]["peakMiB"], 413);
     assert_eq!(builds[1]["limitMiB"], 4096);
+    assert_eq!(builds[1]["waitedMs"], 500);
     assert_eq!(builds[1]["version"], "1.0");
     assert_eq!(builds[1]["drv"], drv_arg);
     let summary = all["summary"].as_array().expect("summary");
