@@ -61,15 +61,19 @@ CREATE INDEX builds_by_package ON builds (package, started_unix_ms);
 CREATE INDEX builds_by_start ON builds (started_unix_ms);
 ";
 
-/// Schema version 2: how long each build waited for admission (NULL in rows from version 1).
-const SCHEMA_V2: &str = "ALTER TABLE builds ADD COLUMN waited_ms INTEGER;";
+/// Schema version 2: how long each build waited for admission and held its lease (NULL in rows
+/// from version 1).
+const SCHEMA_V2: &str = "
+ALTER TABLE builds ADD COLUMN waited_ms INTEGER;
+ALTER TABLE builds ADD COLUMN leased_ms INTEGER;
+";
 
-/// The columns a [`BuildRecord`] is read from, in [`RawRow::read`]'s order; `waited_ms` is NULL
-/// in a database of schema version 1 opened read-only (not migrated).
-fn record_columns(waits: bool) -> &'static str {
-    match waits {
-        true => "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, waited_ms",
-        false => "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, NULL",
+/// The columns a [`BuildRecord`] is read from, in [`RawRow::read`]'s order; `waited_ms` and
+/// `leased_ms` are NULL in a database of schema version 1 opened read-only (not migrated).
+fn record_columns(version_2: bool) -> &'static str {
+    match version_2 {
+        true => "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, waited_ms, leased_ms",
+        false => "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, NULL, NULL",
     }
 }
 
@@ -127,8 +131,12 @@ pub struct BuildRecord {
     pub tier: Tier,
     /// When it started, milliseconds since the epoch.
     pub started_unix_ms: u64,
-    /// How long it ran, milliseconds.
+    /// How long it ran, milliseconds: from its admission until Nix released its output locks.
     pub wall_ms: u64,
+    /// How long it held its lease, milliseconds: from its admission until the watcher saw its
+    /// processes gone (often before Nix, registering the outputs, released the locks); `None` in
+    /// rows recorded before nix-tier recorded leases.
+    pub leased_ms: Option<u64>,
     /// CPU time of all its processes (user + system), milliseconds, when measured.
     pub cpu_ms: Option<u64>,
     /// Its memory peak, MiB, when measured.
@@ -232,8 +240,9 @@ pub enum HistoryError {
 pub struct History {
     conn: Connection,
     path: PathBuf,
-    /// Whether the schema has `waited_ms` (version 2 on; an older one is read without migrating).
-    waits: bool,
+    /// Whether the schema has `waited_ms` and `leased_ms` (version 2 on; an older one is read
+    /// without migrating).
+    version_2: bool,
 }
 
 impl fmt::Debug for History {
@@ -259,8 +268,8 @@ impl History {
         let sqlite = |source| HistoryError::Sqlite { path: path.clone(), source };
         let conn = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
-        let mut history = History { conn, path, waits: false };
-        history.waits = history.user_version()? >= 2;
+        let mut history = History { conn, path, version_2: false };
+        history.version_2 = history.user_version()? >= 2;
         Ok(Some(history))
     }
 
@@ -275,7 +284,7 @@ impl History {
         let sqlite = |source| HistoryError::Sqlite { path: path.clone(), source };
         let conn = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
-        let history = History { conn, path, waits: true };
+        let history = History { conn, path, version_2: true };
         // Switching a fresh database to WAL and migrating it while other processes do the same
         // can fail with SQLITE_BUSY at once (SQLite skips the busy handler where waiting could
         // deadlock); both steps are idempotent, so try again.
@@ -361,12 +370,13 @@ impl History {
             opt("peakMiB", row.peak_mib)?,
             opt("limitMiB", row.limit_mib)?,
             opt("waitedMs", row.waited_ms)?,
+            opt("leasedMs", row.leased_ms)?,
         );
         let mut insert = self
             .conn
             .prepare_cached(
-                "INSERT INTO builds (drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, waited_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO builds (drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, waited_ms, leased_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
             .map_err(|e| self.sqlite(e))?;
         insert
@@ -381,7 +391,8 @@ impl History {
                 values.3,
                 values.4,
                 row.outcome.as_str(),
-                values.5
+                values.5,
+                values.6
             ])
             .map_err(|e| self.sqlite(e))?;
         Ok(())
@@ -440,7 +451,7 @@ impl History {
 
     /// The `limit` newest builds, of `package` or of all packages, newest first.
     pub fn rows(&self, package: Option<&str>, limit: usize) -> Result<Vec<BuildRecord>, HistoryError> {
-        let columns = record_columns(self.waits);
+        let columns = record_columns(self.version_2);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let raw = match package {
             Some(package) => self.query_rows(
@@ -460,7 +471,7 @@ impl History {
         let since = i64::try_from(since_unix_ms).unwrap_or(i64::MAX);
         let sql = format!(
             "SELECT {} FROM builds WHERE started_unix_ms >= ?1 ORDER BY started_unix_ms, id",
-            record_columns(self.waits)
+            record_columns(self.version_2)
         );
         let raw = self.query_rows(&sql, params![since])?;
         raw.into_iter().map(|raw| self.decode(raw)).collect()
@@ -485,6 +496,7 @@ impl History {
             peak_mib: opt("peak_mib", raw.peak_mib)?,
             limit_mib: opt("limit_mib", raw.limit_mib)?,
             waited_ms: opt("waited_ms", raw.waited_ms)?,
+            leased_ms: opt("leased_ms", raw.leased_ms)?,
             drv: raw.drv,
             package: raw.package,
             version: raw.version,
@@ -493,7 +505,7 @@ impl History {
 
     /// One summary per package, by package name.
     pub fn summary(&self) -> Result<Vec<PackageSummary>, HistoryError> {
-        let sql = format!("SELECT {} FROM builds ORDER BY package, started_unix_ms, id", record_columns(self.waits));
+        let sql = format!("SELECT {} FROM builds ORDER BY package, started_unix_ms, id", record_columns(self.version_2));
         let mut query = self.conn.prepare_cached(&sql).map_err(|e| self.sqlite(e))?;
         let mut rows = query.query([]).map_err(|e| self.sqlite(e))?;
         let mut summaries: Vec<PackageSummary> = Vec::new();
@@ -568,6 +580,7 @@ struct RawRow {
     limit_mib: Option<i64>,
     outcome: String,
     waited_ms: Option<i64>,
+    leased_ms: Option<i64>,
 }
 
 impl RawRow {
@@ -584,6 +597,7 @@ impl RawRow {
             limit_mib: row.get(8)?,
             outcome: row.get(9)?,
             waited_ms: row.get(10)?,
+            leased_ms: row.get(11)?,
         })
     }
 }
@@ -629,6 +643,7 @@ mod tests {
             tier: Tier::Medium,
             started_unix_ms: started,
             wall_ms: started % 1000 + 1000,
+            leased_ms: Some(started % 1000 + 990),
             cpu_ms: Some(500),
             peak_mib: peak,
             limit_mib: Some(4096),
@@ -657,6 +672,7 @@ mod tests {
             peak_mib: None,
             limit_mib: None,
             waited_ms: None,
+            leased_ms: None,
             tier: Tier::Heavy,
             ..build("b", 2000, None, Outcome::Failed)
         };
@@ -856,6 +872,7 @@ mod tests {
             tier: Tier::Light,
             started_unix_ms: 5,
             wall_ms: 10,
+            leased_ms: None,
             cpu_ms: None,
             peak_mib: Some(20),
             limit_mib: Some(30),

@@ -101,6 +101,9 @@ pub struct Finished {
     pub started: bool,
     /// Wall time from admission to the release of the locks.
     pub wall: Duration,
+    /// How long it held its lease: from admission until its processes were gone, or until now
+    /// when the lease ends with the watch.
+    pub leased: Duration,
     /// CPU time inside the cgroup.
     pub cpu: Option<Duration>,
     /// Peak memory: the cgroup's, plus what its processes held when they were moved in.
@@ -202,9 +205,9 @@ struct Watched {
     locks_checked: Option<Instant>,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
-    /// Whether its lease was ended (its processes are gone), perhaps before Nix released the
+    /// When its lease was ended (its processes were gone), perhaps before Nix released the
     /// output locks.
-    lease_ended: bool,
+    lease_ended: Option<Instant>,
     due: Instant,
 }
 
@@ -230,7 +233,7 @@ impl Watched {
             full_scan: None,
             locks_checked: None,
             ended: None,
-            lease_ended: false,
+            lease_ended: None,
             due: now,
         }
     }
@@ -370,6 +373,7 @@ impl Watched {
             // all): it is asked for again, and that admission records it.
             started: self.builder.is_some() || succeeded,
             wall,
+            leased: self.lease_ended.unwrap_or_else(Instant::now).duration_since(self.admitted),
             cpu: stats.and_then(|s| s.cpu_time),
             peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + self.charged_outside),
             oom_kills: stats.map_or(0, |s| s.oom_kills),
@@ -552,13 +556,13 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
             // The lease ends as soon as the build's processes are gone; the watch goes on until
             // Nix has released the locks, for the build's outcome.
-            if outcome.is_none() && !b.lease_ended && b.processes_gone() {
+            if outcome.is_none() && b.lease_ended.is_none() && b.processes_gone() {
                 leases.end(b.lease);
-                b.lease_ended = true;
+                b.lease_ended = Some(Instant::now());
             }
             match outcome {
                 Some(done) => {
-                    if !b.lease_ended {
+                    if b.lease_ended.is_none() {
                         leases.end(b.lease);
                     }
                     finished.push((b.job.clone(), done));
@@ -817,6 +821,7 @@ pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
         tier: job.tier,
         started_unix_ms: job.started_unix_ms,
         wall_ms: finished.wall.as_millis() as u64,
+        leased_ms: Some(finished.leased.as_millis() as u64),
         cpu_ms: finished.cpu.map(|d| d.as_millis() as u64),
         peak_mib: finished.peak_bytes.map(|b| b.div_ceil(MIB)),
         limit_mib: finished.bounded.then_some(job.memory_limit_mib),
@@ -855,10 +860,11 @@ mod tests {
     }
 
     #[test]
-    fn a_build_that_waited_records_its_wait() {
+    fn a_build_records_its_wait_and_its_lease() {
         let finished = Finished {
             started: true,
             wall: Duration::from_millis(1500),
+            leased: Duration::from_millis(1400),
             cpu: None,
             peak_bytes: Some(3 * MIB + 1),
             oom_kills: 0,
@@ -868,6 +874,7 @@ mod tests {
         let row = record(&job(Some(7_500)), &finished);
         assert_eq!(row.waited_ms, Some(2_500), "asked at 7.5 s, admitted at 10 s");
         assert_eq!((row.package.as_str(), row.version.as_str(), row.peak_mib, row.limit_mib), ("pkg", "1.0", Some(4), Some(400)));
+        assert_eq!((row.wall_ms, row.leased_ms), (1500, Some(1400)));
         assert_eq!(record(&job(Some(10_000)), &finished).waited_ms, Some(0));
         // The job of an older hook, taken over from its watcher lock: no wait known.
         let mut json = serde_json::to_value(job(Some(1))).unwrap();

@@ -63,6 +63,7 @@ fn build(drv: &Path, started: u64, peak: u64, outcome: Outcome) -> BuildRecord {
         tier: Tier::Medium,
         started_unix_ms: 1_767_225_600_000 + started * 60_000,
         wall_ms: 90_000 + started,
+        leased_ms: Some(89_000 + started),
         cpu_ms: Some(120_000),
         peak_mib: Some(peak),
         limit_mib: Some(4096),
@@ -141,7 +142,7 @@ fn explain_learns_from_past_builds_and_history_lists_them() {
     assert_eq!(builds[1]["outcome"], "oom-killed");
     assert_eq!(builds[1]["peakMiB"], 413);
     assert_eq!(builds[1]["limitMiB"], 4096);
-    assert_eq!(builds[1]["waitedMs"], 500);
+    assert_eq!((&builds[1]["waitedMs"], &builds[1]["leasedMs"]), (&500.into(), &89_005.into()));
     assert_eq!(builds[1]["version"], "1.0");
     assert_eq!(builds[1]["drv"], drv_arg);
     let summary = all["summary"].as_array().expect("summary");

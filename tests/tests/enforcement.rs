@@ -305,8 +305,10 @@ fn every_admitted_build_gets_one_history_row() {
     let waits: Vec<u64> = rows.iter().map(|r| r["waitedMs"].as_u64().unwrap_or_else(|| panic!("no wait recorded: {r}"))).collect();
     assert!(waits.iter().filter(|w| **w > 0).count() >= 20, "waits {waits:?}");
     assert!(waits.iter().all(|w| *w <= took_ms), "waits {waits:?} in a run of {took_ms} ms");
+    assert!(rows.iter().all(|r| r["leasedMs"].as_u64().is_some_and(|leased| leased <= took_ms)), "{rows:#?}");
     let long = row(&rows, "long");
     assert!(long["peakMiB"].as_u64().is_some_and(|p| p >= 30) && long["cpuMs"].is_u64(), "{long}");
+    assert!(long["leasedMs"].as_u64().is_some_and(|leased| leased >= 600), "its lease covers its 600 ms: {long}");
 }
 
 #[test]
