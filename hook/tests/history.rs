@@ -5,19 +5,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::nix_tier;
+
 use nix_tier_hook::history::{package_and_version, BuildRecord, History, Outcome};
 use nix_tier_model::learning;
 use nix_tier_model::Tier;
 use serde_json::Value;
 use tempfile::TempDir;
 
-fn nix_tier(state_dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-        .args(args)
-        .env("NIX_TIER_STATE_DIR", state_dir)
-        .output()
-        .expect("nix-tier runs")
-}
+mod common;
 
 fn json(output: &Output) -> Value {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
