@@ -231,6 +231,8 @@ impl Dispatcher {
             outputs: outputs.iter().map(|(_, path)| path.to_string()).collect(),
             nix_pid: std::os::unix::process::parent_id(),
             builder_uids: self.builder_uids.clone(),
+            // Kept while Nix asks again about a waiting build (`asked`).
+            asked_unix_ms: Some(crate::state::now_ms()),
             // Set by the broker when it admits the build.
             started_unix_ms: 0,
             watcher_lock: PathBuf::new(),

@@ -34,7 +34,7 @@ use crate::state::open_state_dir;
 pub const HISTORY_FILE: &str = "history.sqlite";
 
 /// The schema this version writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// How long a writer waits for another writer before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -60,6 +60,22 @@ CREATE INDEX builds_by_package_outcome ON builds (package, outcome, started_unix
 CREATE INDEX builds_by_package ON builds (package, started_unix_ms);
 CREATE INDEX builds_by_start ON builds (started_unix_ms);
 ";
+
+/// Schema version 2: how long each build waited for admission and held its lease (NULL in rows
+/// from version 1).
+const SCHEMA_V2: &str = "
+ALTER TABLE builds ADD COLUMN waited_ms INTEGER;
+ALTER TABLE builds ADD COLUMN leased_ms INTEGER;
+";
+
+/// The columns a [`BuildRecord`] is read from, in [`RawRow::read`]'s order; `waited_ms` and
+/// `leased_ms` are NULL in a database of schema version 1 opened read-only (not migrated).
+fn record_columns(version_2: bool) -> &'static str {
+    match version_2 {
+        true => "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, waited_ms, leased_ms",
+        false => "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, NULL, NULL",
+    }
+}
 
 /// How a build ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -115,8 +131,12 @@ pub struct BuildRecord {
     pub tier: Tier,
     /// When it started, milliseconds since the epoch.
     pub started_unix_ms: u64,
-    /// How long it ran, milliseconds.
+    /// How long it ran, milliseconds: from its admission until Nix released its output locks.
     pub wall_ms: u64,
+    /// How long it held its lease, milliseconds: from its admission until the watcher saw its
+    /// processes gone (often before Nix, registering the outputs, released the locks); `None` in
+    /// rows recorded before nix-tier recorded leases.
+    pub leased_ms: Option<u64>,
     /// CPU time of all its processes (user + system), milliseconds, when measured.
     pub cpu_ms: Option<u64>,
     /// Its memory peak, MiB, when measured.
@@ -127,6 +147,9 @@ pub struct BuildRecord {
     pub limit_mib: Option<u64>,
     /// How it ended.
     pub outcome: Outcome,
+    /// How long it waited for admission, milliseconds: from the hook's first question about it
+    /// to its admission; `None` in rows recorded before nix-tier recorded waits.
+    pub waited_ms: Option<u64>,
 }
 
 /// A derivation name split into package and version: the package as
@@ -217,6 +240,9 @@ pub enum HistoryError {
 pub struct History {
     conn: Connection,
     path: PathBuf,
+    /// Whether the schema has `waited_ms` and `leased_ms` (version 2 on; an older one is read
+    /// without migrating).
+    version_2: bool,
 }
 
 impl fmt::Debug for History {
@@ -242,7 +268,9 @@ impl History {
         let sqlite = |source| HistoryError::Sqlite { path: path.clone(), source };
         let conn = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
-        Ok(Some(History { conn, path }))
+        let mut history = History { conn, path, version_2: false };
+        history.version_2 = history.user_version()? >= 2;
+        Ok(Some(history))
     }
 
     /// Opens (creating if needed) `<state_dir>/history.sqlite`, creating `state_dir` mode 0700
@@ -256,7 +284,7 @@ impl History {
         let sqlite = |source| HistoryError::Sqlite { path: path.clone(), source };
         let conn = Connection::open_with_flags(&path, flags).map_err(sqlite)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
-        let history = History { conn, path };
+        let history = History { conn, path, version_2: true };
         // Switching a fresh database to WAL and migrating it while other processes do the same
         // can fail with SQLITE_BUSY at once (SQLite skips the busy handler where waiting could
         // deadlock); both steps are idempotent, so try again.
@@ -322,7 +350,9 @@ impl History {
         if found < 1 {
             tx.execute_batch(SCHEMA_V1).map_err(|e| self.sqlite(e))?;
         }
-        // Later versions: `if found < 2 { ... }`.
+        if found < 2 {
+            tx.execute_batch(SCHEMA_V2).map_err(|e| self.sqlite(e))?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| self.sqlite(e))?;
         tx.commit().map_err(|e| self.sqlite(e))
     }
@@ -339,12 +369,14 @@ impl History {
             opt("cpuMs", row.cpu_ms)?,
             opt("peakMiB", row.peak_mib)?,
             opt("limitMiB", row.limit_mib)?,
+            opt("waitedMs", row.waited_ms)?,
+            opt("leasedMs", row.leased_ms)?,
         );
         let mut insert = self
             .conn
             .prepare_cached(
-                "INSERT INTO builds (drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO builds (drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome, waited_ms, leased_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
             .map_err(|e| self.sqlite(e))?;
         insert
@@ -358,7 +390,9 @@ impl History {
                 values.2,
                 values.3,
                 values.4,
-                row.outcome.as_str()
+                row.outcome.as_str(),
+                values.5,
+                values.6
             ])
             .map_err(|e| self.sqlite(e))?;
         Ok(())
@@ -417,18 +451,29 @@ impl History {
 
     /// The `limit` newest builds, of `package` or of all packages, newest first.
     pub fn rows(&self, package: Option<&str>, limit: usize) -> Result<Vec<BuildRecord>, HistoryError> {
-        const COLUMNS: &str = "drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome";
+        let columns = record_columns(self.version_2);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let raw = match package {
             Some(package) => self.query_rows(
-                &format!("SELECT {COLUMNS} FROM builds WHERE package = ?1 ORDER BY started_unix_ms DESC, id DESC LIMIT ?2"),
+                &format!("SELECT {columns} FROM builds WHERE package = ?1 ORDER BY started_unix_ms DESC, id DESC LIMIT ?2"),
                 params![package, limit],
             ),
             None => self.query_rows(
-                &format!("SELECT {COLUMNS} FROM builds ORDER BY started_unix_ms DESC, id DESC LIMIT ?1"),
+                &format!("SELECT {columns} FROM builds ORDER BY started_unix_ms DESC, id DESC LIMIT ?1"),
                 params![limit],
             ),
         }?;
+        raw.into_iter().map(|raw| self.decode(raw)).collect()
+    }
+
+    /// The builds that started at or after `since_unix_ms`, oldest first.
+    pub fn rows_since(&self, since_unix_ms: u64) -> Result<Vec<BuildRecord>, HistoryError> {
+        let since = i64::try_from(since_unix_ms).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT {} FROM builds WHERE started_unix_ms >= ?1 ORDER BY started_unix_ms, id",
+            record_columns(self.version_2)
+        );
+        let raw = self.query_rows(&sql, params![since])?;
         raw.into_iter().map(|raw| self.decode(raw)).collect()
     }
 
@@ -450,6 +495,8 @@ impl History {
             cpu_ms: opt("cpu_ms", raw.cpu_ms)?,
             peak_mib: opt("peak_mib", raw.peak_mib)?,
             limit_mib: opt("limit_mib", raw.limit_mib)?,
+            waited_ms: opt("waited_ms", raw.waited_ms)?,
+            leased_ms: opt("leased_ms", raw.leased_ms)?,
             drv: raw.drv,
             package: raw.package,
             version: raw.version,
@@ -458,13 +505,8 @@ impl History {
 
     /// One summary per package, by package name.
     pub fn summary(&self) -> Result<Vec<PackageSummary>, HistoryError> {
-        let mut query = self
-            .conn
-            .prepare_cached(
-                "SELECT drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome
-                 FROM builds ORDER BY package, started_unix_ms, id",
-            )
-            .map_err(|e| self.sqlite(e))?;
+        let sql = format!("SELECT {} FROM builds ORDER BY package, started_unix_ms, id", record_columns(self.version_2));
+        let mut query = self.conn.prepare_cached(&sql).map_err(|e| self.sqlite(e))?;
         let mut rows = query.query([]).map_err(|e| self.sqlite(e))?;
         let mut summaries: Vec<PackageSummary> = Vec::new();
         let mut walls: Vec<u64> = Vec::new();
@@ -537,6 +579,8 @@ struct RawRow {
     peak_mib: Option<i64>,
     limit_mib: Option<i64>,
     outcome: String,
+    waited_ms: Option<i64>,
+    leased_ms: Option<i64>,
 }
 
 impl RawRow {
@@ -552,6 +596,8 @@ impl RawRow {
             peak_mib: row.get(7)?,
             limit_mib: row.get(8)?,
             outcome: row.get(9)?,
+            waited_ms: row.get(10)?,
+            leased_ms: row.get(11)?,
         })
     }
 }
@@ -597,10 +643,12 @@ mod tests {
             tier: Tier::Medium,
             started_unix_ms: started,
             wall_ms: started % 1000 + 1000,
+            leased_ms: Some(started % 1000 + 990),
             cpu_ms: Some(500),
             peak_mib: peak,
             limit_mib: Some(4096),
             outcome,
+            waited_ms: Some(started % 7),
         }
     }
 
@@ -619,12 +667,21 @@ mod tests {
         let history = History::open(&dir.path().join("state")).unwrap();
         assert!(history.rows(None, 10).unwrap().is_empty());
         let a = build("a", 1000, Some(100), Outcome::Succeeded);
-        let b = BuildRecord { cpu_ms: None, peak_mib: None, limit_mib: None, tier: Tier::Heavy, ..build("b", 2000, None, Outcome::Failed) };
+        let b = BuildRecord {
+            cpu_ms: None,
+            peak_mib: None,
+            limit_mib: None,
+            waited_ms: None,
+            leased_ms: None,
+            tier: Tier::Heavy,
+            ..build("b", 2000, None, Outcome::Failed)
+        };
         let c = build("a", 3000, Some(300), Outcome::OomKilled);
         for row in [&a, &b, &c] {
             history.record(row).unwrap();
         }
         assert_eq!(history.rows(None, 10).unwrap(), vec![c.clone(), b.clone(), a.clone()]);
+        assert_eq!(history.rows_since(2000).unwrap(), vec![b.clone(), c.clone()], "oldest first");
         assert_eq!(history.rows(None, 2).unwrap(), vec![c.clone(), b]);
         assert_eq!(history.rows(Some("a"), 10).unwrap(), vec![c, a]);
         assert_eq!(history.count().unwrap(), 3);
@@ -792,7 +849,49 @@ mod tests {
         history.conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
         drop(history);
         let err = History::open(dir.path()).unwrap_err();
-        assert!(matches!(err, HistoryError::TooNew { found: 2, known: 1, .. }), "{err}");
+        assert!(matches!(err, HistoryError::TooNew { found: 3, known: 2, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_version_1_database_is_read_as_it_is_and_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(HISTORY_FILE)).unwrap();
+        conn.execute_batch(SCHEMA_V1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO builds (drv, package, version, tier, started_unix_ms, wall_ms, cpu_ms, peak_mib, limit_mib, outcome)
+             VALUES ('/nix/store/x-old-1.0.drv', 'old', '1.0', 'light', 5, 10, NULL, 20, 30, 'succeeded')",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let old = BuildRecord {
+            drv: "/nix/store/x-old-1.0.drv".into(),
+            package: "old".into(),
+            version: "1.0".into(),
+            tier: Tier::Light,
+            started_unix_ms: 5,
+            wall_ms: 10,
+            leased_ms: None,
+            cpu_ms: None,
+            peak_mib: Some(20),
+            limit_mib: Some(30),
+            outcome: Outcome::Succeeded,
+            waited_ms: None,
+        };
+        // Read-only: nothing changes, the rows read without waits.
+        let read_only = History::open_read_only(dir.path()).unwrap().unwrap();
+        assert_eq!(read_only.rows(None, 10).unwrap(), vec![old.clone()]);
+        assert_eq!(read_only.rows_since(0).unwrap(), vec![old.clone()]);
+        assert_eq!(read_only.summary().unwrap().len(), 1);
+        assert_eq!(read_only.user_version().unwrap(), 1);
+        drop(read_only);
+        // Opened to write: migrated, the old row kept, new rows with their waits.
+        let history = History::open(dir.path()).unwrap();
+        assert_eq!(history.user_version().unwrap(), SCHEMA_VERSION);
+        let new = build("new", 7, Some(1), Outcome::Succeeded);
+        history.record(&new).unwrap();
+        assert_eq!(history.rows_since(0).unwrap(), vec![old, new]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod privileges;
 pub mod procfs;
 pub mod protocol;
 pub mod relay;
+pub mod report;
 pub mod state;
 pub mod status;
 pub mod watch;

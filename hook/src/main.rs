@@ -30,6 +30,7 @@ enum Command {
     Explain(cli::explain::Args),
     History(cli::history::Args),
     Simulate(cli::simulate::Args),
+    Report(cli::report::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => cli::explain::run(&args),
         Command::History(args) => cli::history::run(&args),
         Command::Simulate(args) => cli::simulate::run(&args),
+        Command::Report(args) => cli::report::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,8 +19,8 @@
 //!    released the output locks; an OOM kill inside the cgroup is reported in the build's own log
 //!    at once;
 //! 4. ends what the build left running (after a grace period), releases the watcher lock,
-//!    records the build (wall and CPU time, peak memory, outcome) in the history database and
-//!    removes the cgroup.
+//!    records the build (its wait for admission, wall and CPU time, peak memory, outcome) in the
+//!    history database and removes the cgroup.
 //!
 //! Builds declined without a lease ([`Order::Candidate`]) are looked for among their worker's
 //! new children and, should one start, adopted into the table and watched like the rest.
@@ -78,6 +78,11 @@ pub struct WatchJob {
     pub nix_pid: u32,
     /// The uids a builder of this Nix may run as: the worker's own and the build users'.
     pub builder_uids: Vec<u32>,
+    /// When the hook was first asked about it, milliseconds since the epoch: it waited from then
+    /// until admitted. `None` in the job of a build admitted by an older hook (a watcher lock
+    /// taken over across an upgrade).
+    #[serde(default)]
+    pub asked_unix_ms: Option<u64>,
     /// When it was admitted, milliseconds since the epoch.
     pub started_unix_ms: u64,
     /// The lease's watcher lock, held while the build has processes (`Lease::watcher_lock`).
@@ -96,6 +101,9 @@ pub struct Finished {
     pub started: bool,
     /// Wall time from admission to the release of the locks.
     pub wall: Duration,
+    /// How long it held its lease: from admission until its processes were gone, or until now
+    /// when the lease ends with the watch.
+    pub leased: Duration,
     /// CPU time inside the cgroup.
     pub cpu: Option<Duration>,
     /// Peak memory: the cgroup's, plus what its processes held when they were moved in.
@@ -197,9 +205,9 @@ struct Watched {
     locks_checked: Option<Instant>,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
-    /// Whether its lease was ended (its processes are gone), perhaps before Nix released the
+    /// When its lease was ended (its processes were gone), perhaps before Nix released the
     /// output locks.
-    lease_ended: bool,
+    lease_ended: Option<Instant>,
     due: Instant,
 }
 
@@ -225,7 +233,7 @@ impl Watched {
             full_scan: None,
             locks_checked: None,
             ended: None,
-            lease_ended: false,
+            lease_ended: None,
             due: now,
         }
     }
@@ -365,6 +373,7 @@ impl Watched {
             // all): it is asked for again, and that admission records it.
             started: self.builder.is_some() || succeeded,
             wall,
+            leased: self.lease_ended.unwrap_or_else(Instant::now).duration_since(self.admitted),
             cpu: stats.and_then(|s| s.cpu_time),
             peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + self.charged_outside),
             oom_kills: stats.map_or(0, |s| s.oom_kills),
@@ -547,13 +556,13 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
             // The lease ends as soon as the build's processes are gone; the watch goes on until
             // Nix has released the locks, for the build's outcome.
-            if outcome.is_none() && !b.lease_ended && b.processes_gone() {
+            if outcome.is_none() && b.lease_ended.is_none() && b.processes_gone() {
                 leases.end(b.lease);
-                b.lease_ended = true;
+                b.lease_ended = Some(Instant::now());
             }
             match outcome {
                 Some(done) => {
-                    if !b.lease_ended {
+                    if b.lease_ended.is_none() {
                         leases.end(b.lease);
                     }
                     finished.push((b.job.clone(), done));
@@ -812,6 +821,7 @@ pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
         tier: job.tier,
         started_unix_ms: job.started_unix_ms,
         wall_ms: finished.wall.as_millis() as u64,
+        leased_ms: Some(finished.leased.as_millis() as u64),
         cpu_ms: finished.cpu.map(|d| d.as_millis() as u64),
         peak_mib: finished.peak_bytes.map(|b| b.div_ceil(MIB)),
         limit_mib: finished.bounded.then_some(job.memory_limit_mib),
@@ -820,5 +830,56 @@ pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
             (false, true) => Outcome::Succeeded,
             (false, false) => Outcome::Failed,
         },
+        waited_ms: job.asked_unix_ms.map(|asked| job.started_unix_ms.saturating_sub(asked)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(asked_unix_ms: Option<u64>) -> WatchJob {
+        WatchJob {
+            drv: "/nix/store/00000000000000000000000000000000-pkg-1.0.drv".into(),
+            name: "pkg-1.0".into(),
+            tier: Tier::Heavy,
+            memory_limit_mib: 400,
+            limit_learned: false,
+            cores: 2,
+            lock_files: Vec::new(),
+            output_env: Vec::new(),
+            outputs: Vec::new(),
+            nix_pid: 1,
+            builder_uids: Vec::new(),
+            asked_unix_ms,
+            started_unix_ms: 10_000,
+            watcher_lock: PathBuf::new(),
+            state_dir: PathBuf::new(),
+            cgroups: None,
+        }
+    }
+
+    #[test]
+    fn a_build_records_its_wait_and_its_lease() {
+        let finished = Finished {
+            started: true,
+            wall: Duration::from_millis(1500),
+            leased: Duration::from_millis(1400),
+            cpu: None,
+            peak_bytes: Some(3 * MIB + 1),
+            oom_kills: 0,
+            bounded: true,
+            succeeded: true,
+        };
+        let row = record(&job(Some(7_500)), &finished);
+        assert_eq!(row.waited_ms, Some(2_500), "asked at 7.5 s, admitted at 10 s");
+        assert_eq!((row.package.as_str(), row.version.as_str(), row.peak_mib, row.limit_mib), ("pkg", "1.0", Some(4), Some(400)));
+        assert_eq!((row.wall_ms, row.leased_ms), (1500, Some(1400)));
+        assert_eq!(record(&job(Some(10_000)), &finished).waited_ms, Some(0));
+        // The job of an older hook, taken over from its watcher lock: no wait known.
+        let mut json = serde_json::to_value(job(Some(1))).unwrap();
+        json.as_object_mut().unwrap().remove("askedUnixMs");
+        let old: WatchJob = serde_json::from_value(json).unwrap();
+        assert_eq!(record(&old, &finished).waited_ms, None);
     }
 }

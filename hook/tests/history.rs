@@ -5,19 +5,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use common::nix_tier;
+
 use nix_tier_hook::history::{package_and_version, BuildRecord, History, Outcome};
 use nix_tier_model::learning;
 use nix_tier_model::Tier;
 use serde_json::Value;
 use tempfile::TempDir;
 
-fn nix_tier(state_dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-        .args(args)
-        .env("NIX_TIER_STATE_DIR", state_dir)
-        .output()
-        .expect("nix-tier runs")
-}
+mod common;
 
 fn json(output: &Output) -> Value {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -63,10 +59,12 @@ fn build(drv: &Path, started: u64, peak: u64, outcome: Outcome) -> BuildRecord {
         tier: Tier::Medium,
         started_unix_ms: 1_767_225_600_000 + started * 60_000,
         wall_ms: 90_000 + started,
+        leased_ms: Some(89_000 + started),
         cpu_ms: Some(120_000),
         peak_mib: Some(peak),
         limit_mib: Some(4096),
         outcome,
+        waited_ms: Some(started * 100),
     }
 }
 
@@ -140,6 +138,7 @@ fn explain_learns_from_past_builds_and_history_lists_them() {
     assert_eq!(builds[1]["outcome"], "oom-killed");
     assert_eq!(builds[1]["peakMiB"], 413);
     assert_eq!(builds[1]["limitMiB"], 4096);
+    assert_eq!((&builds[1]["waitedMs"], &builds[1]["leasedMs"]), (&500.into(), &89_005.into()));
     assert_eq!(builds[1]["version"], "1.0");
     assert_eq!(builds[1]["drv"], drv_arg);
     let summary = all["summary"].as_array().expect("summary");

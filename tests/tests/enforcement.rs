@@ -291,7 +291,9 @@ fn every_admitted_build_gets_one_history_row() {
     let mut builds: String =
         (0..40).map(|i| format!(r#"{{ name = "short-{i}-1.0"; tier = "light"; mem = 0; sleep = 0; ramp = 0; }}"#)).collect();
     builds.push_str(r#"{ name = "long-1.0"; tier = "medium"; mem = 30; sleep = 600; ramp = 0; }"#);
+    let began = Instant::now();
     let out = nix_build(&sandbox, &builds_expr(&records, &builds));
+    let took_ms = began.elapsed().as_millis() as u64;
     assert!(out.status.success(), "{}", stderr(&out));
     let rows = history_rows(&sandbox, 41);
     let mut drvs: Vec<&str> = rows.iter().map(|r| r["drv"].as_str().unwrap()).collect();
@@ -299,8 +301,14 @@ fn every_admitted_build_gets_one_history_row() {
     drvs.dedup();
     assert_eq!((rows.len(), drvs.len()), (41, 41), "one row per build: {rows:#?}");
     assert!(rows.iter().all(|r| r["wallMs"].is_u64() && r["outcome"] == "succeeded"), "{rows:#?}");
+    // Four light builds at a time: most of the 40 waited for admission, none longer than the run.
+    let waits: Vec<u64> = rows.iter().map(|r| r["waitedMs"].as_u64().unwrap_or_else(|| panic!("no wait recorded: {r}"))).collect();
+    assert!(waits.iter().filter(|w| **w > 0).count() >= 20, "waits {waits:?}");
+    assert!(waits.iter().all(|w| *w <= took_ms), "waits {waits:?} in a run of {took_ms} ms");
+    assert!(rows.iter().all(|r| r["leasedMs"].as_u64().is_some_and(|leased| leased <= took_ms)), "{rows:#?}");
     let long = row(&rows, "long");
     assert!(long["peakMiB"].as_u64().is_some_and(|p| p >= 30) && long["cpuMs"].is_u64(), "{long}");
+    assert!(long["leasedMs"].as_u64().is_some_and(|leased| leased >= 600), "its lease covers its 600 ms: {long}");
 }
 
 #[test]

@@ -107,7 +107,7 @@ fn duration(ms: u64) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM` (UTC) of a time in milliseconds since the epoch.
-fn utc_minute(unix_ms: u64) -> String {
+pub fn utc_minute(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
     let (year, month, day) = civil_from_days((secs / 86_400) as i64);
     format!("{year:04}-{month:02}-{day:02} {:02}:{:02}", secs % 86_400 / 3600, secs % 3600 / 60)

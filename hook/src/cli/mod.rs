@@ -3,6 +3,7 @@
 pub mod explain;
 pub mod history;
 pub mod profile;
+pub mod report;
 pub mod simulate;
 pub mod status;
 

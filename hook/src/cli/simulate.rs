@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use nix_tier_hook::history::History;
 use nix_tier_hook::plan;
+use nix_tier_hook::report::duration;
 use nix_tier_hook::state::StateDir;
 use nix_tier_model::simulate::{self, Job, Nix, Outcome, Prediction, Setup};
 use nix_tier_model::{tiers, Profile};
@@ -217,14 +218,4 @@ pub fn describe(loaded: &Loaded, prediction: &Prediction) -> String {
         out += &format!("    {} ({}, peak {} MiB{reserved}): {}\n", job.name, job.tier, job.peak_mib, run.outcome);
     }
     out
-}
-
-/// `1 h 05 min`, `4 min 10 s`, `12.3 s`.
-pub fn duration(ms: u64) -> String {
-    let secs = ms / 1000;
-    match secs {
-        3600.. => format!("{} h {:02} min", secs / 3600, secs % 3600 / 60),
-        60.. => format!("{} min {:02} s", secs / 60, secs % 60),
-        _ => format!("{:.1} s", ms as f64 / 1000.0),
-    }
 }

@@ -138,6 +138,15 @@ pub fn write_drv(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (drv, out)
 }
 
+/// Runs `nix-tier <args>` with the state directory `state_dir`.
+pub fn nix_tier(state_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nix-tier"))
+        .args(args)
+        .env("NIX_TIER_STATE_DIR", state_dir)
+        .output()
+        .expect("nix-tier runs")
+}
+
 /// This machine's profile (`nix-tier profile`) with `build` replaced, written to `path`.
 pub fn write_profile(path: &Path, build: serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_nix-tier")).arg("profile").output().unwrap();
