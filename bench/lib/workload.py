@@ -6,6 +6,8 @@ Subcommands (all output JSON on stdout unless said otherwise):
   scheduling-spec MS_PER_MIN MIB_PER_GB   the seed-shaped DAG (ADR-028), scaled
   slot-reuse-spec N                        N heavy builds without dependencies
   dispatch-spec N                          N trivial /bin/sh derivations in a DAG (for dag-sh.nix)
+  copies SPEC K                            K copies of SPEC's DAG under one top build (bench/simulate)
+  with-cpu SPEC FRACTION CORES_JSON        SPEC with each build keeping FRACTION of its tier's cores busy
   with-touch-cost SPEC MS_PER_MIB          SPEC for `nix-tier simulate`: each build's time to touch
                                            its memory added to its time and as its CPU time
   analyze SPEC RUN_DIR BUDGET_MIB TIERS_JSON   one run of a DAG (see analyze())
@@ -119,6 +121,26 @@ def dispatch_spec(n):
     top = "top"
     builds.append({"name": top, "tier": "light", "ms": 0, "mib": 0, "deps": [b["name"] for b in builds]})
     return {"scale": None, "top": top, "builds": builds}
+
+
+def copies(spec, k):
+    """K copies of the DAG (names suffixed `-c<i>`) and one top build needing all of them."""
+    builds = []
+    for i in range(k):
+        for b in spec["builds"]:
+            if b["name"] != spec["top"]:
+                builds.append(dict(b, name=f"{b['name']}-c{i}", deps=[f"{d}-c{i}" for d in b["deps"]]))
+    top = spec["top"]
+    builds.append({"name": top, "tier": "light", "ms": 0, "mib": 0, "deps": [b["name"] for b in builds]})
+    return {"scale": spec["scale"], "top": top, "builds": builds}
+
+
+def with_cpu(spec, fraction, cores):
+    """Each build keeps `fraction` of its tier's cores busy over its run (its CPU time, for
+    `nix-tier simulate`)."""
+    for b in spec["builds"]:
+        b["cpuMs"] = int(round(b["ms"] * fraction * cores[b["tier"]]))
+    return spec
 
 
 def with_touch_cost(spec, ms_per_mib):
@@ -476,6 +498,10 @@ def main(argv):
         json.dump(slot_reuse_spec(int(argv[2])), sys.stdout, indent=1)
     elif cmd == "dispatch-spec":
         json.dump(dispatch_spec(int(argv[2])), sys.stdout)
+    elif cmd == "copies":
+        json.dump(copies(json.loads(read_file(argv[2])), int(argv[3])), sys.stdout)
+    elif cmd == "with-cpu":
+        json.dump(with_cpu(json.loads(read_file(argv[2])), float(argv[3]), json.loads(argv[4])), sys.stdout)
     elif cmd == "with-touch-cost":
         json.dump(with_touch_cost(json.loads(read_file(argv[2])), float(argv[3])), sys.stdout)
     elif cmd == "analyze":

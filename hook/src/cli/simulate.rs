@@ -48,6 +48,10 @@ pub struct Scenario {
     /// Ignore the build history: nothing learned, durations and peaks from the tiers.
     #[arg(long)]
     pub no_history: bool,
+    /// With --workload: the history knows every build as the workload describes it (a rebuild
+    /// after one recorded run: learned reservations, known durations), instead of reading it.
+    #[arg(long, requires = "workload", conflicts_with = "no_history")]
+    pub learned: bool,
     /// Nix's max-jobs (default: the largest maxJobs of the profile's tiers, as lib.nixConf sets it).
     #[arg(long, value_name = "N")]
     pub max_jobs: Option<u32>,
@@ -85,15 +89,18 @@ impl Scenario {
     /// Reads the profile, the builds and the history, and sets up the machine.
     pub fn load(&self) -> Result<Loaded, Box<dyn std::error::Error>> {
         let (profile, profile_origin) = super::hook_profile(self.profile.as_deref())?;
-        let history = match self.no_history {
+        let history = match self.no_history || self.learned {
             true => None,
             false => History::open_read_only(StateDir::from_env().path())?,
         };
-        let (jobs, source) = match (&self.workload, &self.drv) {
+        let (mut jobs, source) = match (&self.workload, &self.drv) {
             (Some(file), _) => (plan::from_workload(file, history.as_ref())?, file.display().to_string()),
             (None, Some(drv)) => (plan::from_derivation(drv, &profile, history.as_ref())?, drv.display().to_string()),
             (None, None) => return Err("give a .drv file or --workload FILE".into()),
         };
+        if self.learned {
+            plan::known_from_themselves(&mut jobs);
+        }
         let setup = self.setup(&profile)?;
         Ok(Loaded { jobs, profile, profile_origin, setup, source })
     }
