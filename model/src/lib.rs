@@ -23,26 +23,6 @@ pub mod profile;
 pub mod simulate;
 pub mod tiers;
 
-#[cfg(test)]
-mod test_fixtures {
-    use crate::tiers::{TierLimits, TierTable};
-    use crate::{Build, Tier};
-
-    /// The build section the policy's tests share: heavy 1 job of 600 MiB, medium 2 of 300,
-    /// light 4 of 100, a budget of 1000 MiB, tier mode (every build held to its tier's maxJobs).
-    pub fn build() -> Build {
-        let limits = |max_jobs, memory_mib| TierLimits { max_jobs, cores: 1, memory_mib };
-        Build {
-            memory_budget_mib: 1000,
-            default_tier: Tier::Light,
-            rules: Vec::new(),
-            tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
-            mode: crate::build::Mode::Tiers,
-            caps: Vec::new(),
-        }
-    }
-}
-
 use std::path::Path;
 
 pub use build::{Build, Pattern, Rule};
@@ -61,4 +41,24 @@ pub fn hardware_profile_json(pinned: Option<&Path>) -> Result<String, ProfileErr
         None => Profile::detect()?,
     };
     Ok(profile.to_json())
+}
+
+#[cfg(test)]
+mod test_fixtures {
+    use crate::tiers::{TierLimits, TierTable};
+    use crate::{Build, Tier};
+
+    /// The build section the policy's tests share: heavy 1 job of 600 MiB, medium 2 of 300,
+    /// light 4 of 100, a budget of 1000 MiB, tier mode (every build held to its tier's maxJobs).
+    pub fn build() -> Build {
+        let limits = |max_jobs, memory_mib| TierLimits { max_jobs, cores: 1, memory_mib };
+        Build {
+            memory_budget_mib: 1000,
+            default_tier: Tier::Light,
+            rules: Vec::new(),
+            tiers: TierTable { heavy: limits(1, 600), medium: limits(2, 300), light: limits(4, 100) },
+            mode: crate::build::Mode::Tiers,
+            caps: Vec::new(),
+        }
+    }
 }
