@@ -30,6 +30,7 @@ enum Command {
     Explain(cli::explain::Args),
     History(cli::history::Args),
     Simulate(cli::simulate::Args),
+    Tune(cli::tune::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
         Command::Explain(args) => cli::explain::run(&args),
         Command::History(args) => cli::history::run(&args),
         Command::Simulate(args) => cli::simulate::run(&args),
+        Command::Tune(args) => cli::tune::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ pub mod history;
 pub mod profile;
 pub mod simulate;
 pub mod status;
+pub mod tune;
 
 use std::path::{Path, PathBuf};
 

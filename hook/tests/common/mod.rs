@@ -138,6 +138,17 @@ pub fn write_drv(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (drv, out)
 }
 
+/// Runs the real `nix-tier` with `args`, its state (and build history) in `state_dir`.
+pub fn nix_tier(state_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nix-tier")).args(args).env("NIX_TIER_STATE_DIR", state_dir).output().expect("nix-tier runs")
+}
+
+/// The JSON `output` printed; panics with its stderr when it failed.
+pub fn json(output: &std::process::Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("JSON")
+}
+
 /// This machine's profile (`nix-tier profile`) with `build` replaced, written to `path`.
 pub fn write_profile(path: &Path, build: serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_nix-tier")).arg("profile").output().unwrap();
