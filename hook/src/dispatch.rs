@@ -26,6 +26,9 @@ pub struct Placement {
     pub name: String,
     /// Tier and reason.
     pub classification: Classification,
+    /// The package name profile rules match (its `pname`, else its name without the version),
+    /// when a rule can decide its tier; `None` when its `NIX_TIER` mark decides it.
+    pub rule_package: Option<String>,
     /// Memory to reserve, MiB.
     pub memory_mib: u64,
     /// Where `memory_mib` comes from: the tier's `memoryMiB`, or learned from the package's
@@ -46,6 +49,7 @@ pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> 
     let pname = drv.string_attribute("pname");
     let package = pname.as_deref().unwrap_or_else(|| package_name(&name));
     let classification = profile.build.classify(package, &drv.required_system_features(), marked);
+    let rule_package = marked.is_none().then(|| package.to_string());
     let tier_mib = profile.build.tiers.get(classification.tier).memory_mib;
     let (peaks, history_error) = match history.map(|h| h.learning_peaks(nix_tier_model::build::package_name(&name))) {
         Some(Ok(peaks)) => (peaks, None),
@@ -53,7 +57,7 @@ pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> 
         None => (Vec::new(), None),
     };
     let reservation = learning::reservation(&peaks, tier_mib);
-    Placement { name, classification, memory_mib: reservation.memory_mib, memory_source: reservation.source, history_error }
+    Placement { name, classification, rule_package, memory_mib: reservation.memory_mib, memory_source: reservation.source, history_error }
 }
 
 /// What to tell Nix about one request.

@@ -31,6 +31,7 @@ enum Command {
     History(cli::history::Args),
     Simulate(cli::simulate::Args),
     Report(cli::report::Args),
+    Tune(cli::tune::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +43,7 @@ fn main() -> ExitCode {
         Command::History(args) => cli::history::run(&args),
         Command::Simulate(args) => cli::simulate::run(&args),
         Command::Report(args) => cli::report::run(&args),
+        Command::Tune(args) => cli::tune::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

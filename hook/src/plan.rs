@@ -39,6 +39,17 @@ pub enum PlanError {
     History(#[from] crate::history::HistoryError),
 }
 
+/// The builds of a simulation and what profile rules can do with them.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The builds, each after its dependencies.
+    pub jobs: Vec<Job>,
+    /// For each job (same index), the package name profile rules match when a rule can decide
+    /// its tier; `None` when a mark decides it (`NIX_TIER`, or the tier a workload file gives,
+    /// which bench/lib/dag.nix sets as `NIX_TIER`).
+    pub rule_packages: Vec<Option<String>>,
+}
+
 /// A workload file, as bench/lib/workload.py writes it: `{"builds": [{"name", "tier", "ms",
 /// "mib", "deps"}]}`, each build optionally with its CPU time `cpuMs` (other fields are
 /// ignored).
@@ -60,8 +71,9 @@ struct WorkloadBuild {
 }
 
 /// The builds of the workload file at `path`, each known to the runtime as far as `history` has
-/// its package (the derivation name without its version).
-pub fn from_workload(path: &Path, history: Option<&History>) -> Result<Vec<Job>, PlanError> {
+/// its package (the derivation name without its version). Their tiers are marks: no rule moves
+/// them.
+pub fn from_workload(path: &Path, history: Option<&History>) -> Result<Plan, PlanError> {
     let error = |message: String| PlanError::Workload { path: path.to_path_buf(), message };
     let text = fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
     let workload: Workload = serde_json::from_str(&text)
@@ -85,7 +97,8 @@ pub fn from_workload(path: &Path, history: Option<&History>) -> Result<Vec<Job>,
         let known = known(history, package_name(&build.name))?;
         Ok(Job { name: build.name.clone(), tier: build.tier, wall_ms: build.ms, peak_mib: build.mib, cpu_ms: build.cpu_ms, known, deps: deps[i].clone() })
     });
-    Ok(renumber(jobs.collect::<Result<Vec<Job>, PlanError>>()?, &order))
+    let jobs = renumber(jobs.collect::<Result<Vec<Job>, PlanError>>()?, &order);
+    Ok(Plan { rule_packages: vec![None; jobs.len()], jobs })
 }
 
 /// The builds `nix-store --realise drv` would run: the derivations of its closure whose outputs
@@ -93,7 +106,7 @@ pub fn from_workload(path: &Path, history: Option<&History>) -> Result<Vec<Job>,
 /// runs and what it peaks at come from `history` (the median wall time, the largest learning
 /// peak); a package the history does not have runs its tier's guess
 /// ([`learning::guessed_wall_ms`]) and uses its tier's `memoryMiB`.
-pub fn from_derivation(drv: &Path, profile: &Profile, history: Option<&History>) -> Result<Vec<Job>, PlanError> {
+pub fn from_derivation(drv: &Path, profile: &Profile, history: Option<&History>) -> Result<Plan, PlanError> {
     let mut found: BTreeMap<PathBuf, (Derivation, Vec<PathBuf>)> = BTreeMap::new();
     let mut queue = VecDeque::from([drv.to_path_buf()]);
     while let Some(path) = queue.pop_front() {
@@ -122,9 +135,11 @@ pub fn from_derivation(drv: &Path, profile: &Profile, history: Option<&History>)
             Some(history) => history.expected_cpu_ms(package)?,
             None => None,
         };
-        Ok(Job { name: placement.name, tier, wall_ms, peak_mib, cpu_ms, known, deps: deps[i].clone() })
+        let job = Job { name: placement.name, tier, wall_ms, peak_mib, cpu_ms, known, deps: deps[i].clone() };
+        Ok((job, placement.rule_package))
     });
-    Ok(renumber(jobs.collect::<Result<Vec<Job>, PlanError>>()?, &order))
+    let (jobs, rule_packages) = jobs.collect::<Result<(Vec<Job>, Vec<Option<String>>), PlanError>>()?;
+    Ok(Plan { jobs: renumber(jobs, &order), rule_packages })
 }
 
 /// Makes the runtime know every job as one recorded run of exactly these builds would have

@@ -1,24 +1,19 @@
 //! The build history end to end: rows recorded through the library, read back by the real
 //! `nix-tier history` and used by the real `nix-tier explain` to learn the reservation.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::nix_tier;
+use common::{json, nix_tier};
 
 use nix_tier_hook::history::{package_and_version, BuildRecord, History, Outcome};
 use nix_tier_model::learning;
 use nix_tier_model::Tier;
 use serde_json::Value;
 use tempfile::TempDir;
-
-mod common;
-
-fn json(output: &Output) -> Value {
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("JSON")
-}
 
 /// A real .drv for `pkg-1.0` marked medium, instantiated by Nix in its own store; written by hand
 /// in the same format where Nix is not installed.

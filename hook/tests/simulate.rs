@@ -3,25 +3,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use nix_tier_hook::history::{BuildRecord, History, Outcome};
-use nix_tier_model::Tier;
+use nix_tier_hook::history::History;
 use serde_json::Value;
 use tempfile::TempDir;
 
-fn nix_tier(state_dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-        .args(args)
-        .env("NIX_TIER_STATE_DIR", state_dir)
-        .output()
-        .expect("nix-tier runs")
-}
+mod common;
 
-fn json(output: &Output) -> Value {
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).expect("JSON")
-}
+use common::{json, nix_tier, succeeded_build};
 
 /// A pinned profile: this host's, with a budget of 1000 MiB, heavy 1 job of 800 MiB, medium 2 of
 /// 400 MiB, light 4 of 100 MiB.
@@ -61,20 +51,7 @@ fn closure(dir: &Path) -> PathBuf {
 }
 
 fn record(history: &History, package: &str, wall_ms: u64, peak_mib: u64, cpu_ms: u64) {
-    history
-        .record(&BuildRecord {
-            drv: format!("/nix/store/x-{package}-1.0.drv"),
-            package: package.into(),
-            version: "1.0".into(),
-            tier: Tier::Light,
-            started_unix_ms: 1_767_225_600_000,
-            wall_ms,
-            cpu_ms: Some(cpu_ms),
-            peak_mib: Some(peak_mib),
-            limit_mib: None,
-            outcome: Outcome::Succeeded,
-        })
-        .expect("record");
+    history.record(&succeeded_build(&format!("{package}-1.0"), 1_767_225_600_000, wall_ms, cpu_ms, peak_mib)).expect("record");
 }
 
 #[test]

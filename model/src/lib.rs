@@ -22,6 +22,7 @@ pub mod optimize;
 pub mod profile;
 pub mod simulate;
 pub mod tiers;
+pub mod tune;
 
 use std::path::Path;
 

@@ -113,6 +113,15 @@ impl TierTable {
         }
     }
 
+    /// The limits of `tier`, to change them.
+    pub fn get_mut(&mut self, tier: Tier) -> &mut TierLimits {
+        match tier {
+            Tier::Heavy => &mut self.heavy,
+            Tier::Medium => &mut self.medium,
+            Tier::Light => &mut self.light,
+        }
+    }
+
     /// Each tier with its limits, heaviest first.
     pub fn iter(&self) -> impl Iterator<Item = (Tier, &TierLimits)> {
         Tier::ALL

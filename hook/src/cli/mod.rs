@@ -6,6 +6,7 @@ pub mod profile;
 pub mod report;
 pub mod simulate;
 pub mod status;
+pub mod tune;
 
 use std::path::{Path, PathBuf};
 

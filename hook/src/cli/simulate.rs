@@ -75,6 +75,8 @@ pub struct Scenario {
 pub struct Loaded {
     /// The builds.
     pub jobs: Vec<Job>,
+    /// For each build, the package name profile rules match, when a rule can decide its tier.
+    pub rule_packages: Vec<Option<String>>,
     /// The profile (its build section is the hook's, unless `--no-hook`).
     pub profile: Profile,
     /// Where the profile came from.
@@ -93,16 +95,16 @@ impl Scenario {
             true => None,
             false => History::open_read_only(StateDir::from_env().path())?,
         };
-        let (mut jobs, source) = match (&self.workload, &self.drv) {
+        let (mut plan, source) = match (&self.workload, &self.drv) {
             (Some(file), _) => (plan::from_workload(file, history.as_ref())?, file.display().to_string()),
             (None, Some(drv)) => (plan::from_derivation(drv, &profile, history.as_ref())?, drv.display().to_string()),
             (None, None) => return Err("give a .drv file or --workload FILE".into()),
         };
         if self.learned {
-            plan::known_from_themselves(&mut jobs);
+            plan::known_from_themselves(&mut plan.jobs);
         }
         let setup = self.setup(&profile)?;
-        Ok(Loaded { jobs, profile, profile_origin, setup, source })
+        Ok(Loaded { jobs: plan.jobs, rule_packages: plan.rule_packages, profile, profile_origin, setup, source })
     }
 
     fn setup(&self, profile: &Profile) -> Result<Setup, String> {

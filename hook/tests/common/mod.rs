@@ -138,13 +138,15 @@ pub fn write_drv(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     (drv, out)
 }
 
-/// Runs `nix-tier <args>` with the state directory `state_dir`.
+/// Runs the real `nix-tier` with `args`, its state (and build history) in `state_dir`.
 pub fn nix_tier(state_dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_nix-tier"))
-        .args(args)
-        .env("NIX_TIER_STATE_DIR", state_dir)
-        .output()
-        .expect("nix-tier runs")
+    Command::new(env!("CARGO_BIN_EXE_nix-tier")).args(args).env("NIX_TIER_STATE_DIR", state_dir).output().expect("nix-tier runs")
+}
+
+/// The JSON `output` printed; panics with its stderr when it failed.
+pub fn json(output: &std::process::Output) -> serde_json::Value {
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("JSON")
 }
 
 /// This machine's profile (`nix-tier profile`) with `build` replaced, written to `path`.
@@ -171,4 +173,24 @@ pub fn build_section(budget: u64) -> serde_json::Value {
 /// Makes a FIFO at `path`.
 pub fn mkfifo(path: &Path) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+}
+
+/// A successful build of `name` (e.g. `big-1.0`) for a history fixture: light tier, no wait, no
+/// limit, leased for its whole wall time.
+pub fn succeeded_build(name: &str, started_unix_ms: u64, wall_ms: u64, cpu_ms: u64, peak_mib: u64) -> nix_tier_hook::history::BuildRecord {
+    let (package, version) = nix_tier_hook::history::package_and_version(name);
+    nix_tier_hook::history::BuildRecord {
+        drv: format!("/nix/store/00000000000000000000000000000000-{name}.drv"),
+        package,
+        version,
+        tier: nix_tier_model::Tier::Light,
+        started_unix_ms,
+        wall_ms,
+        leased_ms: Some(wall_ms),
+        cpu_ms: Some(cpu_ms),
+        peak_mib: Some(peak_mib),
+        limit_mib: None,
+        outcome: nix_tier_hook::history::Outcome::Succeeded,
+        waited_ms: Some(0),
+    }
 }
