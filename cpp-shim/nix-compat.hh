@@ -55,6 +55,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace nix_tier::compat {
@@ -79,12 +80,23 @@ inline bool pureEval(nix::EvalState & state)
     return state.settings.pureEval;
 }
 
-/// Forces `v` to an attribute set and returns its attribute `name`, or nullptr.
-inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, nix::Symbol name, PrimOpPos pos)
+/// The attribute `name` of `v`, an attribute set already forced, or nullptr.
+inline nix::Value * attribute(const nix::Value & v, nix::Symbol name)
 {
-    state.forceAttrs(v, pos, "while reading an attribute set for nix-tier");
     auto attr = v.attrs()->get(name);
     return attr ? attr->value : nullptr;
+}
+
+/// The text of `v`, a string already forced.
+inline std::string_view text(const nix::Value & v)
+{
+    return v.string_view();
+}
+
+/// Whether `v`, already forced, is the Boolean `true`.
+inline bool isTrue(const nix::Value & v)
+{
+    return v.type() == nix::nBool && v.boolean();
 }
 
 /// Parses Nix source that refers to no files.
@@ -133,11 +145,20 @@ inline bool pureEval(nix::EvalState &)
     return nix::evalSettings.pureEval;
 }
 
-inline nix::Value * attribute(nix::EvalState & state, nix::Value & v, nix::Symbol name, PrimOpPos pos)
+inline nix::Value * attribute(const nix::Value & v, nix::Symbol name)
 {
-    state.forceAttrs(v, pos);
     auto attr = v.attrs->get(name);
     return attr ? attr->value : nullptr;
+}
+
+inline std::string_view text(const nix::Value & v)
+{
+    return v.string.s;
+}
+
+inline bool isTrue(const nix::Value & v)
+{
+    return v.type() == nix::nBool && v.boolean;
 }
 
 inline nix::Expr * parseExpression(nix::EvalState & state, std::string source)

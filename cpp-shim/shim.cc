@@ -1,11 +1,13 @@
 // The C++ half of the nix-tier plugin: registers the builtins and the plugin's nix.conf setting,
-// converts between Nix values and JSON, and turns Rust errors into positioned evaluation errors.
+// reads what Rust asks for from Nix values, evaluates the Nix code Rust writes, and turns Rust
+// errors into positioned evaluation errors.
 // All decisions are made in Rust (plugin/src); nothing here throws across the Rust boundary
 // because Rust never calls back into C++.
 #include "nix-compat.hh"
 #include "nix-tier-plugin/src/ffi.rs.h"
 #include "rust/cxx.h"
 
+#include <array>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -57,21 +59,13 @@ std::string toJson(nix::EvalState & state, nix::Value & v, compat::PrimOpPos pos
     return out.str();
 }
 
-/// The Nix half of optimizeFor (plugin/nix/optimize-for.nix): `{ overrideFacts; apply; }`,
-/// evaluated once per EvalState as the hidden constant builtins.nixTierGlue, so it lives in that
-/// state's garbage-collected heap and symbol table.
+/// The Nix half of optimizeFor (plugin/nix/optimize-for.nix): `{ overrideFacts; }`, evaluated
+/// once per EvalState as the hidden constant builtins.nixTierGlue, so it lives in that state's
+/// garbage-collected heap and symbol table.
 void primGlue(nix::EvalState & state, compat::PrimOpPos, nix::Value **, nix::Value & v)
 {
     auto source = optimize_for_glue();
     state.eval(compat::parseExpression(state, std::string(source.data(), source.size())), v);
-}
-
-nix::Value & glueFunction(nix::EvalState & state, const char * name, compat::PrimOpPos pos)
-{
-    auto function = compat::attribute(state, state.getBuiltin("nixTierGlue"), state.symbols.create(name), pos);
-    if (!function)
-        compat::throwEvalError(state, pos, std::string("nix-tier plugin: internal error: the glue has no '") + name + "'");
-    return *function;
 }
 
 /// `v.name` when `v` is an attribute set that has it, else nullptr (as Nix's `or`); the
@@ -79,14 +73,32 @@ nix::Value & glueFunction(nix::EvalState & state, const char * name, compat::Pri
 nix::Value * find(nix::EvalState & state, nix::Value & v, nix::Symbol name, compat::PrimOpPos pos)
 {
     state.forceValue(v, pos);
-    return v.type() == nix::nAttrs ? compat::attribute(state, v, name, pos) : nullptr;
+    return v.type() == nix::nAttrs ? compat::attribute(v, name) : nullptr;
 }
 
-/// A query of optimize_fact_queries(): its kind ('?', '!', '|' or 0 for a value) and path.
+nix::Value & glueFunction(nix::EvalState & state, const char * name, compat::PrimOpPos pos)
+{
+    auto function = find(state, state.getBuiltin("nixTierGlue"), state.symbols.create(name), pos);
+    if (!function)
+        compat::throwEvalError(state, pos, std::string("nix-tier plugin: internal error: the glue has no '") + name + "'");
+    return *function;
+}
+
+/// The longest attribute path a query may have.
+constexpr size_t maxPath = 4;
+
+/// A query of optimize_fact_queries(): its kind ('?', '!', '=', '|' or 0 for a value), its
+/// path and length, and how many of the path's first names it shares with the previous query's.
+/// Two or more queries in a row under one attribute (`stdenv.cc.isGNU`, `stdenv.cc.version`) are
+/// a group, whose first query has where the group ends and its answers when that attribute is
+/// absent: its answers are the same while the attribute is the same value.
 struct Query
 {
     char kind;
     std::vector<std::string> path;
+    size_t length = 0, shared = 0, groupEnd = 0;
+    bool endsGroup = false;
+    std::string absent{};
 };
 
 const std::vector<Query> & factQueries()
@@ -95,11 +107,38 @@ const std::vector<Query> & factQueries()
         std::vector<Query> parsed;
         std::istringstream words{std::string(optimize_fact_queries())};
         for (std::string word; words >> word;) {
-            Query query{std::string("?!|").find(word[0]) != std::string::npos ? word[0] : '\0', {}};
+            Query query{std::string("?!=|").find(word[0]) != std::string::npos ? word[0] : '\0', {}};
             std::istringstream path(query.kind ? word.substr(1) : word);
             for (std::string name; std::getline(path, name, '.');)
                 query.path.push_back(name);
+            query.length = query.path.size();
+            if (query.length > maxPath)
+                throw std::logic_error("nix-tier plugin: a fact query's path is longer than " + std::to_string(maxPath));
             parsed.push_back(std::move(query));
+        }
+        const std::vector<std::string> * previous = nullptr;
+        for (size_t i = 0; i < parsed.size(); ++i) {
+            auto & query = parsed[i];
+            if (query.kind == '|')
+                continue;
+            while (previous && query.shared < std::min(previous->size(), query.length)
+                && (*previous)[query.shared] == query.path[query.shared])
+                ++query.shared;
+            previous = &query.path;
+            auto inGroup = [&](const Query & other) {
+                return other.kind != '|' && other.length > 1 && other.path[0] == query.path[0];
+            };
+            if (inGroup(query) && (i == 0 || !inGroup(parsed[i - 1]))) {
+                size_t end = i + 1;
+                while (end < parsed.size() && inGroup(parsed[end]))
+                    ++end;
+                if (end > i + 1) {
+                    query.groupEnd = end;
+                    parsed[end - 1].endsGroup = true;
+                    for (size_t j = i; j < end; ++j)
+                        query.absent += parsed[j].kind ? '0' : 'n';
+                }
+            }
         }
         return parsed;
     }();
@@ -107,14 +146,17 @@ const std::vector<Query> & factQueries()
 }
 
 /// One application of optimizeFor to its options, as the shim keeps it: Rust's handle, the
-/// queries' paths as this EvalState's symbols, and `apply plan` (the glue's) for each plan made
-/// so far, by number. ValueVector's memory is traced by the garbage collector.
+/// queries' paths as this EvalState's symbols, the answers to each group of queries (by its
+/// first) for the value it was last read from, the code of each shape of plan evaluated so far
+/// and the function applying each plan made so far, by number. ValueVector's memory is traced by
+/// the garbage collector, so a value read from stays alive and its address names it.
 struct Application
 {
     uint64_t handle;
     nix::Symbol nixTier, original;
     std::vector<std::vector<nix::Symbol>> paths;
-    nix::ValueVector appliers;
+    std::vector<std::string> groupAnswers;
+    nix::ValueVector groupValues, shapes, appliers;
 };
 
 /// The applications by the address of their handle's Nix value, which each derivation's call
@@ -132,60 +174,95 @@ std::shared_ptr<Application> application(nix::EvalState & state, const nix::Valu
     return found->second;
 }
 
-/// The facts for optimize_plan, each query read from `base`: the answers before `|` and the
-/// others, each a JSON list, one after the other; and where the second begins.
-std::pair<std::string, size_t> readFacts(nix::EvalState & state, const Application & app, nix::Value & base,
-    compat::PrimOpPos pos)
+/// Appends the answer to a query of a value: `n` when absent, else `s` and a string's text or
+/// `j` and another value's JSON, ended by a NUL byte.
+void writeValue(nix::EvalState & state, nix::Value * v, std::string & answers, compat::PrimOpPos pos)
 {
-    std::ostringstream out;
-    // Most answers are a word: written to the buffer, past the stream's per-call checks.
-    auto & words = *out.rdbuf();
-    compat::StringContext context;
-    std::streamsize namesEnd = 0;
-    words.sputc('[');
-    bool first = true;
-    auto & queries = factQueries();
-    for (size_t i = 0; i < queries.size(); ++i) {
-        auto & query = queries[i];
-        if (query.kind == '|') {
-            words.sputc(']');
-            namesEnd = out.tellp();
-            words.sputc('[');
-            first = true;
-            continue;
-        }
-        if (!first)
-            words.sputc(',');
-        first = false;
-        nix::Value * at = &base;
-        for (auto name : app.paths[i])
-            if (!(at = find(state, *at, name, pos)))
-                break;
-        if (!query.kind && at) {
-            nix::printValueAsJSON(state, true, *at, pos, out, context);
-            continue;
-        }
-        if (query.kind == '!' && at)
-            state.forceValue(*at, pos);
-        std::string_view word = !query.kind ? "null"
-            : at && (query.kind == '?' || at->type() != nix::nNull) ? "true" : "false";
-        words.sputn(word.data(), word.size());
+    if (!v) {
+        answers += 'n';
+        return;
     }
-    words.sputc(']');
-    return {out.str(), namesEnd};
+    state.forceValue(*v, pos);
+    if (v->type() == nix::nString) {
+        answers += 's';
+        answers += compat::text(*v);
+    } else {
+        answers += 'j';
+        answers += toJson(state, *v, pos);
+    }
+    answers += '\0';
 }
 
-/// `apply plan` for plan `number` of `app`, made the first time it is asked for.
+/// The answers to factQueries() read from `base`, written as plugin/src/optimize_for.rs's
+/// FACT_QUERIES says: the names' and then the others'; and where the others begin.
+std::pair<std::string, size_t> readFacts(nix::EvalState & state, Application & app, nix::Value & base,
+    compat::PrimOpPos pos)
+{
+    std::string answers;
+    answers.reserve(128);
+    size_t namesEnd = 0;
+    // The values along the previous query's path (nullptr past an absent attribute), which the
+    // next query starts from where the paths agree.
+    std::array<nix::Value *, maxPath + 1> along{&base};
+    // The group of queries being answered: its first query and where its answers begin.
+    size_t group = 0, groupStart = 0;
+    auto & queries = factQueries();
+    for (size_t i = 0, count = queries.size(); i < count; ++i) {
+        auto & query = queries[i];
+        if (query.kind == '|') {
+            namesEnd = answers.size();
+            continue;
+        }
+        auto path = app.paths[i].data();
+        size_t k = query.shared;
+        if (query.groupEnd) {
+            if (k == 0)
+                along[++k] = find(state, base, path[0], pos);
+            if (!along[1] || along[1] == app.groupValues[i]) {
+                answers += along[1] ? app.groupAnswers[i] : query.absent;
+                i = query.groupEnd - 1;
+                continue;
+            }
+            group = i;
+            groupStart = answers.size();
+        }
+        for (; k < query.length; ++k)
+            along[k + 1] = along[k] ? find(state, *along[k], path[k], pos) : nullptr;
+        nix::Value * at = along[query.length];
+        if (at && (query.kind == '!' || query.kind == '='))
+            state.forceValue(*at, pos);
+        switch (query.kind) {
+        case '?': answers += at ? '1' : '0'; break;
+        case '!': answers += at && at->type() != nix::nNull ? '1' : '0'; break;
+        case '=': answers += at && compat::isTrue(*at) ? '1' : '0'; break;
+        default: writeValue(state, at, answers, pos);
+        }
+        if (query.endsGroup) {
+            app.groupValues[group] = along[1];
+            app.groupAnswers[group] = answers.substr(groupStart);
+        }
+    }
+    return {std::move(answers), namesEnd};
+}
+
+/// The function applying plan `number` of `app`, made the first time it is asked for.
 nix::Value & applier(nix::EvalState & state, Application & app, uint32_t number, compat::PrimOpPos pos)
 {
     if (number < app.appliers.size() && app.appliers[number])
         return *app.appliers[number];
-    auto json = callRust(state, pos, [&] { return optimize_plan_json(app.handle, number); });
-    // Both live on in the closure: heap values, not stack ones.
-    auto plan = state.allocValue();
-    nix::parseJSON(state, std::string(json), *plan);
+    auto code = callRust(state, pos, [&] { return optimize_plan_code(app.handle, number); });
+    // All of them live on in closures: heap values, not stack ones.
+    if (code.shape >= app.shapes.size() || !app.shapes[code.shape]) {
+        auto shape = state.allocValue();
+        state.eval(compat::parseExpression(state, std::string(code.source)), *shape);
+        if (app.shapes.size() <= code.shape)
+            app.shapes.resize(code.shape + 1, nullptr);
+        app.shapes[code.shape] = shape;
+    }
+    auto info = state.allocValue();
+    nix::parseJSON(state, std::string(code.info), *info);
     auto made = state.allocValue();
-    state.callFunction(glueFunction(state, "apply", pos), *plan, *made, pos);
+    state.callFunction(*app.shapes[code.shape], *info, *made, pos);
     if (app.appliers.size() <= number)
         app.appliers.resize(number + 1, nullptr);
     app.appliers[number] = made;
@@ -214,6 +291,8 @@ void primOptimizeFor(nix::EvalState & state, compat::PrimOpPos pos, nix::Value *
         for (auto & name : query.path)
             app->paths.back().push_back(state.symbols.create(name));
     }
+    app->groupAnswers.resize(factQueries().size());
+    app->groupValues.resize(factQueries().size(), nullptr);
     auto handle = state.allocValue();
     nix::parseJSON(state, std::to_string(app->handle), *handle);
     {
@@ -238,20 +317,24 @@ void primOptimizeDerivation(nix::EvalState & state, compat::PrimOpPos pos, nix::
         if (auto original = find(state, *tier, app->original, pos))
             base = original;
 
-    auto [facts, namesEnd] = readFacts(state, *app, *base, pos);
-    auto planned = callRust(state, pos, [&] {
-        return optimize_plan(app->handle, rust::Str(facts.data(), namesEnd),
-            rust::Str(facts.data() + namesEnd, facts.size() - namesEnd));
-    });
+    auto facts = readFacts(state, *app, *base, pos);
+    auto & answers = facts.first;
+    auto namesEnd = facts.second;
+    auto plan = [&] {
+        auto bytes = reinterpret_cast<const uint8_t *>(answers.data());
+        return callRust(state, pos, [&] {
+            return optimize_plan(app->handle, rust::Slice<const uint8_t>(bytes, namesEnd),
+                rust::Slice<const uint8_t>(bytes + namesEnd, answers.size() - namesEnd));
+        });
+    };
+    auto planned = plan();
     if (!planned.override_switches.empty()) {
         auto switches = state.allocValue(), overrideFactsOf = state.allocValue(), overrideFacts = state.allocValue();
         nix::parseJSON(state, std::string(planned.override_switches), *switches);
         state.callFunction(glueFunction(state, "overrideFacts", pos), *switches, *overrideFactsOf, pos);
         state.callFunction(*overrideFactsOf, *base, *overrideFacts, pos);
-        auto answers = facts.substr(namesEnd, facts.size() - namesEnd - 1) + "," + toJson(state, *overrideFacts, pos) + "]";
-        planned = callRust(state, pos, [&] {
-            return optimize_plan(app->handle, rust::Str(facts.data(), namesEnd), answers);
-        });
+        writeValue(state, overrideFacts, answers, pos);
+        planned = plan();
     }
     for (auto & warning : planned.warnings)
         nix::warn("%s", std::string(warning));

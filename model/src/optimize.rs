@@ -3,7 +3,8 @@
 //!
 //! Pure: the inputs are the caller's options, facts the plugin read from the derivation
 //! ([`Facts`]), Nix's `system-features`, and the evaluating host's profile; the output
-//! ([`Plan`]) is applied by the plugin's Nix glue through `override`/`overrideAttrs`.
+//! ([`Plan`]) is applied by the plugin, with Nix code it writes for the plan, through
+//! `override`/`overrideAttrs`.
 //! docs/optimize-for.md documents the interface.
 //!
 //! What does not change the built code stays out of the derivation (out paths are kept): the
@@ -152,11 +153,10 @@ pub struct Compiler {
     pub version: Option<String>,
 }
 
-/// The changes to make, applied by the Nix glue. A variable goes where the package keeps it:
-/// at the top level when the package has it there, else in `env`. Plans compare and hash by
-/// value, so that one evaluation can share a plan among the many packages that get the same.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "camelCase")]
+/// The changes to make, applied by the plugin. A variable goes where the package keeps it: at
+/// the top level when the package has it there, else in `env`. Plans compare and hash by value,
+/// so that one evaluation can share a plan among the many packages that get the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Plan {
     /// Variables to append to, space-separated, after the package's own value.
     pub append: BTreeMap<String, String>,
@@ -175,14 +175,8 @@ pub struct Plan {
     pub pass_self: bool,
     /// Messages for the user, printed once per evaluation.
     pub warnings: Vec<String>,
-    /// What was done and why, exposed as `passthru.nixTier`; serialized as a JSON string, which
-    /// the glue parses only when `passthru.nixTier` is used.
-    #[serde(serialize_with = "json_string")]
+    /// What was done and why, exposed as `passthru.nixTier`.
     pub info: PlanInfo,
-}
-
-fn json_string<S: serde::Serializer>(info: &PlanInfo, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&serde_json::to_string(info).map_err(serde::ser::Error::custom)?)
 }
 
 /// The record of a plan, for users (`drv.nixTier`).

@@ -17,16 +17,29 @@ mod bridge {
         warnings: Vec<String>,
     }
 
+    /// The Nix code of one plan of an application.
+    struct PlanCode {
+        /// The number of `source` in the application: plans that differ only in their record
+        /// have the same code.
+        shape: u32,
+        /// Nix source of a function of the plan's record that returns the function of
+        /// derivations applying the plan.
+        source: String,
+        /// The plan's record, `passthru.nixTier` without `original`: JSON of its JSON text.
+        info: String,
+    }
+
     extern "Rust" {
         /// JSON of the hardware profile: the file at `pinned_path` when not empty, else detected.
         fn hardware_profile_json(pinned_path: &str, pure_eval: bool) -> Result<String>;
 
-        /// The Nix source of optimizeFor's glue (`{ overrideFacts; apply; }`).
+        /// The Nix source of optimizeFor's glue (`{ overrideFacts; }`).
         fn optimize_for_glue() -> &'static str;
 
         /// What to read from each derivation: attribute paths, space-separated (`?path`
-        /// whether it is there, `!path` whether it is there and not null, `path` its value);
-        /// the answers before `|` go to `names_json`, the others to `answers_json`.
+        /// whether it is there, `!path` whether it is there and not null, `=path` whether it
+        /// is `true`, `path` its value); the answers before `|` go to `names`, the others to
+        /// `answers`, written as plugin/src/optimize_for.rs's `FACT_QUERIES` says.
         fn optimize_fact_queries() -> &'static str;
 
         /// Resolves `builtins.optimizeFor`'s options once for the derivations they will be
@@ -39,17 +52,17 @@ mod bridge {
             pure_eval: bool,
         ) -> Result<u64>;
 
-        /// The plan for one derivation given to application `handle`: `names_json` is the
-        /// list of the answers before `|`, `answers_json` the list of the others, followed by
-        /// what `overrideFacts` read when the previous answer asked for it.
-        fn optimize_plan(handle: u64, names_json: &str, answers_json: &str) -> Result<Planned>;
+        /// The plan for one derivation given to application `handle`: `names` are the answers
+        /// before `|`, `answers` the others, followed by what `overrideFacts` read (as the
+        /// answer of a value) when the previous call asked for it.
+        fn optimize_plan(handle: u64, names: &[u8], answers: &[u8]) -> Result<Planned>;
 
-        /// Plan `plan` of application `handle`, as JSON for the glue's `apply`.
-        fn optimize_plan_json(handle: u64, plan: u32) -> Result<String>;
+        /// The Nix code of plan `plan` of application `handle`.
+        fn optimize_plan_code(handle: u64, plan: u32) -> Result<PlanCode>;
     }
 }
 
-pub(crate) use bridge::Planned;
+pub(crate) use bridge::{PlanCode, Planned};
 
 use crate::{catch_panics, PluginError};
 
@@ -74,10 +87,10 @@ fn optimize_prepare(
     catch_panics(|| crate::optimize_for::prepare(options_json, system_features, pinned_path, pure_eval))
 }
 
-fn optimize_plan(handle: u64, names_json: &str, answers_json: &str) -> Result<Planned, PluginError> {
-    catch_panics(|| crate::optimize_for::plan(handle, names_json, answers_json))
+fn optimize_plan(handle: u64, names: &[u8], answers: &[u8]) -> Result<Planned, PluginError> {
+    catch_panics(|| crate::optimize_for::plan(handle, names, answers))
 }
 
-fn optimize_plan_json(handle: u64, plan: u32) -> Result<String, PluginError> {
-    catch_panics(|| crate::optimize_for::plan_json(handle, plan))
+fn optimize_plan_code(handle: u64, plan: u32) -> Result<PlanCode, PluginError> {
+    catch_panics(|| crate::optimize_for::plan_code(handle, plan))
 }

@@ -2,8 +2,10 @@
 //!
 //! Nix `dlopen`s the library built from this crate (`plugin-files` in nix.conf). The C++ shim in
 //! `cpp-shim/` registers the builtins and converts values; this crate makes every decision, using
-//! the shared model in `nix-tier-model`. Data crosses the boundary as JSON strings.
+//! the shared model in `nix-tier-model`. Data crosses the boundary as JSON strings, the facts
+//! read from each derivation as a compact text, and each plan as the Nix code that applies it.
 
+mod apply;
 mod ffi;
 mod hardware_profile;
 mod optimize_for;

@@ -519,6 +519,44 @@ fn a_variable_the_builder_never_sees_is_not_claimed() {
 }
 
 #[test]
+fn every_variable_of_a_plan_goes_where_the_package_keeps_it() {
+    // A Rust package given -O, -march, target-cpu and the core count: four variables, more than
+    // the plugin's code places before writing the changes (plugin/src/apply.rs), so the last is
+    // placed inside them. What overrideAttrs passes on shows where each went.
+    let sandbox = NixSandbox::with_plugin("");
+    let host = Host::of(&sandbox);
+    let placed = |own_cores: &str| {
+        eval(
+            &sandbox,
+            &format!(
+                r#"let
+                     d = pkgs.rusty.overrideAttrs (old: {{ env.NIX_CFLAGS_COMPILE = "-DOWN"; {own_cores} }});
+                     r = optimizeFor {{ optLevel = 3; tier = "medium"; pinCores = true; }} d;
+                   in (r.overrideAttrs (old: {{
+                     passthru.placed = {{
+                       top = builtins.attrNames (builtins.intersectAttrs
+                         {{ NIX_CFLAGS_COMPILE = 0; NIX_CFLAGS_COMPILE_BEFORE = 0; RUSTFLAGS = 0; NIX_BUILD_CORES = 0; }} old);
+                       inherit (old) env RUSTFLAGS;
+                       cores = old.NIX_BUILD_CORES or old.env.NIX_BUILD_CORES;
+                     }};
+                   }})).placed"#
+            ),
+        )
+    };
+    let cores = host.cores("medium");
+    for (own_cores, top) in [("", vec!["RUSTFLAGS"]), (r#"NIX_BUILD_CORES = "9";"#, vec!["NIX_BUILD_CORES", "RUSTFLAGS"])] {
+        let placed = placed(own_cores);
+        assert_eq!(placed["top"], serde_json::json!(top), "{placed}");
+        let env = &placed["env"];
+        assert_eq!(env["NIX_CFLAGS_COMPILE"], "-DOWN -O3", "{placed}");
+        assert!(env["NIX_CFLAGS_COMPILE_BEFORE"].as_str().unwrap().starts_with("-march="), "{placed}");
+        assert!(placed["RUSTFLAGS"].as_str().unwrap().starts_with("-C debuginfo=0 -C target-cpu="), "{placed}");
+        assert_eq!(env.get("NIX_BUILD_CORES").is_some(), own_cores.is_empty(), "{placed}");
+        assert_eq!(placed["cores"].as_str(), Some(cores.as_str()), "{placed}");
+    }
+}
+
+#[test]
 fn final_attrs_see_the_level() {
     let sandbox = NixSandbox::with_plugin("");
     let env = drv_env(&instantiate(&sandbox, "optimizeFor { optLevel = 3; } pkgs.fixpoint"));
