@@ -642,7 +642,7 @@ mod tests {
         };
         // "huge" alone exceeds the machine: the OOM killer ends it and its dependent never starts.
         let jobs = [job("a", 10, vec![]), job("huge", 5000, vec![]), job("after-huge", 10, vec![1])];
-        let setup = Setup { threads: 2, memory_mib: 1000, nix: Nix::with_max_jobs(2), hook: None };
+        let setup = Setup { threads: 2, memory_mib: 1000, oom_kill_ms: 0, nix: Nix::with_max_jobs(2), hook: None };
         let prediction = simulate(&jobs, &setup).unwrap();
         let bars = predicted_bars(&jobs, &prediction);
         assert_eq!(bars.iter().map(|b| (b.name.as_str(), b.failed)).collect::<Vec<_>>(), [("a", false), ("huge", true)]);

@@ -26,8 +26,9 @@
 //!   for its whole run. With the hook,
 //!   a build whose peak exceeds its reservation is killed at its cgroup's limit (counted at the
 //!   end of its run: real builds reach their peaks late). When the builds together hold more
-//!   than the machine's memory, the kernel's OOM killer ends the largest. A failed build's
-//!   dependents are never built.
+//!   than the machine's memory, everything stalls for [`Setup::oom_kill_ms`] while the kernel
+//!   reclaims, then its OOM killer ends the largest; and again while they still hold too much.
+//!   A failed build's dependents are never built.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -75,6 +76,9 @@ pub struct Setup {
     pub threads: u32,
     /// Memory the builds may use before the kernel's OOM killer strikes, MiB.
     pub memory_mib: u64,
+    /// How long the kernel takes to end a build once the builds hold more than `memory_mib`,
+    /// milliseconds: it reclaims what it can first, and every build and Nix stall meanwhile.
+    pub oom_kill_ms: u64,
     /// How Nix runs builds.
     pub nix: Nix,
     /// The profile's build section when nix-tier-hook admits the builds; `None` for Nix alone.
@@ -222,6 +226,8 @@ enum Event {
     Exit(usize, u64),
     /// Nix has seen a builder's exit: its slot is free, its dependents ready if it succeeded.
     Finish(usize),
+    /// The OOM killer ends the largest build, after the stall.
+    OomKill,
 }
 
 /// The one Nix worker the simulation builds with.
@@ -288,6 +294,9 @@ struct Simulation<'a> {
     /// admitted): until they do, asking again gets the same answers, and Nix's timer changes
     /// nothing.
     retry_due: bool,
+    /// Whether the builds hold more memory than the machine has and everything stalls until the
+    /// OOM killer strikes.
+    stalled: bool,
     /// Until when Nix's worker (one thread) is busy starting and finishing builds.
     worker_busy_until: u64,
     now: u64,
@@ -343,6 +352,7 @@ impl<'a> Simulation<'a> {
             most_at_once: 0,
             timer_pending: false,
             retry_due: false,
+            stalled: false,
             worker_busy_until: 0,
             now: 0,
         }
@@ -372,6 +382,7 @@ impl<'a> Simulation<'a> {
                     done = time;
                     self.finish(job);
                 }
+                Event::OomKill => self.oom_kill(),
             }
         }
         self.prediction(done)
@@ -477,13 +488,40 @@ impl<'a> Simulation<'a> {
         self.held_mib += job.peak_mib;
         self.most_at_once = self.most_at_once.max(self.running.len() as u32);
         self.retime(Some(index));
-        // The OOM killer ends the largest builds (the newest of equals) until the rest fit.
-        while self.held_mib > self.setup.memory_mib {
-            let Some(&largest) = self.running.iter().max_by_key(|&&i| (self.jobs[i].peak_mib, self.runs[i].start_ms, i)) else { break };
-            self.peak_held = self.peak_held.max(self.held_mib);
+        self.peak_held = self.peak_held.max(self.held_mib);
+        if self.held_mib > self.setup.memory_mib && !self.stalled {
+            self.stall();
+        }
+    }
+
+    /// Memory has run out: no build progresses, and Nix's worker waits, until the OOM killer
+    /// strikes.
+    fn stall(&mut self) {
+        self.advance_work();
+        self.stalled = true;
+        for &i in &self.running {
+            self.timing[i] += 1;
+        }
+        self.worker_busy_until = self.worker_busy_until.max(self.now + self.setup.oom_kill_ms);
+        self.at(self.now + self.setup.oom_kill_ms, Event::OomKill);
+    }
+
+    /// The OOM killer ends the largest build (the newest of equals); the rest run on if they
+    /// fit, else the next stall begins.
+    fn oom_kill(&mut self) {
+        self.progress_at = self.now;
+        self.stalled = false;
+        if let Some(&largest) = self.running.iter().max_by_key(|&&i| (self.jobs[i].peak_mib, self.runs[i].start_ms, i)) {
             self.end_run(largest, Outcome::OomKilled);
         }
-        self.peak_held = self.peak_held.max(self.held_mib);
+        if self.held_mib > self.setup.memory_mib {
+            self.stall();
+        } else {
+            let running: Vec<usize> = self.running.iter().copied().collect();
+            for index in running {
+                self.schedule_exit(index);
+            }
+        }
     }
 
     fn exit(&mut self, index: usize) {
@@ -514,6 +552,10 @@ impl<'a> Simulation<'a> {
 
     /// Brings the running builds' work left up to now, at the speed they ran.
     fn advance_work(&mut self) {
+        if self.stalled {
+            self.progress_at = self.now;
+            return;
+        }
         let elapsed = (self.now - self.progress_at) as f64;
         for &i in &self.running {
             self.work_left[i] = (self.work_left[i] - elapsed * self.speed_of(i)).max(0.0);
@@ -537,6 +579,9 @@ impl<'a> Simulation<'a> {
         let speed = if wanted > threads { threads / wanted } else { 1.0 };
         let changed = (speed - self.speed).abs() > f64::EPSILON;
         self.speed = speed;
+        if self.stalled {
+            return; // timed when the stall ends
+        }
         let retimed: Vec<usize> = self
             .running
             .iter()
@@ -544,10 +589,15 @@ impl<'a> Simulation<'a> {
             .filter(|&i| Some(i) == started || (changed && parallelism(&self.jobs[i], threads) > 0.0))
             .collect();
         for index in retimed {
-            self.timing[index] += 1;
-            let exit = self.now + (self.work_left[index] / self.speed_of(index)).ceil() as u64;
-            self.at(exit, Event::Exit(index, self.timing[index]));
+            self.schedule_exit(index);
         }
+    }
+
+    /// Times build `index`'s exit from its work left at its speed; earlier timings go stale.
+    fn schedule_exit(&mut self, index: usize) {
+        self.timing[index] += 1;
+        let exit = self.now + (self.work_left[index] / self.speed_of(index)).ceil() as u64;
+        self.at(exit, Event::Exit(index, self.timing[index]));
     }
 
     fn finish(&mut self, index: usize) {
@@ -683,7 +733,7 @@ mod tests {
     /// Nix without costs of its own, so that makespans can be worked out by hand.
     fn setup(max_jobs: u32, poll_interval_secs: u64, hook: Option<Build>) -> Setup {
         let nix = Nix { max_jobs, poll_interval_secs, try_ms: 0, start_ms: 0, finish_ms: 0 };
-        Setup { threads: 2, memory_mib: 4000, nix, hook }
+        Setup { threads: 2, memory_mib: 4000, oom_kill_ms: 0, nix, hook }
     }
 
     fn starts(prediction: &Prediction) -> Vec<u64> {
@@ -717,6 +767,10 @@ mod tests {
         assert_eq!(p.count(Outcome::OomKilled), 1);
         assert_eq!(p.runs[1].outcome, Outcome::OomKilled, "the largest, newest on a tie, is killed");
         assert_eq!(p.runs[2].outcome, Outcome::NotBuilt);
+        // While the kernel reclaims before it kills, x makes no progress either.
+        alone.oom_kill_ms = 500;
+        let p = simulate(&jobs, &alone).unwrap();
+        assert_eq!((p.runs[1].end_ms, p.runs[0].end_ms), (Some(500), Some(10_500)));
 
         let mut hook = build();
         hook.tiers.medium.memory_mib = 600;

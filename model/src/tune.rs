@@ -469,7 +469,7 @@ mod tests {
     /// Nix without costs of its own (makespans by hand) and `max_jobs` slots, on 4000 MiB.
     fn setup(max_jobs: u32, hook: Build) -> Setup {
         let nix = Nix { max_jobs, poll_interval_secs: 0, try_ms: 0, start_ms: 0, finish_ms: 0 };
-        Setup { threads: 4, memory_mib: 4000, nix, hook: Some(hook) }
+        Setup { threads: 4, memory_mib: 4000, oom_kill_ms: 0, nix, hook: Some(hook) }
     }
 
     fn tuned(jobs: &[Job], rule_packages: &[Option<String>], setup: &Setup) -> Tuning {

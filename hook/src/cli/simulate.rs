@@ -65,6 +65,11 @@ pub struct Scenario {
     /// profile's RAM and swap, less the system reserve).
     #[arg(long, value_name = "MIB")]
     pub memory_mib: Option<u64>,
+    /// How long the kernel takes to end a build once the builds hold more than --memory-mib,
+    /// milliseconds: it reclaims first, and everything stalls meanwhile (default: as measured by
+    /// bench/scheduling's max-jobs = 12 without the hook: ten OOM kills in 1.8 s).
+    #[arg(long, value_name = "MS", default_value_t = 200)]
+    pub oom_kill_ms: u64,
     /// Nix's own time per build: a hook `try`, starting a builder, and noticing its end
     /// (milliseconds; default: as measured by bench/scheduling on two cores).
     #[arg(long, value_name = "TRY:START:FINISH")]
@@ -121,6 +126,7 @@ impl Scenario {
         Ok(Setup {
             threads: self.threads.unwrap_or(profile.cpu.threads),
             memory_mib: self.memory_mib.unwrap_or(ram + profile.swap.total_mib - tiers::system_reserve_mib(ram)),
+            oom_kill_ms: self.oom_kill_ms,
             nix,
             hook: (!self.no_hook).then(|| profile.build.clone()),
         })
