@@ -88,12 +88,56 @@ impl fmt::Display for WaitReason {
     }
 }
 
+/// What the policy reads of the running builds: how many of each tier, and the memory they
+/// reserve in all and as heavy builds. Summed once, it decides any number of candidates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Running {
+    per_tier: [u32; 3],
+    reserved_mib: u64,
+    heavy_mib: u64,
+}
+
+impl Running {
+    /// The builds holding `claims`.
+    pub fn of(claims: &[Claim]) -> Running {
+        claims.iter().fold(Running::default(), |running, claim| running.with(*claim))
+    }
+
+    /// These builds and one more, holding `claim`.
+    pub fn with(mut self, claim: Claim) -> Running {
+        self.per_tier[tier_index(claim.tier)] += 1;
+        // Saturating: profile figures have no upper bound, and an overflow must not admit.
+        self.reserved_mib = self.reserved_mib.saturating_add(claim.memory_mib);
+        if claim.tier == Tier::Heavy {
+            self.heavy_mib = self.heavy_mib.saturating_add(claim.memory_mib);
+        }
+        self
+    }
+
+    fn is_empty(&self) -> bool {
+        self.per_tier.iter().all(|n| *n == 0)
+    }
+}
+
+fn tier_index(tier: Tier) -> usize {
+    match tier {
+        Tier::Heavy => 0,
+        Tier::Medium => 1,
+        Tier::Light => 2,
+    }
+}
+
 /// Decides whether `candidate` may start while `running` builds hold their claims.
 /// `waiting_heavy` is the reservation of the oldest heavy build waiting (other than the
 /// candidate itself), if any.
 pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, candidate: Claim) -> Admission {
+    decide_among(build, &Running::of(running), waiting_heavy, candidate)
+}
+
+/// [`decide`] with the running builds summed already.
+pub fn decide_among(build: &Build, running: &Running, waiting_heavy: Option<u64>, candidate: Claim) -> Admission {
     let limits = build.tiers.get(candidate.tier);
-    let same_tier = running.iter().filter(|c| c.tier == candidate.tier).count() as u32;
+    let same_tier = running.per_tier[tier_index(candidate.tier)];
     if same_tier >= limits.max_jobs && build.job_slots_bind(candidate.tier, candidate.learned) {
         return Admission::Wait(WaitReason::TierFull {
             tier: candidate.tier,
@@ -101,8 +145,7 @@ pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, cand
             max_jobs: limits.max_jobs,
         });
     }
-    // Saturating: profile figures have no upper bound, and an overflow must not admit.
-    let reserved = running.iter().fold(0u64, |sum, c| sum.saturating_add(c.memory_mib));
+    let reserved = running.reserved_mib;
     let with_candidate = reserved.saturating_add(candidate.memory_mib);
     let budget = build.memory_budget_mib;
     if with_candidate > budget && !running.is_empty() {
@@ -112,8 +155,7 @@ pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, cand
         });
     }
     if let (Some(heavy_mib), true) = (waiting_heavy, candidate.tier != Tier::Heavy) {
-        let heavy_running = running.iter().filter(|c| c.tier == Tier::Heavy).fold(0u64, |sum, c| sum.saturating_add(c.memory_mib));
-        if with_candidate.saturating_sub(heavy_running).saturating_add(heavy_mib) > budget {
+        if with_candidate.saturating_sub(running.heavy_mib).saturating_add(heavy_mib) > budget {
             return Admission::Wait(WaitReason::HeavyWaiting { heavy_mib });
         }
     }

@@ -20,7 +20,7 @@
 //!    counts it as it starts ([`LeaseTable::adopt`]); it fitted beside every lease when asked,
 //!    and the lease Nix left unused ends when the caller sees that goal let go.
 
-use crate::admission::{self, Admission, Claim, WaitReason};
+use crate::admission::{self, Admission, Claim, Running, WaitReason};
 use crate::Build;
 
 /// One `try` as the table sees it.
@@ -195,14 +195,14 @@ impl LeaseTable {
     /// The expected duration of a waiting build that runs longer than `request`'s, could start
     /// now, and could not once `request` is admitted; the longest such.
     fn delayed_longer_build(&self, build: &Build, request: &Request, claims: &[Claim]) -> Option<u64> {
-        let mut with_candidate = claims.to_vec();
-        with_candidate.push(request.claim);
+        let now = Running::of(claims);
+        let with_candidate = now.with(request.claim);
         self.waiting
             .iter()
             .filter(|w| w.expected_ms > request.expected_ms && w.drv != request.drv)
             .filter(|w| {
-                admission::decide(build, claims, None, w.claim) == Admission::Admit
-                    && admission::decide(build, &with_candidate, None, w.claim) != Admission::Admit
+                admission::decide_among(build, &now, None, w.claim) == Admission::Admit
+                    && admission::decide_among(build, &with_candidate, None, w.claim) != Admission::Admit
             })
             .map(|w| w.expected_ms)
             .max()
