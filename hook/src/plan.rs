@@ -125,7 +125,8 @@ pub fn from_derivation(drv: &Path, profile: &Profile, history: Option<&History>)
     let order = dependencies_first(&deps).map_err(|i| PlanError::Derivation { path: wanted[i].clone(), message: "depends on itself".into() })?;
     let jobs = order.iter().map(|&i| {
         let derivation = &found[wanted[i]].0;
-        let placement = place(profile, derivation, history);
+        // The tier only: what it reserves follows from `known`, as the hook would learn it.
+        let placement = place(profile, derivation, None);
         let tier = placement.classification.tier;
         let package = package_name(&placement.name);
         let known = known(history, package)?;

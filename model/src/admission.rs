@@ -105,7 +105,7 @@ impl Running {
 
     /// These builds and one more, holding `claim`.
     pub fn with(mut self, claim: Claim) -> Running {
-        self.per_tier[tier_index(claim.tier)] += 1;
+        self.per_tier[claim.tier.index()] += 1;
         // Saturating: profile figures have no upper bound, and an overflow must not admit.
         self.reserved_mib = self.reserved_mib.saturating_add(claim.memory_mib);
         if claim.tier == Tier::Heavy {
@@ -119,13 +119,6 @@ impl Running {
     }
 }
 
-fn tier_index(tier: Tier) -> usize {
-    match tier {
-        Tier::Heavy => 0,
-        Tier::Medium => 1,
-        Tier::Light => 2,
-    }
-}
 
 /// Decides whether `candidate` may start while `running` builds hold their claims.
 /// `waiting_heavy` is the reservation of the oldest heavy build waiting (other than the
@@ -137,7 +130,7 @@ pub fn decide(build: &Build, running: &[Claim], waiting_heavy: Option<u64>, cand
 /// [`decide`] with the running builds summed already.
 pub fn decide_among(build: &Build, running: &Running, waiting_heavy: Option<u64>, candidate: Claim) -> Admission {
     let limits = build.tiers.get(candidate.tier);
-    let same_tier = running.per_tier[tier_index(candidate.tier)];
+    let same_tier = running.per_tier[candidate.tier.index()];
     if same_tier >= limits.max_jobs && build.job_slots_bind(candidate.tier, candidate.learned) {
         return Admission::Wait(WaitReason::TierFull {
             tier: candidate.tier,

@@ -417,7 +417,7 @@ impl<'a> Simulation<'a> {
             if let Some(build) = &setup.hook {
                 cursor += nix.try_ms;
                 let (claim, expected_ms) = self.requests[index];
-                if postponed && self.known_waits[tier_index(claim.tier)][usize::from(claim.learned)].cover(claim, expected_ms) {
+                if postponed && self.known_waits[claim.tier.index()][usize::from(claim.learned)].cover(claim, expected_ms) {
                     continue;
                 }
                 let request = Request {
@@ -441,7 +441,7 @@ impl<'a> Simulation<'a> {
                         self.peak_reserved = self.peak_reserved.max(reserved);
                     }
                     Decision::Wait(reason) => {
-                        self.known_waits[tier_index(claim.tier)][usize::from(claim.learned)].add(&reason, claim, expected_ms);
+                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim, expected_ms);
                         if !postponed {
                             self.postponed[index] = true;
                             self.postponed_count += 1;
@@ -687,13 +687,6 @@ fn request(hook: Option<&Build>, job: &Job) -> (Claim, u64) {
     (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, expected_ms)
 }
 
-fn tier_index(tier: Tier) -> usize {
-    match tier {
-        Tier::Heavy => 0,
-        Tier::Medium => 1,
-        Tier::Light => 2,
-    }
-}
 
 /// The threads `job` wants on average while it runs: its CPU time over its wall time, at most
 /// the machine's `threads`; none without a CPU time.

@@ -50,6 +50,15 @@ impl Tier {
     /// All tiers, heaviest first.
     pub const ALL: [Tier; 3] = [Tier::Heavy, Tier::Medium, Tier::Light];
 
+    /// The tier's place in [`Tier::ALL`], to keep a figure per tier in an array.
+    pub fn index(self) -> usize {
+        match self {
+            Tier::Heavy => 0,
+            Tier::Medium => 1,
+            Tier::Light => 2,
+        }
+    }
+
     /// The tier's name as spelled in profiles: `heavy`, `medium` or `light`.
     pub fn as_str(self) -> &'static str {
         match self {
