@@ -64,8 +64,8 @@ pub enum WaitReason {
     },
     /// A waiting build expected to run longer could start now and would no longer fit.
     LongerFirst {
-        /// How long that build is expected to run, seconds.
-        expected_secs: u64,
+        /// How long that build is expected to run, milliseconds.
+        expected_ms: u64,
     },
 }
 
@@ -81,8 +81,8 @@ impl fmt::Display for WaitReason {
             WaitReason::HeavyWaiting { heavy_mib } => {
                 write!(f, "a waiting heavy build needs {heavy_mib} MiB first")
             }
-            WaitReason::LongerFirst { expected_secs } => {
-                write!(f, "a waiting build expected to take {expected_secs} s starts first")
+            WaitReason::LongerFirst { expected_ms } => {
+                write!(f, "a waiting build expected to take {} s starts first", expected_ms.div_ceil(1000))
             }
         }
     }

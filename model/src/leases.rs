@@ -20,8 +20,10 @@
 //!    counts it as it starts ([`LeaseTable::adopt`]); it fitted beside every lease when asked,
 //!    and the lease Nix left unused ends when the caller sees that goal let go.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
 use crate::admission::{self, Admission, Claim, Running, WaitReason};
-use crate::Build;
+use crate::{Build, Tier};
 
 /// One `try` as the table sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +106,7 @@ pub fn waiter_ttl_ms(poll_interval_secs: u64) -> u64 {
 #[derive(Debug, Clone, Default)]
 pub struct LeaseTable {
     leases: Vec<Lease>,
-    waiting: Vec<Waiter>,
+    waiting: Waiting,
     next_id: u64,
 }
 
@@ -120,8 +122,8 @@ impl LeaseTable {
     }
 
     /// The builds waiting, first to wait first.
-    pub fn waiting(&self) -> &[Waiter] {
-        &self.waiting
+    pub fn waiting(&self) -> impl ExactSizeIterator<Item = &Waiter> {
+        self.waiting.by_arrival.values()
     }
 
     /// The lease `id`, while it lasts.
@@ -132,30 +134,25 @@ impl LeaseTable {
     /// Decides `request` at `now_ms` under `build`'s limits; waiting builds not seen for
     /// `waiter_ttl_ms` are forgotten first.
     pub fn decide(&mut self, build: &Build, request: &Request, now_ms: u64, waiter_ttl_ms: u64) -> Decision {
-        self.waiting.retain(|w| now_ms.saturating_sub(w.seen_ms) <= waiter_ttl_ms && w.seen_ms <= now_ms.saturating_add(waiter_ttl_ms));
+        self.waiting.forget_unseen(now_ms, waiter_ttl_ms);
         self.leases.retain(|l| l.drv != request.drv);
         let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
-        let waiting_heavy = self
-            .waiting
-            .iter()
-            .filter(|w| w.claim.tier == crate::Tier::Heavy && w.drv != request.drv)
-            .min_by_key(|w| w.since_ms)
-            .map(|w| w.claim.memory_mib);
+        let waiting_heavy = self.waiting.oldest_heavy_other_than(&request.drv).map(|w| w.claim.memory_mib);
         let mut verdict = admission::decide(build, &claims, waiting_heavy, request.claim);
         if verdict == Admission::Admit {
-            if let Some(longer) = self.delayed_longer_build(build, request, &claims) {
-                verdict = Admission::Wait(WaitReason::LongerFirst { expected_secs: longer.div_ceil(1000) });
+            if let Some(longer_ms) = self.delayed_longer_build(build, request, &claims) {
+                verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms: longer_ms });
             }
         }
         let held_by_worker =
             self.leases.iter().filter(|l| l.worker == request.worker && !request.slots_freed.contains(&l.id)).count();
         match verdict {
             Admission::Admit if held_by_worker >= request.worker_max_jobs.max(1) as usize => {
-                self.waiting.retain(|w| w.drv != request.drv);
+                self.waiting.remove(&request.drv);
                 Decision::WorkerFull
             }
             Admission::Admit => {
-                self.waiting.retain(|w| w.drv != request.drv);
+                self.waiting.remove(&request.drv);
                 let id = LeaseId(self.next_id);
                 self.next_id += 1;
                 self.leases.push(Lease {
@@ -169,24 +166,7 @@ impl LeaseTable {
                 Decision::Admit(id)
             }
             Admission::Wait(reason) => {
-                match self.waiting.iter_mut().find(|w| w.drv == request.drv) {
-                    Some(waiter) => {
-                        waiter.seen_ms = now_ms;
-                        waiter.worker = request.worker;
-                        waiter.claim = request.claim;
-                        waiter.expected_ms = request.expected_ms;
-                        waiter.reason = reason.clone();
-                    }
-                    None => self.waiting.push(Waiter {
-                        worker: request.worker,
-                        drv: request.drv.clone(),
-                        claim: request.claim,
-                        expected_ms: request.expected_ms,
-                        since_ms: now_ms,
-                        seen_ms: now_ms,
-                        reason: reason.clone(),
-                    }),
-                }
+                self.waiting.record(request, now_ms, reason.clone());
                 Decision::Wait(reason)
             }
         }
@@ -198,21 +178,21 @@ impl LeaseTable {
         let now = Running::of(claims);
         let with_candidate = now.with(request.claim);
         self.waiting
-            .iter()
-            .filter(|w| w.expected_ms > request.expected_ms && w.drv != request.drv)
-            .filter(|w| {
+            .longest_first()
+            .take_while(|w| w.expected_ms > request.expected_ms)
+            .find(|w| {
                 admission::decide_among(build, &now, None, w.claim) == Admission::Admit
                     && admission::decide_among(build, &with_candidate, None, w.claim) != Admission::Admit
+                    && w.drv != request.drv
             })
             .map(|w| w.expected_ms)
-            .max()
     }
 
     /// Counts a build that runs without having been admitted (it started although its worker was
     /// full, or it was found running after a restart), whatever the limits say: it runs.
     pub fn adopt(&mut self, worker: u32, drv: &str, claim: Claim, expected_ms: u64, now_ms: u64) -> LeaseId {
         self.leases.retain(|l| l.drv != drv);
-        self.waiting.retain(|w| w.drv != drv);
+        self.waiting.remove(drv);
         let id = LeaseId(self.next_id);
         self.next_id += 1;
         self.leases.push(Lease { id, worker, drv: drv.to_string(), claim, expected_ms, since_ms: now_ms });
@@ -226,11 +206,96 @@ impl LeaseTable {
     }
 }
 
+/// The waiting builds, indexed for what a decision asks of them: thousands may wait while a
+/// large closure builds, and a decision must not go through each.
+#[derive(Debug, Clone, Default)]
+struct Waiting {
+    /// Each waiting build under its arrival number (first to wait first).
+    by_arrival: BTreeMap<u64, Waiter>,
+    /// The arrival number of each waiting .drv.
+    by_drv: HashMap<String, u64>,
+    /// Heavy waiting builds by (first wait, arrival): the oldest first.
+    heavy: BTreeSet<(u64, u64)>,
+    /// Waiting builds by (expected duration, arrival).
+    by_expected: BTreeSet<(u64, u64)>,
+    next_arrival: u64,
+    /// No waiting build was last seen before this, nor after `seen_until_ms`: forgetting the
+    /// unseen goes through them only when one may be due.
+    seen_from_ms: u64,
+    seen_until_ms: u64,
+}
+
+impl Waiting {
+    /// Forgets the builds not seen within `ttl_ms` of `now_ms`, either way (a clock that steps
+    /// back leaves stamps in the future).
+    fn forget_unseen(&mut self, now_ms: u64, ttl_ms: u64) {
+        let live = |seen_ms: u64| now_ms.saturating_sub(seen_ms) <= ttl_ms && seen_ms <= now_ms.saturating_add(ttl_ms);
+        if self.by_arrival.is_empty() || (live(self.seen_from_ms) && live(self.seen_until_ms)) {
+            return;
+        }
+        let gone: Vec<String> = self.by_arrival.values().filter(|w| !live(w.seen_ms)).map(|w| w.drv.clone()).collect();
+        for drv in gone {
+            self.remove(&drv);
+        }
+        self.seen_from_ms = self.by_arrival.values().map(|w| w.seen_ms).min().unwrap_or(0);
+        self.seen_until_ms = self.by_arrival.values().map(|w| w.seen_ms).max().unwrap_or(0);
+    }
+
+    /// Records that `request` was told to wait for `reason` at `now_ms`.
+    fn record(&mut self, request: &Request, now_ms: u64, reason: WaitReason) {
+        let (arrival, since_ms) = match self.remove(&request.drv) {
+            Some((arrival, waiter)) => (arrival, waiter.since_ms),
+            None => {
+                self.next_arrival += 1;
+                (self.next_arrival, now_ms)
+            }
+        };
+        if self.by_arrival.is_empty() {
+            (self.seen_from_ms, self.seen_until_ms) = (now_ms, now_ms);
+        }
+        self.seen_from_ms = self.seen_from_ms.min(now_ms);
+        self.seen_until_ms = self.seen_until_ms.max(now_ms);
+        if request.claim.tier == Tier::Heavy {
+            self.heavy.insert((since_ms, arrival));
+        }
+        self.by_expected.insert((request.expected_ms, arrival));
+        self.by_drv.insert(request.drv.clone(), arrival);
+        let waiter = Waiter {
+            worker: request.worker,
+            drv: request.drv.clone(),
+            claim: request.claim,
+            expected_ms: request.expected_ms,
+            since_ms,
+            seen_ms: now_ms,
+            reason,
+        };
+        self.by_arrival.insert(arrival, waiter);
+    }
+
+    /// Forgets `drv`; its arrival number and what was known of it, if it waited.
+    fn remove(&mut self, drv: &str) -> Option<(u64, Waiter)> {
+        let arrival = self.by_drv.remove(drv)?;
+        let waiter = self.by_arrival.remove(&arrival)?;
+        self.heavy.remove(&(waiter.since_ms, arrival));
+        self.by_expected.remove(&(waiter.expected_ms, arrival));
+        Some((arrival, waiter))
+    }
+
+    /// The heavy build that has waited longest, other than `drv`.
+    fn oldest_heavy_other_than(&self, drv: &str) -> Option<&Waiter> {
+        self.heavy.iter().map(|(_, arrival)| &self.by_arrival[arrival]).find(|w| w.drv != drv)
+    }
+
+    /// The waiting builds, the longest expected first.
+    fn longest_first(&self) -> impl Iterator<Item = &Waiter> {
+        self.by_expected.iter().rev().map(|(_, arrival)| &self.by_arrival[arrival])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_fixtures::build;
-    use crate::Tier;
     use proptest::prelude::*;
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
@@ -245,7 +310,7 @@ mod tests {
         assert!(matches!(table.decide(&b, &request(1, 1, "a", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
         assert_eq!(table.decide(&b, &request(1, 1, "b", Tier::Light, 10), 0, 1000), Decision::WorkerFull);
         assert_eq!(table.leases().len(), 1);
-        assert!(table.waiting().is_empty());
+        assert_eq!(table.waiting().len(), 0);
         // Another worker is not full.
         assert!(matches!(table.decide(&b, &request(2, 1, "b", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
     }
@@ -287,7 +352,7 @@ mod tests {
         // Now "long" could start; a shorter medium build that would take its slot waits ...
         assert!(matches!(
             table.decide(&b, &request(2, 9, "short", Tier::Medium, 500), 2, 10_000),
-            Decision::Wait(WaitReason::LongerFirst { expected_secs: 60 })
+            Decision::Wait(WaitReason::LongerFirst { expected_ms: 60_000 })
         ));
         // ... a light build that leaves room for it does not ...
         assert!(matches!(table.decide(&b, &request(2, 9, "light", Tier::Light, 500), 3, 10_000), Decision::Admit(_)));

@@ -441,7 +441,7 @@ impl<'a> Simulation<'a> {
                         self.peak_reserved = self.peak_reserved.max(reserved);
                     }
                     Decision::Wait(reason) => {
-                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim, expected_ms);
+                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim);
                         if !postponed {
                             self.postponed[index] = true;
                             self.postponed_count += 1;
@@ -649,22 +649,27 @@ impl<'a> Simulation<'a> {
 
 /// Waits the table gave builds of one kind (tier, learned or not) while the leases stayed the
 /// same; the answers are monotone, so they answer other builds of the kind.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct KnownWaits {
     /// The smallest reservation the limits (tier slots, budget, a waiting heavy build) held back:
     /// the tier is as full and the budget as short for any reservation as large.
     limits_mib: Option<u64>,
-    /// A reservation and expected duration held back for a longer waiting build: that build
-    /// still could not start beside a reservation as large, and is longer still than any build
-    /// expected to take no longer.
-    longer_first: Option<(u64, u64)>,
+    /// Reservations held back for a longer waiting build, each with that build's expected
+    /// duration: the build still could not start beside a reservation of the tier as large, so
+    /// any such build expected to take less waits for it too. None holds a smaller reservation
+    /// for a shorter longer build than another.
+    longer_first: Vec<(u64, u64)>,
 }
 
 impl KnownWaits {
-    fn add(&mut self, reason: &WaitReason, claim: Claim, expected_ms: u64) {
-        match reason {
-            WaitReason::LongerFirst { .. } => {
-                self.longer_first.get_or_insert((claim.memory_mib, expected_ms));
+    fn add(&mut self, reason: &WaitReason, claim: Claim) {
+        match *reason {
+            WaitReason::LongerFirst { expected_ms } => {
+                let known = (claim.memory_mib, expected_ms);
+                if !self.longer_first.iter().any(|&(m, e)| m <= known.0 && e >= known.1) {
+                    self.longer_first.retain(|&(m, e)| m < known.0 || e > known.1);
+                    self.longer_first.push(known);
+                }
             }
             _ => self.limits_mib = Some(self.limits_mib.map_or(claim.memory_mib, |m| m.min(claim.memory_mib))),
         }
@@ -672,7 +677,7 @@ impl KnownWaits {
 
     fn cover(&self, claim: Claim, expected_ms: u64) -> bool {
         self.limits_mib.is_some_and(|m| claim.memory_mib >= m)
-            || self.longer_first.is_some_and(|(m, e)| claim.memory_mib >= m && expected_ms <= e)
+            || self.longer_first.iter().any(|&(m, e)| claim.memory_mib >= m && expected_ms < e)
     }
 }
 

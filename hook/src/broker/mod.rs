@@ -224,7 +224,6 @@ impl Board {
         let waiting = shared
             .table
             .waiting()
-            .iter()
             .map(|w| state::Waiter {
                 drv: w.drv.clone(),
                 name: shared.waiting_names.get(&w.drv).cloned().unwrap_or_default(),
