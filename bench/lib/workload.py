@@ -158,6 +158,27 @@ def with_touch_cost(spec, ms_per_mib):
 # Lower bounds
 
 
+def in_critical_path_order(spec):
+    """The same DAG with each build's name prefixed by its rank (`p000`, `p001`, ...) in
+    critical-path order: the longest chain of build times from it to the top first. Nix asks
+    about ready builds in the order of their names, so this makes it ask as a scheduler that
+    knows the whole DAG would choose (Hydra's queue runner orders by the same). The top build
+    keeps its name."""
+    by_name = {b["name"]: b for b in spec["builds"]}
+    dependents = {name: [] for name in by_name}
+    for b in spec["builds"]:
+        for d in b["deps"]:
+            dependents[d].append(b["name"])
+    chain = {}
+    for b in reversed(spec["builds"]):  # dependents come after their dependencies
+        chain[b["name"]] = b["ms"] + max((chain[d] for d in dependents[b["name"]]), default=0)
+    order = sorted(by_name, key=lambda name: (-chain[name], name))
+    renamed = {name: f"p{rank:03d}{name}" for rank, name in enumerate(order)}
+    renamed[spec["top"]] = spec["top"]
+    builds = [dict(b, name=renamed[b["name"]], deps=[renamed[d] for d in b["deps"]]) for b in spec["builds"]]
+    return dict(spec, builds=builds, order="critical-path")
+
+
 def critical_path_ms(spec):
     """Longest chain of build times through the dependencies."""
     finish = {}
@@ -450,10 +471,11 @@ def verdicts(results):
     return out
 
 
-def result_line(results):
-    """bench/scheduling's figures as one `RESULT` line: per configuration its makespan (s), the
-    ratio to the lower bound and, with the hook, to its tier bound, and its OOM kills."""
-    fields = []
+def result_line(spec, results):
+    """bench/scheduling's figures as one `RESULT` line: the order Nix asked in when it was not
+    the workload's own, then per configuration its makespan (s), the ratio to the lower bound
+    and, with the hook, to its tier bound, and its OOM kills."""
+    fields = [f"order={spec['order']}"] if "order" in spec else []
     for r in results:
         c = r["config"]
         fields.append(f"{c}_makespan_s={r['makespanMs'] / 1000:.1f}")
@@ -502,6 +524,8 @@ def main(argv):
         json.dump(copies(json.loads(read_file(argv[2])), int(argv[3])), sys.stdout)
     elif cmd == "with-cpu":
         json.dump(with_cpu(json.loads(read_file(argv[2])), float(argv[3]), json.loads(argv[4])), sys.stdout)
+    elif cmd == "critical-path-order":
+        json.dump(in_critical_path_order(json.loads(read_file(argv[2]))), sys.stdout, indent=1)
     elif cmd == "with-touch-cost":
         json.dump(with_touch_cost(json.loads(read_file(argv[2])), float(argv[3])), sys.stdout)
     elif cmd == "analyze":
@@ -514,7 +538,7 @@ def main(argv):
         print(table(spec, results))
         print()
         print("\n".join(verdicts(results)))
-        print(result_line(results))
+        print(result_line(spec, results))
     elif cmd == "fitted-tiers":
         args, tiers = fitted_tiers(json.loads(read_file(argv[2])), int(argv[3]))
         print(args)
