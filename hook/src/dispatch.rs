@@ -1,7 +1,7 @@
 //! The hook's decision for each derivation Nix is about to build.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
@@ -239,7 +239,6 @@ impl Dispatcher {
             asked_unix_ms: Some(crate::state::now_ms()),
             // Set by the broker when it admits the build.
             started_unix_ms: 0,
-            watcher_lock: PathBuf::new(),
             state_dir: self.state_dir.path().to_path_buf(),
             cgroups: self.cgroups.clone(),
         };

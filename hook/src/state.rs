@@ -48,10 +48,6 @@ pub struct Lease {
     pub started: u64,
     /// The Nix process that asked.
     pub nix_pid: u32,
-    /// Locked by the build's watcher until every process of the build is gone, so the lease
-    /// outlives the output locks when a killed Nix leaves the build's children running.
-    #[serde(default)]
-    pub watcher_lock: Option<PathBuf>,
 }
 
 /// A build the hook postponed, still asking.
@@ -345,7 +341,6 @@ mod tests {
             lock_files: vec![lock],
             started: 1,
             nix_pid: 1,
-            watcher_lock: None,
         }
     }
 

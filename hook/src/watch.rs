@@ -6,9 +6,10 @@
 //! process. It watches every build in one loop, waking for the nearest due build, a builder's
 //! exit (its pidfd) or a new order, and for each build
 //!
-//! 1. holds the build's watcher lock (`<state dir>/leases/<admission>.lock`, with the job in it)
+//! 1. holds a watcher lock for the build (a file of `<state dir>/leases`, with the job in it)
 //!    for as long as the build is watched, so that a broker started after this one is killed
-//!    finds the build again ([`running_builds`]);
+//!    finds the build again ([`running_builds`]); the files are reused from build to build
+//!    ([`LockFiles`]);
 //! 2. finds the builder: the child of the Nix worker whose environment holds the build's
 //!    `<output>=<path>` entries (sandboxed builders are children of the worker too), every
 //!    millisecond at first; creates the build's cgroup (memory limit = the build's reservation,
@@ -29,6 +30,7 @@ use std::collections::HashSet;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -85,8 +87,6 @@ pub struct WatchJob {
     pub asked_unix_ms: Option<u64>,
     /// When it was admitted, milliseconds since the epoch.
     pub started_unix_ms: u64,
-    /// The lease's watcher lock, held while the build has processes (`Lease::watcher_lock`).
-    pub watcher_lock: PathBuf,
     /// The state directory (history database).
     pub state_dir: PathBuf,
     /// The prepared parent of builds' cgroups; `None` where none is usable (the build is
@@ -214,8 +214,8 @@ struct Watched {
 impl Watched {
     /// Watches `job` under `lease`, with its watcher `lock` when it is taken over (else one is
     /// made).
-    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>) -> Watched {
-        let lock = lock.or_else(|| WatcherLock::hold(&job));
+    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>, lock_files: &LockFiles) -> Watched {
+        let lock = lock.or_else(|| lock_files.hold(&job));
         let now = Instant::now();
         Watched {
             job,
@@ -478,7 +478,7 @@ impl Candidates {
 /// The broker's watcher thread: watches every leased build until it ends, picks up candidates
 /// that start, and tells `leases`; runs until `orders` is closed and no build is left. `wake`
 /// becomes readable when an order was sent.
-pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn Leases, state_dir: &Path) {
+pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn Leases, state_dir: &Path, lock_files: &LockFiles) {
     let mut open = true;
     let mut builds: Vec<Watched> = Vec::new();
     let mut candidates = Candidates::default();
@@ -512,10 +512,10 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                     // so that watch, which found no builder, ends without a record.
                     builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
                     candidates.forget(&job.drv);
-                    builds.push(Watched::new(job, lease, None));
+                    builds.push(Watched::new(job, lease, None, lock_files));
                 }
                 Ok(Order::Candidate(job)) => candidates.add(job),
-                Ok(Order::Recovered { job, lease, lock }) => builds.push(Watched::new(job, lease, Some(lock))),
+                Ok(Order::Recovered { job, lease, lock }) => builds.push(Watched::new(job, lease, Some(lock), lock_files)),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -531,9 +531,8 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             // admission of it that found no builder is over).
             builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
             job.started_unix_ms = crate::state::now_ms();
-            job.watcher_lock = watcher_lock_path(state_dir, &job.drv, job.started_unix_ms);
             let lease = leases.adopt(&job);
-            let mut watched = Watched::new(job, lease, None);
+            let mut watched = Watched::new(job, lease, None, lock_files);
             watched.cgroup = create_cgroup(&watched.job);
             watched.builder = Builder::open(builder);
             if let Some(pidfd) = watched.builder.as_ref().and_then(|b| b.pidfd.try_clone().ok()) {
@@ -588,17 +587,13 @@ fn drain(wake: &OwnedFd) {
     while matches!(nix::unistd::read(wake.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
 }
 
-/// The name of one admission of `drv` at `admitted_ms`: of its cgroup and its watcher lock.
-/// Unique per admission: Nix may ask again for a build it then had no slot for.
+/// The name of one admission of `drv` at `admitted_ms`: of its cgroup. Unique per admission:
+/// Nix may ask again for a build it then had no slot for.
 pub fn admission_name(drv: &str, admitted_ms: u64) -> String {
     let stem = Path::new(drv).file_stem().map_or_else(|| "build".into(), |s| s.to_string_lossy());
     format!("{stem}-{admitted_ms}")
 }
 
-/// Where the watcher lock of an admission lives: `<state dir>/leases/<admission>.lock`.
-pub fn watcher_lock_path(state_dir: &Path, drv: &str, admitted_ms: u64) -> PathBuf {
-    state_dir.join("leases").join(format!("{}.lock", admission_name(drv, admitted_ms)))
-}
 
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
@@ -615,48 +610,90 @@ impl Drop for Watched {
     }
 }
 
-/// The watcher lock of one build, held (flock) until dropped; the file goes first, then the
-/// lock. It holds this process's pid (for [`HeldLocks::holds_watcher_lock`]) and the build's
-/// job (for [`running_builds`]).
-pub struct WatcherLock {
-    path: PathBuf,
-    _file: std::fs::File,
+/// The watcher lock files of `<state dir>/leases`, reused from build to build. A file created
+/// and deleted per build cost the broker a fifth of its time in the file system's inode
+/// allocator (bench/dispatch under `perf`). A file is free when it is empty and unlocked.
+#[derive(Debug, Clone)]
+pub struct LockFiles(Arc<Mutex<LockPool>>);
+
+#[derive(Debug)]
+struct LockPool {
+    dir: PathBuf,
+    free: Vec<PathBuf>,
+    /// Files made by this process, for the names of new ones.
+    made: u64,
 }
 
-impl WatcherLock {
-    /// Creates and locks the job's lock file in the private state directory's `leases`.
-    fn hold(job: &WatchJob) -> Option<WatcherLock> {
+impl LockFiles {
+    /// The lock files of `state_dir`, none free yet.
+    pub fn new(state_dir: &Path) -> LockFiles {
+        LockFiles(Arc::new(Mutex::new(LockPool { dir: state_dir.join("leases"), free: Vec::new(), made: 0 })))
+    }
+
+    fn pool(&self) -> std::sync::MutexGuard<'_, LockPool> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Locks a free file (or a new one, `<pid>-<n>.lock`) and writes this process's pid and
+    /// `job` into it; `None` when the state directory cannot hold it.
+    fn hold(&self, job: &WatchJob) -> Option<WatcherLock> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let path = &job.watcher_lock;
-        if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(path.parent()?) {
-            (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
-        }
+        let path = {
+            let mut pool = self.pool();
+            match pool.free.pop() {
+                Some(path) => path,
+                None => {
+                    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&pool.dir) {
+                        (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
+                    }
+                    pool.made += 1;
+                    pool.dir.join(format!("{}-{}.lock", std::process::id(), pool.made))
+                }
+            }
+        };
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o600)
             .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
-            .open(path)
+            .open(&path)
             .ok()?;
         file.try_lock().ok()?;
+        file.set_len(0).ok()?;
         let contents = format!("{}\n{}\n", std::process::id(), serde_json::to_string(job).ok()?);
         file.write_all(contents.as_bytes()).ok()?;
-        Some(WatcherLock { path: path.clone(), _file: file })
+        Some(WatcherLock { path, file: Some(file), pool: self.clone() })
     }
+}
+
+/// The watcher lock of one build, held (flock) until dropped; it is emptied, then unlocked,
+/// then free for another build. It holds this process's pid and the build's job (for
+/// [`running_builds`]).
+pub struct WatcherLock {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    pool: LockFiles,
 }
 
 impl Drop for WatcherLock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let emptied = self.file.as_ref().is_some_and(|file| file.set_len(0).is_ok());
+        drop(self.file.take());
+        if emptied {
+            self.pool.pool().free.push(std::mem::take(&mut self.path));
+        } else {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
 impl WatcherLock {
-    /// Takes over the watcher lock at `path`, left by a broker that is gone, with its job.
-    /// `None` when another process holds it or it holds no job.
-    fn take_over(path: &Path) -> Option<(WatcherLock, WatchJob)> {
+    /// Takes over the watcher lock at `path`, left by a broker that is gone, with its job; or,
+    /// when it is free (empty), lends it to `pool`. `None` when another process holds it or it
+    /// holds no build.
+    fn take_over(path: &Path, pool: &LockFiles) -> Option<(WatcherLock, WatchJob)> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -666,22 +703,23 @@ impl WatcherLock {
             .ok()?;
         file.try_lock().ok()?;
         let bytes = nix_tier_model::files::read_opened(file.try_clone().ok()?, 1 << 20).ok()?;
+        let lock = WatcherLock { path: path.to_path_buf(), file: Some(file), pool: pool.clone() };
         let job_line = bytes.split(|b| *b == b'\n').nth(1)?;
         let job = serde_json::from_slice::<WatchJob>(job_line).ok()?;
-        Some((WatcherLock { path: path.to_path_buf(), _file: file }, job))
+        Some((lock, job))
     }
 }
 
 /// The builds a broker that is gone was watching and that still run, from the watcher locks in
 /// `<state_dir>/leases`: a build runs while its Nix worker holds one of its output locks or its
 /// cgroup has processes. Each comes with its watcher lock, taken over; the files of builds that
-/// ended meanwhile are removed.
-pub fn running_builds(state_dir: &Path) -> Vec<(WatchJob, WatcherLock)> {
+/// ended meanwhile, and the free ones, go to `pool`.
+pub fn running_builds(state_dir: &Path, pool: &LockFiles) -> Vec<(WatchJob, WatcherLock)> {
     let Ok(entries) = std::fs::read_dir(state_dir.join("leases")) else { return Vec::new() };
     let held = HeldLocks::read().ok();
     entries
         .flatten()
-        .filter_map(|e| WatcherLock::take_over(&e.path()))
+        .filter_map(|e| WatcherLock::take_over(&e.path(), pool))
         .filter(|(_, job)| {
             let locked = held.as_ref().is_some_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)));
             let populated = job.cgroups.as_ref().is_some_and(|h| {
@@ -853,7 +891,6 @@ mod tests {
             builder_uids: Vec::new(),
             asked_unix_ms,
             started_unix_ms: 10_000,
-            watcher_lock: PathBuf::new(),
             state_dir: PathBuf::new(),
             cgroups: None,
         }
@@ -881,5 +918,28 @@ mod tests {
         json.as_object_mut().unwrap().remove("askedUnixMs");
         let old: WatchJob = serde_json::from_value(json).unwrap();
         assert_eq!(record(&old, &finished).waited_ms, None);
+    }
+
+    #[test]
+    fn watcher_lock_files_are_emptied_and_reused() {
+        let state = tempfile::tempdir().unwrap();
+        let files = LockFiles::new(state.path());
+        let first = files.hold(&job(None)).unwrap();
+        let path = first.path.clone();
+        assert!(std::fs::read_to_string(&path).unwrap().contains("pkg-1.0.drv"));
+        drop(first);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "emptied when the build ends");
+        let second = files.hold(&job(None)).unwrap();
+        assert_eq!(second.path, path);
+        // Held: a broker started meanwhile can neither take it over nor lend it out.
+        let meanwhile = LockFiles::new(state.path());
+        assert!(running_builds(state.path(), &meanwhile).is_empty());
+        assert!(meanwhile.pool().free.is_empty());
+        drop(second);
+        // A broker started later lends the free file to its own builds instead of making one.
+        let later = LockFiles::new(state.path());
+        assert!(running_builds(state.path(), &later).is_empty());
+        assert_eq!(later.hold(&job(None)).unwrap().path, path);
+        assert_eq!(std::fs::read_dir(state.path().join("leases")).unwrap().count(), 1);
     }
 }

@@ -28,7 +28,6 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
@@ -133,7 +132,6 @@ struct Shared {
 /// The broker's lease table, as the watcher thread sees it.
 struct Board {
     shared: Mutex<Shared>,
-    state_dir: PathBuf,
 }
 
 impl Board {
@@ -173,7 +171,6 @@ impl Board {
         match decision {
             Decision::Admit(lease) => {
                 request.job.started_unix_ms = now;
-                request.job.watcher_lock = watch::watcher_lock_path(&self.state_dir, &request.job.drv, now);
                 shared.jobs.insert(lease, request.job.clone());
                 shared.waiting_names.remove(&request.job.drv);
                 shared.changed = true;
@@ -217,7 +214,6 @@ impl Board {
                     lock_files: job.lock_files.clone(),
                     started: job.started_unix_ms / 1000,
                     nix_pid: job.nix_pid,
-                    watcher_lock: Some(job.watcher_lock.clone()),
                 })
             })
             .collect();
@@ -318,13 +314,13 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
             clients: 0,
             idle_since: Instant::now(),
         }),
-        state_dir: state_dir.path().to_path_buf(),
     });
     let (orders, inbox) = mpsc::channel();
     let (wake_read, wake_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
     let wake_write = Arc::new(wake_write);
     // What a broker that is gone left running is counted before anything is admitted.
-    for (job, lock) in watch::running_builds(state_dir.path()) {
+    let lock_files = watch::LockFiles::new(state_dir.path());
+    for (job, lock) in watch::running_builds(state_dir.path(), &lock_files) {
         let lease = watch::Leases::adopt(&*board, &job);
         let _ = orders.send(Order::Recovered { job, lease, lock });
         let _ = nix::unistd::write(&*wake_write, &[1]);
@@ -332,7 +328,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
     {
         let board = Arc::clone(&board);
         let state_dir = state_dir.path().to_path_buf();
-        std::thread::spawn(move || watch::run(inbox, wake_read, &*board, &state_dir));
+        std::thread::spawn(move || watch::run(inbox, wake_read, &*board, &state_dir, &lock_files));
     }
     {
         let board = Arc::clone(&board);
