@@ -9,9 +9,12 @@
 //! 2. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
 //!    waiting heavy build. A build it holds back waits (Nix asks again).
 //! 3. **Longest first**: a waiting build that is expected to run longer, could start now and would
-//!    no longer fit once the candidate is admitted keeps its place: the candidate waits. A build
-//!    that cannot delay a longer one is never held back. Waiting builds that have not asked within
-//!    the waiting time-to-live are forgotten (their Nix is gone or busy elsewhere).
+//!    no longer fit once the candidate is admitted keeps its place: the candidate waits. So does
+//!    the longest waiting build that cannot start yet (backfilling): going by the running builds'
+//!    expected ends, a shorter candidate goes ahead of it only if it ends before that build could
+//!    start, or fits beside it then. A build that cannot delay a longer one is never held back.
+//!    Waiting builds that have not asked within the waiting time-to-live are forgotten (their Nix
+//!    is gone or busy elsewhere).
 //! 4. **The worker is full**: a build the policy would admit, but whose worker already holds as
 //!    many leases as its own `max-jobs`. Nix parks it for one of its own slots whatever the
 //!    answer, so nothing is reserved for it ([`Decision::WorkerFull`]). This keeps a woken herd of
@@ -140,7 +143,8 @@ impl LeaseTable {
         let waiting_heavy = self.waiting.oldest_heavy_other_than(&request.drv).map(|w| w.claim.memory_mib);
         let mut verdict = admission::decide(build, &claims, waiting_heavy, request.claim);
         if verdict == Admission::Admit {
-            if let Some(longer_ms) = self.delayed_longer_build(build, request, &claims) {
+            let delayed = self.delayed_longer_build(build, request, &claims).or_else(|| self.delayed_reservation(build, request, now_ms));
+            if let Some(longer_ms) = delayed {
                 verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms: longer_ms });
             }
         }
@@ -186,6 +190,30 @@ impl LeaseTable {
                     && w.drv != request.drv
             })
             .map(|w| w.expected_ms)
+    }
+
+    /// The expected duration of the longest waiting build that runs longer than `request`'s and
+    /// cannot start now, if admitting `request` would delay it (backfilling): going by the running
+    /// builds' expected ends, `request` would still run when that build could first start, and
+    /// take what it needs then. A shorter build that ends first, or fits beside it, goes ahead.
+    fn delayed_reservation(&self, build: &Build, request: &Request, now_ms: u64) -> Option<u64> {
+        let longest = self.waiting.longest_first().take_while(|w| w.expected_ms > request.expected_ms).find(|w| w.drv != request.drv)?;
+        let mut by_end: Vec<(u64, Claim)> =
+            self.leases.iter().map(|l| (l.since_ms.saturating_add(l.expected_ms).max(now_ms), l.claim)).collect();
+        by_end.sort_by_key(|(end, _)| *end);
+        let claims: Vec<Claim> = by_end.iter().map(|(_, claim)| *claim).collect();
+        // The first moment it could start: once the builds expected to end first have ended.
+        let ended = (0..=claims.len()).find(|&k| admission::decide(build, &claims[k..], None, longest.claim) == Admission::Admit)?;
+        if ended == 0 {
+            return None; // it could start now: `delayed_longer_build` decides
+        }
+        let starts_at = by_end[ended - 1].0;
+        if now_ms.saturating_add(request.expected_ms) <= starts_at {
+            return None;
+        }
+        let mut beside = claims[ended..].to_vec();
+        beside.push(request.claim);
+        (admission::decide(build, &beside, None, longest.claim) != Admission::Admit).then_some(longest.expected_ms)
     }
 
     /// Counts a build that runs without having been admitted (it started although its worker was
@@ -301,6 +329,30 @@ mod tests {
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;
         Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
+    }
+
+    #[test]
+    fn a_shorter_build_goes_ahead_of_a_longer_waiting_one_only_if_it_does_not_delay_it() {
+        // Budget 1000 MiB. Running: a (300 MiB, ends at 10 s) and b (300 MiB, ends at 100 s).
+        // Waiting: long (600 MiB, 1000 s), which can start once a has ended, at 10 s.
+        let claim = |memory_mib| Claim { tier: Tier::Light, memory_mib, learned: false };
+        let ask = |table: &mut LeaseTable, drv: &str, memory_mib, expected_ms, now| {
+            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), claim: claim(memory_mib), expected_ms, slots_freed: vec![] };
+            table.decide(&build(), &request, now, 60_000)
+        };
+        let setup = || {
+            let mut table = LeaseTable::new();
+            assert!(matches!(ask(&mut table, "a", 300, 10_000, 0), Decision::Admit(_)));
+            assert!(matches!(ask(&mut table, "b", 300, 100_000, 0), Decision::Admit(_)));
+            assert!(matches!(ask(&mut table, "long", 600, 1_000_000, 1000), Decision::Wait(WaitReason::Memory { .. })));
+            table
+        };
+        // Ends before 10 s: goes ahead.
+        assert!(matches!(ask(&mut setup(), "quick", 100, 5000, 2000), Decision::Admit(_)));
+        // Runs past 10 s but fits beside b and long then: goes ahead.
+        assert!(matches!(ask(&mut setup(), "small", 100, 60_000, 2000), Decision::Admit(_)));
+        // Runs past 10 s and would leave long without room: waits for it.
+        assert_eq!(ask(&mut setup(), "large", 200, 60_000, 2000), Decision::Wait(WaitReason::LongerFirst { expected_ms: 1_000_000 }));
     }
 
     #[test]

@@ -401,6 +401,7 @@ impl<'a> Simulation<'a> {
         let setup: &'a Setup = self.setup;
         let nix = &setup.nix;
         let retry_postponed = timer || nix.poll_interval_secs == 0;
+        self.known_waits = Default::default();
         let mut cursor = self.now.max(self.worker_busy_until);
         let (mut all_asked, mut admitted) = (true, false);
         let goals: Vec<usize> = self.ready.iter().copied().collect();
@@ -441,7 +442,7 @@ impl<'a> Simulation<'a> {
                         self.peak_reserved = self.peak_reserved.max(reserved);
                     }
                     Decision::Wait(reason) => {
-                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim);
+                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim, expected_ms);
                         if !postponed {
                             self.postponed[index] = true;
                             self.postponed_count += 1;
@@ -647,37 +648,32 @@ impl<'a> Simulation<'a> {
     }
 }
 
-/// Waits the table gave builds of one kind (tier, learned or not) while the leases stayed the
-/// same; the answers are monotone, so they answer other builds of the kind.
+/// Waits the table gave builds of one kind (tier, learned or not) in one wake-up of Nix's worker
+/// (the same time) while the leases stayed the same; the answers are monotone, so they answer
+/// other builds of the kind.
 #[derive(Debug, Clone, Default)]
 struct KnownWaits {
     /// The smallest reservation the limits (tier slots, budget, a waiting heavy build) held back:
     /// the tier is as full and the budget as short for any reservation as large.
     limits_mib: Option<u64>,
-    /// Reservations held back for a longer waiting build, each with that build's expected
-    /// duration: the build still could not start beside a reservation of the tier as large, so
-    /// any such build expected to take less waits for it too. None holds a smaller reservation
-    /// for a shorter longer build than another.
-    longer_first: Vec<(u64, u64)>,
+    /// Builds held back for a longer waiting build: (reservation, expected duration, the longer
+    /// build's). The longer build still could not start (now, or when it is due) beside a
+    /// reservation of the tier as large of a build that runs at least as long, and is still the
+    /// longer one if that build is expected to take less than it.
+    longer_first: Vec<(u64, u64, u64)>,
 }
 
 impl KnownWaits {
-    fn add(&mut self, reason: &WaitReason, claim: Claim) {
+    fn add(&mut self, reason: &WaitReason, claim: Claim, expected_ms: u64) {
         match *reason {
-            WaitReason::LongerFirst { expected_ms } => {
-                let known = (claim.memory_mib, expected_ms);
-                if !self.longer_first.iter().any(|&(m, e)| m <= known.0 && e >= known.1) {
-                    self.longer_first.retain(|&(m, e)| m < known.0 || e > known.1);
-                    self.longer_first.push(known);
-                }
-            }
+            WaitReason::LongerFirst { expected_ms: longer } => self.longer_first.push((claim.memory_mib, expected_ms, longer)),
             _ => self.limits_mib = Some(self.limits_mib.map_or(claim.memory_mib, |m| m.min(claim.memory_mib))),
         }
     }
 
     fn cover(&self, claim: Claim, expected_ms: u64) -> bool {
         self.limits_mib.is_some_and(|m| claim.memory_mib >= m)
-            || self.longer_first.iter().any(|&(m, e)| claim.memory_mib >= m && expected_ms < e)
+            || self.longer_first.iter().any(|&(m, lo, e)| claim.memory_mib >= m && lo <= expected_ms && expected_ms < e)
     }
 }
 
