@@ -23,6 +23,7 @@
 //!    counts it as it starts ([`LeaseTable::adopt`]); it fitted beside every lease when asked,
 //!    and the lease Nix left unused ends when the caller sees that goal let go.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::admission::{self, Admission, Claim, Running, WaitReason};
@@ -244,8 +245,9 @@ struct Waiting {
     by_drv: HashMap<String, u64>,
     /// Heavy waiting builds by (first wait, arrival): the oldest first.
     heavy: BTreeSet<(u64, u64)>,
-    /// Waiting builds by (expected duration, arrival).
-    by_expected: BTreeSet<(u64, u64)>,
+    /// Waiting builds by expected duration, and of equal ones the first to arrive last (so that
+    /// going backwards meets it first).
+    by_expected: BTreeSet<(u64, Reverse<u64>)>,
     next_arrival: u64,
     /// No waiting build was last seen before this, nor after `seen_until_ms`: forgetting the
     /// unseen goes through them only when one may be due.
@@ -286,7 +288,7 @@ impl Waiting {
         if request.claim.tier == Tier::Heavy {
             self.heavy.insert((since_ms, arrival));
         }
-        self.by_expected.insert((request.expected_ms, arrival));
+        self.by_expected.insert((request.expected_ms, Reverse(arrival)));
         self.by_drv.insert(request.drv.clone(), arrival);
         let waiter = Waiter {
             worker: request.worker,
@@ -305,7 +307,7 @@ impl Waiting {
         let arrival = self.by_drv.remove(drv)?;
         let waiter = self.by_arrival.remove(&arrival)?;
         self.heavy.remove(&(waiter.since_ms, arrival));
-        self.by_expected.remove(&(waiter.expected_ms, arrival));
+        self.by_expected.remove(&(waiter.expected_ms, Reverse(arrival)));
         Some((arrival, waiter))
     }
 
@@ -314,9 +316,9 @@ impl Waiting {
         self.heavy.iter().map(|(_, arrival)| &self.by_arrival[arrival]).find(|w| w.drv != drv)
     }
 
-    /// The waiting builds, the longest expected first.
+    /// The waiting builds, the longest expected first; of equal ones, the first to wait.
     fn longest_first(&self) -> impl Iterator<Item = &Waiter> {
-        self.by_expected.iter().rev().map(|(_, arrival)| &self.by_arrival[arrival])
+        self.by_expected.iter().rev().map(|(_, Reverse(arrival))| &self.by_arrival[arrival])
     }
 }
 
