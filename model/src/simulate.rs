@@ -442,6 +442,13 @@ impl<'a> Simulation<'a> {
                         self.peak_reserved = self.peak_reserved.max(reserved);
                     }
                     Decision::Wait(reason) => {
+                        if !postponed {
+                            // It waits from now on: builds held back for a longer one that it
+                            // outlasts are asked again (backfilling protects the longest).
+                            for kind in self.known_waits.iter_mut().flatten() {
+                                kind.longer_first.retain(|&(_, _, longer)| longer >= expected_ms);
+                            }
+                        }
                         self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim, expected_ms);
                         if !postponed {
                             self.postponed[index] = true;
