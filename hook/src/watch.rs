@@ -508,6 +508,13 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         loop {
             match orders.try_recv() {
                 Ok(Order::Watch { job, lease }) => {
+                    // Already found starting as a candidate (declined while its worker was full)
+                    // before this admission's order came: it is watched and counted under the
+                    // lease it was adopted with, and a second watch would never see its builder.
+                    if builds.iter().any(|b| b.job.drv == job.drv && b.builder.as_ref().is_some_and(|builder| !builder.exited())) {
+                        leases.end(lease);
+                        continue;
+                    }
                     // Admitted again: Nix had no slot for the earlier admission and let go of it,
                     // so that watch, which found no builder, ends without a record.
                     builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
