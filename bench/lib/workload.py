@@ -164,15 +164,8 @@ def in_critical_path_order(spec):
     about ready builds in the order of their names, so this makes it ask as a scheduler that
     knows the whole DAG would choose (Hydra's queue runner orders by the same). The top build
     keeps its name."""
-    by_name = {b["name"]: b for b in spec["builds"]}
-    dependents = {name: [] for name in by_name}
-    for b in spec["builds"]:
-        for d in b["deps"]:
-            dependents[d].append(b["name"])
-    chain = {}
-    for b in reversed(spec["builds"]):  # dependents come after their dependencies
-        chain[b["name"]] = b["ms"] + max((chain[d] for d in dependents[b["name"]]), default=0)
-    order = sorted(by_name, key=lambda name: (-chain[name], name))
+    chain = {b["name"]: b["ms"] + tail_ms(spec, b["name"]) for b in spec["builds"]}
+    order = sorted(chain, key=lambda name: (-chain[name], name))
     renamed = {name: f"p{rank:03d}{name}" for rank, name in enumerate(order)}
     renamed[spec["top"]] = spec["top"]
     builds = [dict(b, name=renamed[b["name"]], deps=[renamed[d] for d in b["deps"]]) for b in spec["builds"]]
