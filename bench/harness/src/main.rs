@@ -32,6 +32,11 @@
 //!
 //! Prints one JSON object: label, requests, replies by kind, other stderr lines, and the latency
 //! percentiles (nearest rank) in microseconds.
+//!
+//! `nix-tier-bench decline LOG` is a build hook that does nothing: it reads the settings handshake,
+//! answers `# decline` to every `try` at once and appends the asked `.drv` to LOG, one line per
+//! request. Run by `build-hook` (through a script: Nix passes only its verbosity), it measures what Nix itself spends on asking a hook (the pipe
+//! round trip per request, and how many requests per build Nix sends), whatever the hook decides.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -362,11 +367,35 @@ fn locks_probe(mut args: impl Iterator<Item = String>) -> Result<serde_json::Val
     }))
 }
 
+/// `decline LOG`: the do-nothing hook (see the module's doc comment). Nix starts a hook with argv
+/// `[name, verbosity]`, so `build-hook` names a script that runs `nix-tier-bench decline LOG`.
+fn decline(log: Option<String>) -> Result<(), String> {
+    let log = log.ok_or("decline: LOG missing")?;
+    let mut log = BufWriter::new(
+        OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("{log}: {e}"))?,
+    );
+    let mut input = std::io::stdin().lock();
+    let mut answers = std::io::stderr().lock();
+    protocol::read_settings(&mut input).map_err(|e| format!("handshake: {e}"))?;
+    while let Some(request) = protocol::read_request(&mut input).map_err(|e| format!("request: {e}"))? {
+        writeln!(answers, "{}", protocol::Reply::Decline.line()).map_err(|e| e.to_string())?;
+        writeln!(log, "{}", request.drv_path).map_err(|e| e.to_string())?;
+    }
+    log.flush().map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let result = match args.next().as_deref() {
         Some("latency") => options(args).and_then(latency),
         Some("locks-probe") => locks_probe(args),
+        Some("decline") => return match decline(args.next()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nix-tier-bench: {e}");
+                ExitCode::FAILURE
+            }
+        },
         _ => Err("usage: nix-tier-bench latency --program PATH --drvs FILE [options] (see the source's doc comment)".into()),
     };
     match result {
