@@ -297,16 +297,13 @@ impl Watched {
             self.descendants.track(procfs::tree(b.pid));
         }
         self.report_kills();
-        if let Some(b) = self.builder.as_mut().filter(|b| b.log.is_some() && b.exited()) {
-            // Its copy of the log goes at once, so Nix sees the build's end without waiting.
-            b.log = None;
-        }
         self.polls += 1;
         self.due = now
             + match self.builder.as_ref() {
                 None => search_pause(self.admitted.elapsed()),
-                // Ended: Nix releases the locks within moments, and the lease with them.
-                Some(b) if b.log.is_none() => Duration::from_millis(5),
+                // Ended (or its end cannot be waited for): Nix releases the locks within
+                // moments, and the lease with them.
+                Some(b) if b.log.is_none() || b.exited() => Duration::from_millis(5),
                 Some(_) if self.admitted.elapsed() < Duration::from_secs(1) => Duration::from_millis(5),
                 Some(_) => Duration::from_millis(100),
             };
@@ -565,6 +562,12 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             if outcome.is_none() && b.lease_ended.is_none() && b.processes_gone() {
                 leases.end(b.lease);
                 b.lease_ended = Some(Instant::now());
+            }
+            if let Some(builder) = b.builder.as_mut().filter(|builder| builder.log.is_some() && builder.exited()) {
+                // Nix sees the build's end once every copy of its log is closed, and at once asks
+                // about the builds waiting for its slot: this copy goes only after the lease has
+                // ended (when nothing of the build is left), so that they find the slot free.
+                builder.log = None;
             }
             match outcome {
                 Some(done) => {
