@@ -22,6 +22,13 @@
 //!    start the goal that got the lease, though: should it start this one instead, the caller
 //!    counts it as it starts ([`LeaseTable::adopt`]); it fitted beside every lease when asked,
 //!    and the lease Nix left unused ends when the caller sees that goal let go.
+//!    A build the policy holds back is answered the same way when every lease of its full worker
+//!    is of its tier and reserves at least its memory: Nix starts it only in place of one of
+//!    those (at most `max-jobs` of the worker's builds run), so the limits hold whichever it
+//!    starts, and it keeps its place among the waiting builds. Told to wait instead, it would
+//!    ask again at every wake-up of Nix's worker rather than when a slot frees: Nix asks about
+//!    every goal woken for a slot before any of them starts, all with a free slot, and
+//!    `max-jobs` already holds all but one of them back.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -149,11 +156,21 @@ impl LeaseTable {
                 verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms: longer_ms });
             }
         }
-        let held_by_worker =
-            self.leases.iter().filter(|l| l.worker == request.worker && !request.slots_freed.contains(&l.id)).count();
+        let held_by_worker: Vec<&Lease> =
+            self.leases.iter().filter(|l| l.worker == request.worker && !request.slots_freed.contains(&l.id)).collect();
+        let worker_full = held_by_worker.len() >= request.worker_max_jobs.max(1) as usize;
         match verdict {
-            Admission::Admit if held_by_worker >= request.worker_max_jobs.max(1) as usize => {
+            Admission::Admit if worker_full => {
                 self.waiting.remove(&request.drv);
+                Decision::WorkerFull
+            }
+            Admission::Wait(reason)
+                if worker_full
+                    && held_by_worker
+                        .iter()
+                        .all(|l| l.claim.tier == request.claim.tier && l.claim.memory_mib >= request.claim.memory_mib) =>
+            {
+                self.waiting.record(request, now_ms, reason);
                 Decision::WorkerFull
             }
             Admission::Admit => {
@@ -367,6 +384,25 @@ mod tests {
         assert_eq!(table.waiting().len(), 0);
         // Another worker is not full.
         assert!(matches!(table.decide(&b, &request(2, 1, "b", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
+    }
+
+    #[test]
+    fn a_full_worker_whose_leases_could_each_make_room_declines_a_held_back_build() {
+        // The light tier allows 4; worker 1 (max-jobs 4) holds all four.
+        let mut table = LeaseTable::new();
+        let b = build();
+        for drv in ["a", "b", "c", "d"] {
+            assert!(matches!(table.decide(&b, &request(1, 4, drv, Tier::Light, 10), 0, 1000), Decision::Admit(_)));
+        }
+        // A fifth light build of the same worker: Nix starts it only instead of one of the four.
+        assert_eq!(table.decide(&b, &request(1, 4, "e", Tier::Light, 10), 1, 1000), Decision::WorkerFull);
+        assert_eq!(table.waiting().len(), 1, "it keeps its place among the waiting");
+        // Asking for more memory than they hold, it could outgrow the budget: it waits.
+        let mut larger = request(1, 4, "f", Tier::Light, 10);
+        larger.claim.memory_mib += 1;
+        assert!(matches!(table.decide(&b, &larger, 1, 1000), Decision::Wait(_)));
+        // Another worker's build waits for the tier.
+        assert!(matches!(table.decide(&b, &request(2, 4, "g", Tier::Light, 10), 1, 1000), Decision::Wait(WaitReason::TierFull { .. })));
     }
 
     #[test]
