@@ -264,14 +264,16 @@ impl Watched {
             return self.end_leftovers(Duration::ZERO);
         }
         if self.builder.is_none() {
-            // Made before the builder starts: creating a cgroup takes milliseconds, which would
-            // otherwise delay its placement.
-            if self.cgroup.is_none() && self.polls == 0 {
-                self.cgroup = create_cgroup(&self.job);
-            }
             self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan).and_then(Builder::open);
             if let Some(b) = &self.builder {
                 scan.known.insert(b.pid);
+                // Made once the builder is found, not at admission: a build too short to be
+                // found, or one Nix lets go, costs no cgroup, and admissions in a burst
+                // (Nix asks about every ready build at once) do not compete with making them.
+                // A build taken over from a broker that is gone has its cgroup already.
+                if self.cgroup.is_none() {
+                    self.cgroup = create_cgroup(&self.job);
+                }
             }
             self.build_user = self.builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
         }
@@ -519,7 +521,13 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                     builds.push(Watched::new(job, lease, None, lock_files));
                 }
                 Ok(Order::Candidate(job)) => candidates.add(job),
-                Ok(Order::Recovered { job, lease, lock }) => builds.push(Watched::new(job, lease, Some(lock), lock_files)),
+                Ok(Order::Recovered { job, lease, lock }) => {
+                    // Its cgroup holds what still runs of it, found or not.
+                    let cgroup = existing_cgroup(&job);
+                    let mut watched = Watched::new(job, lease, Some(lock), lock_files);
+                    watched.cgroup = cgroup;
+                    builds.push(watched);
+                }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -608,6 +616,11 @@ pub fn admission_name(drv: &str, admitted_ms: u64) -> String {
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
     job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &limits).ok()
+}
+
+/// The cgroup a broker that is gone made for `job`, if it is there.
+fn existing_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
+    job.cgroups.as_ref()?.existing(&admission_name(&job.drv, job.started_unix_ms))
 }
 
 impl Drop for Watched {
@@ -732,9 +745,7 @@ pub fn running_builds(state_dir: &Path, pool: &LockFiles) -> Vec<(WatchJob, Watc
         .filter_map(|e| WatcherLock::take_over(&e.path(), pool))
         .filter(|(_, job)| {
             let locked = held.as_ref().is_some_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)));
-            let populated = job.cgroups.as_ref().is_some_and(|h| {
-                h.existing(&admission_name(&job.drv, job.started_unix_ms)).and_then(|c| c.pids().ok()).is_some_and(|p| !p.is_empty())
-            });
+            let populated = existing_cgroup(job).and_then(|c| c.pids().ok()).is_some_and(|p| !p.is_empty());
             locked || populated
         })
         .map(|(lock, job)| (job, lock))
