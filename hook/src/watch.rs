@@ -248,10 +248,11 @@ impl Watched {
         // deletes the lock files of a build that succeeded before it lets go of them, so a
         // missing one (a stat) ends the build without reading the lock table (costly: every lock
         // of the machine); while the builder is searched for, that table is read every 20 ms, for
-        // a build that failed or that Nix let go without starting.
+        // a build that failed or that Nix let go without starting. While the watcher holds a
+        // copy of the build's log, Nix has not seen the build end: it still holds the locks.
         let locks_deleted = || self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err());
         let running = match self.builder.as_ref() {
-            Some(b) => !b.exited() || (!locks_deleted() && scan.holds(&self.job.lock_files, self.job.nix_pid)),
+            Some(b) => !b.exited() || b.log.is_some() || (!locks_deleted() && scan.holds(&self.job.lock_files, self.job.nix_pid)),
             None if locks_deleted() => false,
             None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
             None => {
