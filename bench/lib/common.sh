@@ -168,8 +168,10 @@ wait_for_watchers() {
 }
 
 # The median number of `try` requests per build the broker listening on $1 was asked (0 if none).
-broker_tries_median() {
-  python3 - "$1" <<'PY' 2>/dev/null || echo 0
+# The median and the mean number of `try` requests per build the broker at socket $1 was
+# asked ("0 0" when it cannot tell).
+broker_tries() {
+  python3 - "$1" <<'PY' 2>/dev/null || echo "0 0"
 import json, socket, statistics, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(5)
@@ -177,7 +179,7 @@ s.connect(sys.argv[1])
 s.sendall(b'"tries"\n')
 answer = s.makefile().readline()
 tries = json.loads(answer)["tries"]
-print(statistics.median(tries) if tries else 0)
+print(statistics.median(tries), statistics.mean(tries)) if tries else print("0 0")
 PY
 }
 
