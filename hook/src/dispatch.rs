@@ -5,6 +5,8 @@ use std::path::Path;
 
 use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
+use nix_tier_model::admission::Claim;
+use nix_tier_model::leases::AlikeLeases;
 use nix_tier_model::learning::{self, ReservationSource};
 use nix_tier_model::optimize::TIER_ATTRIBUTE;
 use nix_tier_cgroups::Hierarchy;
@@ -91,6 +93,9 @@ pub struct Dispatcher {
     /// Builds asked about and not yet admitted, as the broker is told about them: Nix asks
     /// again about a waiting build, and its .drv (immutable) is read once.
     asked: HashMap<String, TryBuild>,
+    /// What the broker last said of this worker when it found it full (its leases alike), until
+    /// it says a slot may be free.
+    worker_full: Option<AlikeLeases>,
 }
 
 impl Dispatcher {
@@ -129,6 +134,7 @@ impl Dispatcher {
             enforcement_note,
             builder_uids: builder_uids(settings),
             asked: HashMap::new(),
+            worker_full: None,
         }
     }
 
@@ -173,6 +179,16 @@ impl Dispatcher {
             self.asked.insert(request.drv_path.clone(), build);
             return Ok(Reply::Decline);
         }
+        // Nix asks about every goal woken for a slot, each with a free slot, before any starts:
+        // while the worker is full of leases this build could only take the place of, the
+        // broker's answer stays the same, and is given without asking it.
+        let claim = Claim { tier: build.job.tier, memory_mib: build.job.memory_limit_mib, learned: build.job.limit_learned };
+        if self.worker_full.is_some_and(|alike| alike.make_room_for(&claim)) && !self.broker.slot_may_be_free() {
+            self.broker.tell_declined(&build);
+            self.asked.insert(request.drv_path.clone(), build);
+            return Ok(Reply::Decline);
+        }
+        self.worker_full = None;
         let answer = match self.broker.ask(&build) {
             Ok(answer) => answer,
             Err(Failure::Starting) => {
@@ -197,12 +213,13 @@ impl Dispatcher {
             }
             // Nix parks it for one of its own slots and asks again; the broker picks it up
             // should it start anyway.
-            FromBroker::WorkerFull => {
+            FromBroker::WorkerFull { alike } => {
+                self.worker_full = alike;
                 self.asked.insert(request.drv_path.clone(), build);
                 Ok(Reply::Decline)
             }
             FromBroker::Refused(why) => Err(format!("the broker refused: {why}")),
-            FromBroker::Tries(_) => Err("the broker answered another question".to_string()),
+            FromBroker::Tries(_) | FromBroker::SlotFreed => Err("the broker answered another question".to_string()),
         }
     }
 

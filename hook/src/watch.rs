@@ -208,6 +208,8 @@ struct Watched {
     /// When its lease was ended (its processes were gone), perhaps before Nix released the
     /// output locks.
     lease_ended: Option<Instant>,
+    /// Whether the lease table was told that its builder exited.
+    exit_told: bool,
     due: Instant,
 }
 
@@ -234,6 +236,7 @@ impl Watched {
             locks_checked: None,
             ended: None,
             lease_ended: None,
+            exit_told: false,
             due: now,
         }
     }
@@ -413,6 +416,9 @@ pub trait Leases {
     fn adopt(&self, job: &WatchJob) -> LeaseId;
     /// Lease `lease`'s builder was found: `pidfd` becomes readable when it exits.
     fn builder_started(&self, lease: LeaseId, pidfd: OwnedFd);
+    /// Lease `lease`'s builder has exited: Nix has its slot back, though the lease lasts until
+    /// every process of the build is gone.
+    fn builder_exited(&self, lease: LeaseId);
     /// Ends `lease`: its build's processes are gone.
     fn end(&self, lease: LeaseId);
 }
@@ -571,6 +577,10 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             if outcome.is_none() && b.lease_ended.is_none() && b.processes_gone() {
                 leases.end(b.lease);
                 b.lease_ended = Some(Instant::now());
+            }
+            if b.lease_ended.is_none() && !b.exit_told && b.builder.as_ref().is_some_and(Builder::exited) {
+                leases.builder_exited(b.lease);
+                b.exit_told = true;
             }
             if let Some(builder) = b.builder.as_mut().filter(|builder| builder.log.is_some() && builder.exited()) {
                 // Nix sees the build's end once every copy of its log is closed, and at once asks

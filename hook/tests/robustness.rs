@@ -6,63 +6,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{build_section, mkfifo, write_drv, write_profile, Hook};
-
-/// A private directory with a profile (budget `budget`), a state directory and no usable cgroup
-/// root (admission only, which these tests are about).
-struct Setup {
-    dir: tempfile::TempDir,
-}
-
-impl Setup {
-    fn new(budget: u64) -> Setup {
-        let setup = Setup { dir: tempfile::tempdir().unwrap() };
-        write_profile(&setup.profile(), build_section(budget));
-        setup
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn profile(&self) -> PathBuf {
-        self.path().join("hw.json")
-    }
-
-    fn state(&self) -> PathBuf {
-        self.path().join("state")
-    }
-
-    fn env<'a>(&'a self, profile: &'a Path, state: &'a Path) -> [(&'static str, &'a Path); 3] {
-        [
-            ("NIX_TIER_PROFILE", profile),
-            ("NIX_TIER_STATE_DIR", state),
-            // Not a cgroup: the hook says so and admits without bounding.
-            ("NIX_TIER_CGROUP_ROOT", self.path()),
-        ]
-    }
-
-    /// A hook whose broker runs already (started once per state directory).
-    fn hook_with_profile(&self, profile: &Path) -> Hook {
-        let state = self.state();
-        let env = self.env(profile, &state);
-        if std::os::unix::net::UnixStream::connect(state.join("broker.sock")).is_ok() {
-            Hook::start(&env)
-        } else {
-            Hook::start_with_broker(&env)
-        }
-    }
-
-    fn hook(&self) -> Hook {
-        self.hook_with_profile(&self.profile())
-    }
-
-    /// A hook that finds no broker running and starts one itself.
-    fn hook_starting_the_broker(&self) -> Hook {
-        let (profile, state) = (self.profile(), self.state());
-        Hook::start(&self.env(&profile, &state))
-    }
-}
+use common::{build_section, mkfifo, write_drv, write_profile, Hook, Setup};
 
 fn reply(lines: &[String]) -> &str {
     lines.last().map(String::as_str).unwrap_or("")

@@ -55,6 +55,25 @@ pub struct Request {
     pub slots_freed: Vec<LeaseId>,
 }
 
+/// What every lease of a worker reserves at least, when they are all of one tier: whichever of
+/// them Nix let go of (or saw end), a build of that tier asking for no more memory fits in its
+/// place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AlikeLeases {
+    /// Their tier.
+    pub tier: Tier,
+    /// The least memory one of them reserves, MiB.
+    pub memory_mib: u64,
+}
+
+impl AlikeLeases {
+    /// Whether a build claiming `claim` fits in the place of any one of them.
+    pub fn make_room_for(&self, claim: &Claim) -> bool {
+        claim.tier == self.tier && claim.memory_mib <= self.memory_mib
+    }
+}
+
 /// The answer to a [`Request`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -156,9 +175,8 @@ impl LeaseTable {
                 verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms: longer_ms });
             }
         }
-        let held_by_worker: Vec<&Lease> =
-            self.leases.iter().filter(|l| l.worker == request.worker && !request.slots_freed.contains(&l.id)).collect();
-        let worker_full = held_by_worker.len() >= request.worker_max_jobs.max(1) as usize;
+        let held_by_worker = self.held_by(request.worker, &request.slots_freed).count();
+        let worker_full = held_by_worker >= request.worker_max_jobs.max(1) as usize;
         match verdict {
             Admission::Admit if worker_full => {
                 self.waiting.remove(&request.drv);
@@ -166,9 +184,7 @@ impl LeaseTable {
             }
             Admission::Wait(reason)
                 if worker_full
-                    && held_by_worker
-                        .iter()
-                        .all(|l| l.claim.tier == request.claim.tier && l.claim.memory_mib >= request.claim.memory_mib) =>
+                    && self.alike_held(request.worker, &request.slots_freed).is_some_and(|a| a.make_room_for(&request.claim)) =>
             {
                 self.waiting.record(request, now_ms, reason);
                 Decision::WorkerFull
@@ -243,6 +259,21 @@ impl LeaseTable {
         self.next_id += 1;
         self.leases.push(Lease { id, worker, drv: drv.to_string(), claim, expected_ms, since_ms: now_ms });
         id
+    }
+
+    /// The leases `worker` holds whose builders still run (not in `slots_freed`).
+    fn held_by<'a>(&'a self, worker: u32, slots_freed: &'a [LeaseId]) -> impl Iterator<Item = &'a Lease> {
+        self.leases.iter().filter(move |l| l.worker == worker && !slots_freed.contains(&l.id))
+    }
+
+    /// What the leases `worker` holds (those whose builders still run) reserve at least, when
+    /// they are all of one tier.
+    pub fn alike_held(&self, worker: u32, slots_freed: &[LeaseId]) -> Option<AlikeLeases> {
+        let mut held = self.held_by(worker, slots_freed);
+        let first = held.next()?;
+        held.try_fold(AlikeLeases { tier: first.claim.tier, memory_mib: first.claim.memory_mib }, |alike, l| {
+            (l.claim.tier == alike.tier).then(|| AlikeLeases { memory_mib: alike.memory_mib.min(l.claim.memory_mib), ..alike })
+        })
     }
 
     /// Ends lease `id` (its build's processes are gone); the lease, if it was still held.

@@ -12,6 +12,7 @@
 //! at once, and the builds of a session's first moments are counted like the rest.
 
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -105,17 +106,37 @@ impl Client {
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let timeout = timeout.ok_or(format!("the broker did not answer within {ANSWER_WITHIN:?}"))?;
         connection.get_ref().set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-        let mut answer = Vec::new();
-        match connection.read_until(b'\n', &mut answer) {
-            Ok(0) => return Err("the broker closed the connection".to_string()),
-            Ok(_) if answer.ends_with(b"\n") => {}
-            Ok(_) => return Err("the broker closed the connection mid-answer".to_string()),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                return Err(format!("the broker did not answer within {ANSWER_WITHIN:?}"))
+        // A slot said to be free before the answer may have freed after the broker decided.
+        let mut slot_freed = false;
+        loop {
+            let mut answer = Vec::new();
+            match connection.read_until(b'\n', &mut answer) {
+                Ok(0) => return Err("the broker closed the connection".to_string()),
+                Ok(_) if answer.ends_with(b"\n") => {}
+                Ok(_) => return Err("the broker closed the connection mid-answer".to_string()),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    return Err(format!("the broker did not answer within {ANSWER_WITHIN:?}"))
+                }
+                Err(e) => return Err(format!("reading from the broker: {e}")),
             }
-            Err(e) => return Err(format!("reading from the broker: {e}")),
+            match serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))? {
+                FromBroker::SlotFreed => slot_freed = true,
+                FromBroker::WorkerFull { .. } if slot_freed => return Ok(FromBroker::WorkerFull { alike: None }),
+                answer => return Ok(answer),
+            }
         }
-        serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))
+    }
+
+    /// Whether the broker may have said, since its last answer, that a slot of this worker may
+    /// be free ([`FromBroker::SlotFreed`]; or the connection is gone): until then, the worker is
+    /// as full as that answer said. A look at the socket, without waiting.
+    pub fn slot_may_be_free(&mut self) -> bool {
+        let Some(connection) = self.connection.as_ref() else { return true };
+        if !connection.buffer().is_empty() {
+            return true;
+        }
+        let mut fds = [nix::poll::PollFd::new(connection.get_ref().as_fd(), nix::poll::PollFlags::POLLIN)];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_or(true, |ready| ready > 0)
     }
 
     /// Writes `message`, connecting first if needed.

@@ -26,7 +26,7 @@ pub mod client;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Sender};
@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix_tier_model::admission::{Claim, WaitReason};
-use nix_tier_model::leases::{self, Decision, LeaseId, LeaseTable, Request};
+use nix_tier_model::leases::{self, AlikeLeases, Decision, LeaseId, LeaseTable, Request};
 use nix_tier_model::Build;
 use serde::{Deserialize, Serialize};
 
@@ -104,8 +104,19 @@ pub enum FromBroker {
         /// Changes only when the reason or those builds change (not as they age).
         key: String,
     },
-    /// The worker is full: Nix parks the build itself; nothing was reserved.
-    WorkerFull,
+    /// The worker is full: Nix parks the build itself (or starts it in the place of a build it
+    /// let go of); nothing was reserved.
+    WorkerFull {
+        /// When the worker's leases are all alike: until the broker says that one of them ended
+        /// or that a builder of the worker exited ([`FromBroker::SlotFreed`]), every build they
+        /// make room for gets this answer, and the hook gives it without asking (telling the
+        /// broker, as [`ToBroker::Declined`]). Nix asks about every goal woken for a slot, and
+        /// all but one of them get this answer.
+        alike: Option<AlikeLeases>,
+    },
+    /// Unasked, after a [`FromBroker::WorkerFull`] with `alike`: a slot of the worker may be
+    /// free, so the next build is to be asked about again.
+    SlotFreed,
     /// The request was refused; why.
     Refused(String),
     /// The number of `try` requests of every build asked about so far.
@@ -122,6 +133,9 @@ struct Shared {
     /// The names of waiting builds, for `state.json`.
     waiting_names: HashMap<String, String>,
     tries: HashMap<String, u32>,
+    /// The connections told that their worker is full with alike leases (by connection, with
+    /// the worker), to be told when a slot of it may be free.
+    told_full: HashMap<u64, (u32, Arc<Mutex<UnixStream>>)>,
     /// Whether `state.json` is behind.
     changed: bool,
     clients: usize,
@@ -134,6 +148,33 @@ struct Board {
     shared: Mutex<Shared>,
 }
 
+/// One hook's connection, as decisions need it.
+struct Connection {
+    id: u64,
+    /// Replies, and unasked [`FromBroker::SlotFreed`] from other threads.
+    writer: Arc<Mutex<UnixStream>>,
+}
+
+impl Shared {
+    /// Tells the connections that `worker` is full that a slot of it may be free. Never blocks
+    /// (the lease table is locked): a connection that cannot take the line is shut down, and its
+    /// hook asks anew on a new one.
+    fn slot_freed(&mut self, worker: u32) {
+        let line = format!("{}\n", serde_json::to_string(&FromBroker::SlotFreed).expect("serializable"));
+        self.told_full.retain(|_, (told, writer)| {
+            if *told != worker {
+                return true;
+            }
+            let writer = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let sent = nix::sys::socket::send(writer.as_raw_fd(), line.as_bytes(), nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+            if sent.ok() != Some(line.len()) {
+                let _ = writer.shutdown(std::net::Shutdown::Both);
+            }
+            false
+        });
+    }
+}
+
 impl Board {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         // A panicked thread leaves the table as consistent as any decision does.
@@ -142,7 +183,7 @@ impl Board {
 
     /// Decides one `try` of the hook that said `hello`; the reply, and the order for the
     /// watcher.
-    fn decide(&self, hello: &Hello, mut request: TryBuild) -> (FromBroker, Option<Order>) {
+    fn decide(&self, hello: &Hello, connection: &Connection, mut request: TryBuild) -> (FromBroker, Option<Order>) {
         let now = state::now_ms();
         let ttl_ms = leases::waiter_ttl_ms(hello.poll_interval_secs);
         let job = &request.job;
@@ -165,6 +206,7 @@ impl Board {
         *shared.tries.entry(job.drv.clone()).or_default() += 1;
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
         let shared = &mut *shared;
+        shared.told_full.remove(&connection.id);
         let table = &shared.table;
         shared.jobs.retain(|id, _| table.lease(*id).is_some());
         shared.builders.retain(|id, _| table.lease(*id).is_some());
@@ -193,7 +235,13 @@ impl Board {
                 shared.changed = true;
                 (FromBroker::Wait { reason: format!("{reason} ({})", shown.join("; ")), key }, None)
             }
-            Decision::WorkerFull => (FromBroker::WorkerFull, Some(Order::Candidate(request.job))),
+            Decision::WorkerFull => {
+                let alike = shared.table.alike_held(hello.worker_pid, &table_request.slots_freed);
+                if alike.is_some() {
+                    shared.told_full.insert(connection.id, (hello.worker_pid, Arc::clone(&connection.writer)));
+                }
+                (FromBroker::WorkerFull { alike }, Some(Order::Candidate(request.job)))
+            }
         }
     }
 
@@ -254,9 +302,18 @@ impl watch::Leases for Board {
         }
     }
 
+    fn builder_exited(&self, lease: LeaseId) {
+        let mut shared = self.lock();
+        if let Some(worker) = shared.table.lease(lease).map(|l| l.worker) {
+            shared.slot_freed(worker);
+        }
+    }
+
     fn end(&self, lease: LeaseId) {
         let mut shared = self.lock();
-        shared.table.end(lease);
+        if let Some(ended) = shared.table.end(lease) {
+            shared.slot_freed(ended.worker);
+        }
         shared.jobs.remove(&lease);
         shared.builders.remove(&lease);
         shared.changed = true;
@@ -310,6 +367,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
             builders: HashMap::new(),
             waiting_names: HashMap::new(),
             tries: HashMap::new(),
+            told_full: HashMap::new(),
             changed: true,
             clients: 0,
             idle_since: Instant::now(),
@@ -336,23 +394,26 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
         std::thread::spawn(move || keep_snapshot(&board, &state_dir, stay));
     }
     let me = nix::unistd::geteuid().as_raw();
+    let mut connections = 0u64;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let allowed = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
             .is_ok_and(|cred| cred.uid() == me || cred.uid() == 0);
         if !allowed {
-            let mut stream = stream;
-            let _ = reply(&mut stream, &FromBroker::Refused("only Nix's own user may take leases".to_string()));
+            let _ = reply(&Mutex::new(stream), &FromBroker::Refused("only Nix's own user may take leases".to_string()));
             continue;
         }
         let board = Arc::clone(&board);
         let orders = orders.clone();
         let wake = Arc::clone(&wake_write);
         board.lock().clients += 1;
+        connections += 1;
+        let id = connections;
         std::thread::spawn(move || {
-            let _ = serve_client(stream, &board, &orders, &wake);
+            let _ = serve_client(stream, id, &board, &orders, &wake);
             let mut shared = board.lock();
             shared.clients -= 1;
+            shared.told_full.remove(&id);
             shared.idle_since = Instant::now();
         });
     }
@@ -360,8 +421,9 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
 }
 
 /// Answers one hook's requests until it is gone.
-fn serve_client(stream: UnixStream, board: &Board, orders: &Sender<Order>, wake: &OwnedFd) -> io::Result<()> {
-    let mut writer = stream.try_clone()?;
+fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Order>, wake: &OwnedFd) -> io::Result<()> {
+    let connection = Connection { id, writer: Arc::new(Mutex::new(stream.try_clone()?)) };
+    let writer = &*connection.writer;
     let mut reader = BufReader::new(stream);
     let mut hello: Option<Hello> = None;
     let mut line = Vec::new();
@@ -372,20 +434,20 @@ fn serve_client(stream: UnixStream, board: &Board, orders: &Sender<Order>, wake:
         }
         let message = match serde_json::from_slice::<ToBroker>(&line) {
             Ok(message) => message,
-            Err(e) => return reply(&mut writer, &FromBroker::Refused(format!("unreadable request: {e}"))),
+            Err(e) => return reply(writer, &FromBroker::Refused(format!("unreadable request: {e}"))),
         };
         match (message, hello.as_ref()) {
             (ToBroker::Hello(said), _) => hello = Some(said),
             (ToBroker::Try(request), Some(hello)) => {
-                let (answer, order) = board.decide(hello, request);
-                reply(&mut writer, &answer)?;
+                let (answer, order) = board.decide(hello, &connection, request);
+                reply(writer, &answer)?;
                 if let Some(order) = order {
                     if orders.send(order).is_ok() {
                         let _ = nix::unistd::write(wake, &[1]);
                     }
                 }
             }
-            (ToBroker::Try(_), None) => reply(&mut writer, &FromBroker::Refused("no hello first".to_string()))?,
+            (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
             (ToBroker::Declined(request), _) => {
                 *board.lock().tries.entry(request.job.drv.clone()).or_default() += 1;
                 if orders.send(Order::Candidate(request.job)).is_ok() {
@@ -394,16 +456,16 @@ fn serve_client(stream: UnixStream, board: &Board, orders: &Sender<Order>, wake:
             }
             (ToBroker::Tries, _) => {
                 let tries = board.lock().tries.values().copied().collect();
-                reply(&mut writer, &FromBroker::Tries(tries))?;
+                reply(writer, &FromBroker::Tries(tries))?;
             }
         }
     }
 }
 
-fn reply(writer: &mut UnixStream, answer: &FromBroker) -> io::Result<()> {
+fn reply(writer: &Mutex<UnixStream>, answer: &FromBroker) -> io::Result<()> {
     let mut line = serde_json::to_vec(answer)?;
     line.push(b'\n');
-    writer.write_all(&line)
+    writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).write_all(&line)
 }
 
 /// Writes `state.json` when the table changed, at most every 100 ms; ends the process once it

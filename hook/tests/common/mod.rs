@@ -15,6 +15,66 @@ use nix_tier_hook::protocol::{self, Settings, TryRequest};
 /// How long any answer may take: far more than a decision needs, far less than a hang.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A private directory with a profile (budget `budget`), a state directory and no usable cgroup
+/// root (admission only, which these tests are about).
+pub struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub fn new(budget: u64) -> Setup {
+        let setup = Setup { dir: tempfile::tempdir().unwrap() };
+        write_profile(&setup.profile(), build_section(budget));
+        setup
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn profile(&self) -> PathBuf {
+        self.path().join("hw.json")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.path().join("state")
+    }
+
+    pub fn env<'a>(&'a self, profile: &'a Path, state: &'a Path) -> [(&'static str, &'a Path); 3] {
+        [
+            ("NIX_TIER_PROFILE", profile),
+            ("NIX_TIER_STATE_DIR", state),
+            // Not a cgroup: the hook says so and admits without bounding.
+            ("NIX_TIER_CGROUP_ROOT", self.path()),
+        ]
+    }
+
+    /// A hook whose broker runs already (started once per state directory).
+    pub fn hook_with_profile(&self, profile: &Path) -> Hook {
+        self.hook_with(profile, &[])
+    }
+
+    /// A hook whose broker runs already, its worker's `settings` overridden.
+    pub fn hook_with(&self, profile: &Path, settings: &[(&str, &str)]) -> Hook {
+        let state = self.state();
+        let env = self.env(profile, &state);
+        if std::os::unix::net::UnixStream::connect(state.join("broker.sock")).is_err() {
+            start_broker(&env);
+        }
+        Hook::start_with_settings(&env, settings)
+    }
+
+    pub fn hook(&self) -> Hook {
+        self.hook_with_profile(&self.profile())
+    }
+
+    /// A hook that finds no broker running and starts one itself.
+    pub fn hook_starting_the_broker(&self) -> Hook {
+        let (profile, state) = (self.profile(), self.state());
+        Hook::start(&self.env(&profile, &state))
+    }
+}
+
 /// One hook process.
 pub struct Hook {
     pub child: Child,
@@ -25,6 +85,12 @@ pub struct Hook {
 impl Hook {
     /// Starts the hook with `env` and sends the settings handshake.
     pub fn start(env: &[(&str, &Path)]) -> Hook {
+        Hook::start_with_settings(env, &[])
+    }
+
+    /// Starts the hook with `env` and sends the settings handshake, `overrides` replacing
+    /// settings (max-jobs 8, build-poll-interval 1, no builders).
+    pub fn start_with_settings(env: &[(&str, &Path)], overrides: &[(&str, &str)]) -> Hook {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-tier-hook"));
         cmd.arg("3").stdin(Stdio::piped()).stderr(Stdio::piped()).env_remove("NIX_TIER_CGROUP_ROOT");
         for (name, value) in env {
@@ -42,7 +108,8 @@ impl Hook {
         });
         let mut stdin = child.stdin.take().unwrap();
         let settings: Settings = [("max-jobs", "8"), ("build-poll-interval", "1"), ("builders", "")]
-            .into_iter()
+            .iter()
+            .chain(overrides)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         protocol::write_settings(&mut stdin, &settings).unwrap();
@@ -55,20 +122,7 @@ impl Hook {
     /// then come from a running broker, not from one the hook is still starting (which it
     /// postpones for).
     pub fn start_with_broker(env: &[(&str, &Path)]) -> Hook {
-        let state = env.iter().find(|(name, _)| *name == "NIX_TIER_STATE_DIR").expect("a state directory").1;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-tier-hook"));
-        cmd.arg("--broker").stdin(Stdio::null()).stdout(Stdio::null()).env_remove("NIX_TIER_CGROUP_ROOT");
-        cmd.process_group(0);
-        for (name, value) in env {
-            cmd.env(name, value);
-        }
-        let mut broker = cmd.spawn().expect("start nix-tier-hook --broker");
-        nix_tier_tests::hook_env::wait_for("the broker to accept connections", ANSWER_TIMEOUT, || {
-            assert!(broker.try_wait().unwrap().is_none_or(|s| s.success()), "the broker failed to start");
-            std::os::unix::net::UnixStream::connect(state.join("broker.sock")).ok()
-        });
-        // It runs on by itself (exiting when idle), as one started by a hook does.
-        std::thread::spawn(move || broker.wait());
+        start_broker(env);
         Hook::start(env)
     }
 
@@ -122,6 +176,25 @@ impl Drop for Hook {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts the broker for `env`'s state directory, as a service manager would, and waits until it
+/// accepts connections.
+pub fn start_broker(env: &[(&str, &Path)]) {
+    let state = env.iter().find(|(name, _)| *name == "NIX_TIER_STATE_DIR").expect("a state directory").1;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nix-tier-hook"));
+    cmd.arg("--broker").stdin(Stdio::null()).stdout(Stdio::null()).env_remove("NIX_TIER_CGROUP_ROOT");
+    cmd.process_group(0);
+    for (name, value) in env {
+        cmd.env(name, value);
+    }
+    let mut broker = cmd.spawn().expect("start nix-tier-hook --broker");
+    nix_tier_tests::hook_env::wait_for("the broker to accept connections", ANSWER_TIMEOUT, || {
+        assert!(broker.try_wait().unwrap().is_none_or(|s| s.success()), "the broker failed to start");
+        std::os::unix::net::UnixStream::connect(state.join("broker.sock")).ok()
+    });
+    // It runs on by itself (exiting when idle), as one started by a hook does.
+    std::thread::spawn(move || broker.wait());
 }
 
 /// Writes a `.drv` (ATerm, as Nix writes them) for a derivation `name` with one output `out`
