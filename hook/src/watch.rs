@@ -424,7 +424,7 @@ pub trait Leases {
 }
 
 /// How long a candidate is looked for among its worker's new children.
-const CANDIDATE_TTL: Duration = Duration::from_secs(10);
+pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
 
 /// Builds declined without a lease because their worker was full, by output path, until they
 /// are seen starting or forgotten.

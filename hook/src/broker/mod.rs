@@ -136,6 +136,9 @@ struct Shared {
     /// The connections told that their worker is full with alike leases (by connection, with
     /// the worker), to be told when a slot of it may be free.
     told_full: HashMap<u64, (u32, Arc<Mutex<UnixStream>>)>,
+    /// When each build last became a candidate of the watcher (declined, its worker full),
+    /// until it is admitted.
+    candidates: HashMap<String, Instant>,
     /// Whether `state.json` is behind.
     changed: bool,
     clients: usize,
@@ -156,6 +159,23 @@ struct Connection {
 }
 
 impl Shared {
+    /// Whether the watcher still looks for `drv` as a candidate; if not, it is to be told
+    /// ([`Order::Candidate`]), and from now on it does. Nix asks about a build its worker has
+    /// no slot for again at every slot that frees.
+    fn candidate_watched(&mut self, drv: &str) -> bool {
+        let now = Instant::now();
+        // Told again before the watcher forgets it.
+        let fresh = watch::CANDIDATE_TTL / 2;
+        if self.candidates.get(drv).is_some_and(|at| now.duration_since(*at) < fresh) {
+            return true;
+        }
+        if self.candidates.len() > 10_000 {
+            self.candidates.retain(|_, at| now.duration_since(*at) < fresh);
+        }
+        self.candidates.insert(drv.to_string(), now);
+        false
+    }
+
     /// Tells the connections that `worker` is full that a slot of it may be free. Never blocks
     /// (the lease table is locked): a connection that cannot take the line is shut down, and its
     /// hook asks anew on a new one.
@@ -212,6 +232,7 @@ impl Board {
         shared.builders.retain(|id, _| table.lease(*id).is_some());
         match decision {
             Decision::Admit(lease) => {
+                shared.candidates.remove(&request.job.drv);
                 request.job.started_unix_ms = now;
                 shared.jobs.insert(lease, request.job.clone());
                 shared.waiting_names.remove(&request.job.drv);
@@ -240,7 +261,8 @@ impl Board {
                 if alike.is_some() {
                     shared.told_full.insert(connection.id, (hello.worker_pid, Arc::clone(&connection.writer)));
                 }
-                (FromBroker::WorkerFull { alike }, Some(Order::Candidate(request.job)))
+                let watched = shared.candidate_watched(&request.job.drv);
+                (FromBroker::WorkerFull { alike }, (!watched).then_some(Order::Candidate(request.job)))
             }
         }
     }
@@ -368,6 +390,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
             waiting_names: HashMap::new(),
             tries: HashMap::new(),
             told_full: HashMap::new(),
+            candidates: HashMap::new(),
             changed: true,
             clients: 0,
             idle_since: Instant::now(),
@@ -449,8 +472,12 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
             }
             (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
             (ToBroker::Declined(request), _) => {
-                *board.lock().tries.entry(request.job.drv.clone()).or_default() += 1;
-                if orders.send(Order::Candidate(request.job)).is_ok() {
+                let watched = {
+                    let mut shared = board.lock();
+                    *shared.tries.entry(request.job.drv.clone()).or_default() += 1;
+                    shared.candidate_watched(&request.job.drv)
+                };
+                if !watched && orders.send(Order::Candidate(request.job)).is_ok() {
                     let _ = nix::unistd::write(wake, &[1]);
                 }
             }
