@@ -42,6 +42,9 @@ pub struct Client {
     state_dir: StateDir,
     hello: Hello,
     connection: Option<BufReader<UnixStream>>,
+    /// Whether the broker answered a question on this connection (a new connection's broker
+    /// knows nothing of the answers given on the last).
+    answered: bool,
     /// When the broker may be asked again after a failure.
     resting_until: Option<Instant>,
     /// The broker this hook started, reaped once it exits, and when.
@@ -52,7 +55,7 @@ impl Client {
     /// A client for the broker of `state_dir`, introducing itself with `hello`. Connects at the
     /// first question.
     pub fn new(state_dir: StateDir, hello: Hello) -> Client {
-        Client { state_dir, hello, connection: None, resting_until: None, started: None }
+        Client { state_dir, hello, connection: None, answered: false, resting_until: None, started: None }
     }
 
     /// Asks about one build.
@@ -119,11 +122,16 @@ impl Client {
                 }
                 Err(e) => return Err(format!("reading from the broker: {e}")),
             }
-            match serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))? {
-                FromBroker::SlotFreed => slot_freed = true,
-                FromBroker::WorkerFull { .. } if slot_freed => return Ok(FromBroker::WorkerFull { alike: None }),
-                answer => return Ok(answer),
-            }
+            let answer = match serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))? {
+                FromBroker::SlotFreed => {
+                    slot_freed = true;
+                    continue;
+                }
+                FromBroker::WorkerFull { .. } if slot_freed => FromBroker::WorkerFull { alike: None },
+                answer => answer,
+            };
+            self.answered = true;
+            return Ok(answer);
         }
     }
 
@@ -131,7 +139,7 @@ impl Client {
     /// be free ([`FromBroker::SlotFreed`]; or the connection is gone): until then, the worker is
     /// as full as that answer said. A look at the socket, without waiting.
     pub fn slot_may_be_free(&mut self) -> bool {
-        let Some(connection) = self.connection.as_ref() else { return true };
+        let Some(connection) = self.connection.as_ref().filter(|_| self.answered) else { return true };
         if !connection.buffer().is_empty() {
             return true;
         }
@@ -147,6 +155,7 @@ impl Client {
             hello.push(b'\n');
             (&stream).write_all(&hello).map_err(|e| format!("writing to the broker: {e}"))?;
             self.connection = Some(BufReader::new(stream));
+            self.answered = false;
         }
         let connection = self.connection.as_mut().expect("connected above");
         let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
