@@ -145,7 +145,7 @@ fn full_scan_due(since_admission: Duration, last: &mut Option<Duration>) -> bool
 /// lock table, and the Nix workers' children not yet known to be a builder, with their
 /// environments.
 struct Scan {
-    /// Processes that are no build's new builder: builders already found, and the hook.
+    /// Processes that are no build's new builder ([`no_new_builders`]).
     known: HashSet<u32>,
     children: std::collections::HashMap<u32, Vec<u32>>,
     environs: std::collections::HashMap<u32, Option<Vec<u8>>>,
@@ -421,6 +421,8 @@ pub trait Leases {
     fn builder_exited(&self, lease: LeaseId);
     /// Ends `lease`: its build's processes are gone.
     fn end(&self, lease: LeaseId);
+    /// The hooks asking now: children of Nix workers that are no builder.
+    fn hooks(&self) -> Vec<u32>;
 }
 
 /// How long a candidate is looked for among its worker's new children.
@@ -544,8 +546,8 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         }
         let now = Instant::now();
         let mut finished = Vec::new();
-        let known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
-        for (mut job, builder) in candidates.started(&known) {
+        let hooks = leases.hooks();
+        for (mut job, builder) in candidates.started(&no_new_builders(&builds, &hooks)) {
             // Started without a lease after all: counted from now, watched like the rest (an
             // admission of it that found no builder is over).
             builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
@@ -559,9 +561,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
             builds.push(watched);
         }
-        let mut known: HashSet<u32> = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid)).collect();
-        known.insert(std::process::id());
-        let mut scan = Scan::new(known);
+        let mut scan = Scan::new(no_new_builders(&builds, &hooks));
         builds.retain_mut(|b| {
             let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.log.is_some() && builder.exited());
             if b.due > now && !builder_ended {
@@ -608,6 +608,13 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
         }
     }
+}
+
+/// The processes that are no build's new builder, whose environments are not read: the builders
+/// already found, the `hooks` (a worker's other children) and this process.
+fn no_new_builders(builds: &[Watched], hooks: &[u32]) -> HashSet<u32> {
+    let builders = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid));
+    builders.chain(hooks.iter().copied()).chain([std::process::id()]).collect()
 }
 
 /// Empties the wake-up pipe.

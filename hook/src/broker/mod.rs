@@ -136,6 +136,8 @@ struct Shared {
     /// The connections told that their worker is full with alike leases (by connection, with
     /// the worker), to be told when a slot of it may be free.
     told_full: HashMap<u64, (u32, Arc<Mutex<UnixStream>>)>,
+    /// The hooks connected, by connection: processes of Nix's side that are no builder.
+    hooks: HashMap<u64, u32>,
     /// When each build last became a candidate of the watcher (declined, its worker full),
     /// until it is admitted.
     candidates: HashMap<String, Instant>,
@@ -331,6 +333,10 @@ impl watch::Leases for Board {
         }
     }
 
+    fn hooks(&self) -> Vec<u32> {
+        self.lock().hooks.values().copied().collect()
+    }
+
     fn end(&self, lease: LeaseId) {
         let mut shared = self.lock();
         if let Some(ended) = shared.table.end(lease) {
@@ -390,6 +396,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
             waiting_names: HashMap::new(),
             tries: HashMap::new(),
             told_full: HashMap::new(),
+            hooks: HashMap::new(),
             candidates: HashMap::new(),
             changed: true,
             clients: 0,
@@ -420,8 +427,8 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
     let mut connections = 0u64;
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
-        let allowed = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-            .is_ok_and(|cred| cred.uid() == me || cred.uid() == 0);
+        let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok();
+        let allowed = peer.is_some_and(|cred| cred.uid() == me || cred.uid() == 0);
         if !allowed {
             let _ = reply(&Mutex::new(stream), &FromBroker::Refused("only Nix's own user may take leases".to_string()));
             continue;
@@ -429,14 +436,19 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
         let board = Arc::clone(&board);
         let orders = orders.clone();
         let wake = Arc::clone(&wake_write);
-        board.lock().clients += 1;
         connections += 1;
         let id = connections;
+        {
+            let mut shared = board.lock();
+            shared.clients += 1;
+            shared.hooks.extend(peer.map(|cred| (id, cred.pid() as u32)));
+        }
         std::thread::spawn(move || {
             let _ = serve_client(stream, id, &board, &orders, &wake);
             let mut shared = board.lock();
             shared.clients -= 1;
             shared.told_full.remove(&id);
+            shared.hooks.remove(&id);
             shared.idle_since = Instant::now();
         });
     }
