@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::{build_section, mkfifo, write_drv, write_profile, Hook, Setup};
 
