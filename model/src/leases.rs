@@ -276,6 +276,12 @@ impl LeaseTable {
         })
     }
 
+    /// A waiting build was asked about at `now_ms` and answered without the table (its Nix
+    /// worker was full): it still waits, and is not forgotten as unseen.
+    pub fn still_waiting(&mut self, drv: &str, now_ms: u64) {
+        self.waiting.seen(drv, now_ms);
+    }
+
     /// Ends lease `id` (its build's processes are gone); the lease, if it was still held.
     pub fn end(&mut self, id: LeaseId) -> Option<Lease> {
         let at = self.leases.iter().position(|l| l.id == id)?;
@@ -317,6 +323,13 @@ impl Waiting {
         }
         self.seen_from_ms = self.by_arrival.values().map(|w| w.seen_ms).min().unwrap_or(0);
         self.seen_until_ms = self.by_arrival.values().map(|w| w.seen_ms).max().unwrap_or(0);
+    }
+
+    /// Records that the waiting build `drv` asked again at `now_ms`, if it waits.
+    fn seen(&mut self, drv: &str, now_ms: u64) {
+        let Some(waiter) = self.by_drv.get(drv).and_then(|arrival| self.by_arrival.get_mut(arrival)) else { return };
+        waiter.seen_ms = now_ms;
+        self.seen_until_ms = self.seen_until_ms.max(now_ms);
     }
 
     /// Records that `request` was told to wait for `reason` at `now_ms`.
@@ -415,6 +428,22 @@ mod tests {
         assert_eq!(table.waiting().len(), 0);
         // Another worker is not full.
         assert!(matches!(table.decide(&b, &request(2, 1, "b", Tier::Light, 10), 0, 1000), Decision::Admit(_)));
+    }
+
+    #[test]
+    fn a_waiting_build_answered_without_the_table_is_not_forgotten() {
+        let mut table = LeaseTable::new();
+        let b = build();
+        assert!(matches!(table.decide(&b, &request(1, 4, "h1", Tier::Heavy, 10), 0, 1000), Decision::Admit(_)));
+        assert!(matches!(table.decide(&b, &request(1, 4, "h2", Tier::Heavy, 10), 0, 1000), Decision::Wait(_)));
+        table.still_waiting("h2", 900);
+        table.still_waiting("unknown", 900);
+        // 1,500 ms after it was told to wait, 600 ms after it was last asked about: still waiting.
+        assert!(matches!(table.decide(&b, &request(2, 4, "l", Tier::Light, 10), 1500, 1000), Decision::Admit(_)));
+        assert_eq!(table.waiting().map(|w| w.drv.as_str()).collect::<Vec<_>>(), ["h2"]);
+        // Unseen for longer than the time-to-live: forgotten.
+        assert!(matches!(table.decide(&b, &request(2, 4, "l2", Tier::Light, 10), 2000, 1000), Decision::Admit(_)));
+        assert_eq!(table.waiting().len(), 0);
     }
 
     #[test]

@@ -487,6 +487,7 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                 let watched = {
                     let mut shared = board.lock();
                     *shared.tries.entry(request.job.drv.clone()).or_default() += 1;
+                    shared.table.still_waiting(&request.job.drv, state::now_ms());
                     shared.candidate_watched(&request.job.drv)
                 };
                 if !watched && orders.send(Order::Candidate(request.job)).is_ok() {
