@@ -5,7 +5,6 @@ use std::path::Path;
 
 use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
-use nix_tier_model::admission::Claim;
 use nix_tier_model::leases::AlikeLeases;
 use nix_tier_model::learning::{self, ReservationSource};
 use nix_tier_model::optimize::TIER_ATTRIBUTE;
@@ -182,8 +181,7 @@ impl Dispatcher {
         // Nix asks about every goal woken for a slot, each with a free slot, before any starts:
         // while the worker is full of leases this build could only take the place of, the
         // broker's answer stays the same, and is given without asking it.
-        let claim = Claim { tier: build.job.tier, memory_mib: build.job.memory_limit_mib, learned: build.job.limit_learned };
-        if self.worker_full.is_some_and(|alike| alike.make_room_for(&claim)) && !self.broker.slot_may_be_free() {
+        if self.worker_full.is_some_and(|alike| alike.make_room_for(&build.job.claim())) && !self.broker.slot_may_be_free() {
             self.broker.tell_declined(&build);
             self.asked.insert(request.drv_path.clone(), build);
             return Ok(Reply::Decline);

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix_tier_cgroups::{BuildCgroup, Hierarchy, Limits};
+use nix_tier_model::admission::Claim;
 use nix_tier_model::leases::LeaseId;
 use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
@@ -92,6 +93,13 @@ pub struct WatchJob {
     /// The prepared parent of builds' cgroups; `None` where none is usable (the build is
     /// watched and recorded, not bounded).
     pub cgroups: Option<Hierarchy>,
+}
+
+impl WatchJob {
+    /// What the build claims of the machine, as the lease table counts it.
+    pub fn claim(&self) -> Claim {
+        Claim { tier: self.tier, memory_mib: self.memory_limit_mib, learned: self.limit_learned }
+    }
 }
 
 /// How a watched build ended.
@@ -578,11 +586,11 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                 leases.end(b.lease);
                 b.lease_ended = Some(Instant::now());
             }
-            if b.lease_ended.is_none() && !b.exit_told && b.builder.as_ref().is_some_and(Builder::exited) {
-                leases.builder_exited(b.lease);
-                b.exit_told = true;
-            }
-            if let Some(builder) = b.builder.as_mut().filter(|builder| builder.log.is_some() && builder.exited()) {
+            if let Some(builder) = b.builder.as_mut().filter(|builder| builder.exited()) {
+                if b.lease_ended.is_none() && !b.exit_told {
+                    leases.builder_exited(b.lease);
+                    b.exit_told = true;
+                }
                 // Nix sees the build's end once every copy of its log is closed, and at once asks
                 // about the builds waiting for its slot: this copy goes only after the lease has
                 // ended (when nothing of the build is left), so that they find the slot free.

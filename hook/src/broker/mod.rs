@@ -33,7 +33,7 @@ use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nix_tier_model::admission::{Claim, WaitReason};
+use nix_tier_model::admission::WaitReason;
 use nix_tier_model::leases::{self, AlikeLeases, Decision, LeaseId, LeaseTable, Request};
 use nix_tier_model::Build;
 use serde::{Deserialize, Serialize};
@@ -213,7 +213,7 @@ impl Board {
             worker: hello.worker_pid,
             worker_max_jobs: hello.max_jobs,
             drv: job.drv.clone(),
-            claim: Claim { tier: job.tier, memory_mib: job.memory_limit_mib, learned: job.limit_learned },
+            claim: job.claim(),
             expected_ms: request.expected_ms,
             slots_freed: Vec::new(),
         };
@@ -309,8 +309,7 @@ impl Board {
 impl watch::Leases for Board {
     fn adopt(&self, job: &WatchJob) -> LeaseId {
         let mut shared = self.lock();
-        let claim = Claim { tier: job.tier, memory_mib: job.memory_limit_mib, learned: job.limit_learned };
-        let lease = shared.table.adopt(job.nix_pid, &job.drv, claim, 0, state::now_ms());
+        let lease = shared.table.adopt(job.nix_pid, &job.drv, job.claim(), 0, state::now_ms());
         let shared = &mut *shared;
         let table = &shared.table;
         shared.jobs.retain(|id, _| table.lease(*id).is_some());
