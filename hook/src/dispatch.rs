@@ -165,6 +165,18 @@ impl Dispatcher {
         Ok(Answer::Reply { lines, reply })
     }
 
+    /// Whether the broker is still to be told of builds declined without asking it: the
+    /// caller tells it ([`Dispatcher::send_unsent`]) once Nix has been quiet for
+    /// [`crate::broker::client::UNSENT_DELAY`].
+    pub fn has_unsent(&self) -> bool {
+        self.broker.has_unsent()
+    }
+
+    /// Tells the broker of the builds declined without asking it.
+    pub fn send_unsent(&mut self) {
+        self.broker.send_unsent();
+    }
+
     fn admit_locally(&mut self, request: &TryRequest, lines: &mut Vec<String>) -> Result<Reply, String> {
         let build = match self.asked.remove(&request.drv_path) {
             Some(known) => known,

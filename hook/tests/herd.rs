@@ -55,3 +55,48 @@ fn a_full_worker_is_answered_without_leases_until_a_slot_frees() {
     let _fourth = ask(&mut hook, "fourth-1.0");
     wait_running(&setup, &["fourth-1.0"]);
 }
+
+/// The number of `try` requests of each build the broker counted, sorted.
+fn tries(setup: &Setup) -> Vec<u64> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut socket = std::os::unix::net::UnixStream::connect(setup.state().join("broker.sock")).unwrap();
+    socket.write_all(b"\"tries\"\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(socket).read_line(&mut answer).unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    let mut tries: Vec<u64> = answer["tries"].as_array().expect("tries").iter().filter_map(|t| t.as_u64()).collect();
+    tries.sort();
+    tries
+}
+
+#[test]
+fn the_builds_a_hook_declines_by_itself_are_told_to_the_broker_once_nix_is_quiet() {
+    let setup = Setup::new(8000);
+    let mut hook = setup.hook_with(&setup.profile(), &[("max-jobs", "1")]);
+    let mut locks = Vec::new();
+    let mut ask = |hook: &mut common::Hook, name: &str| {
+        let (drv, out) = write_drv(setup.path(), name);
+        let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
+        lock.lock().unwrap();
+        locks.push(lock);
+        let lines = hook.ask(&drv);
+        assert_eq!(lines.last().map(String::as_str), Some("# decline"), "{name}: {lines:?}");
+        drv
+    };
+    ask(&mut hook, "first-1.0");
+    wait_running(&setup, &["first-1.0"]);
+    // Asked by the broker (worker full), then declined by the hook alone, in one burst: sent
+    // whole once, then named by its .drv, each request counted.
+    let second = ask(&mut hook, "second-1.0");
+    ask(&mut hook, "third-1.0");
+    hook.ask(&second);
+    nix_tier_tests::hook_env::wait_for("the burst's declines to be counted", common::ANSWER_TIMEOUT, || {
+        (tries(&setup) == [1, 1, 2]).then_some(())
+    });
+    hook.ask(&second);
+    hook.ask(&second);
+    nix_tier_tests::hook_env::wait_for("the next burst's declines to be counted", common::ANSWER_TIMEOUT, || {
+        (tries(&setup) == [1, 1, 4]).then_some(())
+    });
+    assert_eq!(running(&setup), ["first-1.0"]);
+}

@@ -9,6 +9,7 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 
+use nix_tier_hook::broker::client::UNSENT_DELAY;
 use nix_tier_hook::{broker, config, nix_version, privileges};
 use nix_tier_hook::dispatch::{Answer, Dispatcher};
 use nix_tier_hook::protocol::{self, Reply};
@@ -41,9 +42,19 @@ fn main() -> ExitCode {
     let (mut dispatcher, mut notes) = started;
     let mut unanswered = false;
     let served = panic::catch_unwind(AssertUnwindSafe(|| loop {
+        // Builds declined without the broker are told it once Nix is quiet, not between the
+        // requests of a burst, while Nix waits for each answer.
+        if let Some(dispatcher) = dispatcher.as_mut().filter(|d| d.has_unsent()) {
+            if !readable_within(&input, UNSENT_DELAY) {
+                dispatcher.send_unsent();
+            }
+        }
         let request = match protocol::read_request(&mut input) {
             Ok(Some(request)) => request,
-            Ok(None) => return ExitCode::SUCCESS,
+            Ok(None) => {
+                dispatcher.as_mut().into_iter().for_each(Dispatcher::send_unsent);
+                return ExitCode::SUCCESS;
+            }
             Err(error) => {
                 say(&[
                     format!("nix-tier-hook: reading Nix's request failed ({error}); declining and exiting"),
@@ -153,14 +164,25 @@ fn start(settings: &protocol::Settings, verbosity: &str) -> (Option<Dispatcher>,
     (dispatcher, notes)
 }
 
-/// Writes whole lines to stderr, where Nix reads the hook's replies. A message is kept on one
-/// line, so that nothing in it (a derivation name, an error) can read as a reply.
+/// Whether Nix writes to the hook's stdin within `timeout` (a request comes in one write: none is
+/// left in the lock's buffer between requests).
+fn readable_within(input: &io::StdinLock, timeout: std::time::Duration) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(input.as_fd(), nix::poll::PollFlags::POLLIN)];
+    let timeout = nix::poll::PollTimeout::try_from(timeout.as_millis() as i32).unwrap_or(nix::poll::PollTimeout::MAX);
+    nix::poll::poll(&mut fds, timeout).map_or(true, |ready| ready > 0)
+}
+
+/// Writes whole lines to stderr, where Nix reads the hook's replies, in one write: Nix reads a
+/// reply a byte at a time and would wake once more for a line's end written apart. A message is
+/// kept on one line, so that nothing in it (a derivation name, an error) can read as a reply.
 fn say(lines: &[String]) {
-    let mut stderr = io::stderr().lock();
+    let mut text = String::new();
     for line in lines {
-        let _ = writeln!(stderr, "{}", line.replace(['\n', '\r'], " "));
+        text.push_str(&line.replace(['\n', '\r'], " "));
+        text.push('\n');
     }
-    let _ = stderr.flush();
+    let _ = io::stderr().lock().write_all(text.as_bytes());
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -7,10 +7,17 @@
 //! the broker is not asked again for [`RETRY_AFTER`], so a hung broker costs one wait, not one per
 //! build; the next question connects anew, starting a broker when none runs.
 //!
+//! Builds the hook declines by itself (Nix has no slot, or its worker is full) are told to the
+//! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question:
+//! Nix asks about a dozen builds in a burst whenever one ends, and a message for each would wake
+//! the broker a dozen times while Nix waits on this hook. A build is sent whole once per
+//! connection; after that it is named by its `.drv` until it is admitted.
+//!
 //! One exception: a broker this hook has just started (it runs, for less than [`STARTING`]) is
 //! [`Failure::Starting`], not failed, and the hook postpones instead of declining: Nix asks again
 //! at once, and the builds of a session's first moments are counted like the rest.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -18,7 +25,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{FromBroker, Hello, ToBroker, TryBuild, BROKER_ARG, SOCKET};
+use super::{Declined, FromBroker, Hello, Told, ToBroker, TryBuild, BROKER_ARG, SOCKET};
 use crate::state::StateDir;
 
 /// The longest a hook waits for the broker (connecting, starting it, the answer).
@@ -27,6 +34,11 @@ pub const ANSWER_WITHIN: Duration = Duration::from_millis(40);
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a broker this hook started may take to answer before it counts as failed.
 pub const STARTING: Duration = Duration::from_secs(2);
+/// How long Nix is to be quiet before the builds declined since the last message are told to
+/// the broker: the requests of one burst come tens of microseconds apart.
+pub const UNSENT_DELAY: Duration = Duration::from_millis(1);
+/// How many builds a connection may name before it is opened anew (both sides forget them).
+const MAX_TOLD: usize = 4096;
 
 /// Why the broker gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,24 +61,45 @@ pub struct Client {
     resting_until: Option<Instant>,
     /// The broker this hook started, reaped once it exits, and when.
     started: Option<(Child, Instant)>,
+    /// The builds declined without asking the broker and not yet told it, each with the number
+    /// of times.
+    unsent: HashMap<String, (TryBuild, u32)>,
+    /// The builds the broker has been sent whole on this connection and not admitted since.
+    told: HashSet<String>,
 }
 
 impl Client {
     /// A client for the broker of `state_dir`, introducing itself with `hello`. Connects at the
     /// first question.
     pub fn new(state_dir: StateDir, hello: Hello) -> Client {
-        Client { state_dir, hello, connection: None, answered: false, resting_until: None, started: None }
+        Client {
+            state_dir,
+            hello,
+            connection: None,
+            answered: false,
+            resting_until: None,
+            started: None,
+            unsent: HashMap::new(),
+            told: HashSet::new(),
+        }
     }
 
-    /// Asks about one build.
+    /// Asks about one build, telling the broker first of the builds declined since the last
+    /// message.
     pub fn ask(&mut self, request: &TryBuild) -> Result<FromBroker, Failure> {
         if self.resting_until.is_some_and(|until| Instant::now() < until) {
+            self.unsent.clear();
             return Err(Failure::Failed("the broker failed to answer a moment ago".to_string()));
         }
         let deadline = Instant::now() + ANSWER_WITHIN;
-        match self.exchange(&ToBroker::Try(request.clone()), deadline) {
+        match self.exchange(request, deadline) {
             Ok(FromBroker::Refused(why)) => Err(self.failed(format!("the broker refused the request: {why}"))),
-            Ok(answer) => Ok(answer),
+            Ok(answer) => {
+                if answer == FromBroker::Admit {
+                    self.told.remove(&request.job.drv);
+                }
+                Ok(answer)
+            }
             Err(_) if self.starting() => {
                 self.connection = None;
                 Err(Failure::Starting)
@@ -75,14 +108,26 @@ impl Client {
         }
     }
 
-    /// Tells the broker about a build declined without asking it (no answer is awaited);
-    /// nothing is said when it cannot be told.
+    /// Notes a build declined without asking the broker, to be told with the next message
+    /// ([`Client::send_unsent`]).
     pub fn tell_declined(&mut self, request: &TryBuild) {
+        self.unsent.entry(request.job.drv.clone()).or_insert_with(|| (request.clone(), 0)).1 += 1;
+    }
+
+    /// Whether builds declined without asking the broker are still to be told it.
+    pub fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
+    }
+
+    /// Tells the broker of the builds declined without asking it (no answer is awaited);
+    /// nothing is said when it cannot be told.
+    pub fn send_unsent(&mut self) {
         if self.resting_until.is_some_and(|until| Instant::now() < until) {
+            self.unsent.clear();
             return;
         }
         let deadline = Instant::now() + ANSWER_WITHIN;
-        if let Err(error) = self.send(&ToBroker::Declined(request.clone()), deadline) {
+        if let Err(error) = self.send(None, deadline) {
             if !self.starting() {
                 self.failed(error);
             }
@@ -99,12 +144,13 @@ impl Client {
 
     fn failed(&mut self, error: String) -> Failure {
         self.connection = None;
+        self.unsent.clear();
         self.resting_until = Some(Instant::now() + RETRY_AFTER);
         Failure::Failed(error)
     }
 
-    fn exchange(&mut self, message: &ToBroker, deadline: Instant) -> Result<FromBroker, String> {
-        self.send(message, deadline)?;
+    fn exchange(&mut self, request: &TryBuild, deadline: Instant) -> Result<FromBroker, String> {
+        self.send(Some(request), deadline)?;
         let connection = self.connection.as_mut().expect("connected by send");
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let timeout = timeout.ok_or(format!("the broker did not answer within {ANSWER_WITHIN:?}"))?;
@@ -147,8 +193,12 @@ impl Client {
         nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_or(true, |ready| ready > 0)
     }
 
-    /// Writes `message`, connecting first if needed.
-    fn send(&mut self, message: &ToBroker, deadline: Instant) -> Result<(), String> {
+    /// Writes the builds declined since the last message, then `request` if any, connecting
+    /// first if needed.
+    fn send(&mut self, request: Option<&TryBuild>, deadline: Instant) -> Result<(), String> {
+        if self.told.len() > MAX_TOLD {
+            self.connection = None;
+        }
         if self.connection.is_none() {
             let stream = self.connect(deadline)?;
             let mut hello = serde_json::to_vec(&ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
@@ -156,14 +206,33 @@ impl Client {
             (&stream).write_all(&hello).map_err(|e| format!("writing to the broker: {e}"))?;
             self.connection = Some(BufReader::new(stream));
             self.answered = false;
+            self.told.clear();
+        }
+        let mut lines = Vec::new();
+        let unsent: Vec<(TryBuild, u32)> = self.unsent.drain().map(|(_, declined)| declined).collect();
+        if !unsent.is_empty() {
+            let builds = unsent.into_iter().map(|(build, times)| Declined { build: self.told(&build), times }).collect();
+            serde_json::to_writer(&mut lines, &ToBroker::Declined(builds)).map_err(|e| e.to_string())?;
+            lines.push(b'\n');
+        }
+        if let Some(request) = request {
+            serde_json::to_writer(&mut lines, &ToBroker::Try(self.told(request))).map_err(|e| e.to_string())?;
+            lines.push(b'\n');
         }
         let connection = self.connection.as_mut().expect("connected above");
-        let mut line = serde_json::to_vec(message).map_err(|e| e.to_string())?;
-        line.push(b'\n');
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let timeout = timeout.ok_or(format!("the broker did not read the request within {ANSWER_WITHIN:?}"))?;
         connection.get_ref().set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-        connection.get_mut().write_all(&line).map_err(|e| format!("writing to the broker: {e}"))
+        connection.get_mut().write_all(&lines).map_err(|e| format!("writing to the broker: {e}"))
+    }
+
+    /// `build` as this connection's broker is to be told of it: whole the first time, by its
+    /// `.drv` after that.
+    fn told(&mut self, build: &TryBuild) -> Told {
+        match self.told.insert(build.job.drv.clone()) {
+            true => Told::Whole(build.clone()),
+            false => Told::Known(build.job.drv.clone()),
+        }
     }
 
     /// Connects, starting a broker when none listens, until `deadline`.

@@ -76,6 +76,28 @@ pub struct TryBuild {
     pub expected_ms: u64,
 }
 
+/// A build in a hook's message: whole the first time on a connection, then by its `.drv` until
+/// it is admitted (the connection's broker keeps it meanwhile).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Told {
+    /// Not yet sent on this connection (or admitted since).
+    Whole(TryBuild),
+    /// Sent whole before: its `.drv`.
+    Known(String),
+}
+
+/// A build the hook declined by itself, Nix having no free slot or its worker being full: Nix
+/// may still start it, should a slot free before it asks again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Declined {
+    /// The build.
+    pub build: Told,
+    /// How many requests about it the hook declined since its last message.
+    pub times: u32,
+}
+
 /// What a hook sends.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -83,10 +105,9 @@ pub enum ToBroker {
     /// First, once.
     Hello(Hello),
     /// A build Nix is about to start.
-    Try(TryBuild),
-    /// A build the hook declined by itself (Nix had no free slot when it asked): Nix may still
-    /// start it, should a slot free before it does. Not answered.
-    Declined(TryBuild),
+    Try(Told),
+    /// The builds the hook declined by itself since its last message. Not answered.
+    Declined(Vec<Declined>),
     /// How many `try` requests each build took so far (for bench/dispatch).
     Tries,
 }
@@ -460,6 +481,8 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
     let writer = &*connection.writer;
     let mut reader = BufReader::new(stream);
     let mut hello: Option<Hello> = None;
+    // The builds this hook sent whole and that were not admitted since.
+    let mut known: HashMap<String, TryBuild> = HashMap::new();
     let mut line = Vec::new();
     loop {
         line.clear();
@@ -472,9 +495,16 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
         };
         match (message, hello.as_ref()) {
             (ToBroker::Hello(said), _) => hello = Some(said),
-            (ToBroker::Try(request), Some(hello)) => {
+            (ToBroker::Try(told), Some(hello)) => {
+                let Some(request) = recall(&mut known, told) else {
+                    return reply(writer, &FromBroker::Refused("a build named but never sent whole".to_string()));
+                };
+                let drv = request.job.drv.clone();
                 let (answer, order) = board.decide(hello, &connection, request);
                 reply(writer, &answer)?;
+                if answer == FromBroker::Admit {
+                    known.remove(&drv);
+                }
                 if let Some(order) = order {
                     if orders.send(order).is_ok() {
                         let _ = nix::unistd::write(wake, &[1]);
@@ -482,14 +512,24 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                 }
             }
             (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
-            (ToBroker::Declined(request), _) => {
-                let watched = {
+            (ToBroker::Declined(builds), _) => {
+                let builds: Vec<(TryBuild, u32)> =
+                    builds.into_iter().filter_map(|d| Some((recall(&mut known, d.build)?, d.times))).collect();
+                let unwatched: Vec<TryBuild> = {
                     let mut shared = board.lock();
-                    *shared.tries.entry(request.job.drv.clone()).or_default() += 1;
-                    shared.table.still_waiting(&request.job.drv, state::now_ms());
-                    shared.candidate_watched(&request.job.drv)
+                    let now = state::now_ms();
+                    builds
+                        .into_iter()
+                        .filter(|(request, times)| {
+                            *shared.tries.entry(request.job.drv.clone()).or_default() += times;
+                            shared.table.still_waiting(&request.job.drv, now);
+                            !shared.candidate_watched(&request.job.drv)
+                        })
+                        .map(|(request, _)| request)
+                        .collect()
                 };
-                if !watched && orders.send(Order::Candidate(request.job)).is_ok() {
+                let ordered = unwatched.into_iter().filter(|request| orders.send(Order::Candidate(request.job.clone())).is_ok()).count();
+                if ordered > 0 {
                     let _ = nix::unistd::write(wake, &[1]);
                 }
             }
@@ -498,6 +538,17 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                 reply(writer, &FromBroker::Tries(tries))?;
             }
         }
+    }
+}
+
+/// The build `told` names: sent whole (kept in `known` from now on), or sent whole before.
+fn recall(known: &mut HashMap<String, TryBuild>, told: Told) -> Option<TryBuild> {
+    match told {
+        Told::Whole(build) => {
+            known.insert(build.job.drv.clone(), build.clone());
+            Some(build)
+        }
+        Told::Known(drv) => known.get(&drv).cloned(),
     }
 }
 
