@@ -210,6 +210,7 @@ struct Watched {
     polls: u64,
     /// When the last search of every process was, after admission.
     full_scan: Option<Duration>,
+    /// When Nix's output locks were last looked up in the lock table (or the builder found).
     locks_checked: Option<Instant>,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
@@ -258,18 +259,16 @@ impl Watched {
         // A live builder means a running build, whatever one read of the lock table says. Nix
         // deletes the lock files of a build that succeeded before it lets go of them, so a
         // missing one (a stat) ends the build without reading the lock table (costly: every lock
-        // of the machine); while the builder is searched for, that table is read every 20 ms, for
-        // a build that failed or that Nix let go without starting. While the watcher holds a
-        // copy of the build's log, Nix has not seen the build end: it still holds the locks.
-        let locks_deleted = || self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err());
+        // of the machine). That table is read for a build that failed or that Nix let go without
+        // starting: every 20 ms while the builder is searched for, and from 100 ms after it was
+        // found every 100 ms (its lease does not wait on this; a build that succeeds within
+        // that time costs no read). While the watcher holds a copy of the build's log, Nix has not seen the build
+        // end: it still holds the locks.
         let running = match self.builder.as_ref() {
-            Some(b) => !b.exited() || b.log.is_some() || (!locks_deleted() && scan.holds(&self.job.lock_files, self.job.nix_pid)),
-            None if locks_deleted() => false,
-            None if self.locks_checked.is_some_and(|at| at.elapsed() < Duration::from_millis(20)) => true,
-            None => {
-                self.locks_checked = Some(now);
-                scan.holds(&self.job.lock_files, self.job.nix_pid)
-            }
+            Some(b) if !b.exited() || b.log.is_some() => true,
+            _ if self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err()) => false,
+            Some(_) => self.locks_held(scan, Duration::from_millis(100)),
+            None => self.locks_held(scan, Duration::from_millis(20)),
         };
         if !running {
             self.ended = Some(now);
@@ -279,6 +278,7 @@ impl Watched {
             self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan).and_then(Builder::open);
             if let Some(b) = &self.builder {
                 scan.known.insert(b.pid);
+                self.locks_checked = Some(now);
                 // Made once the builder is found, not at admission: a build too short to be
                 // found, or one Nix lets go, costs no cgroup, and admissions in a burst
                 // (Nix asks about every ready build at once) do not compete with making them.
@@ -322,6 +322,16 @@ impl Watched {
                 Some(_) => Duration::from_millis(100),
             };
         None
+    }
+
+    /// Whether Nix still holds the build's output locks, by the lock table read at most `every`
+    /// (taken to hold them in between).
+    fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
+        if self.locks_checked.is_some_and(|at| at.elapsed() < every) {
+            return true;
+        }
+        self.locks_checked = Some(Instant::now());
+        scan.holds(&self.job.lock_files, self.job.nix_pid)
     }
 
     /// Whether the build's processes are gone: its builder has exited and nothing of it is left
