@@ -324,6 +324,29 @@ impl Watched {
         None
     }
 
+    /// Once the builder has exited, while the watcher still holds a copy of its log: reports an
+    /// OOM kill in the log, ends the lease if nothing of the build is left (else tells the table
+    /// that the builder exited), and closes the copy. Nix sees the build's end once every copy
+    /// of its log is closed, and at once asks about the builds waiting for its slot: this copy
+    /// goes only after the lease has ended, so that they find the slot free.
+    fn after_builder_exit(&mut self, leases: &dyn Leases) {
+        if !self.builder.as_ref().is_some_and(|b| b.log.is_some() && b.exited()) {
+            return;
+        }
+        self.report_kills();
+        if self.lease_ended.is_none() && self.processes_gone() {
+            leases.end(self.lease);
+            self.lease_ended = Some(Instant::now());
+        }
+        if self.lease_ended.is_none() && !self.exit_told {
+            leases.builder_exited(self.lease);
+            self.exit_told = true;
+        }
+        if let Some(builder) = self.builder.as_mut() {
+            builder.log = None;
+        }
+    }
+
     /// Whether Nix still holds the build's output locks, by the lock table read at most `every`
     /// (taken to hold them in between).
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
@@ -562,6 +585,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                 }
             }
         }
+        see_exits(&mut builds, leases);
         let now = Instant::now();
         let mut finished = Vec::new();
         let hooks = leases.hooks();
@@ -580,10 +604,20 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             builds.push(watched);
         }
         let mut scan = Scan::new(no_new_builders(&builds, &hooks));
-        builds.retain_mut(|b| {
+        let mut exits_seen = Instant::now();
+        let mut i = 0;
+        while i < builds.len() {
+            // A step may take milliseconds (a cgroup made, a builder looked for): builders that
+            // exited meanwhile go first, Nix waiting on their logs to end.
+            if exits_seen.elapsed() >= EXITS_EVERY {
+                see_exits(&mut builds, leases);
+                exits_seen = Instant::now();
+            }
+            let b = &mut builds[i];
             let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.log.is_some() && builder.exited());
             if b.due > now && !builder_ended {
-                return true;
+                i += 1;
+                continue;
             }
             let searching = b.builder.is_none();
             let outcome = b.step(my_uid, &mut scan);
@@ -596,27 +630,19 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                 leases.end(b.lease);
                 b.lease_ended = Some(Instant::now());
             }
-            if let Some(builder) = b.builder.as_mut().filter(|builder| builder.exited()) {
-                if b.lease_ended.is_none() && !b.exit_told {
-                    leases.builder_exited(b.lease);
-                    b.exit_told = true;
-                }
-                // Nix sees the build's end once every copy of its log is closed, and at once asks
-                // about the builds waiting for its slot: this copy goes only after the lease has
-                // ended (when nothing of the build is left), so that they find the slot free.
-                builder.log = None;
-            }
+            b.after_builder_exit(leases);
             match outcome {
                 Some(done) => {
                     if b.lease_ended.is_none() {
                         leases.end(b.lease);
                     }
                     finished.push((b.job.clone(), done));
-                    false
+                    builds.remove(i);
                 }
-                None => true,
+                None => i += 1,
             }
-        });
+        }
+        see_exits(&mut builds, leases);
         for (job, done) in finished.into_iter().filter(|(_, done)| done.started) {
             if history.is_none() {
                 history = History::open(state_dir).ok();
@@ -626,6 +652,24 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
         }
     }
+}
+
+/// How often, at most, the watcher looks for exited builders between two steps.
+const EXITS_EVERY: Duration = Duration::from_micros(200);
+
+/// Sees to the builds whose builder exited while the watcher holds a copy of its log
+/// ([`Watched::after_builder_exit`]): one look at their pidfds, without waiting.
+fn see_exits(builds: &mut [Watched], leases: &dyn Leases) {
+    let mut fds: Vec<PollFd> = builds
+        .iter()
+        .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
+        .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN))
+        .collect();
+    if fds.is_empty() || !poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0) {
+        return;
+    }
+    drop(fds);
+    builds.iter_mut().for_each(|b| b.after_builder_exit(leases));
 }
 
 /// The processes that are no build's new builder, whose environments are not read: the builders
