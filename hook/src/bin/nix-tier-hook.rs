@@ -60,6 +60,7 @@ fn main() -> ExitCode {
                     format!("nix-tier-hook: reading Nix's request failed ({error}); declining and exiting"),
                     Reply::Decline.line().to_string(),
                 ]);
+                dispatcher.as_mut().into_iter().for_each(Dispatcher::send_unsent);
                 return ExitCode::FAILURE;
             }
         };
@@ -85,6 +86,8 @@ fn main() -> ExitCode {
                 lines.push(Reply::Accept.line().to_string());
                 say(&lines);
                 unanswered = false;
+                // Nix may still start a build declined earlier: the broker is to look out for it.
+                dispatcher.send_unsent();
                 // The relay reads stdin from another thread: this thread's lock must go first.
                 drop(input);
                 return match relay.hand_over() {
