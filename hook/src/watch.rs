@@ -261,9 +261,9 @@ impl Watched {
         // missing one (a stat) ends the build without reading the lock table (costly: every lock
         // of the machine). That table is read for a build that failed or that Nix let go without
         // starting: every 20 ms while the builder is searched for, and from 100 ms after it was
-        // found every 100 ms (its lease does not wait on this; a build that succeeds within
-        // that time costs no read). While the watcher holds a copy of the build's log, Nix has not seen the build
-        // end: it still holds the locks.
+        // found every 100 ms (its lease does not wait on this; a build that succeeds within that
+        // time costs no read). While the watcher holds a copy of the build's log, Nix has not
+        // seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
             Some(b) if !b.exited() || b.log.is_some() => true,
             _ if self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err()) => false,
@@ -334,16 +334,22 @@ impl Watched {
             return;
         }
         self.report_kills();
-        if self.lease_ended.is_none() && self.processes_gone() {
-            leases.end(self.lease);
-            self.lease_ended = Some(Instant::now());
-        }
+        self.end_lease_if_gone(leases);
         if self.lease_ended.is_none() && !self.exit_told {
             leases.builder_exited(self.lease);
             self.exit_told = true;
         }
         if let Some(builder) = self.builder.as_mut() {
             builder.log = None;
+        }
+    }
+
+    /// Ends the lease as soon as the build's processes are gone; the watch goes on until Nix has
+    /// released the locks, for the build's outcome.
+    fn end_lease_if_gone(&mut self, leases: &dyn Leases) {
+        if self.lease_ended.is_none() && self.processes_gone() {
+            leases.end(self.lease);
+            self.lease_ended = Some(Instant::now());
         }
     }
 
@@ -541,12 +547,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         }
         {
             let mut fds: Vec<PollFd> = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-            fds.extend(
-                builds
-                    .iter()
-                    .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
-                    .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN)),
-            );
+            fds.extend(exit_fds(&builds));
             // poll(2) counts whole milliseconds: round up, or a wait under one would spin.
             let timeout = wait.map_or(PollTimeout::NONE, |w| {
                 PollTimeout::try_from(w.as_micros().div_ceil(1000).max(1) as i32).unwrap_or(PollTimeout::MAX)
@@ -624,11 +625,8 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             if let Some(pidfd) = b.builder.as_ref().filter(|_| searching).and_then(|b| b.pidfd.try_clone().ok()) {
                 leases.builder_started(b.lease, pidfd);
             }
-            // The lease ends as soon as the build's processes are gone; the watch goes on until
-            // Nix has released the locks, for the build's outcome.
-            if outcome.is_none() && b.lease_ended.is_none() && b.processes_gone() {
-                leases.end(b.lease);
-                b.lease_ended = Some(Instant::now());
+            if outcome.is_none() {
+                b.end_lease_if_gone(leases);
             }
             b.after_builder_exit(leases);
             match outcome {
@@ -660,16 +658,20 @@ const EXITS_EVERY: Duration = Duration::from_micros(200);
 /// Sees to the builds whose builder exited while the watcher holds a copy of its log
 /// ([`Watched::after_builder_exit`]): one look at their pidfds, without waiting.
 fn see_exits(builds: &mut [Watched], leases: &dyn Leases) {
-    let mut fds: Vec<PollFd> = builds
-        .iter()
-        .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
-        .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN))
-        .collect();
+    let mut fds: Vec<PollFd> = exit_fds(builds).collect();
     if fds.is_empty() || !poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0) {
         return;
     }
     drop(fds);
     builds.iter_mut().for_each(|b| b.after_builder_exit(leases));
+}
+
+/// The pidfds of the builders whose log the watcher holds: readable once they exit.
+fn exit_fds(builds: &[Watched]) -> impl Iterator<Item = PollFd<'_>> {
+    builds
+        .iter()
+        .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
+        .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN))
 }
 
 /// The processes that are no build's new builder, whose environments are not read: the builders
