@@ -30,7 +30,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use nix_tier_model::admission::WaitReason;
@@ -203,7 +203,9 @@ impl Shared {
     /// (the lease table is locked): a connection that cannot take the line is shut down, and its
     /// hook asks anew on a new one.
     fn slot_freed(&mut self, worker: u32) {
-        let line = format!("{}\n", serde_json::to_string(&FromBroker::SlotFreed).expect("serializable"));
+        static LINE: LazyLock<String> =
+            LazyLock::new(|| format!("{}\n", serde_json::to_string(&FromBroker::SlotFreed).expect("serializable")));
+        let line = &*LINE;
         self.told_full.retain(|_, (told, writer)| {
             if *told != worker {
                 return true;
@@ -513,22 +515,20 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
             }
             (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
             (ToBroker::Declined(builds), _) => {
-                let builds: Vec<(TryBuild, u32)> =
-                    builds.into_iter().filter_map(|d| Some((recall(&mut known, d.build)?, d.times))).collect();
-                let unwatched: Vec<TryBuild> = {
+                let mut unwatched = Vec::new();
+                {
                     let mut shared = board.lock();
                     let now = state::now_ms();
-                    builds
-                        .into_iter()
-                        .filter(|(request, times)| {
-                            *shared.tries.entry(request.job.drv.clone()).or_default() += times;
-                            shared.table.still_waiting(&request.job.drv, now);
-                            !shared.candidate_watched(&request.job.drv)
-                        })
-                        .map(|(request, _)| request)
-                        .collect()
-                };
-                let ordered = unwatched.into_iter().filter(|request| orders.send(Order::Candidate(request.job.clone())).is_ok()).count();
+                    for Declined { build, times } in builds {
+                        let Some(request) = recall(&mut known, build) else { continue };
+                        *shared.tries.entry(request.job.drv.clone()).or_default() += times;
+                        shared.table.still_waiting(&request.job.drv, now);
+                        if !shared.candidate_watched(&request.job.drv) {
+                            unwatched.push(request.job);
+                        }
+                    }
+                }
+                let ordered = unwatched.into_iter().filter_map(|job| orders.send(Order::Candidate(job)).ok()).count();
                 if ordered > 0 {
                     let _ = nix::unistd::write(wake, &[1]);
                 }
