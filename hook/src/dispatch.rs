@@ -186,17 +186,13 @@ impl Dispatcher {
         // Should a slot free before Nix looks again, it starts the build without asking: the
         // broker then counts it as it starts.
         if !request.am_willing {
-            self.broker.tell_declined(&build);
-            self.asked.insert(request.drv_path.clone(), build);
-            return Ok(Reply::Decline);
+            return Ok(self.declined_alone(build));
         }
         // Nix asks about every goal woken for a slot, each with a free slot, before any starts:
         // while the worker is full of leases this build could only take the place of, the
         // broker's answer stays the same, and is given without asking it.
         if self.worker_full.is_some_and(|alike| alike.make_room_for(&build.job.claim())) && !self.broker.slot_may_be_free() {
-            self.broker.tell_declined(&build);
-            self.asked.insert(request.drv_path.clone(), build);
-            return Ok(Reply::Decline);
+            return Ok(self.declined_alone(build));
         }
         self.worker_full = None;
         let answer = match self.broker.ask(&build) {
@@ -231,6 +227,14 @@ impl Dispatcher {
             FromBroker::Refused(why) => Err(format!("the broker refused: {why}")),
             FromBroker::Tries(_) | FromBroker::SlotFreed => Err("the broker answered another question".to_string()),
         }
+    }
+
+    /// Declines `build` without asking the broker, which is told later (Nix may still start it),
+    /// and keeps it for Nix's next question.
+    fn declined_alone(&mut self, build: TryBuild) -> Reply {
+        self.broker.tell_declined(&build);
+        self.asked.insert(build.job.drv.clone(), build);
+        Reply::Decline
     }
 
     /// Reads and places the derivation of `request`: the broker's view of it.

@@ -209,9 +209,9 @@ impl Client {
             self.told.clear();
         }
         let mut lines = Vec::new();
-        let unsent: Vec<(TryBuild, u32)> = self.unsent.drain().map(|(_, declined)| declined).collect();
-        if !unsent.is_empty() {
-            let builds = unsent.into_iter().map(|(build, times)| Declined { build: self.told(&build), times }).collect();
+        if !self.unsent.is_empty() {
+            let unsent = std::mem::take(&mut self.unsent);
+            let builds = unsent.into_values().map(|(build, times)| Declined { build: self.told(&build), times }).collect();
             serde_json::to_writer(&mut lines, &ToBroker::Declined(builds)).map_err(|e| e.to_string())?;
             lines.push(b'\n');
         }
