@@ -8,7 +8,8 @@
 //! build; the next question connects anew, starting a broker when none runs.
 //!
 //! Builds the hook declines by itself (Nix has no slot, or its worker is full) are told to the
-//! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question:
+//! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question
+//! (and before the hook hands its session to build-remote or exits):
 //! Nix asks about a dozen builds in a burst whenever one ends, and a message for each would wake
 //! the broker a dozen times while Nix waits on this hook. A build is sent whole once per
 //! connection; after that it is named by its `.drv` until it is admitted.
