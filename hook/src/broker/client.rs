@@ -9,10 +9,10 @@
 //!
 //! Builds the hook declines by itself (Nix has no slot, or its worker is full) are told to the
 //! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question
-//! (and before the hook hands its session to build-remote or exits):
-//! Nix asks about a dozen builds in a burst whenever one ends, and a message for each would wake
-//! the broker a dozen times while Nix waits on this hook. A build is sent whole once per
-//! connection; after that it is named by its `.drv` until it is admitted.
+//! (and before the hook hands its session to build-remote or exits): Nix asks about a dozen
+//! builds in a burst whenever one ends, and a message for each would wake the broker a dozen
+//! times while Nix waits on this hook. A build is sent whole once per connection; after that it
+//! is named by its `.drv` until it is admitted.
 //!
 //! One exception: a broker this hook has just started (it runs, for less than [`STARTING`]) is
 //! [`Failure::Starting`], not failed, and the hook postpones instead of declining: Nix asks again
