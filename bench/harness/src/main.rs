@@ -37,10 +37,16 @@
 //! answers `# decline` to every `try` at once and appends the asked `.drv` to LOG, one line per
 //! request. Run by `build-hook` (through a script: Nix passes only its verbosity), it measures what Nix itself spends on asking a hook (the pipe
 //! round trip per request, and how many requests per build Nix sends), whatever the hook decides.
+//!
+//! `nix-tier-bench decline LOG --relay` does the same, but passes each request's `.drv` to a
+//! second process first (`nix-tier-bench echo`, over a Unix socket, as the hook asks its broker)
+//! and waits for it back: what the two process hops of an admission cost on this machine, with
+//! nothing decided on either side.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -367,21 +373,60 @@ fn locks_probe(mut args: impl Iterator<Item = String>) -> Result<serde_json::Val
     }))
 }
 
-/// `decline LOG`: the do-nothing hook (see the module's doc comment). Nix starts a hook with argv
-/// `[name, verbosity]`, so `build-hook` names a script that runs `nix-tier-bench decline LOG`.
-fn decline(log: Option<String>) -> Result<(), String> {
+/// `decline LOG [--relay]`: the do-nothing hook (see the module's doc comment). Nix starts a hook
+/// with argv `[name, verbosity]`, so `build-hook` names a script that runs `nix-tier-bench
+/// decline LOG`.
+fn decline(log: Option<String>, relay: bool) -> Result<(), String> {
     let log = log.ok_or("decline: LOG missing")?;
     let mut log = BufWriter::new(
         OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("{log}: {e}"))?,
     );
+    let mut echo = relay.then(start_echo).transpose()?;
     let mut input = std::io::stdin().lock();
     let mut answers = std::io::stderr().lock();
     protocol::read_settings(&mut input).map_err(|e| format!("handshake: {e}"))?;
+    const DECLINE: &str = "# decline\n";
+    let mut echoed = String::new();
     while let Some(request) = protocol::read_request(&mut input).map_err(|e| format!("request: {e}"))? {
-        writeln!(answers, "{}", protocol::Reply::Decline.line()).map_err(|e| e.to_string())?;
+        if let Some((_, socket)) = echo.as_mut() {
+            writeln!(socket.get_mut(), "{}", request.drv_path).map_err(|e| format!("to echo: {e}"))?;
+            echoed.clear();
+            socket.read_line(&mut echoed).map_err(|e| format!("from echo: {e}"))?;
+        }
+        // One write, as nix-tier-hook answers.
+        answers.write_all(DECLINE.as_bytes()).map_err(|e| e.to_string())?;
         writeln!(log, "{}", request.drv_path).map_err(|e| e.to_string())?;
     }
     log.flush().map_err(|e| e.to_string())
+}
+
+/// Starts `nix-tier-bench echo` on one end of a Unix socket pair; the other end.
+fn start_echo() -> Result<(std::process::Child, BufReader<UnixStream>), String> {
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+    let theirs = std::os::fd::OwnedFd::from(theirs);
+    let copy = theirs.try_clone().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let child = Command::new(exe)
+        .arg("echo")
+        .stdin(Stdio::from(theirs))
+        .stdout(Stdio::from(copy))
+        .spawn()
+        .map_err(|e| format!("starting echo: {e}"))?;
+    Ok((child, BufReader::new(ours)))
+}
+
+/// `echo`: writes back every line read on stdin, each at once.
+fn echo() -> Result<(), String> {
+    let mut input = std::io::stdin().lock();
+    let mut output = std::io::stdout().lock();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line).map_err(|e| e.to_string())? == 0 {
+            return Ok(());
+        }
+        output.write_all(&line).and_then(|()| output.flush()).map_err(|e| e.to_string())?;
+    }
 }
 
 fn main() -> ExitCode {
@@ -389,7 +434,14 @@ fn main() -> ExitCode {
     let result = match args.next().as_deref() {
         Some("latency") => options(args).and_then(latency),
         Some("locks-probe") => locks_probe(args),
-        Some("decline") => return match decline(args.next()) {
+        Some("echo") => return match echo() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("nix-tier-bench echo: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some("decline") => return match decline(args.next(), args.next().as_deref() == Some("--relay")) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("nix-tier-bench: {e}");
