@@ -210,8 +210,7 @@ struct Watched {
     polls: u64,
     /// When the last search of every process was, after admission.
     full_scan: Option<Duration>,
-    /// When Nix's output locks were last looked up in the lock table (or the build admitted, or
-    /// its builder found).
+    /// When Nix's output locks were last looked up in the lock table (or the builder found).
     locks_checked: Option<Instant>,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
@@ -261,11 +260,10 @@ impl Watched {
         // deletes the lock files of a build that succeeded before it lets go of them, so a
         // missing one (a stat) ends the build without reading the lock table (costly: every lock
         // of the machine). That table is read for a build that failed or that Nix let go without
-        // starting: every 20 ms while the builder is searched for (the first time 20 ms after
-        // admission: Nix asked holding them), and from 100 ms after it was found every 100 ms
-        // (its lease does not wait on this; a build that succeeds within that time costs no
-        // read). While the watcher holds a copy of the build's log, Nix has not seen the build
-        // end: it still holds the locks.
+        // starting: every 20 ms while the builder is searched for, and from 100 ms after it was
+        // found every 100 ms (its lease does not wait on this; a build that succeeds within that
+        // time costs no read). While the watcher holds a copy of the build's log, Nix has not
+        // seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
             Some(b) if !b.exited() || b.log.is_some() => true,
             _ if self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err()) => false,
@@ -571,10 +569,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                     // so that watch, which found no builder, ends without a record.
                     builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
                     candidates.forget(&job.drv);
-                    let mut watched = Watched::new(job, lease, None, lock_files);
-                    // Nix asked holding the output locks.
-                    watched.locks_checked = Some(watched.admitted);
-                    builds.push(watched);
+                    builds.push(Watched::new(job, lease, None, lock_files));
                 }
                 Ok(Order::Candidate(job)) => candidates.add(job),
                 Ok(Order::Recovered { job, lease, lock }) => {
