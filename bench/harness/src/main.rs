@@ -382,37 +382,38 @@ fn decline(log: Option<String>, relay: bool) -> Result<(), String> {
         OpenOptions::new().create(true).append(true).open(&log).map_err(|e| format!("{log}: {e}"))?,
     );
     let mut echo = relay.then(start_echo).transpose()?;
+    // One write, as nix-tier-hook answers.
+    let decline = format!("{}\n", protocol::Reply::Decline.line());
     let mut input = std::io::stdin().lock();
     let mut answers = std::io::stderr().lock();
     protocol::read_settings(&mut input).map_err(|e| format!("handshake: {e}"))?;
-    const DECLINE: &str = "# decline\n";
     let mut echoed = String::new();
     while let Some(request) = protocol::read_request(&mut input).map_err(|e| format!("request: {e}"))? {
-        if let Some((_, socket)) = echo.as_mut() {
+        if let Some(socket) = echo.as_mut() {
             writeln!(socket.get_mut(), "{}", request.drv_path).map_err(|e| format!("to echo: {e}"))?;
             echoed.clear();
             socket.read_line(&mut echoed).map_err(|e| format!("from echo: {e}"))?;
         }
-        // One write, as nix-tier-hook answers.
-        answers.write_all(DECLINE.as_bytes()).map_err(|e| e.to_string())?;
+        answers.write_all(decline.as_bytes()).map_err(|e| e.to_string())?;
         writeln!(log, "{}", request.drv_path).map_err(|e| e.to_string())?;
     }
     log.flush().map_err(|e| e.to_string())
 }
 
-/// Starts `nix-tier-bench echo` on one end of a Unix socket pair; the other end.
-fn start_echo() -> Result<(std::process::Child, BufReader<UnixStream>), String> {
+/// Starts `nix-tier-bench echo` on one end of a Unix socket pair (it exits when the other end
+/// closes); the other end.
+fn start_echo() -> Result<BufReader<UnixStream>, String> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
     let theirs = std::os::fd::OwnedFd::from(theirs);
     let copy = theirs.try_clone().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let child = Command::new(exe)
+    Command::new(exe)
         .arg("echo")
         .stdin(Stdio::from(theirs))
         .stdout(Stdio::from(copy))
         .spawn()
         .map_err(|e| format!("starting echo: {e}"))?;
-    Ok((child, BufReader::new(ours)))
+    Ok(BufReader::new(ours))
 }
 
 /// `echo`: writes back every line read on stdin, each at once.
@@ -429,25 +430,25 @@ fn echo() -> Result<(), String> {
     }
 }
 
+/// The exit status of a subcommand that prints no JSON, its error said on stderr.
+fn exit_status(result: Result<(), String>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nix-tier-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let result = match args.next().as_deref() {
         Some("latency") => options(args).and_then(latency),
         Some("locks-probe") => locks_probe(args),
-        Some("echo") => return match echo() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("nix-tier-bench echo: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Some("decline") => return match decline(args.next(), args.next().as_deref() == Some("--relay")) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("nix-tier-bench: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        // No JSON from these two: echo's stdout is its answer, decline's stderr goes to Nix.
+        Some("echo") => return exit_status(echo()),
+        Some("decline") => return exit_status(decline(args.next(), args.next().as_deref() == Some("--relay"))),
         _ => Err("usage: nix-tier-bench latency --program PATH --drvs FILE [options] (see the source's doc comment)".into()),
     };
     match result {
