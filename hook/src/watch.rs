@@ -149,9 +149,10 @@ fn full_scan_due(since_admission: Duration, last: &mut Option<Duration>) -> bool
     due
 }
 
-/// What one pass of the watcher's loop reads of `/proc`, shared by the builds it steps: the
-/// lock table, and the Nix workers' children not yet known to be a builder, with their
-/// environments.
+/// What one pass of the watcher's loop reads of `/proc`, shared by the builds it steps and the
+/// candidates it looks for: the lock table, and the Nix workers' children, with the
+/// environments of those not yet known to be a builder. Read anew at each pass: a child just
+/// forked still has its worker's environment.
 struct Scan {
     /// Processes that are no build's new builder ([`no_new_builders`]).
     known: HashSet<u32>,
@@ -171,17 +172,20 @@ impl Scan {
         held.as_ref().is_some_and(|held| lock_files.iter().any(|f| held.holds(f, holder)))
     }
 
+    /// The children of Nix worker `worker` that may be a new builder.
+    fn new_children(&mut self, worker: u32) -> Vec<u32> {
+        let children = self.children.entry(worker).or_insert_with(|| procfs::children(worker));
+        children.iter().copied().filter(|pid| !self.known.contains(pid)).collect()
+    }
+
+    /// The environment of process `pid`.
+    fn environ(&mut self, pid: u32) -> Option<&[u8]> {
+        self.environs.entry(pid).or_insert_with(|| procfs::environ(pid)).as_deref()
+    }
+
     /// The child of `nix_pid` whose environment holds one of `entries`.
     fn builder_among_children(&mut self, nix_pid: u32, entries: &[String]) -> Option<u32> {
-        let known = &self.known;
-        let children = self
-            .children
-            .entry(nix_pid)
-            .or_insert_with(|| procfs::children(nix_pid).into_iter().filter(|pid| !known.contains(pid)).collect());
-        children.iter().copied().find(|pid| {
-            let environ = self.environs.entry(*pid).or_insert_with(|| procfs::environ(*pid));
-            environ.as_ref().is_some_and(|environ| holds_entry(environ, entries))
-        })
+        self.new_children(nix_pid).into_iter().find(|pid| self.environ(*pid).is_some_and(|environ| holds_entry(environ, entries)))
     }
 }
 
@@ -496,8 +500,9 @@ impl Candidates {
         self.by_output.retain(|_, (job, _)| job.drv != drv);
     }
 
-    /// The candidates whose builder is among their workers' children now (every 5 ms at most).
-    fn started(&mut self, known: &HashSet<u32>) -> Vec<(WatchJob, u32)> {
+    /// The candidates whose builder is among their workers' children now (every 5 ms at most),
+    /// read into `scan`: the builds' search in the same pass reads them no more.
+    fn started(&mut self, scan: &mut Scan) -> Vec<(WatchJob, u32)> {
         self.by_output.retain(|_, (_, at)| at.elapsed() < CANDIDATE_TTL);
         if self.by_output.is_empty() {
             return Vec::new();
@@ -509,12 +514,8 @@ impl Candidates {
         let workers: HashSet<u32> = self.by_output.values().map(|(job, _)| job.nix_pid).collect();
         let mut found = Vec::new();
         for worker in workers {
-            for child in procfs::children(worker) {
-                // Read anew each time: a child just forked still has the worker's environment.
-                if known.contains(&child) {
-                    continue;
-                }
-                let job = procfs::environ(child).and_then(|environ| {
+            for child in scan.new_children(worker) {
+                let job = scan.environ(child).and_then(|environ| {
                     environ.split(|b| *b == 0).find_map(|entry| {
                         let path = std::str::from_utf8(entry).ok()?.split_once('=')?.1;
                         self.by_output.get(path).map(|(job, _)| job.clone())
@@ -522,6 +523,7 @@ impl Candidates {
                 });
                 if let Some(job) = job.filter(|job| job.nix_pid == worker) {
                     self.forget(&job.drv);
+                    scan.known.insert(child);
                     found.push((job, child));
                 }
             }
@@ -590,7 +592,8 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         let now = Instant::now();
         let mut finished = Vec::new();
         let hooks = leases.hooks();
-        for (mut job, builder) in candidates.started(&no_new_builders(&builds, &hooks)) {
+        let mut scan = Scan::new(no_new_builders(&builds, &hooks));
+        for (mut job, builder) in candidates.started(&mut scan) {
             // Started without a lease after all: counted from now, watched like the rest (an
             // admission of it that found no builder is over).
             builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
@@ -604,7 +607,6 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
             builds.push(watched);
         }
-        let mut scan = Scan::new(no_new_builders(&builds, &hooks));
         let mut exits_seen = Instant::now();
         let mut i = 0;
         while i < builds.len() {
