@@ -231,7 +231,7 @@ impl Client {
     /// `.drv` after that.
     fn told(&mut self, build: &TryBuild) -> Told {
         match self.told.insert(build.job.drv.clone()) {
-            true => Told::Whole(build.clone()),
+            true => Told::Whole(Box::new(build.clone())),
             false => Told::Known(build.job.drv.clone()),
         }
     }

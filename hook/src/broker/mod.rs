@@ -81,8 +81,9 @@ pub struct TryBuild {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Told {
-    /// Not yet sent on this connection (or admitted since).
-    Whole(TryBuild),
+    /// Not yet sent on this connection (or admitted since). Boxed: a `.drv` path is all the
+    /// other variant holds.
+    Whole(Box<TryBuild>),
     /// Sent whole before: its `.drv`.
     Known(String),
 }
@@ -545,8 +546,8 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
 fn recall(known: &mut HashMap<String, TryBuild>, told: Told) -> Option<TryBuild> {
     match told {
         Told::Whole(build) => {
-            known.insert(build.job.drv.clone(), build.clone());
-            Some(build)
+            known.insert(build.job.drv.clone(), (*build).clone());
+            Some(*build)
         }
         Told::Known(drv) => known.get(&drv).cloned(),
     }
