@@ -269,7 +269,7 @@ impl Watched {
         // time costs no read). While the watcher holds a copy of the build's log, Nix has not
         // seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
-            Some(b) if !b.exited() || b.log.is_some() => true,
+            Some(b) if !b.exited() || b.holds_log() => true,
             _ if self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err()) => false,
             Some(_) => self.locks_held(scan, Duration::from_millis(100)),
             None => self.locks_held(scan, Duration::from_millis(20)),
@@ -321,7 +321,7 @@ impl Watched {
                 None => search_pause(self.admitted.elapsed()),
                 // Ended (or its end cannot be waited for): Nix releases the locks within
                 // moments, and the lease with them.
-                Some(b) if b.log.is_none() || b.exited() => Duration::from_millis(5),
+                Some(b) if !b.holds_log() || b.exited() => Duration::from_millis(5),
                 Some(_) if self.admitted.elapsed() < Duration::from_secs(1) => Duration::from_millis(5),
                 Some(_) => Duration::from_millis(100),
             };
@@ -334,7 +334,7 @@ impl Watched {
     /// of its log is closed, and at once asks about the builds waiting for its slot: this copy
     /// goes only after the lease has ended, so that they find the slot free.
     fn after_builder_exit(&mut self, leases: &dyn Leases) {
-        if !self.builder.as_ref().is_some_and(|b| b.log.is_some() && b.exited()) {
+        if !self.builder.as_ref().is_some_and(|b| b.holds_log() && b.exited()) {
             return;
         }
         self.report_kills();
@@ -617,7 +617,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                 exits_seen = Instant::now();
             }
             let b = &mut builds[i];
-            let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.log.is_some() && builder.exited());
+            let builder_ended = b.builder.as_ref().is_some_and(|builder| builder.holds_log() && builder.exited());
             if b.due > now && !builder_ended {
                 i += 1;
                 continue;
@@ -664,15 +664,19 @@ fn see_exits(builds: &mut [Watched], leases: &dyn Leases) {
     if fds.is_empty() || !poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0) {
         return;
     }
+    let exited: Vec<bool> = fds.iter().map(|fd| fd.any().unwrap_or(true)).collect();
     drop(fds);
-    builds.iter_mut().for_each(|b| b.after_builder_exit(leases));
+    let holding_logs = builds.iter_mut().filter(|b| b.builder.as_ref().is_some_and(Builder::holds_log));
+    for (b, _) in holding_logs.zip(exited).filter(|(_, exited)| *exited) {
+        b.after_builder_exit(leases);
+    }
 }
 
 /// The pidfds of the builders whose log the watcher holds: readable once they exit.
 fn exit_fds(builds: &[Watched]) -> impl Iterator<Item = PollFd<'_>> {
     builds
         .iter()
-        .filter_map(|b| b.builder.as_ref().filter(|b| b.log.is_some()))
+        .filter_map(|b| b.builder.as_ref().filter(|b| b.holds_log()))
         .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN))
 }
 
@@ -939,6 +943,11 @@ impl Builder {
             })
             .map(std::fs::File::from);
         Some(Builder { pid, pidfd, log })
+    }
+
+    /// Whether the watcher holds a copy of its log (Nix sees the build end once it is closed).
+    fn holds_log(&self) -> bool {
+        self.log.is_some()
     }
 
     /// Whether the builder has exited.
