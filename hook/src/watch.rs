@@ -549,7 +549,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         }
         {
             let mut fds: Vec<PollFd> = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-            fds.extend(exit_fds(&builds));
+            fds.extend(exit_fds(&builds).map(|(_, fd)| fd));
             // poll(2) counts whole milliseconds: round up, or a wait under one would spin.
             let timeout = wait.map_or(PollTimeout::NONE, |w| {
                 PollTimeout::try_from(w.as_micros().div_ceil(1000).max(1) as i32).unwrap_or(PollTimeout::MAX)
@@ -660,24 +660,24 @@ const EXITS_EVERY: Duration = Duration::from_micros(200);
 /// Sees to the builds whose builder exited while the watcher holds a copy of its log
 /// ([`Watched::after_builder_exit`]): one look at their pidfds, without waiting.
 fn see_exits(builds: &mut [Watched], leases: &dyn Leases) {
-    let mut fds: Vec<PollFd> = exit_fds(builds).collect();
+    let (held, mut fds): (Vec<usize>, Vec<PollFd>) = exit_fds(builds).unzip();
     if fds.is_empty() || !poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0) {
         return;
     }
-    let exited: Vec<bool> = fds.iter().map(|fd| fd.any().unwrap_or(true)).collect();
+    let exited: Vec<usize> = held.into_iter().zip(&fds).filter(|(_, fd)| fd.any().unwrap_or(true)).map(|(i, _)| i).collect();
     drop(fds);
-    let holding_logs = builds.iter_mut().filter(|b| b.builder.as_ref().is_some_and(Builder::holds_log));
-    for (b, _) in holding_logs.zip(exited).filter(|(_, exited)| *exited) {
-        b.after_builder_exit(leases);
+    for i in exited {
+        builds[i].after_builder_exit(leases);
     }
 }
 
-/// The pidfds of the builders whose log the watcher holds: readable once they exit.
-fn exit_fds(builds: &[Watched]) -> impl Iterator<Item = PollFd<'_>> {
+/// The pidfds of the builders whose log the watcher holds (readable once they exit), with the
+/// builds' places in `builds`.
+fn exit_fds(builds: &[Watched]) -> impl Iterator<Item = (usize, PollFd<'_>)> {
     builds
         .iter()
-        .filter_map(|b| b.builder.as_ref().filter(|b| b.holds_log()))
-        .map(|b| PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN))
+        .enumerate()
+        .filter_map(|(i, b)| b.builder.as_ref().filter(|b| b.holds_log()).map(|b| (i, PollFd::new(b.pidfd.as_fd(), PollFlags::POLLIN))))
 }
 
 /// The processes that are no build's new builder, whose environments are not read: the builders
