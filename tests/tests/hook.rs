@@ -329,6 +329,21 @@ fn the_broker_is_started_on_demand_and_a_stopped_one_does_not_stop_builds() {
     let said = said.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     assert!(said.contains("the broker did not answer within 40ms (fails open)"), "the hook said why:\n{said}");
     eprintln!("4 builds with the broker stopped took {took:?}");
+    // Resumed, it answers the requests the hooks gave up on: the leases it grants them end with
+    // those builds (long done), or the broker would hold them, and never exit, for good. Its
+    // own snapshot lists every lease (`nix-tier status` shows only those whose locks are held).
+    let snapshot = state_dir(&sandbox).join("state.json");
+    let mut last = String::new();
+    let emptied = (0..200).any(|_| {
+        last = fs::read_to_string(&snapshot).unwrap_or_default();
+        let state: serde_json::Value = serde_json::from_str(&last).unwrap_or_default();
+        let empty = state["running"].as_array().is_some_and(|running| running.is_empty());
+        if !empty {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        empty
+    });
+    assert!(emptied, "leases left 10 s after every build ended:\n{last}");
 }
 
 #[test]

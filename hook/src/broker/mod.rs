@@ -504,15 +504,19 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                 };
                 let drv = request.job.drv.clone();
                 let (answer, order) = board.decide(hello, &connection, request);
-                reply(writer, &answer)?;
+                let replied = reply(writer, &answer);
                 if answer == FromBroker::Admit {
                     known.remove(&drv);
                 }
+                // Sent even when the hook is gone: it gave up waiting (a stopped broker) and
+                // declined, so Nix builds anyway. The watcher ends the lease with the build;
+                // unwatched, it would be held for good.
                 if let Some(order) = order {
                     if orders.send(order).is_ok() {
                         let _ = nix::unistd::write(wake, &[1]);
                     }
                 }
+                replied?;
             }
             (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
             (ToBroker::Declined(builds), _) => {
