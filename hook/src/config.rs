@@ -20,6 +20,13 @@ pub fn profile_path(settings: &Settings) -> Option<PathBuf> {
     Some(conf_dir.join("hardware-profile.json")).filter(|p| p.is_file())
 }
 
+/// Whether the broker's watcher may learn of builders from the kernel's process events:
+/// `NIX_TIER_PROC_EVENTS=off` has it read `/proc` instead, as it does where the kernel refuses
+/// it the events.
+pub fn proc_events() -> bool {
+    std::env::var("NIX_TIER_PROC_EVENTS").map_or(true, |v| v != "off")
+}
+
 /// The cgroup under which builds' cgroups go (in its `nix-tier` child): `$NIX_TIER_CGROUP_ROOT`,
 /// a directory on a cgroup v2 or v1 file system; `None` for the default (the cgroup2 mount when
 /// it offers memory and cpu, else the v1 memory and cpu mounts' roots).

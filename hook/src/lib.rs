@@ -16,6 +16,7 @@ pub mod nix_version;
 pub mod output_locks;
 pub mod plan;
 pub mod privileges;
+pub mod proc_events;
 pub mod procfs;
 pub mod protocol;
 pub mod relay;

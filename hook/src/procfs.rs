@@ -55,6 +55,12 @@ pub fn environ(pid: u32) -> Option<Vec<u8>> {
     Some(buffer)
 }
 
+/// The parent of process `pid` (field 4 of its `stat`).
+pub fn parent(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The owner of process `pid`.
 pub fn uid(pid: u32) -> Option<u32> {
     fs::metadata(format!("/proc/{pid}")).ok().map(|m| m.uid())

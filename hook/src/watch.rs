@@ -11,8 +11,9 @@
 //!    finds the build again ([`running_builds`]); the files are reused from build to build
 //!    ([`LockFiles`]);
 //! 2. finds the builder: the child of the Nix worker whose environment holds the build's
-//!    `<output>=<path>` entries (sandboxed builders are children of the worker too), every
-//!    millisecond at first; creates the build's cgroup (memory limit = the build's reservation,
+//!    `<output>=<path>` entries (sandboxed builders are children of the worker too), as it
+//!    executes (the kernel's process events, [`Births`]), or by reading the worker's children
+//!    every millisecond at first where there are no events; creates the build's cgroup (memory limit = the build's reservation,
 //!    CPU quota = its tier's cores) under the `nix-tier` parent and moves the builder and its
 //!    descendants in (with build users, every process of the builder's uid); processes forked
 //!    after the move are born inside. Without a cgroup it follows the builder's descendants;
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::history::{package_and_version, BuildRecord, History, Outcome};
 use crate::output_locks::HeldLocks;
+use crate::proc_events::{ProcEvent, ProcEvents};
 use crate::procfs;
 
 /// The parent cgroup of all tier builds.
@@ -255,7 +257,7 @@ impl Watched {
     }
 
     /// Does what is due; the build's outcome once it has ended and its processes are gone.
-    fn step(&mut self, my_uid: Option<u32>, scan: &mut Scan) -> Option<Finished> {
+    fn step(&mut self, my_uid: Option<u32>, scan: &mut Scan, look_among_children: bool) -> Option<Finished> {
         let now = Instant::now();
         if let Some(ended) = self.ended {
             return self.end_leftovers(now.duration_since(ended));
@@ -279,19 +281,13 @@ impl Watched {
             return self.end_leftovers(Duration::ZERO);
         }
         if self.builder.is_none() {
-            self.builder = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan).and_then(Builder::open);
-            if let Some(b) = &self.builder {
-                scan.known.insert(b.pid);
-                self.locks_checked = Some(now);
-                // Made once the builder is found, not at admission: a build too short to be
-                // found, or one Nix lets go, costs no cgroup, and admissions in a burst
-                // (Nix asks about every ready build at once) do not compete with making them.
-                // A build taken over from a broker that is gone has its cgroup already.
-                if self.cgroup.is_none() {
-                    self.cgroup = create_cgroup(&self.job);
-                }
+            // The first look reads the worker's children whatever the events say: the builder
+            // of a build recovered from a broker that is gone started before this one listened.
+            let look_among_children = look_among_children || self.polls == 0;
+            let found = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan, look_among_children);
+            if let Some(builder) = found.and_then(Builder::open) {
+                self.take_builder(builder, my_uid, scan);
             }
-            self.build_user = self.builder.as_ref().and_then(|b| procfs::uid(b.pid)).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
         }
         if let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) {
             let mut pids = procfs::tree(b.pid);
@@ -326,6 +322,21 @@ impl Watched {
                 Some(_) => Duration::from_millis(100),
             };
         None
+    }
+
+    /// Holds `builder` as the build's builder, found now.
+    fn take_builder(&mut self, builder: Builder, my_uid: Option<u32>, scan: &mut Scan) {
+        scan.known.insert(builder.pid);
+        self.locks_checked = Some(Instant::now());
+        // Made once the builder is found, not at admission: a build too short to be found, or
+        // one Nix lets go, costs no cgroup, and admissions in a burst (Nix asks about every
+        // ready build at once) do not compete with making them. A build taken over from a
+        // broker that is gone has its cgroup already.
+        if self.cgroup.is_none() {
+            self.cgroup = create_cgroup(&self.job);
+        }
+        self.build_user = procfs::uid(builder.pid).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
+        self.builder = Some(builder);
     }
 
     /// Once the builder has exited, while the watcher still holds a copy of its log: reports an
@@ -515,20 +526,97 @@ impl Candidates {
         let mut found = Vec::new();
         for worker in workers {
             for child in scan.new_children(worker) {
-                let job = scan.environ(child).and_then(|environ| {
-                    environ.split(|b| *b == 0).find_map(|entry| {
-                        let path = std::str::from_utf8(entry).ok()?.split_once('=')?.1;
-                        self.by_output.get(path).map(|(job, _)| job.clone())
-                    })
-                });
-                if let Some(job) = job.filter(|job| job.nix_pid == worker) {
-                    self.forget(&job.drv);
-                    scan.known.insert(child);
-                    found.push((job, child));
-                }
+                found.extend(self.claim(worker, child, scan).map(|job| (job, child)));
             }
         }
         found
+    }
+
+    /// Whether a candidate of `worker` waits for a builder.
+    fn waits_on(&self, worker: u32) -> bool {
+        self.by_output.values().any(|(job, _)| job.nix_pid == worker)
+    }
+
+    /// The candidate whose builder `child` of `worker` is, by its environment; no longer
+    /// looked for.
+    fn claim(&mut self, worker: u32, child: u32, scan: &mut Scan) -> Option<WatchJob> {
+        let job = scan.environ(child).and_then(|environ| {
+            environ.split(|b| *b == 0).find_map(|entry| {
+                let path = std::str::from_utf8(entry).ok()?.split_once('=')?.1;
+                self.by_output.get(path).map(|(job, _)| job.clone())
+            })
+        });
+        let job = job.filter(|job| job.nix_pid == worker)?;
+        self.forget(&job.drv);
+        scan.known.insert(child);
+        Some(job)
+    }
+}
+
+/// How long a program's execution is remembered for builds admitted after it: Nix forks the
+/// builder only after the hook's answer, but the watcher may read the event before the order.
+const EXEC_MEMORY: Duration = Duration::from_millis(100);
+
+/// What the process events tell of the Nix workers' children: each process's parent (from its
+/// fork) and the programs executed lately. A builder is found the moment it executes, with one
+/// read of its environment, instead of by reading the workers' children every millisecond.
+struct Births {
+    events: ProcEvents,
+    parents: std::collections::HashMap<u32, u32>,
+    /// When each process executed lately, with its parent.
+    execs: std::collections::VecDeque<(Instant, u32, u32)>,
+    /// Whether events were lost since the last pass: the pass then reads `/proc`.
+    lost: bool,
+}
+
+impl Births {
+    fn new(events: ProcEvents) -> Births {
+        Births { events, parents: Default::default(), execs: Default::default(), lost: false }
+    }
+
+    /// Reads the events received; the processes that executed a program meanwhile, with their
+    /// parents. While builders are `searching` for, the parent of one whose fork was not seen
+    /// (forked before this watcher listened, or lost) is read from `/proc`.
+    fn read(&mut self, searching: bool) -> Vec<(u32, u32)> {
+        let now = Instant::now();
+        while self.execs.front().is_some_and(|(at, _, _)| now.duration_since(*at) > EXEC_MEMORY) {
+            self.execs.pop_front();
+        }
+        let mut fresh = Vec::new();
+        self.lost = false;
+        self.events.drain(|event| match event {
+            ProcEvent::Fork { parent, child } => {
+                self.parents.insert(child, parent);
+            }
+            ProcEvent::Exec { pid } => {
+                let parent = self.parents.get(&pid).copied().or_else(|| searching.then(|| procfs::parent(pid)).flatten());
+                if let Some(parent) = parent {
+                    fresh.push((pid, parent));
+                    self.execs.push_back((now, pid, parent));
+                }
+            }
+            ProcEvent::Exit { pid } => {
+                self.parents.remove(&pid);
+            }
+            ProcEvent::Lost => {
+                // Exits may have been lost with the rest: the parents known are stale.
+                self.parents.clear();
+                self.lost = true;
+            }
+        });
+        fresh
+    }
+
+    /// What [`Births::read`] gives, and the children of the workers in `ordered_for` that
+    /// executed a program lately (before their builds' orders came), each once.
+    fn read_with(&mut self, ordered_for: &[u32], searching: bool) -> Vec<(u32, u32)> {
+        let mut execs = self.read(searching);
+        for (_, pid, parent) in &self.execs {
+            if ordered_for.contains(parent) && !execs.contains(&(*pid, *parent)) {
+                execs.push((*pid, *parent));
+            }
+        }
+        execs
     }
 }
 
@@ -541,14 +629,18 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
     let mut candidates = Candidates::default();
     let mut history: Option<History> = None;
     let my_uid = procfs::uid(std::process::id());
+    let mut births = crate::config::proc_events().then(ProcEvents::open).and_then(Result::ok).map(Births::new);
     while open || !builds.is_empty() {
         let now = Instant::now();
         let mut wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
-        if !candidates.by_output.is_empty() {
+        if !candidates.by_output.is_empty() && births.is_none() {
             wait = Some(wait.map_or(Duration::from_millis(5), |w| w.min(Duration::from_millis(5))));
         }
         {
             let mut fds: Vec<PollFd> = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+            // Woken by the machine's process events only while a builder is searched for; they
+            // wait in the socket meanwhile (read at the next pass, or lost once it is full).
+            fds.extend(births.as_ref().filter(|_| searching(&builds, &candidates)).map(|b| PollFd::new(b.events.as_fd(), PollFlags::POLLIN)));
             fds.extend(exit_fds(&builds).map(|(_, fd)| fd));
             // poll(2) counts whole milliseconds: round up, or a wait under one would spin.
             let timeout = wait.map_or(PollTimeout::NONE, |w| {
@@ -557,9 +649,13 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             let _ = poll(&mut fds, timeout);
         }
         drain(&wake);
+        // The workers of the builds ordered in this pass: their children that executed lately
+        // are matched against them.
+        let mut ordered_for = Vec::new();
         loop {
             match orders.try_recv() {
                 Ok(Order::Watch { job, lease }) => {
+                    ordered_for.push(job.nix_pid);
                     // Already found starting as a candidate (declined while its worker was full)
                     // before this admission's order came: it is watched and counted under the
                     // lease it was adopted with, and a second watch would never see its builder.
@@ -573,7 +669,10 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                     candidates.forget(&job.drv);
                     builds.push(Watched::new(job, lease, None, lock_files));
                 }
-                Ok(Order::Candidate(job)) => candidates.add(job),
+                Ok(Order::Candidate(job)) => {
+                    ordered_for.push(job.nix_pid);
+                    candidates.add(job);
+                }
                 Ok(Order::Recovered { job, lease, lock }) => {
                     // Its cgroup holds what still runs of it, found or not.
                     let cgroup = existing_cgroup(&job);
@@ -593,7 +692,12 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
         let mut finished = Vec::new();
         let hooks = leases.hooks();
         let mut scan = Scan::new(no_new_builders(&builds, &hooks));
-        for (mut job, builder) in candidates.started(&mut scan) {
+        let searching = searching(&builds, &candidates);
+        let execs = births.as_mut().map(|births| births.read_with(&ordered_for, searching)).unwrap_or_default();
+        let look_among_children = births.as_ref().is_none_or(|births| births.lost);
+        let mut started = if look_among_children { candidates.started(&mut scan) } else { Vec::new() };
+        started.extend(match_execs(&execs, &mut builds, &mut candidates, &mut scan, leases, my_uid, now));
+        for (mut job, builder) in started {
             // Started without a lease after all: counted from now, watched like the rest (an
             // admission of it that found no builder is over).
             builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
@@ -623,7 +727,7 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
                 continue;
             }
             let searching = b.builder.is_none();
-            let outcome = b.step(my_uid, &mut scan);
+            let outcome = b.step(my_uid, &mut scan, look_among_children);
             if let Some(pidfd) = b.builder.as_ref().filter(|_| searching).and_then(|b| b.pidfd.try_clone().ok()) {
                 leases.builder_started(b.lease, pidfd);
             }
@@ -652,6 +756,46 @@ pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn
             }
         }
     }
+}
+
+/// Takes the processes that executed a program (`execs`, with their parents) for the builders
+/// of the builds searched for, which step in the pass begun at `now`; the candidates that
+/// started, with their builders.
+fn match_execs(
+    execs: &[(u32, u32)],
+    builds: &mut [Watched],
+    candidates: &mut Candidates,
+    scan: &mut Scan,
+    leases: &dyn Leases,
+    my_uid: Option<u32>,
+    now: Instant,
+) -> Vec<(WatchJob, u32)> {
+    let mut started = Vec::new();
+    for &(pid, parent) in execs {
+        if scan.known.contains(&pid) {
+            continue;
+        }
+        let build = builds.iter_mut().find(|b| {
+            b.builder.is_none() && b.job.nix_pid == parent && scan.environ(pid).is_some_and(|environ| holds_entry(environ, &b.job.output_env))
+        });
+        if let Some(b) = build {
+            if let Some(builder) = Builder::open(pid) {
+                if let Ok(pidfd) = builder.pidfd.try_clone() {
+                    leases.builder_started(b.lease, pidfd);
+                }
+                b.take_builder(builder, my_uid, scan);
+                b.due = now;
+            }
+        } else if candidates.waits_on(parent) {
+            started.extend(candidates.claim(parent, pid, scan).map(|job| (job, pid)));
+        }
+    }
+    started
+}
+
+/// Whether a builder is searched for: a build's, or a candidate's.
+fn searching(builds: &[Watched], candidates: &Candidates) -> bool {
+    builds.iter().any(|b| b.builder.is_none()) || !candidates.by_output.is_empty()
 }
 
 /// How often, at most, the watcher looks for exited builders between two steps.
@@ -885,12 +1029,21 @@ pub fn exited(pidfd: &OwnedFd) -> bool {
 
 /// The builder: the child of the Nix worker whose environment holds the build's output
 /// entries. Sandboxed builders are children of the worker too (Nix's sandbox helper clones them
-/// with `CLONE_PARENT`, from 2.8 to today). Should one not be found there, every process of a
+/// with `CLONE_PARENT`, from 2.8 to today). The worker's children are read here only with
+/// `look_among_children`: where process events come, its executing children are matched as
+/// they execute ([`Births`]). Should one not be found there, every process of a
 /// uid Nix builds as is searched now and then ([`full_scan_due`]). Output paths are public, so
 /// a process of another user claiming them is never taken for the builder.
-fn find_builder(job: &WatchJob, since_admission: Duration, full_scan: &mut Option<Duration>, scan: &mut Scan) -> Option<u32> {
+fn find_builder(
+    job: &WatchJob,
+    since_admission: Duration,
+    full_scan: &mut Option<Duration>,
+    scan: &mut Scan,
+    look_among_children: bool,
+) -> Option<u32> {
     let is_builder = |pid: &u32| procfs::environ(*pid).is_some_and(|environ| holds_entry(&environ, &job.output_env));
-    scan.builder_among_children(job.nix_pid, &job.output_env).or_else(|| {
+    let among_children = if look_among_children { scan.builder_among_children(job.nix_pid, &job.output_env) } else { None };
+    among_children.or_else(|| {
         if !full_scan_due(since_admission, full_scan) {
             return None;
         }
@@ -1057,3 +1210,4 @@ mod tests {
         assert_eq!(std::fs::read_dir(state.path().join("leases")).unwrap().count(), 1);
     }
 }
+

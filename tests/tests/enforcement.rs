@@ -169,14 +169,22 @@ fn builds_are_bounded_under_a_read_only_cgroup_root() {
 /// Builds each report how long after its start it was first in its cgroup: 24 of them
 /// through 3 of Nix's slots, so that most start as another ends (when Nix asks every waiting
 /// goal at once, and a build declined without a lease while Nix had a slot would run unwatched).
-fn placed_early(sandboxed: bool) {
+/// Builds 24 builders that each wait up to a second to find themselves in a nix-tier cgroup,
+/// and asserts they all did and were recorded. A second is less than the watcher's first look
+/// through every process (at 2 s): each must be found as its worker's child, by the process
+/// events (`proc_events`) or by reading `/proc` (`NIX_TIER_PROC_EVENTS=off`).
+fn placed_early(sandboxed: bool, proc_events: bool) {
     const BUILDS: usize = 24;
     let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
     let builds: String = (0..BUILDS)
         .map(|i| format!(r#"{{ name = "placed{i}-1.0"; tier = "{}"; mem = 10; sleep = 100; ramp = 0; }}"#, ["light", "medium"][i % 2]))
         .collect();
-    let expr = builds_expr(&records, &builds).replace("TB_RAMP_MS =", "TB_PLACEMENT_WAIT_MS = \"3000\"; TB_RAMP_MS =");
-    let out = sandbox.command("nix-build").args(["--no-out-link", "-j", "3", "--expr", &expr]).output().unwrap();
+    let expr = builds_expr(&records, &builds).replace("TB_RAMP_MS =", "TB_PLACEMENT_WAIT_MS = \"1000\"; TB_RAMP_MS =");
+    let mut build = sandbox.command("nix-build");
+    if !proc_events {
+        build.env("NIX_TIER_PROC_EVENTS", "off");
+    }
+    let out = build.args(["--no-out-link", "-j", "3", "--expr", &expr]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let delays: Vec<(String, String)> = (0..BUILDS)
         .map(|i| {
@@ -185,7 +193,7 @@ fn placed_early(sandboxed: bool) {
             (name, text.trim().to_string())
         })
         .collect();
-    eprintln!("placement delays (µs after the builder's start), sandboxed {sandboxed}: {delays:?}");
+    eprintln!("placement delays (µs after the builder's start), sandboxed {sandboxed}, process events {proc_events}: {delays:?}");
     let err = stderr(&out);
     let hook_lines: Vec<&str> = err.lines().filter(|l| l.contains("nix-tier-hook")).map(|l| &l[..l.len().min(300)]).collect();
     for (name, delay) in &delays {
@@ -205,7 +213,8 @@ fn every_build_is_placed_in_its_cgroup_as_it_starts() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    placed_early(false);
+    placed_early(false, true);
+    placed_early(false, false);
 }
 
 #[test]
@@ -214,7 +223,8 @@ fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    placed_early(true);
+    placed_early(true, true);
+    placed_early(true, false);
 }
 
 /// The members of group `nixbld` (Nix's build users), from /etc/group.
