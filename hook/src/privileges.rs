@@ -9,6 +9,8 @@
 //! Creating cgroups inside the parent it made, moving processes into them and writing its own
 //! state need no capability. Everything else is dropped from the effective, permitted,
 //! inheritable, ambient and bounding sets, so the watchers it starts cannot regain it either.
+//! The broker drops it once it has subscribed to the kernel's process events
+//! ([`crate::proc_events`]), which older kernels allow only with `CAP_NET_ADMIN`.
 //! Run as an ordinary user (single-user Nix) it has no capabilities and nothing changes.
 
 use caps::{CapSet, Capability, CapsHashSet};

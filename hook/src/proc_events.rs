@@ -2,7 +2,8 @@
 //! the machine, as it happens. The watcher learns from them the moment a Nix worker's child
 //! executes its builder, instead of reading the workers' children over and over. Recent kernels
 //! let any process of the initial namespaces listen (Linux 6.18 here); older ones want
-//! `CAP_NET_ADMIN`, which the broker does not keep: [`ProcEvents::open`] then fails and the
+//! `CAP_NET_ADMIN` when it subscribes, which the broker holds only before it drops its
+//! capabilities, if it was started with them: elsewhere [`ProcEvents::open`] fails and the
 //! watcher looks for builders in `/proc`.
 
 use std::io;

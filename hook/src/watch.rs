@@ -12,7 +12,7 @@
 //!    ([`LockFiles`]);
 //! 2. finds the builder: the child of the Nix worker whose environment holds the build's
 //!    `<output>=<path>` entries (sandboxed builders are children of the worker too), as it
-//!    executes (the kernel's process events, [`Births`]), or by reading the worker's children
+//!    executes (the kernel's process events, `Births`), or by reading the worker's children
 //!    every millisecond at first where there are no events; creates the build's cgroup (memory limit = the build's reservation,
 //!    CPU quota = its tier's cores) under the `nix-tier` parent and moves the builder and its
 //!    descendants in (with build users, every process of the builder's uid); processes forked
@@ -622,14 +622,22 @@ impl Births {
 
 /// The broker's watcher thread: watches every leased build until it ends, picks up candidates
 /// that start, and tells `leases`; runs until `orders` is closed and no build is left. `wake`
-/// becomes readable when an order was sent.
-pub fn run(orders: std::sync::mpsc::Receiver<Order>, wake: OwnedFd, leases: &dyn Leases, state_dir: &Path, lock_files: &LockFiles) {
+/// becomes readable when an order was sent. Builders are found from the process `events` where
+/// the broker could subscribe to them, else by reading `/proc`.
+pub fn run(
+    orders: std::sync::mpsc::Receiver<Order>,
+    wake: OwnedFd,
+    events: Option<ProcEvents>,
+    leases: &dyn Leases,
+    state_dir: &Path,
+    lock_files: &LockFiles,
+) {
     let mut open = true;
     let mut builds: Vec<Watched> = Vec::new();
     let mut candidates = Candidates::default();
     let mut history: Option<History> = None;
     let my_uid = procfs::uid(std::process::id());
-    let mut births = crate::config::proc_events().then(ProcEvents::open).and_then(Result::ok).map(Births::new);
+    let mut births = events.map(Births::new);
     while open || !builds.is_empty() {
         let now = Instant::now();
         let mut wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();

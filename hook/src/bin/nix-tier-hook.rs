@@ -20,9 +20,6 @@ use nix_tier_hook::watch;
 fn main() -> ExitCode {
     let verbosity = std::env::args().nth(1).unwrap_or_else(|| "3".to_string());
     if verbosity == broker::BROKER_ARG {
-        if let Err(error) = privileges::keep_only_needed() {
-            eprintln!("nix-tier-hook --broker: cannot drop capabilities ({error}); running with those it was given");
-        }
         return broker::serve(std::env::args().any(|a| a == broker::STAY_ARG));
     }
     let mut input = io::stdin().lock();

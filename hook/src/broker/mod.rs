@@ -38,6 +38,7 @@ use nix_tier_model::leases::{self, AlikeLeases, Decision, LeaseId, LeaseTable, R
 use nix_tier_model::Build;
 use serde::{Deserialize, Serialize};
 
+use crate::proc_events::ProcEvents;
 use crate::state::{self, StateDir};
 use crate::watch::{self, Order, WatchJob};
 
@@ -375,11 +376,18 @@ impl watch::Leases for Board {
 }
 
 /// Runs the broker for the state directory of the environment; `stay` keeps it running when
-/// idle. Exits at once, successfully, when another broker runs.
+/// idle. Exits at once, successfully, when another broker runs. It keeps only the capabilities
+/// it needs ([`crate::privileges`]), once it has subscribed to the kernel's process events: a
+/// broker started as root (the NixOS service) may still use `CAP_NET_ADMIN` then, which older
+/// kernels want of a listener.
 pub fn serve(stay: bool) -> ExitCode {
     close_inherited_descriptors();
+    let events = crate::config::proc_events().then(ProcEvents::open).and_then(Result::ok);
+    if let Err(error) = crate::privileges::keep_only_needed() {
+        eprintln!("nix-tier-hook --broker: cannot drop capabilities ({error}); running with those it was given");
+    }
     let state_dir = StateDir::from_env();
-    match serve_in(&state_dir, stay) {
+    match serve_in(&state_dir, stay, events) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("nix-tier-hook --broker: {}: {error}", state_dir.path().display());
@@ -399,7 +407,7 @@ fn close_inherited_descriptors() {
     }
 }
 
-fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
+fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io::Result<()> {
     let Some(mut running) = state_dir.exclusive(LOCK)? else { return Ok(()) };
     // Who holds it, for people and tests.
     running.set_len(0)?;
@@ -439,7 +447,7 @@ fn serve_in(state_dir: &StateDir, stay: bool) -> io::Result<()> {
     {
         let board = Arc::clone(&board);
         let state_dir = state_dir.path().to_path_buf();
-        std::thread::spawn(move || watch::run(inbox, wake_read, &*board, &state_dir, &lock_files));
+        std::thread::spawn(move || watch::run(inbox, wake_read, events, &*board, &state_dir, &lock_files));
     }
     {
         let board = Arc::clone(&board);
