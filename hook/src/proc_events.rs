@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::libc;
+use nix::sys::socket::{bind, setsockopt, sockopt, NetlinkAddr};
 
 /// One process event; threads' forks and exits are left out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,12 +41,13 @@ const EVENT_FIELDS: usize = EVENT + 16;
 /// How long the kernel may take to acknowledge the subscription (it does so at once).
 const ACK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(200);
 /// The buffer asked for: bursts of forks (a `make -j`) must not overflow it.
-const RECEIVE_BUFFER_BYTES: libc::c_int = 4 << 20;
+const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
 
 impl ProcEvents {
     /// Subscribes to the machine's process events; non-blocking.
     pub fn open() -> io::Result<ProcEvents> {
-        // SAFETY: plain system calls on a descriptor owned exactly once.
+        // nix's `socket` knows no NETLINK_CONNECTOR.
+        // SAFETY: a plain system call; the descriptor is owned exactly once, below.
         let fd = unsafe {
             libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, libc::NETLINK_CONNECTOR)
         };
@@ -53,25 +55,11 @@ impl ProcEvents {
             return Err(io::Error::last_os_error());
         }
         let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        let size = RECEIVE_BUFFER_BYTES;
-        // SAFETY: `size` outlives the call; a failure leaves the default buffer.
-        unsafe {
-            let len = std::mem::size_of_val(&size) as libc::socklen_t;
-            if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&size as *const libc::c_int).cast(), len) != 0 {
-                libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, (&size as *const libc::c_int).cast(), len);
-            }
+        // A failure leaves the default buffer (SO_RCVBUFFORCE wants CAP_NET_ADMIN).
+        if setsockopt(&socket, sockopt::RcvBufForce, &RECEIVE_BUFFER_BYTES).is_err() {
+            let _ = setsockopt(&socket, sockopt::RcvBuf, &RECEIVE_BUFFER_BYTES);
         }
-        // SAFETY: a zeroed sockaddr_nl is valid; its fields are set before use.
-        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        address.nl_groups = libc::CN_IDX_PROC;
-        // SAFETY: `address` is a valid sockaddr_nl of the given length.
-        let bound = unsafe {
-            libc::bind(fd, (&address as *const libc::sockaddr_nl).cast(), std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t)
-        };
-        if bound != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        bind(socket.as_raw_fd(), &NetlinkAddr::new(0, libc::CN_IDX_PROC))?;
         let events = ProcEvents { socket };
         events.send_listen()?;
         events.acknowledged()?;
@@ -91,9 +79,8 @@ impl ProcEvents {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "the kernel did not acknowledge the subscription"));
             }
             let n = nix::sys::socket::recv(self.socket.as_raw_fd(), &mut buffer, nix::sys::socket::MsgFlags::empty())?;
-            let word = |at: usize| buffer[..n].get(at..at + 4).map(|b| u32::from_ne_bytes(b.try_into().unwrap_or_default()));
-            if word(EVENT) == Some(libc::PROC_EVENT_NONE) {
-                return match word(EVENT_FIELDS) {
+            if u32_at(&buffer[..n], EVENT) == Some(libc::PROC_EVENT_NONE) {
+                return match u32_at(&buffer[..n], EVENT_FIELDS) {
                     Some(0) => Ok(()),
                     Some(errno) => Err(io::Error::from_raw_os_error(errno as i32)),
                     None => Err(io::Error::new(io::ErrorKind::InvalidData, "a short acknowledgement")),
@@ -151,11 +138,8 @@ impl AsFd for ProcEvents {
 /// The event in one datagram from the connector; `None` for what is not a process's fork,
 /// exec or exit (acknowledgements, other events, threads).
 fn parse(datagram: &[u8]) -> Option<ProcEvent> {
-    let field = |i: usize| -> Option<u32> {
-        let at = EVENT_FIELDS + 4 * i;
-        Some(u32::from_ne_bytes(datagram.get(at..at + 4)?.try_into().ok()?))
-    };
-    let what = u32::from_ne_bytes(datagram.get(EVENT..EVENT + 4)?.try_into().ok()?);
+    let field = |i: usize| u32_at(datagram, EVENT_FIELDS + 4 * i);
+    let what = u32_at(datagram, EVENT)?;
     // Fields: fork (parent pid, parent tgid, child pid, child tgid); exec and exit (pid, tgid).
     match what {
         libc::PROC_EVENT_FORK => {
@@ -169,4 +153,9 @@ fn parse(datagram: &[u8]) -> Option<ProcEvent> {
         }
         _ => None,
     }
+}
+
+/// The native-endian `u32` at byte `at` of `datagram`, if it holds one there.
+fn u32_at(datagram: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(datagram.get(at..at + 4)?.try_into().ok()?))
 }

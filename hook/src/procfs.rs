@@ -39,10 +39,9 @@ pub fn environ(pid: u32) -> Option<Vec<u8>> {
         return Some(environ);
     }
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command's closing parenthesis start at field 3; env_start is field 50.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let start: usize = fields.get(47)?.parse().ok()?;
-    let end: usize = fields.get(48)?.parse().ok()?;
+    // env_start and env_end are fields 50 and 51.
+    let start: usize = stat_field(&stat, 50)?.parse().ok()?;
+    let end: usize = stat_field(&stat, 51)?.parse().ok()?;
     let len = end.checked_sub(start).filter(|len| (1..=MAX_ENVIRON_BYTES).contains(len))?;
     let mut buffer = vec![0u8; len];
     let read = nix::sys::uio::process_vm_readv(
@@ -57,8 +56,13 @@ pub fn environ(pid: u32) -> Option<Vec<u8>> {
 
 /// The parent of process `pid` (field 4 of its `stat`).
 pub fn parent(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+    stat_field(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, 4)?.parse().ok()
+}
+
+/// Field `n` (from 1, as proc(5) counts) of a process's `stat`. The command, field 2, may hold
+/// spaces and parentheses: fields are counted from its last closing parenthesis, field 3 first.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(n.checked_sub(3)?)
 }
 
 /// The owner of process `pid`.

@@ -257,7 +257,7 @@ impl Watched {
     }
 
     /// Does what is due; the build's outcome once it has ended and its processes are gone.
-    fn step(&mut self, my_uid: Option<u32>, scan: &mut Scan, look_among_children: bool) -> Option<Finished> {
+    fn step(&mut self, my_uid: Option<u32>, scan: &mut Scan, look_among_children: bool, leases: &dyn Leases) -> Option<Finished> {
         let now = Instant::now();
         if let Some(ended) = self.ended {
             return self.end_leftovers(now.duration_since(ended));
@@ -286,7 +286,7 @@ impl Watched {
             let look_among_children = look_among_children || self.polls == 0;
             let found = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan, look_among_children);
             if let Some(builder) = found.and_then(Builder::open) {
-                self.take_builder(builder, my_uid, scan);
+                self.take_builder(builder, my_uid, scan, leases);
             }
         }
         if let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) {
@@ -324,8 +324,11 @@ impl Watched {
         None
     }
 
-    /// Holds `builder` as the build's builder, found now.
-    fn take_builder(&mut self, builder: Builder, my_uid: Option<u32>, scan: &mut Scan) {
+    /// Holds `builder` as the build's builder, found now, and tells `leases` (its pidfd).
+    fn take_builder(&mut self, builder: Builder, my_uid: Option<u32>, scan: &mut Scan, leases: &dyn Leases) {
+        if let Ok(pidfd) = builder.pidfd.try_clone() {
+            leases.builder_started(self.lease, pidfd);
+        }
         scan.known.insert(builder.pid);
         self.locks_checked = Some(Instant::now());
         // Made once the builder is found, not at admission: a build too short to be found, or
@@ -712,10 +715,8 @@ pub fn run(
             job.started_unix_ms = crate::state::now_ms();
             let lease = leases.adopt(&job);
             let mut watched = Watched::new(job, lease, None, lock_files);
-            watched.cgroup = create_cgroup(&watched.job);
-            watched.builder = Builder::open(builder);
-            if let Some(pidfd) = watched.builder.as_ref().and_then(|b| b.pidfd.try_clone().ok()) {
-                leases.builder_started(lease, pidfd);
+            if let Some(builder) = Builder::open(builder) {
+                watched.take_builder(builder, my_uid, &mut scan, leases);
             }
             builds.push(watched);
         }
@@ -734,11 +735,7 @@ pub fn run(
                 i += 1;
                 continue;
             }
-            let searching = b.builder.is_none();
-            let outcome = b.step(my_uid, &mut scan, look_among_children);
-            if let Some(pidfd) = b.builder.as_ref().filter(|_| searching).and_then(|b| b.pidfd.try_clone().ok()) {
-                leases.builder_started(b.lease, pidfd);
-            }
+            let outcome = b.step(my_uid, &mut scan, look_among_children, leases);
             if outcome.is_none() {
                 b.end_lease_if_gone(leases);
             }
@@ -788,10 +785,7 @@ fn match_execs(
         });
         if let Some(b) = build {
             if let Some(builder) = Builder::open(pid) {
-                if let Ok(pidfd) = builder.pidfd.try_clone() {
-                    leases.builder_started(b.lease, pidfd);
-                }
-                b.take_builder(builder, my_uid, scan);
+                b.take_builder(builder, my_uid, scan, leases);
                 b.due = now;
             }
         } else if candidates.waits_on(parent) {
