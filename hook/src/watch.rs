@@ -19,10 +19,10 @@
 //!    after the move are born inside. Without a cgroup it follows the builder's descendants;
 //! 3. ends the lease as soon as the build's processes are gone, and the watch when Nix has also
 //!    released the output locks; an OOM kill inside the cgroup is reported in the build's own log
-//!    at once;
-//! 4. ends what the build left running (after a grace period), releases the watcher lock,
-//!    records the build (its wait for admission, wall and CPU time, peak memory, outcome) in the
-//!    history database and removes the cgroup.
+//!    (within a second, and before the log closes);
+//! 4. ends what the build left running (after a grace period), removes the cgroup, records the
+//!    build (its wait for admission, wall and CPU time, peak memory, outcome) in the history
+//!    database and releases the watcher lock.
 //!
 //! Builds declined without a lease ([`Order::Candidate`]) are looked for among their worker's
 //! new children and, should one start, adopted into the table and watched like the rest.
@@ -201,8 +201,8 @@ struct Watched {
     job: WatchJob,
     lease: LeaseId,
     admitted: Instant,
-    /// Held while the build has processes; released (dropped) when it ends.
-    lock: Option<WatcherLock>,
+    /// Held while the build is watched; released (dropped) once it is recorded.
+    _lock: Option<WatcherLock>,
     builder: Option<Builder>,
     build_user: Option<u32>,
     cgroup: Option<BuildCgroup>,
@@ -211,6 +211,11 @@ struct Watched {
     /// What the moved processes held before the move (charged outside the cgroup).
     charged_outside: u64,
     reported_kills: u64,
+    /// When the cgroup's OOM kills were last read while the builder runs.
+    kills_read: Option<Instant>,
+    /// Reads in a row of the builder's tree that found no process of it outside its cgroup
+    /// (from [`SETTLED_READS`] on, none can be left: see [`Watched::move_into_cgroup`]).
+    clean_tree_reads: u8,
     /// Without a cgroup: the builder's descendants seen while it ran.
     descendants: Descendants,
     polls: u64,
@@ -238,13 +243,15 @@ impl Watched {
             job,
             lease,
             admitted: now,
-            lock,
+            _lock: lock,
             builder: None,
             build_user: None,
             cgroup: None,
             moved: HashSet::new(),
             charged_outside: 0,
             reported_kills: 0,
+            kills_read: None,
+            clean_tree_reads: 0,
             descendants: Descendants::default(),
             polls: 0,
             full_scan: None,
@@ -289,28 +296,16 @@ impl Watched {
                 self.take_builder(builder, my_uid, scan, leases);
             }
         }
-        if let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) {
-            let mut pids = procfs::tree(b.pid);
-            // With build users, every process of the uid is the build's: also those that left
-            // the builder's tree (double forks). A scan of all of /proc, so not at every poll.
-            if let (Some(uid), 0) = (self.build_user, self.polls % 10) {
-                pids.extend(procfs::pids_of_user(uid));
-            }
-            for pid in pids {
-                // What a process already held stays charged where it was (the kernel no longer
-                // moves charges): its size just after the move is added to the peak, which then
-                // errs high, the safe side for learned reservations.
-                if !self.moved.contains(&pid) && cgroup.add(pid).is_ok() {
-                    self.moved.insert(pid);
-                    self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
-                }
-            }
+        if self.cgroup.is_some() {
+            self.move_into_cgroup();
         } else if let Some(b) = self.builder.as_ref() {
             // No cgroup: the build's processes are the builder's descendants, followed while it
             // runs (they are reparented away once it is gone).
             self.descendants.track(procfs::tree(b.pid));
         }
-        self.report_kills();
+        if self.kills_read.is_some_and(|at| at.elapsed() >= KILLS_EVERY) {
+            self.report_kills();
+        }
         self.polls += 1;
         self.due = now
             + match self.builder.as_ref() {
@@ -322,6 +317,40 @@ impl Watched {
                 Some(_) => Duration::from_millis(100),
             };
         None
+    }
+
+    /// Moves the builder and the processes of the build still outside into its cgroup. A
+    /// process forked inside stays inside, so only those forked before their parent's move
+    /// are left outside, and each of them was forked by another outside: once the builder's
+    /// tree has been read [`SETTLED_READS`] times in a row with none of them in it, it is no
+    /// longer read (two, as a read of `/proc`'s children lists may miss a child forked during
+    /// it). With build users, every process of the uid is the build's, also those that left
+    /// the builder's tree (double forks): a scan of all of `/proc`, so every tenth step only.
+    fn move_into_cgroup(&mut self) {
+        let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) else { return };
+        let read_tree = self.clean_tree_reads < SETTLED_READS;
+        let mut pids = if read_tree { procfs::tree(b.pid) } else { Vec::new() };
+        if let (Some(uid), 0) = (self.build_user, self.polls % 10) {
+            pids.extend(procfs::pids_of_user(uid));
+        }
+        let mut moved_any = false;
+        for pid in pids {
+            // What a process already held stays charged where it was (the kernel no longer
+            // moves charges): its size just after the move is added to the peak, which then
+            // errs high, the safe side for learned reservations.
+            if !self.moved.contains(&pid) && cgroup.add(pid).is_ok() {
+                self.moved.insert(pid);
+                self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
+                moved_any = true;
+            }
+        }
+        if read_tree {
+            self.clean_tree_reads = if moved_any { 0 } else { self.clean_tree_reads + 1 };
+        }
+        if self.kills_read.is_none() {
+            // Nothing of the build can have been killed inside before it was there.
+            self.kills_read = Some(Instant::now());
+        }
     }
 
     /// Holds `builder` as the build's builder, found now, and tells `leases` (its pidfd).
@@ -397,6 +426,7 @@ impl Watched {
     /// Reports new OOM kills in the cgroup in the build's log (before the log closes).
     fn report_kills(&mut self) {
         let (Some(cgroup), Some(b)) = (self.cgroup.as_ref(), self.builder.as_mut()) else { return };
+        self.kills_read = Some(Instant::now());
         let stats = cgroup.stats();
         if stats.oom_kills > self.reported_kills {
             self.reported_kills = stats.oom_kills;
@@ -428,11 +458,10 @@ impl Watched {
         let wall = self.ended.map_or_else(|| self.admitted.elapsed(), |ended| ended.duration_since(self.admitted));
         // A cgroup nothing was moved into measured nothing of the build.
         let stats = self.cgroup.as_ref().filter(|_| !self.moved.is_empty()).map(BuildCgroup::stats);
-        if let Some(cgroup) = &self.cgroup {
-            let _ = cgroup.remove();
+        // Removed once: a cgroup left (the kernel refused) is tried again when the watch goes.
+        if self.cgroup.as_ref().is_some_and(|cgroup| cgroup.remove().is_ok()) {
+            self.cgroup = None;
         }
-        // The lease ends here: the build's processes are gone.
-        self.lock = None;
         // Nix deletes the lock files only after registering the outputs of a build it ran.
         let succeeded = self.job.lock_files.iter().all(|f| !f.exists()) && self.job.outputs.iter().all(|o| Path::new(o).exists());
         Some(Finished {
@@ -489,6 +518,14 @@ pub trait Leases {
     /// The hooks asking now: children of Nix workers that are no builder.
     fn hooks(&self) -> Vec<u32>;
 }
+
+/// How often, at most, a running build's cgroup is read for OOM kills to report in its log (and
+/// once more when its builder exits, before the log closes).
+const KILLS_EVERY: Duration = Duration::from_secs(1);
+
+/// Reads in a row of a builder's tree that find nothing of the build outside its cgroup, after
+/// which none can be left there ([`Watched::move_into_cgroup`]).
+const SETTLED_READS: u8 = 2;
 
 /// How long a candidate is looked for among its worker's new children.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
@@ -745,19 +782,20 @@ pub fn run(
                     if b.lease_ended.is_none() {
                         leases.end(b.lease);
                     }
-                    finished.push((b.job.clone(), done));
-                    builds.remove(i);
+                    // Its watcher lock goes once it is recorded: a broker that finds the lock
+                    // free finds the build in the history.
+                    finished.push((builds.remove(i), done));
                 }
                 None => i += 1,
             }
         }
         see_exits(&mut builds, leases);
-        for (job, done) in finished.into_iter().filter(|(_, done)| done.started) {
+        for (watched, done) in finished.into_iter().filter(|(_, done)| done.started) {
             if history.is_none() {
                 history = History::open(state_dir).ok();
             }
             if let Some(history) = &history {
-                let _ = history.record(&record(&job, &done));
+                let _ = history.record(&record(&watched.job, &done));
             }
         }
     }
@@ -876,7 +914,8 @@ pub struct LockFiles(Arc<Mutex<LockPool>>);
 #[derive(Debug)]
 struct LockPool {
     dir: PathBuf,
-    free: Vec<PathBuf>,
+    /// Free files, kept open (unlocked) for the next build.
+    free: Vec<(PathBuf, std::fs::File)>,
     /// Files made by this process, for the names of new ones.
     made: u64,
 }
@@ -894,39 +933,42 @@ impl LockFiles {
     /// Locks a free file (or a new one, `<pid>-<n>.lock`) and writes this process's pid and
     /// `job` into it; `None` when the state directory cannot hold it.
     fn hold(&self, job: &WatchJob) -> Option<WatcherLock> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let path = {
-            let mut pool = self.pool();
-            match pool.free.pop() {
-                Some(path) => path,
-                None => {
+        use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+        let free = self.pool().free.pop();
+        let (path, file) = match free {
+            Some(free) => free,
+            None => {
+                let path = {
+                    let mut pool = self.pool();
                     if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&pool.dir) {
                         (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
                     }
                     pool.made += 1;
                     pool.dir.join(format!("{}-{}.lock", std::process::id(), pool.made))
-                }
+                };
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+                    .open(&path)
+                    .ok()?;
+                (path, file)
             }
         };
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
-            .open(&path)
-            .ok()?;
         file.try_lock().ok()?;
         file.set_len(0).ok()?;
         let contents = format!("{}\n{}\n", std::process::id(), serde_json::to_string(job).ok()?);
-        file.write_all(contents.as_bytes()).ok()?;
+        // At offset 0 whatever the file's offset: a reused file was written before.
+        file.write_all_at(contents.as_bytes(), 0).ok()?;
         Some(WatcherLock { path, file: Some(file), pool: self.clone() })
     }
 }
 
 /// The watcher lock of one build, held (flock) until dropped; it is emptied, then unlocked,
-/// then free for another build. It holds this process's pid and the build's job (for
+/// then free for another build, still open. It holds this process's pid and the build's job (for
 /// [`running_builds`]).
 pub struct WatcherLock {
     path: PathBuf,
@@ -936,11 +978,12 @@ pub struct WatcherLock {
 
 impl Drop for WatcherLock {
     fn drop(&mut self) {
-        let emptied = self.file.as_ref().is_some_and(|file| file.set_len(0).is_ok());
-        drop(self.file.take());
-        if emptied {
-            self.pool.pool().free.push(std::mem::take(&mut self.path));
+        let Some(file) = self.file.take() else { return };
+        // Kept open for the next build: one open and close less per build.
+        if file.set_len(0).is_ok() && file.unlock().is_ok() {
+            self.pool.pool().free.push((std::mem::take(&mut self.path), file));
         } else {
+            drop(file);
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -1200,6 +1243,8 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "emptied when the build ends");
         let second = files.hold(&job(None)).unwrap();
         assert_eq!(second.path, path);
+        let reused = std::fs::read_to_string(&path).unwrap();
+        assert!(reused.starts_with(&format!("{}\n{{", std::process::id())), "written from its start: {reused:?}");
         // Held: a broker started meanwhile can neither take it over nor lend it out.
         let meanwhile = LockFiles::new(state.path());
         assert!(running_builds(state.path(), &meanwhile).is_empty());

@@ -19,6 +19,7 @@
 //! | `RECORD_DIR` | optional directory outside the store where the run is recorded (see below) |
 //! | `TB_FAIL` | when set to `1`, exit with status 1 after recording (for failure tests) |
 //! | `TB_PLACEMENT_WAIT_MS` | with `RECORD_DIR`: wait up to this long, at start, to be placed in a `nix-tier` cgroup (default 0: do not wait) |
+//! | `TB_CHILDREN` | with `RECORD_DIR`: at once, before anything else, start this many processes, each of which starts one of its own at once (as `make` starts compilers); see below (default 0) |
 //!
 //! With `RECORD_DIR` set, the builder
 //! - creates `RECORD_DIR/started/<name>` at start, containing `<pid> <pgid> <start_unix_ms>\n`
@@ -27,7 +28,10 @@
 //!   `RECORD_DIR/records`, with a single `write` on an `O_APPEND` descriptor, so concurrent
 //!   builders never interleave lines;
 //! - with `TB_PLACEMENT_WAIT_MS`, writes `RECORD_DIR/placed/<name>`: the microseconds from its
-//!   start until `/proc/self/cgroup` first showed it in a `nix-tier` cgroup, or `never`.
+//!   start until `/proc/self/cgroup` first showed it in a `nix-tier` cgroup, or `never`;
+//! - with `TB_CHILDREN`, each of the processes it started writes `RECORD_DIR/cgroups/<name>-<i>`
+//!   (and its own child `<name>-<i>-1`) after `TB_SLEEP_MS / 2`: its `/proc/self/cgroup`. They
+//!   last `TB_SLEEP_MS`, and the builder waits for them before it ends.
 //!
 //! Command-line arguments `--sleep-ms N` and `--mem-mib N` override the environment (handy by
 //! hand); `--help` prints this summary.
@@ -144,9 +148,48 @@ fn placement_delay(started: Instant, wait: Duration) -> Option<Duration> {
     }
 }
 
+/// Set in the processes a builder starts with `TB_CHILDREN`: their record's name.
+const CHILD_LABEL: &str = "TB_CHILD_LABEL";
+/// Set in the builder's grandchildren, which start no child.
+const GRANDCHILD: &str = "TB_GRANDCHILD";
+
+/// Starts a copy of this program as a child labelled `label`.
+fn spawn_child(label: &str, grandchild: bool) -> Result<std::process::Child, String> {
+    let mut command = std::process::Command::new("/proc/self/exe");
+    command.env(CHILD_LABEL, label);
+    if grandchild {
+        command.env(GRANDCHILD, "1");
+    }
+    command.spawn().map_err(|e| format!("start child {label}: {e}"))
+}
+
+/// A process started with `TB_CHILDREN` (labelled `label`): starts its own child unless it is
+/// a grandchild, records its cgroups after half the build's time, and lasts as long as the
+/// build.
+fn run_child(label: &str, config: &Config) -> Result<(), String> {
+    let grandchild = if std::env::var_os(GRANDCHILD).is_none() { Some(spawn_child(&format!("{label}-1"), true)?) } else { None };
+    let half = Duration::from_millis(config.sleep_ms / 2);
+    std::thread::sleep(half);
+    if let Some(dir) = &config.record_dir {
+        let cgroups = dir.join("cgroups");
+        fs::create_dir_all(&cgroups).map_err(|e| format!("create {}: {e}", cgroups.display()))?;
+        let text = fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("read /proc/self/cgroup: {e}"))?;
+        fs::write(cgroups.join(label), text).map_err(|e| format!("write {label}: {e}"))?;
+    }
+    std::thread::sleep(half);
+    if let Some(mut child) = grandchild {
+        child.wait().map_err(|e| format!("wait for {label}-1: {e}"))?;
+    }
+    Ok(())
+}
+
 fn run() -> Result<(), String> {
     let started = Instant::now();
     let config = config()?;
+    if let Ok(label) = std::env::var(CHILD_LABEL) {
+        return run_child(&label, &config);
+    }
+    let children = (0..env_u64("TB_CHILDREN")?).map(|i| spawn_child(&format!("{}-{i}", config.name), false)).collect::<Result<Vec<_>, _>>()?;
     let start = now_ms();
 
     if let Some(dir) = &config.record_dir {
@@ -190,6 +233,10 @@ fn run() -> Result<(), String> {
     let checksum = (0..bytes).step_by(PAGE).fold(0u8, |acc, i| acc ^ memory[i]);
     std::hint::black_box(checksum);
     drop(memory);
+
+    for mut child in children {
+        child.wait().map_err(|e| format!("wait for a child: {e}"))?;
+    }
 
     if let Some(out) = &config.out {
         let mut text = format!("{}\n", config.name);

@@ -227,6 +227,45 @@ fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
     placed_early(true, false);
 }
 
+/// Builders that start processes at once, each starting one of its own (as `make` starts
+/// compilers), before the watcher can have moved the builder: every one of them ends up in the
+/// build's cgroup. The watcher reads the builder's tree only until it finds nothing of the build
+/// left outside, so this also checks that it stops no earlier.
+fn descendants_placed(sandboxed: bool) {
+    const BUILDS: usize = 4;
+    const CHILDREN: usize = 3;
+    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
+    let builds: String = (0..BUILDS)
+        .map(|i| format!(r#"{{ name = "tree{i}-1.0"; tier = "{}"; mem = 10; sleep = 1200; ramp = 0; }}"#, ["light", "medium"][i % 2]))
+        .collect();
+    let expr = builds_expr(&records, &builds).replace("TB_RAMP_MS =", &format!("TB_CHILDREN = \"{CHILDREN}\"; TB_RAMP_MS ="));
+    let out = nix_build(&sandbox, &expr);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for build in 0..BUILDS {
+        let name = format!("tree{build}-1.0");
+        for child in 0..CHILDREN {
+            for label in [format!("{name}-{child}"), format!("{name}-{child}-1")] {
+                let cgroups = std::fs::read_to_string(records.join("cgroups").join(&label)).unwrap_or_else(|e| panic!("{label}: {e}"));
+                let memory = cgroups.lines().find(|l| l.contains(":memory:")).unwrap_or_else(|| panic!("{label}: {cgroups}"));
+                assert!(
+                    memory.contains("/nix-tier/") && memory.contains(&name),
+                    "{label} (sandboxed {sandboxed}) is not in its build's cgroup: {memory}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn processes_a_builder_starts_at_once_are_placed_in_its_cgroup() {
+    if !cgroup_v1_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    descendants_placed(false);
+    descendants_placed(true);
+}
+
 /// The members of group `nixbld` (Nix's build users), from /etc/group.
 fn build_users() -> Vec<String> {
     std::fs::read_to_string("/etc/group")
