@@ -161,25 +161,29 @@ dmesg_oom_kills() {
 now_ms() { date +%s%3N; }
 
 # Waits (at most 10 s) until the broker of the state directory $1 has released every build's
-# watcher lock: it records a build once its processes are gone, then lets go.
+# watcher lock: it records a build once its processes are gone, then lets go. A released lock
+# file stays, emptied, for the next build.
 wait_for_watchers() {
   local leases=$1/leases deadline=$(( $(date +%s%3N) + 10000 ))
-  while [ -n "$(ls -A "$leases" 2>/dev/null)" ] && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.05; done
+  while [ -n "$(find "$leases" -type f -size +0c -print -quit 2>/dev/null)" ] && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.05; done
 }
 
-# The median number of `try` requests per build the broker listening on $1 was asked (0 if none).
 # The median and the mean number of `try` requests per build the broker at socket $1 was
-# asked ("0 0" when it cannot tell).
-broker_tries() {
-  python3 - "$1" <<'PY' 2>/dev/null || echo "0 0"
-import json, socket, statistics, sys
+# asked, and the CPU time the broker (decisions and watcher) has used so far, ms ("0 0 0" when it
+# cannot tell). The broker is the socket's peer.
+broker_figures() {
+  python3 - "$1" <<'PY' 2>/dev/null || echo "0 0 0"
+import json, os, socket, statistics, struct, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(5)
 s.connect(sys.argv[1])
+pid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
 s.sendall(b'"tries"\n')
 answer = s.makefile().readline()
 tries = json.loads(answer)["tries"]
-print(statistics.median(tries), statistics.mean(tries)) if tries else print("0 0")
+stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+cpu_ms = (int(stat[11]) + int(stat[12])) * 1000 // os.sysconf("SC_CLK_TCK")
+print(*((statistics.median(tries), statistics.mean(tries)) if tries else (0, 0)), cpu_ms)
 PY
 }
 
