@@ -216,8 +216,6 @@ struct Watched {
     /// Reads in a row of the builder's tree that found no process of it outside its cgroup
     /// (from [`SETTLED_READS`] on, none can be left: see [`Watched::move_into_cgroup`]).
     clean_tree_reads: u8,
-    /// Taken over from a broker that is gone.
-    recovered: bool,
     /// Without a cgroup: the builder's descendants seen while it ran.
     descendants: Descendants,
     polls: u64,
@@ -254,7 +252,6 @@ impl Watched {
             reported_kills: 0,
             kills_read: None,
             clean_tree_reads: 0,
-            recovered: false,
             descendants: Descendants::default(),
             polls: 0,
             full_scan: None,
@@ -291,10 +288,9 @@ impl Watched {
             return self.end_leftovers(Duration::ZERO);
         }
         if self.builder.is_none() {
-            // The first look at a build recovered from a broker that is gone reads the worker's
-            // children whatever the events say: its builder started before this one listened.
-            // A build admitted by this broker is forked after the answer, its exec an event.
-            let look_among_children = look_among_children || (self.recovered && self.polls == 0);
+            // The first look reads the worker's children whatever the events say: the builder
+            // of a build recovered from a broker that is gone started before this one listened.
+            let look_among_children = look_among_children || self.polls == 0;
             let found = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan, look_among_children);
             if let Some(builder) = found.and_then(Builder::open) {
                 self.take_builder(builder, my_uid, scan, leases);
@@ -730,7 +726,6 @@ pub fn run(
                     let cgroup = existing_cgroup(&job);
                     let mut watched = Watched::new(job, lease, Some(lock), lock_files);
                     watched.cgroup = cgroup;
-                    watched.recovered = true;
                     builds.push(watched);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
