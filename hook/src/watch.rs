@@ -55,6 +55,12 @@ const MIB: u64 = 1024 * 1024;
 const LEFTOVER_GRACE: Duration = Duration::from_millis(500);
 /// How long the watcher waits for leftovers to die at all.
 const LEFTOVER_GIVE_UP: Duration = Duration::from_secs(5);
+/// How often, at most, a running build's cgroup is read for OOM kills to report in its log (and
+/// once more when its builder exits, before the log closes).
+const KILLS_EVERY: Duration = Duration::from_secs(1);
+/// Reads in a row of a builder's tree that find nothing of the build outside its cgroup, after
+/// which none can be left there ([`Watched::move_into_cgroup`]).
+const SETTLED_READS: u8 = 2;
 
 /// Everything a watcher needs to know about its build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,7 +217,8 @@ struct Watched {
     /// What the moved processes held before the move (charged outside the cgroup).
     charged_outside: u64,
     reported_kills: u64,
-    /// When the cgroup's OOM kills were last read while the builder runs.
+    /// When the cgroup was last read for OOM kills, from the builder's start on (nothing of the
+    /// build can have been killed inside before).
     kills_read: Option<Instant>,
     /// Reads in a row of the builder's tree that found no process of it outside its cgroup
     /// (from [`SETTLED_READS`] on, none can be left: see [`Watched::move_into_cgroup`]).
@@ -347,10 +354,6 @@ impl Watched {
         if read_tree {
             self.clean_tree_reads = if moved_any { 0 } else { self.clean_tree_reads + 1 };
         }
-        if self.kills_read.is_none() {
-            // Nothing of the build can have been killed inside before it was there.
-            self.kills_read = Some(Instant::now());
-        }
     }
 
     /// Holds `builder` as the build's builder, found now, and tells `leases` (its pidfd).
@@ -369,6 +372,7 @@ impl Watched {
         }
         self.build_user = procfs::uid(builder.pid).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
         self.builder = Some(builder);
+        self.kills_read = Some(Instant::now());
     }
 
     /// Once the builder has exited, while the watcher still holds a copy of its log: reports an
@@ -518,14 +522,6 @@ pub trait Leases {
     /// The hooks asking now: children of Nix workers that are no builder.
     fn hooks(&self) -> Vec<u32>;
 }
-
-/// How often, at most, a running build's cgroup is read for OOM kills to report in its log (and
-/// once more when its builder exits, before the log closes).
-const KILLS_EVERY: Duration = Duration::from_secs(1);
-
-/// Reads in a row of a builder's tree that find nothing of the build outside its cgroup, after
-/// which none can be left there ([`Watched::move_into_cgroup`]).
-const SETTLED_READS: u8 = 2;
 
 /// How long a candidate is looked for among its worker's new children.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
@@ -933,30 +929,11 @@ impl LockFiles {
     /// Locks a free file (or a new one, `<pid>-<n>.lock`) and writes this process's pid and
     /// `job` into it; `None` when the state directory cannot hold it.
     fn hold(&self, job: &WatchJob) -> Option<WatcherLock> {
-        use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+        use std::os::unix::fs::FileExt;
         let free = self.pool().free.pop();
         let (path, file) = match free {
             Some(free) => free,
-            None => {
-                let path = {
-                    let mut pool = self.pool();
-                    if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&pool.dir) {
-                        (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
-                    }
-                    pool.made += 1;
-                    pool.dir.join(format!("{}-{}.lock", std::process::id(), pool.made))
-                };
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
-                    .open(&path)
-                    .ok()?;
-                (path, file)
-            }
+            None => self.new_file()?,
         };
         file.try_lock().ok()?;
         file.set_len(0).ok()?;
@@ -964,6 +941,29 @@ impl LockFiles {
         // At offset 0 whatever the file's offset: a reused file was written before.
         file.write_all_at(contents.as_bytes(), 0).ok()?;
         Some(WatcherLock { path, file: Some(file), pool: self.clone() })
+    }
+
+    /// A new file, `<pid>-<n>.lock`, opened; `None` when the state directory cannot hold it.
+    fn new_file(&self) -> Option<(PathBuf, std::fs::File)> {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let path = {
+            let mut pool = self.pool();
+            if let Err(e) = std::fs::DirBuilder::new().mode(0o700).create(&pool.dir) {
+                (e.kind() == io::ErrorKind::AlreadyExists).then_some(())?;
+            }
+            pool.made += 1;
+            pool.dir.join(format!("{}-{}.lock", std::process::id(), pool.made))
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC | nix::libc::O_NONBLOCK)
+            .open(&path)
+            .ok()?;
+        Some((path, file))
     }
 }
 
@@ -1257,4 +1257,3 @@ mod tests {
         assert_eq!(std::fs::read_dir(state.path().join("leases")).unwrap().count(), 1);
     }
 }
-
