@@ -160,6 +160,15 @@ dmesg_oom_kills() {
 
 now_ms() { date +%s%3N; }
 
+# The statically linked test builder (it runs inside Nix's sandbox, which has no dynamic
+# loader), copied into the run's snapshot of binaries; its path. Call after bench_init.
+static_testbuilder() {
+  local built=$bench_root/target/static/$(rustc -vV | sed -n 's/^host: //p')/release/nix-tier-testbuilder
+  [ -x "$built" ] || die "$built missing: run ./scripts/test (it builds the static test builder)"
+  cp "$built" "$bench_tmp/bin/nix-tier-testbuilder-static"
+  echo "$bench_tmp/bin/nix-tier-testbuilder-static"
+}
+
 # Waits (at most 10 s) until the broker of the state directory $1 has released every build's
 # watcher lock: it records a build once its processes are gone, then lets go. A released lock
 # file stays, emptied, for the next build.
