@@ -552,9 +552,14 @@ pub struct NixDaemon<'a> {
 }
 
 impl<'a> NixDaemon<'a> {
-    /// Starts the daemon (its own process group; log in `daemon.err` of the sandbox root) and
-    /// waits until its socket accepts connections.
+    /// Starts the daemon (its own process group; log in `daemon.err` of the sandbox root) on an
+    /// initialised store and waits until its socket accepts connections.
     pub fn start(sandbox: &'a NixSandbox) -> NixDaemon<'a> {
+        // A new store is created by whichever connection worker opens it first, and Nix writes
+        // its schema file in place: a second worker reading it meanwhile finds it "corrupt".
+        // Real daemons serve a store that exists; so do these.
+        let init = sandbox.command("nix-store").arg("--init").output().unwrap();
+        assert!(init.status.success(), "nix-store --init failed: {}", stderr(&init));
         let socket = sandbox.path().join("state/daemon-socket/socket");
         let process = Running::spawn(sandbox.command("nix-daemon"), sandbox.path(), "daemon");
         let mut daemon = NixDaemon { sandbox, process: Some(process) };
