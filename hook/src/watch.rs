@@ -228,8 +228,9 @@ struct Watched {
     polls: u64,
     /// When the last search of every process was, after admission.
     full_scan: Option<Duration>,
-    /// When Nix's output locks were last looked up in the lock table (or the builder found).
-    locks_checked: Option<Instant>,
+    /// When Nix's output locks were last known held: looked up in the lock table, the builder
+    /// found, or the watch begun (Nix asks the hook with the locks held).
+    locks_checked: Instant,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
     /// When its lease was ended (its processes were gone), perhaps before Nix released the
@@ -262,7 +263,7 @@ impl Watched {
             descendants: Descendants::default(),
             polls: 0,
             full_scan: None,
-            locks_checked: None,
+            locks_checked: now,
             ended: None,
             lease_ended: None,
             exit_told: false,
@@ -280,9 +281,9 @@ impl Watched {
         // deletes the lock files of a build that succeeded before it lets go of them, so a
         // missing one (a stat) ends the build without reading the lock table (costly: every lock
         // of the machine). That table is read for a build that failed or that Nix let go without
-        // starting: every 20 ms while the builder is searched for, and from 100 ms after it was
-        // found every 100 ms (its lease does not wait on this; a build that succeeds within that
-        // time costs no read). While the watcher holds a copy of the build's log, Nix has not
+        // starting: every 20 ms from its admission while the builder is searched for, and from
+        // 100 ms after it was found every 100 ms (its lease does not wait on this; a build that
+        // succeeds within that time costs no read). While the watcher holds a copy of the build's log, Nix has not
         // seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
             Some(b) if !b.exited() || b.holds_log() => true,
@@ -362,7 +363,7 @@ impl Watched {
             leases.builder_started(self.lease, pidfd);
         }
         scan.known.insert(builder.pid);
-        self.locks_checked = Some(Instant::now());
+        self.locks_checked = Instant::now();
         // Made once the builder is found, not at admission: a build too short to be found, or
         // one Nix lets go, costs no cgroup, and admissions in a burst (Nix asks about every
         // ready build at once) do not compete with making them. A build taken over from a
@@ -407,10 +408,10 @@ impl Watched {
     /// Whether Nix still holds the build's output locks, by the lock table read at most `every`
     /// (taken to hold them in between).
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
-        if self.locks_checked.is_some_and(|at| at.elapsed() < every) {
+        if self.locks_checked.elapsed() < every {
             return true;
         }
-        self.locks_checked = Some(Instant::now());
+        self.locks_checked = Instant::now();
         scan.holds(&self.job.lock_files, self.job.nix_pid)
     }
 
