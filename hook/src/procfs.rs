@@ -35,8 +35,11 @@ const MAX_ENVIRON_BYTES: usize = 2 << 20;
 /// read from the process's memory, between `env_start` and `env_end` of its `stat`, with
 /// `process_vm_readv`, which `CAP_SYS_PTRACE` allows.
 pub fn environ(pid: u32) -> Option<Vec<u8>> {
-    if let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) {
-        return Some(environ);
+    match fs::read(format!("/proc/{pid}/environ")) {
+        Ok(environ) => return Some(environ),
+        // Gone, or exited (a zombie has no memory left to read).
+        Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => return None,
+        Err(_) => {}
     }
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // env_start and env_end are fields 50 and 51.

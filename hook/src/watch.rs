@@ -634,6 +634,8 @@ impl Births {
             }
             ProcEvent::Exit { pid } => {
                 self.parents.remove(&pid);
+                // Nothing that has exited can be a builder still to be found.
+                self.execs.retain(|(_, executed, _)| *executed != pid);
             }
             ProcEvent::Lost => {
                 // Exits may have been lost with the rest: the parents known are stale.
@@ -642,6 +644,12 @@ impl Births {
             }
         });
         fresh
+    }
+
+    /// Forgets the programs executed by `known` processes (builders found): each is matched
+    /// to its build once.
+    fn forget(&mut self, known: &HashSet<u32>) {
+        self.execs.retain(|(_, pid, _)| !known.contains(pid));
     }
 
     /// What [`Births::read`] gives, and the children of the workers in `ordered_for` that
@@ -742,6 +750,9 @@ pub fn run(
         let look_among_children = births.as_ref().is_none_or(|births| births.lost);
         let mut started = if look_among_children { candidates.started(&mut scan) } else { Vec::new() };
         started.extend(match_execs(&execs, &mut builds, &mut candidates, &mut scan, leases, my_uid, now));
+        if let Some(births) = births.as_mut() {
+            births.forget(&scan.known);
+        }
         for (mut job, builder) in started {
             // Started without a lease after all: counted from now, watched like the rest (an
             // admission of it that found no builder is over).
