@@ -283,8 +283,8 @@ impl Watched {
         // of the machine). That table is read for a build that failed or that Nix let go without
         // starting: every 20 ms from its admission while the builder is searched for, and from
         // 100 ms after it was found every 100 ms (its lease does not wait on this; a build that
-        // succeeds within that time costs no read). While the watcher holds a copy of the build's log, Nix has not
-        // seen the build end: it still holds the locks.
+        // succeeds within that time costs no read). While the watcher holds a copy of the
+        // build's log, Nix has not seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
             Some(b) if !b.exited() || b.holds_log() => true,
             _ if self.job.lock_files.iter().any(|f| std::fs::symlink_metadata(f).is_err()) => false,
@@ -646,12 +646,6 @@ impl Births {
         fresh
     }
 
-    /// Forgets the programs executed by `known` processes (builders found): each is matched
-    /// to its build once.
-    fn forget(&mut self, known: &HashSet<u32>) {
-        self.execs.retain(|(_, pid, _)| !known.contains(pid));
-    }
-
     /// What [`Births::read`] gives, and the children of the workers in `ordered_for` that
     /// executed a program lately (before their builds' orders came), each once.
     fn read_with(&mut self, ordered_for: &[u32], searching: bool) -> Vec<(u32, u32)> {
@@ -750,9 +744,6 @@ pub fn run(
         let look_among_children = births.as_ref().is_none_or(|births| births.lost);
         let mut started = if look_among_children { candidates.started(&mut scan) } else { Vec::new() };
         started.extend(match_execs(&execs, &mut builds, &mut candidates, &mut scan, leases, my_uid, now));
-        if let Some(births) = births.as_mut() {
-            births.forget(&scan.known);
-        }
         for (mut job, builder) in started {
             // Started without a lease after all: counted from now, watched like the rest (an
             // admission of it that found no builder is over).
