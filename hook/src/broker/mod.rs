@@ -50,6 +50,8 @@ pub const STAY_ARG: &str = "--stay";
 pub const SOCKET: &str = "broker.sock";
 /// Held by the running broker.
 pub const LOCK: &str = "broker.lock";
+/// How many builds' numbers of `try` requests the broker keeps before it starts again.
+const TRIES_KEPT: usize = 100_000;
 /// How long a broker started on demand lives on without clients or builds.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 
@@ -155,6 +157,9 @@ struct Shared {
     builders: HashMap<LeaseId, OwnedFd>,
     /// The names of waiting builds, for `state.json`.
     waiting_names: HashMap<String, String>,
+    /// The number of `try` requests of each build asked about, for bench/dispatch
+    /// ([`ToBroker::Tries`]); emptied when it holds [`TRIES_KEPT`] builds (a broker under a
+    /// service manager runs for months).
     tries: HashMap<String, u32>,
     /// The connections told that their worker is full with alike leases (by connection, with
     /// the worker), to be told when a slot of it may be free.
@@ -184,6 +189,14 @@ struct Connection {
 }
 
 impl Shared {
+    /// Counts `times` more `try` requests of `drv`.
+    fn count_tries(&mut self, drv: &str, times: u32) {
+        if self.tries.len() >= TRIES_KEPT {
+            self.tries.clear();
+        }
+        *self.tries.entry(drv.to_string()).or_default() += times;
+    }
+
     /// Whether the watcher still looks for `drv` as a candidate; if not, it is to be told
     /// ([`Order::Candidate`]), and from now on it does. Nix asks about a build its worker has
     /// no slot for again at every slot that frees.
@@ -250,7 +263,7 @@ impl Board {
             .filter(|(_, pidfd)| watch::exited(pidfd))
             .map(|(id, _)| *id)
             .collect();
-        *shared.tries.entry(job.drv.clone()).or_default() += 1;
+        shared.count_tries(&job.drv, 1);
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
         let shared = &mut *shared;
         shared.told_full.remove(&connection.id);
@@ -534,7 +547,7 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                     let now = state::now_ms();
                     for Declined { build, times } in builds {
                         let Some(request) = recall(&mut known, build) else { continue };
-                        *shared.tries.entry(request.job.drv.clone()).or_default() += times;
+                        shared.count_tries(&request.job.drv, times);
                         shared.table.still_waiting(&request.job.drv, now);
                         if !shared.candidate_watched(&request.job.drv) {
                             unwatched.push(request.job);
@@ -577,7 +590,14 @@ fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let (changed, idle) = {
-            let mut shared = board.lock();
+            let mut guard = board.lock();
+            let shared = &mut *guard;
+            // Builds that stopped waiting without being admitted (the table forgets them once
+            // Nix no longer asks) keep no name.
+            if shared.waiting_names.len() > shared.table.waiting().len() {
+                let waiting: std::collections::HashSet<&str> = shared.table.waiting().map(|w| w.drv.as_str()).collect();
+                shared.waiting_names.retain(|drv, _| waiting.contains(drv.as_str()));
+            }
             let idle = shared.clients == 0 && shared.table.leases().is_empty() && shared.idle_since.elapsed() >= IDLE_EXIT;
             (std::mem::take(&mut shared.changed), idle)
         };
