@@ -144,7 +144,8 @@ pub enum FromBroker {
     SlotFreed,
     /// The request was refused; why.
     Refused(String),
-    /// The number of `try` requests of every build asked about so far.
+    /// The number of `try` requests of every build asked about since the broker started (or
+    /// since it last emptied its count, at [`TRIES_KEPT`] builds).
     Tries(Vec<u32>),
 }
 
@@ -191,7 +192,7 @@ struct Connection {
 impl Shared {
     /// Counts `times` more `try` requests of `drv`.
     fn count_tries(&mut self, drv: &str, times: u32) {
-        if self.tries.len() >= TRIES_KEPT {
+        if self.tries.len() >= TRIES_KEPT && !self.tries.contains_key(drv) {
             self.tries.clear();
         }
         *self.tries.entry(drv.to_string()).or_default() += times;
@@ -297,6 +298,8 @@ impl Board {
                 (FromBroker::Wait { reason: format!("{reason} ({})", shown.join("; ")), key }, None)
             }
             Decision::WorkerFull => {
+                // The table may keep it waiting (its worker full of leases it could replace).
+                shared.waiting_names.insert(job.drv.clone(), job.name.clone());
                 let alike = shared.table.alike_held(hello.worker_pid, &table_request.slots_freed);
                 if alike.is_some() {
                     shared.told_full.insert(connection.id, (hello.worker_pid, Arc::clone(&connection.writer)));
@@ -593,8 +596,9 @@ fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
             let mut guard = board.lock();
             let shared = &mut *guard;
             // Builds that stopped waiting without being admitted (the table forgets them once
-            // Nix no longer asks) keep no name.
-            if shared.waiting_names.len() > shared.table.waiting().len() {
+            // Nix no longer asks) keep no name; looked for once a thousand may have gathered,
+            // as it takes the table's lock for a pass over every waiting build.
+            if shared.waiting_names.len() > 2 * shared.table.waiting().len() + 1000 {
                 let waiting: std::collections::HashSet<&str> = shared.table.waiting().map(|w| w.drv.as_str()).collect();
                 shared.waiting_names.retain(|drv, _| waiting.contains(drv.as_str()));
             }
