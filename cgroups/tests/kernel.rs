@@ -49,7 +49,9 @@ fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
     let hog = hierarchy.create("hog", &Limits { memory_bytes: Some(64 * MIB), cpu_cores: Some(1) }).unwrap();
     let mut over = delayed("dd if=/dev/zero of=/dev/null bs=200M count=1 status=none");
     hog.add(over.id()).unwrap();
-    assert_eq!(hog.pids().unwrap(), vec![over.id()]);
+    // The shell may already have forked its `sleep`, then inside with it.
+    let pids = hog.pids().unwrap();
+    assert!(pids.contains(&over.id()), "the shell is in its cgroup: {pids:?}");
     // Beside it, within its own limit: untouched.
     let fine = hierarchy.create("fine", &Limits { memory_bytes: Some(256 * MIB), cpu_cores: Some(1) }).unwrap();
     let mut within = delayed("dd if=/dev/zero of=/dev/null bs=100M count=1 status=none");
