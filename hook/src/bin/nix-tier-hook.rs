@@ -17,6 +17,14 @@ use nix_tier_hook::relay::Relay;
 use nix_tier_hook::state::StateDir;
 use nix_tier_hook::watch;
 
+/// With glibc's malloc, the broker's connection thread and its watcher thread took turns on
+/// one arena's lock (the watcher frees every admitted build's job the connection allocated):
+/// thousands of futex waits a second in bench/dispatch's admit case, each a context switch on
+/// the reply path. mimalloc gives each thread its own heap and frees across threads without a
+/// lock.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let verbosity = std::env::args().nth(1).unwrap_or_else(|| "3".to_string());
     if verbosity == broker::BROKER_ARG {
