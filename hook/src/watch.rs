@@ -238,6 +238,9 @@ struct Watched {
     lease_ended: Option<Instant>,
     /// Whether the lease table was told that its builder exited.
     exit_told: bool,
+    /// Taken over from a broker that is gone: its builder may have started before this
+    /// broker listened to the process events.
+    recovered: bool,
     due: Instant,
 }
 
@@ -267,6 +270,7 @@ impl Watched {
             ended: None,
             lease_ended: None,
             exit_told: false,
+            recovered: false,
             due: now,
         }
     }
@@ -296,9 +300,10 @@ impl Watched {
             return self.end_leftovers(Duration::ZERO);
         }
         if self.builder.is_none() {
-            // The first look reads the worker's children whatever the events say: the builder
-            // of a build recovered from a broker that is gone started before this one listened.
-            let look_among_children = look_among_children || self.polls == 0;
+            // A build recovered from a broker that is gone is looked for once among the worker's
+            // children whatever the events say: its builder started before this one listened.
+            // Nix forks the builder of any other after the answer, and its exec is an event.
+            let look_among_children = look_among_children || (self.recovered && self.polls == 0);
             let found = find_builder(&self.job, self.admitted.elapsed(), &mut self.full_scan, scan, look_among_children);
             if let Some(builder) = found.and_then(Builder::open) {
                 self.take_builder(builder, my_uid, scan, leases);
@@ -725,6 +730,7 @@ pub fn run(
                     let cgroup = existing_cgroup(&job);
                     let mut watched = Watched::new(job, lease, Some(lock), lock_files);
                     watched.cgroup = cgroup;
+                    watched.recovered = true;
                     builds.push(watched);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
@@ -867,7 +873,7 @@ fn exit_fds(builds: &[Watched]) -> impl Iterator<Item = (usize, PollFd<'_>)> {
 /// already found, the `hooks` (a worker's other children) and this process.
 fn no_new_builders(builds: &[Watched], hooks: &[u32]) -> HashSet<u32> {
     let builders = builds.iter().filter_map(|b| b.builder.as_ref().map(|b| b.pid));
-    builders.chain(hooks.iter().copied()).chain([std::process::id()]).collect()
+    builders.chain(hooks.iter().copied()).chain([*MY_PID]).collect()
 }
 
 /// Empties the wake-up pipe.
@@ -904,6 +910,9 @@ impl Drop for Watched {
     }
 }
 
+/// This process's pid, written into every watcher lock (one system call less per build).
+static MY_PID: std::sync::LazyLock<u32> = std::sync::LazyLock::new(std::process::id);
+
 /// The watcher lock files of `<state dir>/leases`, reused from build to build. A file created
 /// and deleted per build cost the broker a fifth of its time in the file system's inode
 /// allocator (bench/dispatch under `perf`). A file is free when it is empty and unlocked.
@@ -935,12 +944,19 @@ impl LockFiles {
         use std::os::unix::fs::FileExt;
         let free = self.pool().free.pop();
         let (path, file) = match free {
-            Some(free) => free,
-            None => self.new_file()?,
+            // Emptied when it was let go.
+            Some(free) => {
+                free.1.try_lock().ok()?;
+                free
+            }
+            None => {
+                let (path, file) = self.new_file()?;
+                file.try_lock().ok()?;
+                file.set_len(0).ok()?;
+                (path, file)
+            }
         };
-        file.try_lock().ok()?;
-        file.set_len(0).ok()?;
-        let contents = format!("{}\n{}\n", std::process::id(), serde_json::to_string(job).ok()?);
+        let contents = format!("{}\n{}\n", *MY_PID, serde_json::to_string(job).ok()?);
         // At offset 0 whatever the file's offset: a reused file was written before.
         file.write_all_at(contents.as_bytes(), 0).ok()?;
         Some(WatcherLock { path, file: Some(file), pool: self.clone() })
