@@ -876,10 +876,11 @@ fn no_new_builders(builds: &[Watched], hooks: &[u32]) -> HashSet<u32> {
     builders.chain(hooks.iter().copied()).chain([*MY_PID]).collect()
 }
 
-/// Empties the wake-up pipe.
+/// Empties the wake-up pipe: a read of a pipe returns all it holds up to the buffer's size, so
+/// a short one left it empty (one system call per pass, not two).
 fn drain(wake: &OwnedFd) {
     let mut buf = [0u8; 512];
-    while matches!(nix::unistd::read(wake.as_raw_fd(), &mut buf), Ok(n) if n > 0) {}
+    while matches!(nix::unistd::read(wake.as_raw_fd(), &mut buf), Ok(n) if n == buf.len()) {}
 }
 
 /// The name of one admission of `drv` at `admitted_ms`: of its cgroup. Unique per admission:
