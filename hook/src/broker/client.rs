@@ -1,11 +1,12 @@
 //! The hook's side of the broker: one connection per hook, a request and its answer per `try`,
 //! and failing open.
 //!
-//! Every question gets an answer within [`ANSWER_WITHIN`] or an error, and the hook then declines
-//! (Nix builds as without nix-tier): a broker that is missing and cannot be started, hung
-//! (stopped), killed, or answering garbage never holds a build back for longer. After a failure
-//! the broker is not asked again for [`RETRY_AFTER`], so a hung broker costs one wait, not one per
-//! build; the next question connects anew, starting a broker when none runs.
+//! Every question gets an answer within [`ANSWER_WITHIN`] (give or take a millisecond, see
+//! `keep_timeout`) or an error, and the hook then declines (Nix builds as without nix-tier): a
+//! broker that is missing and cannot be started, hung (stopped), killed, or answering garbage
+//! never holds a build back for longer. After a failure the broker is not asked again for
+//! [`RETRY_AFTER`], so a hung broker costs one wait, not one per build; the next question
+//! connects anew, starting a broker when none runs.
 //!
 //! Builds the hook declines by itself (Nix has no slot, or its worker is full) are told to the
 //! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question
