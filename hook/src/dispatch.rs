@@ -95,8 +95,6 @@ pub struct Dispatcher {
     /// What the broker last said of this worker when it found it full (its leases alike), until
     /// it says a slot may be free.
     worker_full: Option<AlikeLeases>,
-    /// The Nix worker this hook serves (its parent), read once.
-    worker_pid: u32,
 }
 
 impl Dispatcher {
@@ -117,9 +115,8 @@ impl Dispatcher {
             Ok(hierarchy) => (Some(hierarchy), None),
             Err(e) => (None, Some(format!("nix-tier-hook: {e}; builds are admitted by tier but not bounded"))),
         };
-        let worker_pid = std::os::unix::process::parent_id();
         let hello = Hello {
-            worker_pid,
+            worker_pid: std::os::unix::process::parent_id(),
             max_jobs: protocol::max_jobs(settings),
             build: profile.build.clone(),
             poll_interval_secs: protocol::poll_interval_secs(settings),
@@ -137,7 +134,6 @@ impl Dispatcher {
             builder_uids: builder_uids(settings),
             asked: HashMap::new(),
             worker_full: None,
-            worker_pid,
         }
     }
 
@@ -268,7 +264,7 @@ impl Dispatcher {
             lock_files: output_locks::lock_files(&drv, &request.drv_path),
             output_env: outputs.iter().map(|(name, path)| format!("{name}={path}")).collect(),
             outputs: outputs.iter().map(|(_, path)| path.to_string()).collect(),
-            nix_pid: self.worker_pid,
+            nix_pid: self.broker.worker_pid(),
             builder_uids: self.builder_uids.clone(),
             // Kept while Nix asks again about a waiting build (`asked`).
             asked_unix_ms: Some(crate::state::now_ms()),

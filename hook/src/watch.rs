@@ -248,6 +248,7 @@ impl Watched {
     /// Watches `job` under `lease`, with its watcher `lock` when it is taken over (else one is
     /// made).
     fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>, lock_files: &LockFiles) -> Watched {
+        let recovered = lock.is_some();
         let lock = lock.or_else(|| lock_files.hold(&job));
         let now = Instant::now();
         Watched {
@@ -270,7 +271,7 @@ impl Watched {
             ended: None,
             lease_ended: None,
             exit_told: false,
-            recovered: false,
+            recovered,
             due: now,
         }
     }
@@ -730,7 +731,6 @@ pub fn run(
                     let cgroup = existing_cgroup(&job);
                     let mut watched = Watched::new(job, lease, Some(lock), lock_files);
                     watched.cgroup = cgroup;
-                    watched.recovered = true;
                     builds.push(watched);
                 }
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,

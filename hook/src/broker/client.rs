@@ -68,8 +68,10 @@ pub struct Client {
     unsent: HashMap<String, (TryBuild, u32)>,
     /// The builds the broker has been sent whole on this connection and not admitted since.
     told: HashSet<String>,
-    /// The read and write timeouts set on this connection ([`keep_timeout`]).
-    timeouts: (Option<Duration>, Option<Duration>),
+    /// The read timeout set on this connection ([`keep_timeout`]).
+    read_timeout: Option<Duration>,
+    /// The write timeout set on this connection ([`keep_timeout`]).
+    write_timeout: Option<Duration>,
 }
 
 impl Client {
@@ -85,8 +87,14 @@ impl Client {
             started: None,
             unsent: HashMap::new(),
             told: HashSet::new(),
-            timeouts: (None, None),
+            read_timeout: None,
+            write_timeout: None,
         }
+    }
+
+    /// The Nix worker this hook serves, as its hello says.
+    pub fn worker_pid(&self) -> u32 {
+        self.hello.worker_pid
     }
 
     /// Asks about one build, telling the broker first of the builds declined since the last
@@ -159,7 +167,7 @@ impl Client {
         let connection = self.connection.as_mut().expect("connected by send");
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let timeout = timeout.ok_or(format!("the broker did not answer within {ANSWER_WITHIN:?}"))?;
-        keep_timeout(&mut self.timeouts.0, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
+        keep_timeout(&mut self.read_timeout, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
         // A slot said to be free before the answer may have freed after the broker decided.
         let mut slot_freed = false;
         loop {
@@ -212,7 +220,7 @@ impl Client {
             self.connection = Some(BufReader::new(stream));
             self.answered = false;
             self.told.clear();
-            self.timeouts = (None, None);
+            (self.read_timeout, self.write_timeout) = (None, None);
         }
         let mut lines = Vec::new();
         if !self.unsent.is_empty() {
@@ -228,7 +236,7 @@ impl Client {
         let connection = self.connection.as_mut().expect("connected above");
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let timeout = timeout.ok_or(format!("the broker did not read the request within {ANSWER_WITHIN:?}"))?;
-        keep_timeout(&mut self.timeouts.1, timeout, |t| connection.get_ref().set_write_timeout(t)).map_err(|e| e.to_string())?;
+        keep_timeout(&mut self.write_timeout, timeout, |t| connection.get_ref().set_write_timeout(t)).map_err(|e| e.to_string())?;
         connection.get_mut().write_all(&lines).map_err(|e| format!("writing to the broker: {e}"))
     }
 
