@@ -45,6 +45,8 @@ pub struct Request {
     pub worker_max_jobs: u32,
     /// The .drv path.
     pub drv: String,
+    /// The derivation's name, for `nix-tier status` (may be empty).
+    pub name: String,
     /// What the build would reserve.
     pub claim: Claim,
     /// How long it is expected to run, milliseconds (from history, else its tier's guess).
@@ -113,6 +115,8 @@ pub struct Waiter {
     pub worker: u32,
     /// The .drv path.
     pub drv: String,
+    /// The derivation's name.
+    pub name: String,
     /// What it would reserve.
     pub claim: Claim,
     /// How long it is expected to run, milliseconds.
@@ -354,6 +358,7 @@ impl Waiting {
         let waiter = Waiter {
             worker: request.worker,
             drv: request.drv.clone(),
+            name: request.name.clone(),
             claim: request.claim,
             expected_ms: request.expected_ms,
             since_ms,
@@ -391,7 +396,7 @@ mod tests {
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;
-        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
+        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
     }
 
     #[test]
@@ -400,7 +405,7 @@ mod tests {
         // Waiting: long (600 MiB, 1000 s), which can start once a has ended, at 10 s.
         let claim = |memory_mib| Claim { tier: Tier::Light, memory_mib, learned: false };
         let ask = |table: &mut LeaseTable, drv: &str, memory_mib, expected_ms, now| {
-            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), claim: claim(memory_mib), expected_ms, slots_freed: vec![] };
+            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), name: String::new(), claim: claim(memory_mib), expected_ms, slots_freed: vec![] };
             table.decide(&build(), &request, now, 60_000)
         };
         let setup = || {
@@ -569,7 +574,7 @@ mod tests {
                 match s {
                     Step::Try { worker, max_jobs: m, drv, tier, memory_mib, expected_ms } => {
                         let m = *max_jobs.entry(worker).or_insert(m);
-                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] };
+                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] };
                         let before = table.leases().len();
                         let decision = table.decide(&b, &r, now, 50);
                         if let Decision::Admit(id) = decision {

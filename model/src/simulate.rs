@@ -425,6 +425,7 @@ impl<'a> Simulation<'a> {
                     worker: WORKER,
                     worker_max_jobs: nix.max_jobs,
                     drv: self.keys[index].clone(),
+                    name: String::new(),
                     claim,
                     expected_ms,
                     slots_freed: Vec::new(),

@@ -156,8 +156,6 @@ struct Shared {
     jobs: HashMap<LeaseId, WatchJob>,
     /// The builders of the leases, as found by the watcher: Nix's slot is free once one exits.
     builders: HashMap<LeaseId, OwnedFd>,
-    /// The names of waiting builds, for `state.json`.
-    waiting_names: HashMap<String, String>,
     /// The number of `try` requests of each build asked about, for bench/dispatch
     /// ([`ToBroker::Tries`]); emptied when it holds [`TRIES_KEPT`] builds (a broker under a
     /// service manager runs for months).
@@ -252,6 +250,7 @@ impl Board {
             worker: hello.worker_pid,
             worker_max_jobs: hello.max_jobs,
             drv: job.drv.clone(),
+            name: job.name.clone(),
             claim: job.claim(),
             expected_ms: request.expected_ms,
             slots_freed: Vec::new(),
@@ -276,7 +275,6 @@ impl Board {
                 shared.candidates.remove(&request.job.drv);
                 request.job.started_unix_ms = now;
                 shared.jobs.insert(lease, request.job.clone());
-                shared.waiting_names.remove(&request.job.drv);
                 shared.changed = true;
                 (FromBroker::Admit, Some(Order::Watch { job: request.job, lease }))
             }
@@ -293,13 +291,10 @@ impl Board {
                     .iter()
                     .map(|j| format!("{}, {}", j.name, crate::dispatch::age(now.saturating_sub(j.started_unix_ms) / 1000)))
                     .collect();
-                shared.waiting_names.insert(job.drv.clone(), job.name.clone());
                 shared.changed = true;
                 (FromBroker::Wait { reason: format!("{reason} ({})", shown.join("; ")), key }, None)
             }
             Decision::WorkerFull => {
-                // The table may keep it waiting (its worker full of leases it could replace).
-                shared.waiting_names.insert(job.drv.clone(), job.name.clone());
                 let alike = shared.table.alike_held(hello.worker_pid, &table_request.slots_freed);
                 if alike.is_some() {
                     shared.told_full.insert(connection.id, (hello.worker_pid, Arc::clone(&connection.writer)));
@@ -335,7 +330,7 @@ impl Board {
             .waiting()
             .map(|w| state::Waiter {
                 drv: w.drv.clone(),
-                name: shared.waiting_names.get(&w.drv).cloned().unwrap_or_default(),
+                name: w.name.clone(),
                 tier: w.claim.tier,
                 memory_mib: w.claim.memory_mib,
                 since: w.since_ms / 1000,
@@ -440,7 +435,6 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             table: LeaseTable::new(),
             jobs: HashMap::new(),
             builders: HashMap::new(),
-            waiting_names: HashMap::new(),
             tries: HashMap::new(),
             told_full: HashMap::new(),
             hooks: HashMap::new(),
@@ -593,15 +587,7 @@ fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
     loop {
         std::thread::sleep(Duration::from_millis(100));
         let (changed, idle) = {
-            let mut guard = board.lock();
-            let shared = &mut *guard;
-            // Builds that stopped waiting without being admitted (the table forgets them once
-            // Nix no longer asks) keep no name; looked for once a thousand may have gathered,
-            // as it takes the table's lock for a pass over every waiting build.
-            if shared.waiting_names.len() > 2 * shared.table.waiting().len() + 1000 {
-                let waiting: std::collections::HashSet<&str> = shared.table.waiting().map(|w| w.drv.as_str()).collect();
-                shared.waiting_names.retain(|drv, _| waiting.contains(drv.as_str()));
-            }
+            let mut shared = board.lock();
             let idle = shared.clients == 0 && shared.table.leases().is_empty() && shared.idle_since.elapsed() >= IDLE_EXIT;
             (std::mem::take(&mut shared.changed), idle)
         };
