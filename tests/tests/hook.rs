@@ -311,6 +311,21 @@ fn build_small_dag(sandbox: &NixSandbox, prefix: &str) -> String {
     hook_lines(&build.stderr).join("\n")
 }
 
+/// Connects to `socket` and closes the connection, until its listener's queue is full.
+fn fill_listen_queue(socket: &Path) {
+    use nix::sys::socket::{connect, socket as new_socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let address = UnixAddr::new(socket).unwrap();
+    for _ in 0..1_000_000 {
+        let fd = new_socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK, None).unwrap();
+        match connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &address) {
+            Ok(()) => continue,
+            Err(nix::errno::Errno::EAGAIN) => return,
+            Err(e) => panic!("connecting to {}: {e}", socket.display()),
+        }
+    }
+    panic!("{}'s queue never filled", socket.display());
+}
+
 #[test]
 fn the_broker_is_started_on_demand_and_a_stopped_one_does_not_stop_builds() {
     let _machine = shared_machine();
@@ -325,10 +340,18 @@ fn the_broker_is_started_on_demand_and_a_stopped_one_does_not_stop_builds() {
     let started = std::time::Instant::now();
     let said = std::panic::catch_unwind(|| build_small_dag(&sandbox, "stopped"));
     let took = started.elapsed();
+    // Stopped for long, it accepts no connection: hooks' connections, closed or not, queue until
+    // its listener's queue is full, and a connect then would wait for good. Filled here.
+    let queue_full = std::panic::catch_unwind(|| {
+        fill_listen_queue(&state_dir(&sandbox).join("broker.sock"));
+        build_small_dag(&sandbox, "queue-full")
+    });
     nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
     let said = said.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     assert!(said.contains("the broker did not answer within 40ms (fails open)"), "the hook said why:\n{said}");
     eprintln!("4 builds with the broker stopped took {took:?}");
+    let said = queue_full.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    assert!(said.contains("accepts no connections") && said.contains("fails open"), "the hook said why:\n{said}");
     // Resumed, it answers the requests the hooks gave up on: the leases it grants them end with
     // those builds (long done), or the broker would hold them, and never exit, for good. Its
     // own snapshot lists every lease (`nix-tier status` shows only those whose locks are held).

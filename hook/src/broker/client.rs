@@ -21,7 +21,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::AsFd;
+use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -254,8 +255,14 @@ impl Client {
         let socket = self.state_dir.path().join(SOCKET);
         let mut started = false;
         loop {
-            match UnixStream::connect(&socket) {
+            match connect_at_once(&socket) {
                 Ok(stream) => return Ok(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(format!(
+                        "the broker at {} accepts no connections (its queue is full: is it stopped?)",
+                        socket.display()
+                    ))
+                }
                 Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {
                     if !started {
                         self.start_broker().map_err(|e| format!("cannot start the broker: {e}"))?;
@@ -296,6 +303,18 @@ impl Client {
         self.started = Some((child, Instant::now()));
         Ok(())
     }
+}
+
+/// Connects to `socket` without waiting: a broker that stopped accepting (hung, or stopped)
+/// leaves connections queued, closed or not, and once its queue is full a blocking `connect`
+/// would wait for good, with no timeout to end it. Refused at once instead (`WouldBlock`).
+fn connect_at_once(socket: &Path) -> io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket as new_socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = new_socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(socket)?)?;
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// Sets a socket's timeout (`set`, which `apply` gave it last) to `wanted`, unless it is within
