@@ -218,6 +218,35 @@ fn a_killed_broker_is_started_again_and_counts_the_build_still_running() {
 }
 
 #[test]
+fn a_client_that_does_not_read_its_answers_is_dropped_and_others_are_answered() {
+    use std::io::Write;
+    let setup = Setup::new(8000);
+    let (lines, _first) = ask_holding_lock(&setup, &mut setup.hook(), "first-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
+    // A client of Nix's user that asks and never reads: once the socket's buffers are full, the
+    // broker cannot write it an answer.
+    let socket = setup.state().join("broker.sock");
+    let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream.set_write_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    let mut request = serde_json::to_vec(&nix_tier_hook::broker::ToBroker::Tries).unwrap();
+    request.push(b'\n');
+    let mut sent = 0;
+    while (&stream).write_all(&request).is_ok() {
+        sent += 1;
+        assert!(sent < 10_000_000, "the broker read every request and its answers all fit");
+    }
+    nix_tier_tests::hook_env::wait_for("the broker to drop the connection that does not read", common::ANSWER_TIMEOUT, || {
+        // Hung up (POLLHUP, reported whatever is asked for) once the broker closed its end; the
+        // answers it wrote are still unread.
+        let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&stream), nix::poll::PollFlags::empty())];
+        let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)).unwrap();
+        (ready > 0).then_some(())
+    });
+    let (lines, _second) = ask_holding_lock(&setup, &mut setup.hook(), "second-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "the broker still answers: {lines:?}");
+}
+
+#[test]
 fn a_request_cut_short_is_still_answered() {
     let setup = Setup::new(8000);
     let mut hook = setup.hook();

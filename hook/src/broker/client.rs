@@ -20,7 +20,7 @@
 //! at once, and the builds of a session's first moments are counted like the rest.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
@@ -28,7 +28,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{Declined, FromBroker, Hello, Told, ToBroker, TryBuild, BROKER_ARG, SOCKET};
+use super::{Declined, FromBroker, Hello, Told, ToBroker, TryBuild, BROKER_ARG, MAX_LINE, SOCKET};
 use crate::state::StateDir;
 
 /// The longest a hook waits for the broker (connecting, starting it, the answer).
@@ -172,8 +172,12 @@ impl Client {
         // A slot said to be free before the answer may have freed after the broker decided.
         let mut slot_freed = false;
         loop {
+            // A broker that kept sending lines other than the answer would hold the hook for good.
+            if Instant::now() >= deadline {
+                return Err(format!("the broker did not answer within {ANSWER_WITHIN:?}"));
+            }
             let mut answer = Vec::new();
-            match connection.read_until(b'\n', &mut answer) {
+            match connection.by_ref().take(MAX_LINE).read_until(b'\n', &mut answer) {
                 Ok(0) => return Err("the broker closed the connection".to_string()),
                 Ok(_) if answer.ends_with(b"\n") => {}
                 Ok(_) => return Err("the broker closed the connection mid-answer".to_string()),
@@ -213,17 +217,17 @@ impl Client {
         if self.told.len() > MAX_TOLD {
             self.connection = None;
         }
+        let mut lines = Vec::new();
         if self.connection.is_none() {
             let stream = self.connect(deadline)?;
-            let mut hello = serde_json::to_vec(&ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
-            hello.push(b'\n');
-            (&stream).write_all(&hello).map_err(|e| format!("writing to the broker: {e}"))?;
+            // Written with what follows, under the write timeout.
+            serde_json::to_writer(&mut lines, &ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
+            lines.push(b'\n');
             self.connection = Some(BufReader::new(stream));
             self.answered = false;
             self.told.clear();
             (self.read_timeout, self.write_timeout) = (None, None);
         }
-        let mut lines = Vec::new();
         if !self.unsent.is_empty() {
             let unsent = std::mem::take(&mut self.unsent);
             let builds = unsent.into_values().map(|(build, times)| Declined { build: self.told(&build), times }).collect();

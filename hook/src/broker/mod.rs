@@ -25,7 +25,7 @@
 pub mod client;
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
@@ -54,6 +54,12 @@ pub const LOCK: &str = "broker.lock";
 const TRIES_KEPT: usize = 100_000;
 /// How long a broker started on demand lives on without clients or builds.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
+/// The longest line either side reads (a build's job is a few KiB): a peer that sends more
+/// without a newline is cut off, not buffered without end.
+pub const MAX_LINE: u64 = 16 << 20;
+/// How long writing an answer to a hook may take before its connection is dropped: a hook
+/// reads each answer at once, and an answer fits in the socket's buffer many times over.
+const REPLY_WITHIN: Duration = Duration::from_secs(1);
 
 /// A hook's first message: who asks.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -238,6 +244,15 @@ impl Board {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         // A panicked thread leaves the table as consistent as any decision does.
         self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Forgets connection `id`, whose hook is gone.
+    fn disconnected(&self, id: u64) {
+        let mut shared = self.lock();
+        shared.clients -= 1;
+        shared.told_full.remove(&id);
+        shared.hooks.remove(&id);
+        shared.idle_since = Instant::now();
     }
 
     /// Decides one `try` of the hook that said `hello`; the reply, and the order for the
@@ -467,7 +482,14 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
     let me = nix::unistd::geteuid().as_raw();
     let mut connections = 0u64;
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let Ok(stream) = stream else {
+            // Out of descriptors, say: the connection stays queued, so do not spin on it.
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        // A hook reads every answer at once; one that does not must not hold its connection's
+        // writer (and the table, through `slot_freed`) for good.
+        let _ = stream.set_write_timeout(Some(REPLY_WITHIN));
         let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok();
         let allowed = peer.is_some_and(|cred| cred.uid() == me || cred.uid() == 0);
         if !allowed {
@@ -484,14 +506,15 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             shared.clients += 1;
             shared.hooks.extend(peer.map(|cred| (id, cred.pid() as u32)));
         }
-        std::thread::spawn(move || {
-            let _ = serve_client(stream, id, &board, &orders, &wake);
-            let mut shared = board.lock();
-            shared.clients -= 1;
-            shared.told_full.remove(&id);
-            shared.hooks.remove(&id);
-            shared.idle_since = Instant::now();
+        let served = Arc::clone(&board);
+        let spawned = std::thread::Builder::new().spawn(move || {
+            let _ = serve_client(stream, id, &served, &orders, &wake);
+            served.disconnected(id);
         });
+        if spawned.is_err() {
+            // No thread for it: the connection closes, and its hook fails open.
+            board.disconnected(id);
+        }
     }
     Ok(())
 }
@@ -507,7 +530,7 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
     let mut line = Vec::new();
     loop {
         line.clear();
-        if reader.read_until(b'\n', &mut line)? == 0 {
+        if (&mut reader).take(MAX_LINE).read_until(b'\n', &mut line)? == 0 {
             return Ok(());
         }
         let message = match serde_json::from_slice::<ToBroker>(&line) {
