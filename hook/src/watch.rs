@@ -272,7 +272,9 @@ impl Watched {
             lease_ended: None,
             exit_told: false,
             recovered,
-            due: now,
+            // Nix forks the builder only after the answer, and holds the locks until the build
+            // ends: a first look at once would find nothing (one taken over may run already).
+            due: if recovered { now } else { now + search_pause(Duration::ZERO) },
         }
     }
 
