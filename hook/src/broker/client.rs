@@ -167,28 +167,28 @@ impl Client {
         self.send(Some(request), deadline)?;
         let connection = self.connection.as_mut().expect("connected by send");
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
-        let timeout = timeout.ok_or(format!("the broker did not answer within {ANSWER_WITHIN:?}"))?;
+        let late = || format!("the broker did not answer within {ANSWER_WITHIN:?}");
+        let timeout = timeout.ok_or_else(late)?;
         keep_timeout(&mut self.read_timeout, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
         // A slot said to be free before the answer may have freed after the broker decided.
         let mut slot_freed = false;
         loop {
-            // A broker that kept sending lines other than the answer would hold the hook for good.
-            if Instant::now() >= deadline {
-                return Err(format!("the broker did not answer within {ANSWER_WITHIN:?}"));
-            }
             let mut answer = Vec::new();
             match connection.by_ref().take(MAX_LINE).read_until(b'\n', &mut answer) {
                 Ok(0) => return Err("the broker closed the connection".to_string()),
                 Ok(_) if answer.ends_with(b"\n") => {}
-                Ok(_) => return Err("the broker closed the connection mid-answer".to_string()),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    return Err(format!("the broker did not answer within {ANSWER_WITHIN:?}"))
-                }
+                Ok(_) => return Err(format!("the broker's answer was cut short (connection closed, or over {} MiB)", MAX_LINE >> 20)),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(late()),
                 Err(e) => return Err(format!("reading from the broker: {e}")),
             }
             let answer = match serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))? {
                 FromBroker::SlotFreed => {
                     slot_freed = true;
+                    // A broker that kept sending lines other than the answer would hold the
+                    // hook for good.
+                    if Instant::now() >= deadline {
+                        return Err(late());
+                    }
                     continue;
                 }
                 FromBroker::WorkerFull { .. } if slot_freed => FromBroker::WorkerFull { alike: None },
