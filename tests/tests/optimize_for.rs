@@ -963,16 +963,47 @@ fn optimised_build_uses_the_host_vector_width() {
     let plain_asm = disassemble(&plain.join("bin/vecsum"));
     let optimised_asm = disassemble(&optimised.join("bin/vecsum"));
     let structured_asm = disassemble(&structured.join("bin/structured"));
-    assert!(structured_asm.contains("%ymm"), "the structured-attrs build uses no 256-bit vectors");
     assert!(plain_asm.contains("%xmm"), "the plain build did not vectorise at all");
-    assert!(
-        !plain_asm.contains("%ymm"),
-        "the plain build already uses 256-bit vectors"
-    );
-    assert!(
-        optimised_asm.contains("%ymm"),
-        "the optimised build uses no 256-bit vectors though the host has avx2"
-    );
+    assert!(!uses_avx(&plain_asm), "the plain build already uses AVX instructions");
+    assert!(uses_avx(&optimised_asm), "the optimised build uses no AVX instructions though the host has avx2");
+    assert!(uses_avx(&structured_asm), "the structured-attrs build uses no AVX instructions");
+    // 256-bit vectors only where gcc's tuning for this CPU picks them: for znver1 it prefers
+    // 128-bit ones (AVX128_OPTIMAL), so the builds must do what gcc does with the same flags.
+    let wide = gcc_widens_to_256_bits(&host);
+    for (build, asm) in [("optimised", &optimised_asm), ("structured-attrs", &structured_asm)] {
+        assert_eq!(
+            asm.contains("%ymm"),
+            wide,
+            "the {build} build's use of 256-bit vectors differs from gcc -O3 -march={} here",
+            host.gcc_arch()
+        );
+    }
+}
+
+/// Whether a disassembly has VEX-encoded (AVX) vector instructions: `v`-prefixed mnemonics on
+/// xmm or ymm registers, which baseline x86-64 code never has.
+fn uses_avx(asm: &str) -> bool {
+    asm.lines().any(|line| {
+        // objdump: "  addr:\tmnemonic operands"
+        let instruction = line.split_once('\t').map_or("", |(_, rest)| rest);
+        let (mnemonic, operands) = instruction.split_once(' ').unwrap_or((instruction, ""));
+        mnemonic.starts_with('v') && (operands.contains("%xmm") || operands.contains("%ymm"))
+    })
+}
+
+/// Whether the host's gcc, given the host's `-march`/`-mtune` at `-O3`, vectorises the vecsum
+/// fixture with 256-bit registers.
+fn gcc_widens_to_256_bits(host: &Host) -> bool {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/vecsum/vecsum.c");
+    let mut gcc = Command::new("gcc");
+    gcc.args(["-DVECSUM_FIXTURE", "-O3", "-S", "-o", "-"])
+        .arg(format!("-march={}", host.gcc_arch()));
+    if let Some(tune) = host.gcc_tune() {
+        gcc.arg(format!("-mtune={tune}"));
+    }
+    let out = gcc.arg(&source).output().expect("run gcc");
+    assert!(out.status.success(), "gcc -S {} failed: {}", source.display(), stderr(&out));
+    String::from_utf8_lossy(&out.stdout).contains("%ymm")
 }
 
 #[test]
