@@ -149,11 +149,14 @@ impl Client {
         }
     }
 
-    /// Whether a broker this hook started runs and is young enough to be still starting.
+    /// Whether a broker may be still starting: this hook started one lately, and it runs, or it
+    /// exited at once because another one holds the broker's lock (started by another hook at
+    /// the same moment, and starting too). A hook that took the second for a failure would
+    /// decline, and Nix build, everything its worker asks about for a second.
     fn starting(&mut self) -> bool {
-        self.started
-            .as_mut()
-            .is_some_and(|(child, at)| at.elapsed() < STARTING && matches!(child.try_wait(), Ok(None)))
+        self.started.as_mut().is_some_and(|(child, at)| {
+            at.elapsed() < STARTING && child.try_wait().is_ok_and(|status| status.is_none_or(|s| s.success()))
+        })
     }
 
     fn failed(&mut self, error: String) -> Failure {
@@ -191,7 +194,7 @@ impl Client {
                     }
                     continue;
                 }
-                FromBroker::WorkerFull { .. } if slot_freed => FromBroker::WorkerFull { alike: None },
+                FromBroker::WorkerFull { reserved_mib, .. } if slot_freed => FromBroker::WorkerFull { alike: None, reserved_mib },
                 answer => answer,
             };
             self.answered = true;
