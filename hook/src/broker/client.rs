@@ -15,9 +15,10 @@
 //! times while Nix waits on this hook. A build is sent whole once per connection; after that it
 //! is named by its `.drv` until it is admitted.
 //!
-//! One exception: a broker this hook has just started (it runs, for less than [`STARTING`]) is
-//! [`Failure::Starting`], not failed, and the hook postpones instead of declining: Nix asks again
-//! at once, and the builds of a session's first moments are counted like the rest.
+//! One exception: a broker this hook has just started (less than [`STARTING`] ago, and it runs
+//! or it left at once for another one starting) is [`Failure::Starting`], not failed, and the
+//! hook postpones instead of declining: Nix asks again at once, and the builds of a session's
+//! first moments are counted like the rest.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufRead, BufReader, Read, Write};
