@@ -195,7 +195,7 @@ impl Client {
                     }
                     continue;
                 }
-                FromBroker::WorkerFull { .. } if slot_freed => FromBroker::WorkerFull { alike: None },
+                FromBroker::WorkerFull { reserved_mib, .. } if slot_freed => FromBroker::WorkerFull { alike: None, reserved_mib },
                 answer => answer,
             };
             self.answered = true;
