@@ -78,11 +78,6 @@ pub struct Dispatcher {
     /// What each waiting derivation was last announced as waiting for, so it is not announced
     /// anew at every poll.
     announced: HashMap<String, String>,
-    /// The build history, to learn reservations and durations from; `None` when it cannot be
-    /// opened.
-    history: Option<History>,
-    /// Said once per hook process: why the history cannot be used.
-    history_note: Option<String>,
     /// Where admitted builds get their cgroups; `None` where no hierarchy is usable.
     cgroups: Option<Hierarchy>,
     /// Said once per hook process when builds cannot be bounded.
@@ -107,10 +102,6 @@ impl Dispatcher {
         relay: Option<Relay>,
         cgroups: Result<Hierarchy, nix_tier_cgroups::Unavailable>,
     ) -> Dispatcher {
-        let (history, history_note) = match History::open_read_only(state_dir.path()) {
-            Ok(history) => (history, None),
-            Err(error) => (None, Some(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"))),
-        };
         let (cgroups, enforcement_note) = match cgroups {
             Ok(hierarchy) => (Some(hierarchy), None),
             Err(e) => (None, Some(format!("nix-tier-hook: {e}; builds are admitted by tier but not bounded"))),
@@ -127,8 +118,6 @@ impl Dispatcher {
             state_dir,
             relay,
             announced: HashMap::new(),
-            history,
-            history_note,
             cgroups,
             enforcement_note,
             builder_uids: builder_uids(settings),
@@ -140,7 +129,6 @@ impl Dispatcher {
     /// Answers one `try`. Errors are internal: the caller declines and reports them.
     pub fn answer(&mut self, request: &TryRequest) -> Result<Answer, String> {
         let mut lines: Vec<String> = self.enforcement_note.take().into_iter().collect();
-        lines.extend(self.history_note.take());
         if let Some(relay) = self.relay.as_mut() {
             match relay.ask(request) {
                 Ok(answer) => {
@@ -180,7 +168,7 @@ impl Dispatcher {
     fn admit_locally(&mut self, request: &TryRequest, lines: &mut Vec<String>) -> Result<Reply, String> {
         let build = match self.asked.remove(&request.drv_path) {
             Some(known) => known,
-            None => self.try_build(request, lines)?,
+            None => self.try_build(request)?,
         };
         // No free local slot: Nix waits for one and asks again; nothing is reserved meanwhile.
         // Should a slot free before Nix looks again, it starts the build without asking: the
@@ -218,9 +206,12 @@ impl Dispatcher {
                 Ok(Reply::Postpone)
             }
             // Nix parks it for one of its own slots and asks again; the broker picks it up
-            // should it start anyway.
-            FromBroker::WorkerFull { alike } => {
+            // should it start anyway. Its reservation as the broker learned it is what is
+            // compared with the worker's leases until then.
+            FromBroker::WorkerFull { alike, reserved_mib } => {
                 self.worker_full = alike;
+                let mut build = build;
+                build.job.memory_limit_mib = reserved_mib;
                 self.asked.insert(request.drv_path.clone(), build);
                 Ok(Reply::Decline)
             }
@@ -237,21 +228,13 @@ impl Dispatcher {
         Reply::Decline
     }
 
-    /// Reads and places the derivation of `request`: the broker's view of it.
-    fn try_build(&mut self, request: &TryRequest, lines: &mut Vec<String>) -> Result<TryBuild, String> {
+    /// Reads and places the derivation of `request` with its tier's figures: the broker's view
+    /// of it, once the broker has put in what the history taught it.
+    fn try_build(&mut self, request: &TryRequest) -> Result<TryBuild, String> {
         let drv = Derivation::read(Path::new(&request.drv_path)).map_err(|e| e.to_string())?;
-        let placement = place(&self.profile, &drv, self.history.as_ref());
-        if let Some(error) = &placement.history_error {
-            // Said once; later tries quietly use the tier figures.
-            lines.push(format!("nix-tier-hook: {error}; builds reserve their tiers' memoryMiB"));
-            self.history = None;
-        }
+        let placement = place(&self.profile, &drv, None);
         let tier = placement.classification.tier;
-        let expected_ms = self
-            .history
-            .as_ref()
-            .and_then(|h| h.expected_wall_ms(package_name(&placement.name)).ok().flatten())
-            .unwrap_or_else(|| learning::guessed_wall_ms(tier));
+        let expected_ms = learning::guessed_wall_ms(tier);
         let outputs: Vec<(&String, &str)> =
             drv.outputs.iter().map(|(name, o)| (name, o.path.as_str())).filter(|(_, p)| !p.is_empty()).collect();
         let job = WatchJob {
@@ -259,7 +242,8 @@ impl Dispatcher {
             name: placement.name,
             tier,
             memory_limit_mib: placement.memory_mib,
-            limit_learned: matches!(placement.memory_source, ReservationSource::Learned { .. }),
+            // Learned by the broker, which holds the history's figures.
+            limit_learned: false,
             cores: self.profile.build.tiers.get(tier).cores,
             lock_files: output_locks::lock_files(&drv, &request.drv_path),
             output_env: outputs.iter().map(|(name, path)| format!("{name}={path}")).collect(),

@@ -1,9 +1,10 @@
 //! The build history: one row per finished build, in `<state dir>/history.sqlite`.
 //!
-//! The build watcher records a [`BuildRecord`] when a build it watched ends; the hook reads the
-//! memory peaks of a package's past builds to learn its reservation
-//! (`nix_tier_model::learning`, rule in docs/enforcement.md); `nix-tier history` shows the rows
-//! and a [`PackageSummary`] per package.
+//! The build watcher records a [`BuildRecord`] when a build it watched ends; the broker reads the
+//! whole history once when it starts ([`History::learned`]) and learns each package's
+//! reservation from the memory peaks of its past builds (`nix_tier_model::learning`, rule in
+//! docs/enforcement.md); `nix-tier explain` and `simulate` ask the same of the database
+//! directly; `nix-tier history` shows the rows and a [`PackageSummary`] per package.
 //!
 //! Several processes use the database at once (one hook per Nix client, one watcher per build),
 //! so it runs in SQLite's write-ahead-log mode, where readers never wait for the writer, with a
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix_tier_model::build::package_name;
-use nix_tier_model::learning::{self, MAX_SAMPLES};
+use nix_tier_model::learning::{self, Ending, Learned, MAX_SAMPLES};
 use nix_tier_model::Tier;
 use rusqlite::{params, Connection, OpenFlags, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
@@ -100,6 +101,16 @@ impl Outcome {
     }
 }
 
+impl From<Outcome> for Ending {
+    fn from(outcome: Outcome) -> Ending {
+        match outcome {
+            Outcome::Succeeded => Ending::Succeeded,
+            Outcome::Failed => Ending::Failed,
+            Outcome::OomKilled => Ending::OomKilled,
+        }
+    }
+}
+
 impl FromStr for Outcome {
     type Err = String;
 
@@ -150,6 +161,13 @@ pub struct BuildRecord {
     /// How long it waited for admission, milliseconds: from the hook's first question about it
     /// to its admission; `None` in rows recorded before nix-tier recorded waits.
     pub waited_ms: Option<u64>,
+}
+
+impl BuildRecord {
+    /// Counts this build in `learned`, as [`History::learned`] counts the rows it reads.
+    pub fn teach(&self, learned: &mut Learned) {
+        learned.record(&self.package, self.started_unix_ms, self.outcome.into(), self.wall_ms, self.peak_mib);
+    }
 }
 
 /// A derivation name split into package and version: the package as
@@ -396,6 +414,25 @@ impl History {
             ])
             .map_err(|e| self.sqlite(e))?;
         Ok(())
+    }
+
+    /// What the history says of every package ([`Learned`]), read once so that decisions need
+    /// not read the database: the broker's starting point. One pass over the table.
+    pub fn learned(&self) -> Result<Learned, HistoryError> {
+        let sql = "SELECT package, started_unix_ms, outcome, wall_ms, peak_mib FROM builds ORDER BY started_unix_ms, id";
+        let mut query = self.conn.prepare(sql).map_err(|e| self.sqlite(e))?;
+        let mut rows = query.query([]).map_err(|e| self.sqlite(e))?;
+        let mut learned = Learned::default();
+        while let Some(row) = rows.next().map_err(|e| self.sqlite(e))? {
+            let read = || -> rusqlite::Result<(String, i64, String, i64, Option<i64>)> {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?))
+            };
+            let (package, started, outcome, wall, peak) = read().map_err(|e| self.sqlite(e))?;
+            let outcome: Outcome = outcome.parse().map_err(|e| self.invalid(e))?;
+            let peak = peak.map(|p| self.unsigned("peak_mib", p)).transpose()?;
+            learned.record(&package, self.unsigned("started_unix_ms", started)?, outcome.into(), self.unsigned("wall_ms", wall)?, peak);
+        }
+        Ok(learned)
     }
 
     /// The peaks (MiB, newest first) the hook learns `package`'s reservation from: those of its
@@ -688,6 +725,38 @@ mod tests {
         // Survives reopening.
         drop(history);
         assert_eq!(History::open(&dir.path().join("state")).unwrap().count().unwrap(), 3);
+    }
+
+    #[test]
+    fn the_learned_figures_answer_as_the_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(dir.path()).unwrap();
+        let mut learned = Learned::default();
+        // Builds of three packages with distinct starts, recorded in a scrambled order (they
+        // end in another order than they start), taught as the broker is taught.
+        let mut seed = 7u64;
+        let mut next = |bound: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % bound
+        };
+        let starts: Vec<u64> = (0..300u64).map(|i| (i * 7919) % 300).collect();
+        for started in starts {
+            let package = ["a", "b", "c"][next(3) as usize];
+            let outcome = [Outcome::Succeeded, Outcome::Succeeded, Outcome::Succeeded, Outcome::Failed, Outcome::OomKilled][next(5) as usize];
+            let peak = (next(4) > 0).then(|| next(2000));
+            let row = BuildRecord { wall_ms: next(100_000), ..build(package, started, peak, outcome) };
+            history.record(&row).unwrap();
+            row.teach(&mut learned);
+        }
+        for package in ["a", "b", "c", "none"] {
+            assert_eq!(learned.peaks(package), history.learning_peaks(package).unwrap(), "{package}");
+            assert_eq!(learned.expected_wall_ms(package), history.expected_wall_ms(package).unwrap(), "{package}");
+        }
+        let read = history.learned().unwrap();
+        for package in ["a", "b", "c"] {
+            assert_eq!(read.peaks(package), learned.peaks(package));
+            assert_eq!(read.expected_wall_ms(package), learned.expected_wall_ms(package));
+        }
     }
 
     #[test]

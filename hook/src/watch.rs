@@ -530,6 +530,9 @@ pub trait Leases {
     fn end(&self, lease: LeaseId);
     /// The hooks asking now: children of Nix workers that are no builder.
     fn hooks(&self) -> Vec<u32>;
+    /// `row` was recorded in the history: later reservations and expected durations learn from
+    /// it.
+    fn recorded(&self, row: &BuildRecord);
 }
 
 /// How long a candidate is looked for among its worker's new children.
@@ -802,7 +805,10 @@ pub fn run(
                 history = History::open(state_dir).ok();
             }
             if let Some(history) = &history {
-                let _ = history.record(&record(&watched.job, &done));
+                let row = record(&watched.job, &done);
+                if history.record(&row).is_ok() {
+                    leases.recorded(&row);
+                }
             }
         }
     }

@@ -39,12 +39,13 @@
 //!   figure stays the ceiling the profile promises per build; a package that needs more belongs
 //!   in a heavier tier (a profile rule), not in a larger learned figure.
 //!
-//! Which builds count is up to the caller: the hook passes the succeeded builds of the package
-//! *since its last OOM kill* (see `nix_tier_hook::history::History::learning_peaks`), so a
-//! build killed for lack of memory sends the package back to the tier's figure until it has
-//! succeeded again. Failed builds are ignored (their peaks say nothing
-//! about what a whole build needs).
+//! Which builds count is up to the caller: the broker passes the succeeded builds of the
+//! package *since its last OOM kill* ([`Learned::peaks`]; the history's
+//! `nix_tier_hook::history::History::learning_peaks` for the command line), so a build killed
+//! for lack of memory sends the package back to the tier's figure until it has succeeded again.
+//! Failed builds are ignored (their peaks say nothing about what a whole build needs).
 
+use std::collections::HashMap;
 use std::fmt;
 
 use crate::Tier;
@@ -139,6 +140,88 @@ pub fn reservation(peaks_mib: &[u64], tier_limit_mib: u64) -> Reservation {
     Reservation { memory_mib, source: ReservationSource::Learned { samples: recent.len(), p95_mib } }
 }
 
+/// How a recorded build ended, as far as learning goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// It succeeded: its peak and wall time count.
+    Succeeded,
+    /// It failed for another reason than memory: it says nothing.
+    Failed,
+    /// It was killed for lack of memory: the peaks of its package's builds that started
+    /// before it stop counting.
+    OomKilled,
+}
+
+/// What the build history says of each package, kept in memory by the process that records the
+/// builds (the broker), so that deciding about a build reads no database. It gives what
+/// the history's queries give (`nix_tier_hook::history::History::learning_peaks` and
+/// `expected_wall_ms`) for the builds recorded into it, in any order.
+#[derive(Debug, Default, Clone)]
+pub struct Learned {
+    packages: HashMap<String, PackageRecord>,
+}
+
+/// One package's newest figures.
+#[derive(Debug, Default, Clone)]
+struct PackageRecord {
+    /// Its newest succeeded builds that have a peak, as (start, peak MiB), newest first, at most
+    /// [`MAX_SAMPLES`]: every answer is among them.
+    peaks: Vec<(u64, u64)>,
+    /// Its newest succeeded builds, as (start, wall time ms), newest first, at most
+    /// [`MAX_SAMPLES`].
+    walls: Vec<(u64, u64)>,
+    /// When its latest build killed for lack of memory started.
+    last_oom_started: Option<u64>,
+}
+
+/// Puts `(started, value)` among `newest` (newest first; of equal starts, the one recorded last
+/// first) and keeps the [`MAX_SAMPLES`] newest.
+fn keep_newest(newest: &mut Vec<(u64, u64)>, started: u64, value: u64) {
+    let at = newest.partition_point(|(s, _)| *s > started);
+    newest.insert(at, (started, value));
+    newest.truncate(MAX_SAMPLES);
+}
+
+impl Learned {
+    /// Counts a finished build of `package` that started at `started_unix_ms`.
+    pub fn record(&mut self, package: &str, started_unix_ms: u64, ending: Ending, wall_ms: u64, peak_mib: Option<u64>) {
+        let record = self.packages.entry(package.to_string()).or_default();
+        match ending {
+            Ending::Succeeded => {
+                keep_newest(&mut record.walls, started_unix_ms, wall_ms);
+                if let Some(peak) = peak_mib {
+                    keep_newest(&mut record.peaks, started_unix_ms, peak);
+                }
+            }
+            Ending::OomKilled => {
+                record.last_oom_started = record.last_oom_started.max(Some(started_unix_ms));
+            }
+            Ending::Failed => {}
+        }
+    }
+
+    /// The peaks (MiB, newest first) `package`'s reservation is learned from ([`reservation`]):
+    /// of its succeeded builds that started after its latest OOM kill, at most [`MAX_SAMPLES`].
+    pub fn peaks(&self, package: &str) -> Vec<u64> {
+        let Some(record) = self.packages.get(package) else { return Vec::new() };
+        record
+            .peaks
+            .iter()
+            .take_while(|(started, _)| record.last_oom_started.is_none_or(|oom| *started > oom))
+            .map(|(_, peak)| *peak)
+            .collect()
+    }
+
+    /// How long `package`'s builds take, milliseconds: the median (the upper one of an even
+    /// count) wall time of its newest succeeded builds, at most [`MAX_SAMPLES`]; `None` without
+    /// any.
+    pub fn expected_wall_ms(&self, package: &str) -> Option<u64> {
+        let mut walls: Vec<u64> = self.packages.get(package)?.walls.iter().map(|(_, wall)| *wall).collect();
+        walls.sort_unstable();
+        walls.get(walls.len() / 2).copied()
+    }
+}
+
 /// The `percent`th percentile of `sorted` (ascending) by nearest rank:
 /// `sorted[ceil(percent/100 × n) - 1]`, the smallest value at least `percent`% of the values
 /// do not exceed. `None` when `sorted` is empty; `percent` is capped at 100.
@@ -198,6 +281,30 @@ mod tests {
         assert_eq!(capped.memory_mib, 8192);
         assert_eq!(capped.source, ReservationSource::Learned { samples: 3, p95_mib: 7000 });
         assert_eq!(reservation(&[u64::MAX; 3], u64::MAX).memory_mib, u64::MAX);
+    }
+
+    #[test]
+    fn learned_keeps_the_newest_and_forgets_peaks_before_an_oom_kill() {
+        let mut learned = Learned::default();
+        assert_eq!((learned.peaks("p"), learned.expected_wall_ms("p")), (vec![], None));
+        for started in 0..30 {
+            learned.record("p", started, Ending::Succeeded, 1000 + started, Some(started));
+        }
+        learned.record("p", 100, Ending::Failed, 1, Some(1));
+        // Recorded out of order (builds end in another order than they start).
+        learned.record("p", 5, Ending::Succeeded, 1, Some(999));
+        assert_eq!(learned.peaks("p"), (10..30).rev().collect::<Vec<u64>>());
+        assert_eq!(learned.expected_wall_ms("p"), Some(1020));
+        learned.record("p", 25, Ending::OomKilled, 1, None);
+        assert_eq!(learned.peaks("p"), vec![29, 28, 27, 26]);
+        // An earlier OOM kill recorded later moves nothing.
+        learned.record("p", 20, Ending::OomKilled, 1, None);
+        assert_eq!(learned.peaks("p"), vec![29, 28, 27, 26]);
+        // Walls count whatever the OOM kills; a build without a peak still has one.
+        learned.record("p", 40, Ending::Succeeded, 5000, None);
+        assert_eq!(learned.peaks("p"), vec![29, 28, 27, 26]);
+        assert_eq!(learned.expected_wall_ms("p"), Some(1021));
+        assert_eq!(learned.peaks("other"), Vec::<u64>::new());
     }
 
     #[test]

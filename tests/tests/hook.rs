@@ -29,6 +29,19 @@ fn binding_limits() -> Limits {
     }
 }
 
+/// A recording sandbox (as `hook_sandbox_recording`) whose profile holds every build to its
+/// tier's `maxJobs` (`mode: tiers`). In the default learned mode a package's later builds,
+/// once one of them is recorded, reserve the figure learned from it and are held by the budget
+/// alone, not by `maxJobs`: these tests build several derivations of one package and check
+/// the tiers' limits.
+fn tiers_sandbox(limits: &Limits, sandboxed: bool) -> (NixSandbox, std::path::PathBuf) {
+    let (sandbox, records) = hook_sandbox_recording(limits, sandboxed, "");
+    let mut profile = profile_json(limits);
+    profile["build"]["mode"] = "tiers".into();
+    write_profile_json(&sandbox, "hw.json", &profile);
+    (sandbox, records)
+}
+
 /// Limits where only the heavy tier's single slot matters.
 fn roomy_limits() -> Limits {
     Limits {
@@ -133,7 +146,7 @@ fn without_the_hook_the_dag_exceeds_the_limits() {
 fn tier_limits_and_budget_hold_within_one_nix_build(sandboxed: bool) {
     let _machine = shared_machine();
     let limits = binding_limits();
-    let (sandbox, records_dir) = hook_sandbox_recording(&limits, sandboxed, "");
+    let (sandbox, records_dir) = tiers_sandbox(&limits, sandboxed);
     let dag = mixed_dag(&records_dir);
     let build =
         run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT);
@@ -210,7 +223,7 @@ fn without_the_hook_daemon_clients_run_heavy_builds_together() {
 fn heavy_limit_holds_across_daemon_clients(sandboxed: bool) {
     let _machine = shared_machine();
     let limits = roomy_limits();
-    let (sandbox, _) = hook_sandbox_recording(&limits, sandboxed, "");
+    let (sandbox, _) = tiers_sandbox(&limits, sandboxed);
     let (records, _) = two_daemon_clients(&sandbox);
     assert_within(&limits, &records);
     let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);

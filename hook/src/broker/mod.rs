@@ -8,7 +8,10 @@
 //! it hand the build to its watcher thread ([`crate::watch::run`]), which finds the builder,
 //! bounds it with a cgroup, ends the lease once the build's processes are gone and records the
 //! build in the history, the one writer of it. One thread per connection reads requests; the
-//! table is shared under a mutex held for the microseconds of a decision.
+//! table is shared under a mutex held for the microseconds of a decision. A build's learned
+//! reservation and expected duration come from the history as read at the start and taught by
+//! every build recorded since ([`nix_tier_model::learning::Learned`]): no decision reads the
+//! database.
 //!
 //! It is started on demand by the first hook that finds no broker (or by a service manager,
 //! `--stay`), and only one runs per state directory: it holds `<state dir>/broker.lock` for its
@@ -34,10 +37,13 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use nix_tier_model::admission::WaitReason;
+use nix_tier_model::build::package_name;
+use nix_tier_model::learning::{self, Learned, ReservationSource};
 use nix_tier_model::leases::{self, AlikeLeases, Decision, LeaseId, LeaseTable, Request};
 use nix_tier_model::Build;
 use serde::{Deserialize, Serialize};
 
+use crate::history::BuildRecord;
 use crate::proc_events::ProcEvents;
 use crate::state::{self, StateDir};
 use crate::watch::{self, Order, WatchJob};
@@ -76,6 +82,8 @@ pub struct Hello {
 }
 
 /// A `try` the hook passes on: the build as the watcher needs it, and its expected duration.
+/// The hook sends its tier's figures; the broker puts in what the history taught it
+/// ([`Board::learn`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TryBuild {
@@ -144,6 +152,9 @@ pub enum FromBroker {
         /// broker, as [`ToBroker::Declined`]). Nix asks about every goal woken for a slot, and
         /// all but one of them get this answer.
         alike: Option<AlikeLeases>,
+        /// The memory this build reserves, MiB, as the broker learned it: what the hook
+        /// compares with `alike` when Nix asks about it again.
+        reserved_mib: u64,
     },
     /// Unasked, after a [`FromBroker::WorkerFull`] with `alike`: a slot of the worker may be
     /// free, so the next build is to be asked about again.
@@ -184,6 +195,9 @@ struct Shared {
 /// The broker's lease table, as the watcher thread sees it.
 struct Board {
     shared: Mutex<Shared>,
+    /// What the history says of each package: read at the start, taught by the watcher as it
+    /// records builds.
+    learned: Mutex<Learned>,
 }
 
 /// One hook's connection, as decisions need it.
@@ -244,6 +258,22 @@ impl Board {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         // A panicked thread leaves the table as consistent as any decision does.
         self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Puts what the history taught into a build the hook sent with its tier's figures: its
+    /// reservation learned within the tier's `memoryMiB` (in `build`, the profile's build
+    /// section), its expected duration.
+    fn learn(&self, build: &Build, request: &mut TryBuild) {
+        let job = &mut request.job;
+        let tier_mib = build.tiers.get(job.tier).memory_mib;
+        let package = package_name(&job.name);
+        let learned = self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let reservation = learning::reservation(&learned.peaks(package), tier_mib);
+        job.memory_limit_mib = reservation.memory_mib;
+        job.limit_learned = matches!(reservation.source, ReservationSource::Learned { .. });
+        if let Some(expected_ms) = learned.expected_wall_ms(package) {
+            request.expected_ms = expected_ms;
+        }
     }
 
     /// Forgets connection `id`, whose hook is gone.
@@ -315,7 +345,8 @@ impl Board {
                     shared.told_full.insert(connection.id, (hello.worker_pid, Arc::clone(&connection.writer)));
                 }
                 let watched = shared.candidate_watched(&request.job.drv);
-                (FromBroker::WorkerFull { alike }, (!watched).then_some(Order::Candidate(request.job)))
+                let reserved_mib = request.job.memory_limit_mib;
+                (FromBroker::WorkerFull { alike, reserved_mib }, (!watched).then_some(Order::Candidate(request.job)))
             }
         }
     }
@@ -387,6 +418,10 @@ impl watch::Leases for Board {
         self.lock().hooks.values().copied().collect()
     }
 
+    fn recorded(&self, row: &BuildRecord) {
+        row.teach(&mut self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    }
+
     fn end(&self, lease: LeaseId) {
         let mut shared = self.lock();
         if let Some(ended) = shared.table.end(lease) {
@@ -438,10 +473,17 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
     // Who holds it, for people and tests.
     running.set_len(0)?;
     writeln!(running, "{}", std::process::id())?;
-    // The history's schema exists before any client can read it.
-    if let Err(error) = crate::history::History::open(state_dir.path()) {
-        eprintln!("nix-tier-hook --broker: {error}; builds are not recorded");
-    }
+    // The history's schema exists before any client can read it; what it says is read once.
+    let learned = match crate::history::History::open(state_dir.path()) {
+        Ok(history) => history.learned().unwrap_or_else(|error| {
+            eprintln!("nix-tier-hook --broker: {error}; builds reserve their tiers' memoryMiB until they are recorded anew");
+            Learned::default()
+        }),
+        Err(error) => {
+            eprintln!("nix-tier-hook --broker: {error}; builds are not recorded and reserve their tiers' memoryMiB");
+            Learned::default()
+        }
+    };
     let socket = state_dir.path().join(SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
@@ -458,6 +500,7 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             clients: 0,
             idle_since: Instant::now(),
         }),
+        learned: Mutex::new(learned),
     });
     let (orders, inbox) = mpsc::channel();
     let (wake_read, wake_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -540,7 +583,7 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
         match (message, hello.as_ref()) {
             (ToBroker::Hello(said), _) => hello = Some(said),
             (ToBroker::Try(told), Some(hello)) => {
-                let Some(request) = recall(&mut known, told) else {
+                let Some(request) = recall(&mut known, told, board, hello) else {
                     return reply(writer, &FromBroker::Refused("a build named but never sent whole".to_string()));
                 };
                 let drv = request.job.drv.clone();
@@ -560,13 +603,16 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                 replied?;
             }
             (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
-            (ToBroker::Declined(builds), _) => {
+            // Not answered; a hook says hello first.
+            (ToBroker::Declined(_), None) => {}
+            (ToBroker::Declined(builds), Some(hello)) => {
                 let mut unwatched = Vec::new();
+                let builds: Vec<(TryBuild, u32)> =
+                    builds.into_iter().filter_map(|Declined { build, times }| Some((recall(&mut known, build, board, hello)?, times))).collect();
                 {
                     let mut shared = board.lock();
                     let now = state::now_ms();
-                    for Declined { build, times } in builds {
-                        let Some(request) = recall(&mut known, build) else { continue };
+                    for (request, times) in builds {
                         shared.count_tries(&request.job.drv, times);
                         shared.table.still_waiting(&request.job.drv, now);
                         if !shared.candidate_watched(&request.job.drv) {
@@ -587,10 +633,12 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
     }
 }
 
-/// The build `told` names: sent whole (kept in `known` from now on), or sent whole before.
-fn recall(known: &mut HashMap<String, TryBuild>, told: Told) -> Option<TryBuild> {
+/// The build `told` names: sent whole (kept in `known` from now on, with what the history
+/// taught of it), or sent whole before.
+fn recall(known: &mut HashMap<String, TryBuild>, told: Told, board: &Board, hello: &Hello) -> Option<TryBuild> {
     match told {
-        Told::Whole(build) => {
+        Told::Whole(mut build) => {
+            board.learn(&hello.build, &mut build);
             known.insert(build.job.drv.clone(), (*build).clone());
             Some(*build)
         }
