@@ -19,12 +19,12 @@ use std::fs::{self, OpenOptions};
 use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use nix_tier_model::build::package_name;
-use nix_tier_model::learning::{self, Ending, Learned, MAX_SAMPLES};
+use nix_tier_model::learning::{self, Learned, MAX_SAMPLES};
+pub use nix_tier_model::learning::Outcome;
 use nix_tier_model::Tier;
 use rusqlite::{params, Connection, OpenFlags, Row, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
@@ -78,56 +78,6 @@ fn record_columns(version_2: bool) -> &'static str {
     }
 }
 
-/// How a build ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    /// It succeeded.
-    Succeeded,
-    /// It failed (not for lack of memory, as far as the watcher saw).
-    Failed,
-    /// The kernel's OOM killer ended it (the cgroup hit its memory limit).
-    OomKilled,
-}
-
-impl Outcome {
-    /// `succeeded`, `failed` or `oom-killed`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed => "failed",
-            Outcome::OomKilled => "oom-killed",
-        }
-    }
-}
-
-impl From<Outcome> for Ending {
-    fn from(outcome: Outcome) -> Ending {
-        match outcome {
-            Outcome::Succeeded => Ending::Succeeded,
-            Outcome::Failed => Ending::Failed,
-            Outcome::OomKilled => Ending::OomKilled,
-        }
-    }
-}
-
-impl FromStr for Outcome {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Outcome, String> {
-        [Outcome::Succeeded, Outcome::Failed, Outcome::OomKilled]
-            .into_iter()
-            .find(|o| o.as_str() == text)
-            .ok_or_else(|| format!("unknown outcome \"{text}\""))
-    }
-}
-
-impl fmt::Display for Outcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// One finished build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -166,7 +116,7 @@ pub struct BuildRecord {
 impl BuildRecord {
     /// Counts this build in `learned`, as [`History::learned`] counts the rows it reads.
     pub fn teach(&self, learned: &mut Learned) {
-        learned.record(&self.package, self.started_unix_ms, self.outcome.into(), self.wall_ms, self.peak_mib);
+        learned.record(&self.package, self.started_unix_ms, self.outcome, self.wall_ms, self.peak_mib);
     }
 }
 
@@ -430,7 +380,7 @@ impl History {
             let (package, started, outcome, wall, peak) = read().map_err(|e| self.sqlite(e))?;
             let outcome: Outcome = outcome.parse().map_err(|e| self.invalid(e))?;
             let peak = peak.map(|p| self.unsigned("peak_mib", p)).transpose()?;
-            learned.record(&package, self.unsigned("started_unix_ms", started)?, outcome.into(), self.unsigned("wall_ms", wall)?, peak);
+            learned.record(&package, self.unsigned("started_unix_ms", started)?, outcome, self.unsigned("wall_ms", wall)?, peak);
         }
         Ok(learned)
     }

@@ -47,6 +47,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 use crate::Tier;
 
@@ -140,16 +143,45 @@ pub fn reservation(peaks_mib: &[u64], tier_limit_mib: u64) -> Reservation {
     Reservation { memory_mib, source: ReservationSource::Learned { samples: recent.len(), p95_mib } }
 }
 
-/// How a recorded build ended, as far as learning goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// It succeeded: its peak and wall time count.
+/// How a build ended, as the history records it (and learning counts it: only a success's
+/// figures count, and an OOM kill sets its package's learning back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It succeeded.
     Succeeded,
-    /// It failed for another reason than memory: it says nothing.
+    /// It failed (not for lack of memory, as far as the watcher saw).
     Failed,
-    /// It was killed for lack of memory: the peaks of its package's builds that started
-    /// before it stop counting.
+    /// The kernel's OOM killer ended it (the cgroup hit its memory limit).
     OomKilled,
+}
+
+impl Outcome {
+    /// `succeeded`, `failed` or `oom-killed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::OomKilled => "oom-killed",
+        }
+    }
+}
+
+impl FromStr for Outcome {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Outcome, String> {
+        [Outcome::Succeeded, Outcome::Failed, Outcome::OomKilled]
+            .into_iter()
+            .find(|o| o.as_str() == text)
+            .ok_or_else(|| format!("unknown outcome \"{text}\""))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the build history says of each package, kept in memory by the process that records the
@@ -184,19 +216,19 @@ fn keep_newest(newest: &mut Vec<(u64, u64)>, started: u64, value: u64) {
 
 impl Learned {
     /// Counts a finished build of `package` that started at `started_unix_ms`.
-    pub fn record(&mut self, package: &str, started_unix_ms: u64, ending: Ending, wall_ms: u64, peak_mib: Option<u64>) {
+    pub fn record(&mut self, package: &str, started_unix_ms: u64, outcome: Outcome, wall_ms: u64, peak_mib: Option<u64>) {
         let record = self.packages.entry(package.to_string()).or_default();
-        match ending {
-            Ending::Succeeded => {
+        match outcome {
+            Outcome::Succeeded => {
                 keep_newest(&mut record.walls, started_unix_ms, wall_ms);
                 if let Some(peak) = peak_mib {
                     keep_newest(&mut record.peaks, started_unix_ms, peak);
                 }
             }
-            Ending::OomKilled => {
+            Outcome::OomKilled => {
                 record.last_oom_started = record.last_oom_started.max(Some(started_unix_ms));
             }
-            Ending::Failed => {}
+            Outcome::Failed => {}
         }
     }
 
@@ -288,20 +320,20 @@ mod tests {
         let mut learned = Learned::default();
         assert_eq!((learned.peaks("p"), learned.expected_wall_ms("p")), (vec![], None));
         for started in 0..30 {
-            learned.record("p", started, Ending::Succeeded, 1000 + started, Some(started));
+            learned.record("p", started, Outcome::Succeeded, 1000 + started, Some(started));
         }
-        learned.record("p", 100, Ending::Failed, 1, Some(1));
+        learned.record("p", 100, Outcome::Failed, 1, Some(1));
         // Recorded out of order (builds end in another order than they start).
-        learned.record("p", 5, Ending::Succeeded, 1, Some(999));
+        learned.record("p", 5, Outcome::Succeeded, 1, Some(999));
         assert_eq!(learned.peaks("p"), (10..30).rev().collect::<Vec<u64>>());
         assert_eq!(learned.expected_wall_ms("p"), Some(1020));
-        learned.record("p", 25, Ending::OomKilled, 1, None);
+        learned.record("p", 25, Outcome::OomKilled, 1, None);
         assert_eq!(learned.peaks("p"), vec![29, 28, 27, 26]);
         // An earlier OOM kill recorded later moves nothing.
-        learned.record("p", 20, Ending::OomKilled, 1, None);
+        learned.record("p", 20, Outcome::OomKilled, 1, None);
         assert_eq!(learned.peaks("p"), vec![29, 28, 27, 26]);
         // Walls count whatever the OOM kills; a build without a peak still has one.
-        learned.record("p", 40, Ending::Succeeded, 5000, None);
+        learned.record("p", 40, Outcome::Succeeded, 5000, None);
         assert_eq!(learned.peaks("p"), vec![29, 28, 27, 26]);
         assert_eq!(learned.expected_wall_ms("p"), Some(1021));
         assert_eq!(learned.peaks("other"), Vec::<u64>::new());
