@@ -212,6 +212,9 @@ pub struct Dag {
     pub record_dir: PathBuf,
     /// A Nix expression for `extraAttrs`.
     pub extra_attrs: String,
+    /// Every derivation a package of its own (the fixture's `packagePerDerivation`), so that
+    /// none reserves what an earlier build of the session taught.
+    pub package_per_derivation: bool,
 }
 
 impl Dag {
@@ -224,6 +227,7 @@ impl Dag {
             mem_mib: PerTier { heavy: 48, medium: 24, light: 8 },
             record_dir: record_dir.to_path_buf(),
             extra_attrs: "{ }".to_string(),
+            package_per_derivation: false,
         }
     }
 
@@ -231,7 +235,8 @@ impl Dag {
     pub fn names(&self) -> Vec<String> {
         let mut names = Vec::new();
         for (tier, n) in [("heavy", self.counts.heavy), ("medium", self.counts.medium), ("light", self.counts.light)] {
-            names.extend((0..n).map(|i| format!("{}-{tier}-{i}", self.prefix)));
+            let dash = if self.package_per_derivation { "" } else { "-" };
+            names.extend((0..n).map(|i| format!("{}-{tier}{dash}{i}", self.prefix)));
         }
         names.push(format!("{}-all", self.prefix));
         names
@@ -262,6 +267,9 @@ impl Dag {
             "--arg".into(),
             "extraAttrs".into(),
             self.extra_attrs.clone(),
+            "--arg".into(),
+            "packagePerDerivation".into(),
+            self.package_per_derivation.to_string(),
         ]
     }
 

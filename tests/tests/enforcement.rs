@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_tests::hook_env::{
-    hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, Limits, NixDaemon, Running,
-    TierLimits,
+    hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, timeline, Limits, NixDaemon,
+    Running, TierLimits,
 };
 use nix_tier_tests::{binary, cgroup_v1_present, requires, stderr, NixSandbox, ReadOnlyCgroupRoot};
 use serde_json::Value;
@@ -28,13 +28,14 @@ fn limits(medium: TierLimits) -> Limits {
 
 /// A Nix expression of test-builder derivations: `builds` is a list of attribute sets with
 /// `name`, `tier`, `mem` (MiB), `sleep` (ms), and optionally `ramp` (ms before allocating,
-/// default 300) and `salt` (to vary the .drv).
+/// default 300), `salt` (to vary the .drv) and `deps` (derivations built first).
 fn builds_expr(record_dir: &Path, builds: &str) -> String {
     format!(
         r#"map (b: derivation {{
              inherit (b) name; system = builtins.currentSystem; builder = "{}";
              NIX_TIER = b.tier; TB_MEM_MIB = toString b.mem; TB_SLEEP_MS = toString b.sleep;
              TB_RAMP_MS = toString (b.ramp or 300); RECORD_DIR = "{}"; SALT = b.salt or "";
+             TB_DEPS = toString (b.deps or [ ]);
            }}) [ {builds} ]"#,
         testbuilder().display(),
         record_dir.display()
@@ -406,6 +407,48 @@ fn learned_reservations_let_more_builds_run_at_once() {
     };
     assert_eq!(concurrency("other-1.0"), 2, "flat 400 MiB figures fit 2 in 1000 MiB");
     assert_eq!(concurrency("pkg-1.0"), 4, "learned {learned} MiB figures fit all 4 (maxJobs 4)");
+}
+
+#[test]
+fn a_build_learns_from_one_recorded_earlier_in_the_same_nix_build() {
+    if !cgroup_v1_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    // Flat figures: 400 MiB each in a 1000 MiB budget, so only 2 medium builds at once.
+    let mut tight = limits(TierLimits { max_jobs: 4, cores: 1, memory_mib: 400 });
+    tight.budget_mib = 1000;
+    let (sandbox, _) = hook_sandbox(&tight, "");
+    let records = sandbox.path().join("records");
+    // One nix-build, one hook per Nix worker, an empty history at its start: pkg's first
+    // build, a light build after it (so that the first is recorded before the rest are asked
+    // about), then four builds of pkg.
+    let first = r#"{ name = "pkg-1.0"; tier = "medium"; mem = 40; sleep = 100; salt = "first"; }"#;
+    let spacer = format!(
+        r#"{{ name = "spacer"; tier = "light"; mem = 1; sleep = 1000; deps = [ (builtins.head ({})) ]; }}"#,
+        builds_expr(&records, first)
+    );
+    let batch: String = (1..=4)
+        .map(|i| {
+            format!(
+                r#"{{ name = "pkg-1.0"; tier = "medium"; mem = 40; sleep = 1500; salt = "batch{i}"; deps = [ (builtins.head ({})) ]; }}"#,
+                builds_expr(&records, &spacer)
+            )
+        })
+        .collect();
+    let out = nix_build(&sandbox, &builds_expr(&records, &batch));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let all = read_records(&records);
+    let spacer_end = all.iter().find(|r| r.name == "spacer").map(|r| r.end_ms).expect("the spacer ran");
+    let batch: Vec<_> = all.iter().filter(|r| r.name == "pkg-1.0" && r.start_ms >= spacer_end).cloned().collect();
+    assert_eq!(batch.len(), 4, "{}", timeline(&all));
+    assert_eq!(
+        peaks(&batch, |_| 0).total,
+        4,
+        "the four later builds of pkg reserve what its first build taught and fit the budget together: {}",
+        timeline(&all)
+    );
 }
 
 #[test]

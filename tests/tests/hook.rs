@@ -29,19 +29,6 @@ fn binding_limits() -> Limits {
     }
 }
 
-/// A recording sandbox (as `hook_sandbox_recording`) whose profile holds every build to its
-/// tier's `maxJobs` (`mode: tiers`). In the default learned mode a package's later builds,
-/// once one of them is recorded, reserve the figure learned from it and are held by the budget
-/// alone, not by `maxJobs`: these tests build several derivations of one package and check
-/// the tiers' limits.
-fn tiers_sandbox(limits: &Limits, sandboxed: bool) -> (NixSandbox, std::path::PathBuf) {
-    let (sandbox, records) = hook_sandbox_recording(limits, sandboxed, "");
-    let mut profile = profile_json(limits);
-    profile["build"]["mode"] = "tiers".into();
-    write_profile_json(&sandbox, "hw.json", &profile);
-    (sandbox, records)
-}
-
 /// Limits where only the heavy tier's single slot matters.
 fn roomy_limits() -> Limits {
     Limits {
@@ -52,14 +39,20 @@ fn roomy_limits() -> Limits {
     }
 }
 
-/// 2 heavy, 3 medium, 8 light (half of them depending on a medium), plus the aggregator.
+/// 2 heavy, 3 medium, 8 light (half of them depending on a medium), plus the aggregator; each
+/// a package of its own, so that every build reserves its tier's `memoryMiB` and is held to its
+/// tier's `maxJobs`, the figures the assertions count. (A build of a package recorded earlier
+/// in the session reserves what was learned instead, and in learned mode the budget alone
+/// holds it.)
 fn mixed_dag(record_dir: &Path) -> Dag {
-    Dag::new(
+    let mut dag = Dag::new(
         "dag",
         PerTier { heavy: 2, medium: 3, light: 8 },
         PerTier { heavy: 1000, medium: 600, light: 300 },
         record_dir,
-    )
+    );
+    dag.package_per_derivation = true;
+    dag
 }
 
 /// Polls `nix-tier status --json` until `ready` holds of it (true) or `timeout` passes (false);
@@ -146,7 +139,7 @@ fn without_the_hook_the_dag_exceeds_the_limits() {
 fn tier_limits_and_budget_hold_within_one_nix_build(sandboxed: bool) {
     let _machine = shared_machine();
     let limits = binding_limits();
-    let (sandbox, records_dir) = tiers_sandbox(&limits, sandboxed);
+    let (sandbox, records_dir) = hook_sandbox_recording(&limits, sandboxed, "");
     let dag = mixed_dag(&records_dir);
     let build =
         run_with_timeout(dag.build_command(sandbox.command("nix-build"), 8, None), sandbox.path(), "build", BUILD_TIMEOUT);
@@ -172,14 +165,18 @@ fn tier_limits_and_budget_hold_within_one_sandboxed_nix_build() {
     tier_limits_and_budget_hold_within_one_nix_build(true);
 }
 
-/// Two clients of one private nix-daemon, each `nix-build -j 8` of three heavy builds; the
-/// records of both.
+/// Two clients of one private nix-daemon, each `nix-build -j 8` of three heavy builds (each a
+/// package of its own, as in [`mixed_dag`]); the records of both.
 fn two_daemon_clients(sandbox: &NixSandbox) -> (Vec<Record>, Vec<Dag>) {
     let daemon = NixDaemon::start(sandbox);
     let records_dir = sandbox.path().join("records");
     let counts = PerTier { heavy: 3, medium: 0, light: 0 };
     let sleeps = PerTier { heavy: 500, medium: 300, light: 300 };
-    let dags = [Dag::new("a", counts, sleeps, &records_dir), Dag::new("b", counts, sleeps, &records_dir)];
+    let dags = ["a", "b"].map(|prefix| {
+        let mut dag = Dag::new(prefix, counts, sleeps, &records_dir);
+        dag.package_per_derivation = true;
+        dag
+    });
 
     let clients: Vec<Running> = dags
         .iter()
@@ -223,7 +220,7 @@ fn without_the_hook_daemon_clients_run_heavy_builds_together() {
 fn heavy_limit_holds_across_daemon_clients(sandboxed: bool) {
     let _machine = shared_machine();
     let limits = roomy_limits();
-    let (sandbox, _) = tiers_sandbox(&limits, sandboxed);
+    let (sandbox, _) = hook_sandbox_recording(&limits, sandboxed, "");
     let (records, _) = two_daemon_clients(&sandbox);
     assert_within(&limits, &records);
     let peaks = peaks(&records, |tier| limits.tier(tier).memory_mib);
