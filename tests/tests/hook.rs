@@ -617,3 +617,49 @@ fn a_killed_daemon_workers_leftover_children_keep_the_heavy_slot() {
     client_b.wait(BUILD_TIMEOUT).assert_success("client b");
     drop(client_a);
 }
+
+/// The pid of a hook (not a broker) run for `sandbox`: `nix-tier-hook` with the sandbox's
+/// directories in its environment.
+fn hook_of(sandbox: &NixSandbox) -> Option<u32> {
+    let hook = fs::canonicalize(hook_binary()).unwrap();
+    let marker = sandbox.path().display().to_string();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let is_hook = fs::read_link(entry.path().join("exe")).is_ok_and(|exe| exe == hook);
+        let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+        let environ = String::from_utf8_lossy(&fs::read(entry.path().join("environ")).ok()?).into_owned();
+        let broker = cmdline.split(|b| *b == 0).any(|arg| arg == b"--broker");
+        (is_hook && !broker && environ.contains(&marker)).then_some(pid)
+    })
+}
+
+#[test]
+fn a_hook_waits_for_the_broker_another_hook_is_starting() {
+    // Two hooks that find no broker both start one; the second broker leaves at once, as the
+    // first holds the lock, and the first may take a while to listen. Here the test holds the
+    // lock, a broker starting for as long as it likes. The hook must postpone meanwhile, not
+    // decline (Nix would build at once, uncounted): the light build waits for the lock.
+    let _machine = exclusive_machine();
+    let (sandbox, _) = hook_sandbox(&roomy_limits(), "");
+    let records_dir = sandbox.path().join("records");
+    fs::create_dir_all(state_dir(&sandbox)).unwrap();
+    let lock = fs::File::create(state_dir(&sandbox).join("broker.lock")).unwrap();
+    lock.lock().unwrap();
+
+    let dag = Dag::new("starting", PerTier { heavy: 0, medium: 0, light: 1 }, PerTier { heavy: 0, medium: 0, light: 100 }, &records_dir);
+    let build = Running::spawn(dag.build_command(sandbox.command("nix-build"), 8, Some("light-0")), sandbox.path(), "starting");
+    // Nix asks its hook once the derivation's inputs are there; the hook then starts a broker,
+    // which leaves at once.
+    wait_for("the hook of nix-build", Duration::from_secs(30), || hook_of(&sandbox));
+    // Held half a second more: a hook that declined after its 40 ms would have had the build
+    // started by then.
+    std::thread::sleep(Duration::from_millis(500));
+    let released_at = now_ms();
+    let early = started(&records_dir, "starting-light-0");
+    drop(lock);
+
+    build.wait(BUILD_TIMEOUT).assert_success("nix-build while another broker was starting");
+    assert!(early.is_none(), "starting-light-0 started while the lock was held, before {released_at}: {early:?}");
+    let (_, _, start_ms) = started(&records_dir, "starting-light-0").expect("starting-light-0 ran");
+    assert!(start_ms >= released_at, "starting-light-0 started at {start_ms}, before the lock's release at {released_at}");
+}
