@@ -361,20 +361,29 @@ fn every_admitted_build_gets_one_history_row() {
     assert!(long["leasedMs"].as_u64().is_some_and(|leased| leased >= 600), "its lease covers its 600 ms: {long}");
 }
 
+/// A hook sandbox whose medium builds reserve 400 MiB each in a 1000 MiB budget, so that only
+/// two run at once on the tier's figure (four, maxJobs, on a learned one); its profile and its
+/// record directory.
+fn two_medium_at_once() -> (NixSandbox, std::path::PathBuf, std::path::PathBuf) {
+    let mut tight = limits(TierLimits { max_jobs: 4, cores: 1, memory_mib: 400 });
+    tight.budget_mib = 1000;
+    let (sandbox, profile) = hook_sandbox(&tight, "");
+    let records = sandbox.path().join("records");
+    (sandbox, profile, records)
+}
+
+/// A medium build for [`builds_expr`] that holds 40 MiB for `sleep` ms.
+fn medium(name: &str, salt: &str, sleep: u32) -> String {
+    format!(r#"{{ name = "{name}"; tier = "medium"; mem = 40; sleep = {sleep}; salt = "{salt}"; }}"#)
+}
+
 #[test]
 fn learned_reservations_let_more_builds_run_at_once() {
     if !cgroup_v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    // Flat figures: 400 MiB each in a 1000 MiB budget, so only 2 medium builds at once.
-    let mut tight = limits(TierLimits { max_jobs: 4, cores: 1, memory_mib: 400 });
-    tight.budget_mib = 1000;
-    let (sandbox, profile) = hook_sandbox(&tight, "");
-    let records = sandbox.path().join("records");
-    let medium = |name: &str, salt: &str, sleep: u32| {
-        format!(r#"{{ name = "{name}"; tier = "medium"; mem = 40; sleep = {sleep}; salt = "{salt}"; }}"#)
-    };
+    let (sandbox, profile, records) = two_medium_at_once();
 
     // Three builds of pkg teach the hook its real use.
     let learning: String = (1..=3).map(|i| medium("pkg-1.0", &format!("learn{i}"), 100)).collect();
@@ -415,18 +424,14 @@ fn a_build_learns_from_one_recorded_earlier_in_the_same_nix_build() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    // Flat figures: 400 MiB each in a 1000 MiB budget, so only 2 medium builds at once.
-    let mut tight = limits(TierLimits { max_jobs: 4, cores: 1, memory_mib: 400 });
-    tight.budget_mib = 1000;
-    let (sandbox, _) = hook_sandbox(&tight, "");
-    let records = sandbox.path().join("records");
+    let (sandbox, _, records) = two_medium_at_once();
     // One nix-build, one hook per Nix worker, an empty history at its start: pkg's first
     // build, a light build after it (so that the first is recorded before the rest are asked
     // about), then four builds of pkg.
-    let first = r#"{ name = "pkg-1.0"; tier = "medium"; mem = 40; sleep = 100; salt = "first"; }"#;
+    let first = medium("pkg-1.0", "first", 100);
     let spacer = format!(
         r#"{{ name = "spacer"; tier = "light"; mem = 1; sleep = 1000; deps = [ (builtins.head ({})) ]; }}"#,
-        builds_expr(&records, first)
+        builds_expr(&records, &first)
     );
     let batch: String = (1..=4)
         .map(|i| {
