@@ -6,14 +6,13 @@ use std::path::Path;
 use nix_tier_model::build::{package_name, Classification};
 use nix_tier_model::derivation::Derivation;
 use nix_tier_model::leases::AlikeLeases;
-use nix_tier_model::learning::{self, ReservationSource};
+use nix_tier_model::learning::{self, Learned, ReservationSource};
 use nix_tier_model::optimize::TIER_ATTRIBUTE;
 use nix_tier_cgroups::Hierarchy;
 use nix_tier_model::{Profile, Tier};
 
 use crate::broker::client::{Client, Failure};
 use crate::broker::{FromBroker, Hello, TryBuild};
-use crate::history::History;
 use crate::output_locks;
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
@@ -35,14 +34,12 @@ pub struct Placement {
     /// Where `memory_mib` comes from: the tier's `memoryMiB`, or learned from the package's
     /// past builds.
     pub memory_source: ReservationSource,
-    /// Why the build history could not be read, when it could not (the tier's figure is used).
-    pub history_error: Option<String>,
 }
 
 /// Classifies `drv` under `profile` and sizes its reservation: learned from its package's past
-/// builds in `history` when there are enough (`nix_tier_model::learning`), else its tier's
-/// `memoryMiB`. One indexed query.
-pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> Placement {
+/// builds in `learned` when there are enough (`nix_tier_model::learning`), else its tier's
+/// `memoryMiB`.
+pub fn place(profile: &Profile, drv: &Derivation, learned: Option<&Learned>) -> Placement {
     let name = drv.name().unwrap_or_else(|| "unnamed".to_string());
     let marked = drv.string_attribute(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
     // The pname when the derivation has one, as optimizeFor classifies (its passthru.nixTier
@@ -52,13 +49,9 @@ pub fn place(profile: &Profile, drv: &Derivation, history: Option<&History>) -> 
     let classification = profile.build.classify(package, &drv.required_system_features(), marked);
     let rule_package = marked.is_none().then(|| package.to_string());
     let tier_mib = profile.build.tiers.get(classification.tier).memory_mib;
-    let (peaks, history_error) = match history.map(|h| h.learning_peaks(nix_tier_model::build::package_name(&name))) {
-        Some(Ok(peaks)) => (peaks, None),
-        Some(Err(error)) => (Vec::new(), Some(error.to_string())),
-        None => (Vec::new(), None),
-    };
+    let peaks = learned.map(|learned| learned.peaks(package_name(&name))).unwrap_or_default();
     let reservation = learning::reservation(&peaks, tier_mib);
-    Placement { name, classification, rule_package, memory_mib: reservation.memory_mib, memory_source: reservation.source, history_error }
+    Placement { name, classification, rule_package, memory_mib: reservation.memory_mib, memory_source: reservation.source }
 }
 
 /// What to tell Nix about one request.

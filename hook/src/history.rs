@@ -385,31 +385,6 @@ impl History {
         Ok(learned)
     }
 
-    /// The peaks (MiB, newest first) the hook learns `package`'s reservation from: those of its
-    /// succeeded builds that have a peak and started after its latest OOM kill (which sends it
-    /// back to its tier's figure), at most [`MAX_SAMPLES`]. One query on the
-    /// `(package, outcome, started)` index.
-    pub fn learning_peaks(&self, package: &str) -> Result<Vec<u64>, HistoryError> {
-        let sql = "SELECT peak_mib FROM builds
-             WHERE package = ?1 AND outcome = 'succeeded' AND peak_mib IS NOT NULL
-               AND started_unix_ms > coalesce(
-                   (SELECT max(started_unix_ms) FROM builds WHERE package = ?1 AND outcome = 'oom-killed'), -1)
-             ORDER BY started_unix_ms DESC LIMIT ?2";
-        let limit = i64::try_from(MAX_SAMPLES).unwrap_or(i64::MAX);
-        let mut query = self.conn.prepare_cached(sql).map_err(|e| self.sqlite(e))?;
-        let peaks = query
-            .query_map(params![package, limit], |row| row.get::<_, i64>(0))
-            .and_then(Iterator::collect::<Result<Vec<i64>, _>>)
-            .map_err(|e| self.sqlite(e))?;
-        peaks.into_iter().map(|p| self.unsigned("peak_mib", p)).collect()
-    }
-
-    /// How long `package`'s builds take, milliseconds: the median wall time of its newest
-    /// succeeded builds (at most [`MAX_SAMPLES`]); `None` without any. One indexed query.
-    pub fn expected_wall_ms(&self, package: &str) -> Result<Option<u64>, HistoryError> {
-        self.recent_median(package, "wall_ms")
-    }
-
     /// The CPU time `package`'s builds use, milliseconds: the median over its newest succeeded
     /// builds whose CPU time was measured (at most [`MAX_SAMPLES`]). One indexed query.
     pub fn expected_cpu_ms(&self, package: &str) -> Result<Option<u64>, HistoryError> {
@@ -678,7 +653,7 @@ mod tests {
     }
 
     #[test]
-    fn the_learned_figures_answer_as_the_queries() {
+    fn the_learned_figures_read_back_as_they_were_taught() {
         let dir = tempfile::tempdir().unwrap();
         let history = History::open(dir.path()).unwrap();
         let mut learned = Learned::default();
@@ -698,12 +673,8 @@ mod tests {
             history.record(&row).unwrap();
             row.teach(&mut learned);
         }
-        for package in ["a", "b", "c", "none"] {
-            assert_eq!(learned.peaks(package), history.learning_peaks(package).unwrap(), "{package}");
-            assert_eq!(learned.expected_wall_ms(package), history.expected_wall_ms(package).unwrap(), "{package}");
-        }
         let read = history.learned().unwrap();
-        for package in ["a", "b", "c"] {
+        for package in ["a", "b", "c", "none"] {
             assert_eq!(read.peaks(package), learned.peaks(package));
             assert_eq!(read.expected_wall_ms(package), learned.expected_wall_ms(package));
         }
@@ -724,8 +695,9 @@ mod tests {
             history.record(&build("p", started, peak, outcome)).unwrap();
         }
         history.record(&build("other", 7, Some(5), Outcome::Succeeded)).unwrap();
-        assert_eq!(history.learning_peaks("p").unwrap(), vec![200, 300]);
-        assert!(history.learning_peaks("nothing").unwrap().is_empty());
+        let learned = history.learned().unwrap();
+        assert_eq!(learned.peaks("p"), vec![200, 300]);
+        assert!(learned.peaks("nothing").is_empty());
     }
 
     #[test]
@@ -735,7 +707,7 @@ mod tests {
         for i in 0..25 {
             history.record(&build("p", i, Some(i), Outcome::Succeeded)).unwrap();
         }
-        let peaks = history.learning_peaks("p").unwrap();
+        let peaks = history.learned().unwrap().peaks("p");
         assert_eq!(peaks, (5..25).rev().collect::<Vec<u64>>());
     }
 
@@ -806,7 +778,7 @@ mod tests {
                     let history = History::open(&state).unwrap();
                     for i in 0..50 {
                         history.record(&build(&format!("p{t}"), i, Some(i), Outcome::Succeeded)).unwrap();
-                        history.learning_peaks(&format!("p{}", (t + 1) % 4)).unwrap();
+                        history.learned().unwrap();
                     }
                 })
             })

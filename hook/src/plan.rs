@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use nix_tier_model::build::package_name;
-use nix_tier_model::learning;
+use nix_tier_model::learning::{self, Learned};
 use nix_tier_model::simulate::{Job, Known};
 use nix_tier_model::{Derivation, Profile, Tier};
 
@@ -92,9 +92,10 @@ pub fn from_workload(path: &Path, history: Option<&History>) -> Result<Plan, Pla
         deps.push(resolved.collect::<Result<Vec<usize>, PlanError>>()?);
     }
     let order = dependencies_first(&deps).map_err(|i| error(format!("build \"{}\" depends on itself through its dependencies", workload.builds[i].name)))?;
+    let learned = history.map(History::learned).transpose()?;
     let jobs = order.iter().map(|&i| {
         let build = &workload.builds[i];
-        let known = known(history, package_name(&build.name))?;
+        let known = known(learned.as_ref(), package_name(&build.name));
         Ok(Job { name: build.name.clone(), tier: build.tier, wall_ms: build.ms, peak_mib: build.mib, cpu_ms: build.cpu_ms, known, deps: deps[i].clone() })
     });
     let jobs = renumber(jobs.collect::<Result<Vec<Job>, PlanError>>()?, &order);
@@ -123,13 +124,14 @@ pub fn from_derivation(drv: &Path, profile: &Profile, history: Option<&History>)
     let index: HashMap<&PathBuf, usize> = wanted.iter().enumerate().map(|(i, p)| (*p, i)).collect();
     let deps: Vec<Vec<usize>> = wanted.iter().map(|p| found[*p].1.iter().filter_map(|i| index.get(i).copied()).collect()).collect();
     let order = dependencies_first(&deps).map_err(|i| PlanError::Derivation { path: wanted[i].clone(), message: "depends on itself".into() })?;
+    let learned = history.map(History::learned).transpose()?;
     let jobs = order.iter().map(|&i| {
         let derivation = &found[wanted[i]].0;
         // The tier only: what it reserves follows from `known`, as the hook would learn it.
         let placement = place(profile, derivation, None);
         let tier = placement.classification.tier;
         let package = package_name(&placement.name);
-        let known = known(history, package)?;
+        let known = known(learned.as_ref(), package);
         let wall_ms = known.as_ref().map_or_else(|| learning::guessed_wall_ms(tier), |k| k.expected_ms);
         let peak_mib = known.as_ref().and_then(|k| k.peaks_mib.iter().max().copied()).unwrap_or(profile.build.tiers.get(tier).memory_mib);
         let cpu_ms = match history {
@@ -151,11 +153,10 @@ pub fn known_from_themselves(jobs: &mut [Job]) {
     }
 }
 
-/// What the runtime knows of `package`: as the hook asks the history.
-fn known(history: Option<&History>, package: &str) -> Result<Option<Known>, PlanError> {
-    let Some(history) = history else { return Ok(None) };
-    let Some(expected_ms) = history.expected_wall_ms(package)? else { return Ok(None) };
-    Ok(Some(Known { expected_ms, peaks_mib: history.learning_peaks(package)? }))
+/// What the runtime knows of `package`: what the broker learns from the history.
+fn known(learned: Option<&Learned>, package: &str) -> Option<Known> {
+    let learned = learned?;
+    Some(Known { expected_ms: learned.expected_wall_ms(package)?, peaks_mib: learned.peaks(package) })
 }
 
 /// An order of the nodes in which each comes after its dependencies (`deps[i]`: the nodes `i`

@@ -40,8 +40,8 @@
 //!   in a heavier tier (a profile rule), not in a larger learned figure.
 //!
 //! Which builds count is up to the caller: the broker passes the succeeded builds of the
-//! package *since its last OOM kill* ([`Learned::peaks`]; the history's
-//! `nix_tier_hook::history::History::learning_peaks` for the command line), so a build killed
+//! package *since its last OOM kill* ([`Learned::peaks`], which the command line reads from
+//! the history as the broker does), so a build killed
 //! for lack of memory sends the package back to the tier's figure until it has succeeded again.
 //! Failed builds are ignored (their peaks say nothing about what a whole build needs).
 
@@ -185,9 +185,9 @@ impl fmt::Display for Outcome {
 }
 
 /// What the build history says of each package, kept in memory by the process that records the
-/// builds (the broker), so that deciding about a build reads no database. It gives what
-/// the history's queries give (`nix_tier_hook::history::History::learning_peaks` and
-/// `expected_wall_ms`) for the builds recorded into it, in any order.
+/// builds (the broker), so that deciding about a build reads no database; the command line
+/// reads it from the history too (`nix_tier_hook::history::History::learned`). Builds may be
+/// recorded into it in any order.
 #[derive(Debug, Default, Clone)]
 pub struct Learned {
     packages: HashMap<String, PackageRecord>,

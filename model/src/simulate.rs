@@ -63,9 +63,9 @@ pub struct Job {
 /// What the history says of a job's package, as the runtime reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
-    /// Its expected duration, milliseconds (`History::expected_wall_ms`).
+    /// Its expected duration, milliseconds (`Learned::expected_wall_ms`).
     pub expected_ms: u64,
-    /// The peaks its reservation is learned from, newest first (`History::learning_peaks`).
+    /// The peaks its reservation is learned from, newest first (`Learned::peaks`).
     pub peaks_mib: Vec<u64>,
 }
 

@@ -32,18 +32,18 @@ pub struct Args {
 pub fn run(args: &Args) -> CommandResult {
     let (profile, origin) = super::hook_profile(args.profile.as_deref())?;
     let drv = Derivation::read(&args.drv)?;
-    let history = History::open_read_only(StateDir::from_env().path());
-    let placement = place(&profile, &drv, history.as_ref().ok().and_then(Option::as_ref));
-    let history_error = history.as_ref().err().map(ToString::to_string).or(placement.history_error.clone());
+    // What the history says of every package, as the broker reads it when it starts.
+    let figures = History::open_read_only(StateDir::from_env().path()).and_then(|h| h.map(|h| h.learned()).transpose());
+    let known = figures.as_ref().ok().and_then(Option::as_ref);
+    let placement = place(&profile, &drv, known);
+    let history_error = figures.as_ref().err().map(ToString::to_string);
     let tier = placement.classification.tier;
     let limits = profile.build.tiers.get(tier);
     let package = package_name(&placement.name);
     // How many builds the rule saw (for "1 of 3 builds needed").
     let samples = match placement.memory_source {
         ReservationSource::Learned { samples, .. } => samples,
-        ReservationSource::Tier => {
-            history.as_ref().ok().and_then(Option::as_ref).and_then(|h| h.learning_peaks(package).ok()).map_or(0, |p| p.len())
-        }
+        ReservationSource::Tier => known.map_or(0, |known| known.peaks(package).len()),
     };
     let why = match (placement.memory_source, &history_error) {
         (ReservationSource::Learned { .. }, _) => placement.memory_source.to_string(),
