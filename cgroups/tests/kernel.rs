@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_cgroups::{Hierarchy, Limits, Mounts, Version};
-use nix_tier_tests::{cgroup_v1_present, is_root, requires, ReadOnlyCgroupRoot as ReadOnlyRoot};
+use nix_tier_tests::{cgroups_present, is_root, requires, Cgroups, ReadOnlyCgroupRoot as ReadOnlyRoot};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -33,11 +33,11 @@ fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
 
 #[test]
 fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
-    if !cgroup_v1_present() {
+    if !v1_present() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let root = ReadOnlyRoot::new("nix-tier-test-mem");
+    let root = ReadOnlyRoot::new("nix-tier-test-mem", Cgroups::V1);
     let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
     assert_eq!(hierarchy.version(), Version::V1);
     assert_eq!(hierarchy.path(), root.memory().join("nix-tier"));
@@ -75,11 +75,11 @@ fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
 
 #[test]
 fn v1_cpu_quota_holds_a_spinner_to_one_core() {
-    if !cgroup_v1_present() || !requires(num_cpus() >= 2, "2 CPUs") {
+    if !v1_present() || !requires(num_cpus() >= 2, "2 CPUs") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let root = ReadOnlyRoot::new("nix-tier-test-cpu");
+    let root = ReadOnlyRoot::new("nix-tier-test-cpu", Cgroups::V1);
     let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
     let cgroup = hierarchy.create("spin", &Limits { memory_bytes: None, cpu_cores: Some(1) }).unwrap();
     // Two busy loops: unbounded they would use two cores.
@@ -100,6 +100,11 @@ fn v1_cpu_quota_holds_a_spinner_to_one_core() {
         std::thread::sleep(Duration::from_millis(20));
     }
     cgroup.remove().unwrap();
+}
+
+/// Whether this machine's memory and cpu controllers are on cgroup v1, as on this project's.
+fn v1_present() -> bool {
+    requires(cgroups_present() == Some(Cgroups::V1), "the memory and cpu controllers on cgroup v1")
 }
 
 fn num_cpus() -> usize {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{build_section, write_drv, write_profile, Hook};
 use nix_tier_tests::hook_env::{process_gone, wait_for};
-use nix_tier_tests::{cgroup_v1_present, ReadOnlyCgroupRoot};
+use nix_tier_tests::{cgroups_present, ReadOnlyCgroupRoot};
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     wait_for(what, Duration::from_secs(10), || done().then_some(()));
@@ -96,10 +96,8 @@ fn a_builds_children_hold_its_slot_until_gone_without_cgroups() {
 
 #[test]
 fn a_builds_children_hold_its_slot_until_gone_in_its_cgroup() {
-    if !cgroup_v1_present() {
-        return;
-    }
-    let root = ReadOnlyCgroupRoot::new("nix-tier-test-leftovers");
+    let Some(cgroups) = cgroups_present() else { return };
+    let root = ReadOnlyCgroupRoot::new("nix-tier-test-leftovers", cgroups);
     the_slot_is_held_until_the_children_are_gone(root.memory());
     wait_until("the build's cgroup to be removed", || root.builds().is_empty());
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{build_section, write_drv, write_profile, Hook};
 use nix_tier_tests::hook_env::wait_for;
-use nix_tier_tests::{cgroup_v1_present, requires, ReadOnlyCgroupRoot};
+use nix_tier_tests::{cgroups_present, requires, ReadOnlyCgroupRoot};
 
 fn status_field(pid: u32, field: &str) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -23,13 +23,14 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn the_hook_keeps_only_what_it_needs_and_bounds_builds_under_a_read_only_root() {
-    if !cgroup_v1_present() || !requires(status_field(std::process::id(), "CapEff") != 0, "root with capabilities") {
+    let Some(cgroups) = cgroups_present() else { return };
+    if !requires(status_field(std::process::id(), "CapEff") != 0, "root with capabilities") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let profile = dir.path().join("hw.json");
     write_profile(&profile, build_section(8000));
-    let root = ReadOnlyCgroupRoot::new("nix-tier-test-priv");
+    let root = ReadOnlyCgroupRoot::new("nix-tier-test-priv", cgroups);
     let mut hook = Hook::start_with_broker(&[
         ("NIX_TIER_PROFILE", &profile),
         ("NIX_TIER_STATE_DIR", &dir.path().join("state")),

@@ -13,6 +13,7 @@ use std::process::{Command, Output};
 
 use tempfile::TempDir;
 
+pub mod guest;
 pub mod hook_env;
 
 /// Directory holding the release build of the workspace.
@@ -154,12 +155,53 @@ pub fn requires(present: bool, what: &str) -> bool {
     present
 }
 
-/// Whether this machine has what nix-tier bounds builds with here: root and the cgroup v1
-/// memory and cpu controllers (a fresh machine of this project's kind; CI fails without them).
-pub fn cgroup_v1_present() -> bool {
-    requires(is_root(), "root (cgroups)")
-        && requires(Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(), "the cgroup v1 memory controller")
-        && requires(Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists(), "the cgroup v1 cpu controller")
+/// The cgroup interface a machine bounds builds with, found as the hook finds it: cgroup v2 at
+/// `/sys/fs/cgroup` when it offers the memory and cpu controllers, else their v1 mounts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cgroups {
+    /// Separate memory, cpu and cpuacct mounts under `/sys/fs/cgroup` (this project's machines).
+    V1,
+    /// One cgroup2 tree at `/sys/fs/cgroup` (NixOS; the guest kernel of [`guest`]).
+    V2,
+}
+
+impl Cgroups {
+    /// The parent of the builds' cgroups when `NIX_TIER_CGROUP_ROOT` names none (the memory
+    /// controller's, on v1).
+    pub fn default_parent(self) -> PathBuf {
+        match self {
+            Cgroups::V1 => PathBuf::from("/sys/fs/cgroup/memory/nix-tier"),
+            Cgroups::V2 => PathBuf::from("/sys/fs/cgroup/nix-tier"),
+        }
+    }
+
+    /// The memory controller's cgroup in the text of a `/proc/<pid>/cgroup`.
+    pub fn memory_cgroup(self, proc_cgroup: &str) -> Option<&str> {
+        proc_cgroup.lines().find_map(|line| {
+            let (_, rest) = line.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            let wanted = match self {
+                Cgroups::V1 => controllers.split(',').any(|c| c == "memory"),
+                Cgroups::V2 => controllers.is_empty(),
+            };
+            wanted.then_some(path)
+        })
+    }
+}
+
+/// What this machine bounds builds with: root and the memory and cpu controllers, on cgroup v2
+/// or v1 (a fresh machine of this project's kind has v1; CI fails without either).
+pub fn cgroups_present() -> Option<Cgroups> {
+    if !requires(is_root(), "root (cgroups)") {
+        return None;
+    }
+    let v2 = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+        .is_ok_and(|offered| ["memory", "cpu"].iter().all(|c| offered.split_whitespace().any(|o| o == *c)));
+    if v2 {
+        return Some(Cgroups::V2);
+    }
+    let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists() && Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists();
+    requires(v1, "the memory and cpu controllers (cgroup v1 mounts, or cgroup v2 at /sys/fs/cgroup)").then_some(Cgroups::V1)
 }
 
 /// Whether this process runs as root (uid 0).
@@ -170,19 +212,27 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A cgroup under the v1 memory, cpu and cpuacct mounts, made mode 0555 like a cgroup root
-/// (root-owned, not writable without `CAP_DAC_OVERRIDE`), for `NIX_TIER_CGROUP_ROOT`;
-/// removed with every cgroup made inside it when dropped (rmdir only: they are cgroups).
+/// A cgroup made mode 0555 like a cgroup root (root-owned, not writable without
+/// `CAP_DAC_OVERRIDE`), for `NIX_TIER_CGROUP_ROOT`; removed with every cgroup made inside it when
+/// dropped (rmdir only: they are cgroups). On v1 it is one directory under each of the memory,
+/// cpu and cpuacct mounts; on v2 one directory of the tree, with the memory and cpu controllers
+/// enabled for it as systemd enables them for a delegated unit (nix-daemon.service on NixOS).
 pub struct ReadOnlyCgroupRoot(pub Vec<PathBuf>);
 
 impl ReadOnlyCgroupRoot {
-    /// Makes `<controller mount>/<name>-<pid>` under memory, cpu and cpuacct.
-    pub fn new(name: &str) -> ReadOnlyCgroupRoot {
+    /// Makes `<name>-<pid>` under the memory, cpu and cpuacct mounts (v1) or at the top of the
+    /// tree (v2).
+    pub fn new(name: &str, cgroups: Cgroups) -> ReadOnlyCgroupRoot {
         use std::os::unix::fs::PermissionsExt;
-        let dirs: Vec<PathBuf> = ["memory", "cpu", "cpuacct"]
-            .iter()
-            .map(|c| Path::new("/sys/fs/cgroup").join(c).join(format!("{name}-{}", std::process::id())))
-            .collect();
+        let name = format!("{name}-{}", std::process::id());
+        let top = Path::new("/sys/fs/cgroup");
+        let dirs: Vec<PathBuf> = match cgroups {
+            Cgroups::V1 => ["memory", "cpu", "cpuacct"].iter().map(|c| top.join(c).join(&name)).collect(),
+            Cgroups::V2 => {
+                fs::write(top.join("cgroup.subtree_control"), "+memory +cpu").expect("enabling memory and cpu at the top of the cgroup2 tree");
+                vec![top.join(&name)]
+            }
+        };
         for dir in &dirs {
             fs::create_dir(dir).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", dir.display()));
             fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).unwrap();
@@ -190,7 +240,7 @@ impl ReadOnlyCgroupRoot {
         ReadOnlyCgroupRoot(dirs)
     }
 
-    /// The memory controller's directory (what `NIX_TIER_CGROUP_ROOT` names).
+    /// The memory controller's directory, the tree's on v2 (what `NIX_TIER_CGROUP_ROOT` names).
     pub fn memory(&self) -> &Path {
         &self.0[0]
     }

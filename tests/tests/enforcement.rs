@@ -1,7 +1,8 @@
 //! Running builds bounded by cgroups, recorded in the history database, and reservations
 //! learned from it: real Nix 2.8 through the hook, real cgroups (v1 on this machine), with Nix's
 //! sandbox (`sandbox = true`, the Linux default) and without, under the machine's cgroup roots
-//! and under a read-only (0555) root named by `NIX_TIER_CGROUP_ROOT`.
+//! and under a read-only (0555) root named by `NIX_TIER_CGROUP_ROOT`. The cgroup tests run again
+//! on cgroup v2, as NixOS has it, in a guest kernel ([`the_cgroup_tests_hold_on_cgroup_v2`]).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -11,7 +12,8 @@ use nix_tier_tests::hook_env::{
     hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, timeline, Limits, NixDaemon,
     Running, TierLimits,
 };
-use nix_tier_tests::{binary, cgroup_v1_present, requires, stderr, NixSandbox, ReadOnlyCgroupRoot};
+use nix_tier_tests::guest::Guest;
+use nix_tier_tests::{binary, cgroups_present, requires, stderr, Cgroups, NixSandbox, ReadOnlyCgroupRoot};
 use serde_json::Value;
 
 /// These tests measure memory and CPU: one at a time.
@@ -88,7 +90,7 @@ fn row<'a>(rows: &'a [Value], package: &str) -> &'a Value {
 /// A light build over its 100 MiB limit beside a heavy one within its own: the light one is
 /// killed in its own cgroup, says so in its log, and both are recorded. With `root`, builds go
 /// under that cgroup (`NIX_TIER_CGROUP_ROOT`); they are all gone from it afterwards.
-fn over_its_limit(sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
+fn over_its_limit(cgroups: Cgroups, sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
     let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }, sandboxed);
     let expr = builds_expr(
         &records,
@@ -126,7 +128,7 @@ fn over_its_limit(sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
     // Every build's cgroup is gone.
     let leftovers: Vec<String> = match root {
         Some(root) => root.builds(),
-        None => std::fs::read_dir("/sys/fs/cgroup/memory/nix-tier")
+        None => std::fs::read_dir(cgroups.default_parent())
             .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default(),
     };
@@ -136,32 +138,26 @@ fn over_its_limit(sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
 
 #[test]
 fn a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
-    if !cgroup_v1_present() {
-        return;
-    }
+    let Some(cgroups) = cgroups_present() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    over_its_limit(false, None);
+    over_its_limit(cgroups, false, None);
 }
 
 #[test]
 fn a_sandboxed_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded() {
-    if !cgroup_v1_present() {
-        return;
-    }
+    let Some(cgroups) = cgroups_present() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    over_its_limit(true, None);
+    over_its_limit(cgroups, true, None);
 }
 
 #[test]
 fn builds_are_bounded_under_a_read_only_cgroup_root() {
     // The hook drops CAP_DAC_OVERRIDE: only a parent made before that can hold builds' cgroups
     // under a root-owned 0555 directory, as cgroup roots commonly are.
-    if !cgroup_v1_present() {
-        return;
-    }
+    let Some(cgroups) = cgroups_present() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let root = ReadOnlyCgroupRoot::new("nix-tier-test-ro");
-    over_its_limit(true, Some(&root));
+    let root = ReadOnlyCgroupRoot::new("nix-tier-test-ro", cgroups);
+    over_its_limit(cgroups, true, Some(&root));
     for dir in &root.0 {
         assert!(dir.join("nix-tier").is_dir(), "the hook's parent was made under {}", dir.display());
     }
@@ -210,7 +206,7 @@ fn placed_early(sandboxed: bool, proc_events: bool) {
 
 #[test]
 fn every_build_is_placed_in_its_cgroup_as_it_starts() {
-    if !cgroup_v1_present() {
+    if cgroups_present().is_none() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -220,7 +216,7 @@ fn every_build_is_placed_in_its_cgroup_as_it_starts() {
 
 #[test]
 fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
-    if !cgroup_v1_present() {
+    if cgroups_present().is_none() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,7 +228,7 @@ fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
 /// compilers), before the watcher can have moved the builder: every one of them ends up in the
 /// build's cgroup. The watcher reads the builder's tree only until it finds nothing of the build
 /// left outside, so this also checks that it stops no earlier.
-fn descendants_placed(sandboxed: bool) {
+fn descendants_placed(cgroups_of: Cgroups, sandboxed: bool) {
     const BUILDS: usize = 4;
     const CHILDREN: usize = 3;
     let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
@@ -246,8 +242,8 @@ fn descendants_placed(sandboxed: bool) {
         let name = format!("tree{build}-1.0");
         for child in 0..CHILDREN {
             for label in [format!("{name}-{child}"), format!("{name}-{child}-1")] {
-                let cgroups = std::fs::read_to_string(records.join("cgroups").join(&label)).unwrap_or_else(|e| panic!("{label}: {e}"));
-                let memory = cgroups.lines().find(|l| l.contains(":memory:")).unwrap_or_else(|| panic!("{label}: {cgroups}"));
+                let text = std::fs::read_to_string(records.join("cgroups").join(&label)).unwrap_or_else(|e| panic!("{label}: {e}"));
+                let memory = cgroups_of.memory_cgroup(&text).unwrap_or_else(|| panic!("{label}: {text}"));
                 assert!(
                     memory.contains("/nix-tier/") && memory.contains(&name),
                     "{label} (sandboxed {sandboxed}) is not in its build's cgroup: {memory}"
@@ -259,12 +255,10 @@ fn descendants_placed(sandboxed: bool) {
 
 #[test]
 fn processes_a_builder_starts_at_once_are_placed_in_its_cgroup() {
-    if !cgroup_v1_present() {
-        return;
-    }
+    let Some(cgroups) = cgroups_present() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    descendants_placed(false);
-    descendants_placed(true);
+    descendants_placed(cgroups, false);
+    descendants_placed(cgroups, true);
 }
 
 /// The members of group `nixbld` (Nix's build users), from /etc/group.
@@ -290,7 +284,7 @@ fn user_name(uid: u32) -> Option<String> {
 fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
     // Multi-user Nix: a daemon running builders as nixbld<N>, which the hook, with only
     // CAP_SYS_PTRACE and CAP_KILL left, must still find and place.
-    if !cgroup_v1_present() || !requires(!build_users().is_empty(), "Nix's build users (group nixbld with members: scripts/setup makes them)") {
+    if cgroups_present().is_none() || !requires(!build_users().is_empty(), "Nix's build users (group nixbld with members: scripts/setup makes them)") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -333,7 +327,7 @@ fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
 #[test]
 fn every_admitted_build_gets_one_history_row() {
     // Short builds included: most end before anything could watch them.
-    if !cgroup_v1_present() {
+    if cgroups_present().is_none() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -379,7 +373,7 @@ fn medium(name: &str, salt: &str, sleep: u32) -> String {
 
 #[test]
 fn learned_reservations_let_more_builds_run_at_once() {
-    if !cgroup_v1_present() {
+    if cgroups_present().is_none() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -420,7 +414,7 @@ fn learned_reservations_let_more_builds_run_at_once() {
 
 #[test]
 fn a_build_learns_from_one_recorded_earlier_in_the_same_nix_build() {
-    if !cgroup_v1_present() {
+    if cgroups_present().is_none() {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
@@ -458,19 +452,24 @@ fn a_build_learns_from_one_recorded_earlier_in_the_same_nix_build() {
 
 #[test]
 fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
-    if !cgroup_v1_present() || !requires(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "2 CPUs") {
+    let Some(cgroups) = cgroups_present() else { return };
+    if !requires(std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2, "2 CPUs") {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
     // Two busy threads for 3 s: light allows 1 core, heavy 2. The builder writes the quota of
-    // the cgroup it finds itself in as its output.
+    // the cgroup it finds itself in as its output (µs per 100 ms period on both versions).
+    let quota = match cgroups {
+        Cgroups::V1 => r"cat /sys/fs/cgroup/cpu$(sed -n 's/^[0-9]*:cpu:\\(.*\\)/\\1/p' /proc/self/cgroup)/cpu.cfs_quota_us",
+        Cgroups::V2 => r"cut -d ' ' -f 1 /sys/fs/cgroup$(sed -n 's/^0:://p' /proc/self/cgroup)/cpu.max",
+    };
     let spin = |name: &str, tier: &str| {
         format!(
             r#"derivation {{ name = "{name}"; system = builtins.currentSystem; builder = "/bin/sh";
                  NIX_TIER = "{tier}"; PATH = "/usr/bin:/bin";
                  args = [ "-c" "sleep 0.3; spin() {{ while :; do :; done; }}; spin & a=$!; spin & b=$!; sleep 3; kill $a $b;
-                   cat /sys/fs/cgroup/cpu$(sed -n 's/^[0-9]*:cpu:\\(.*\\)/\\1/p' /proc/self/cgroup)/cpu.cfs_quota_us > $out" ]; }}"#
+                   {quota} > $out" ]; }}"#
         )
     };
     let mut used = Vec::new();
@@ -491,9 +490,7 @@ fn a_cpu_quota_holds_a_build_to_its_tier_cores() {
 
 #[test]
 fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
-    if !cgroup_v1_present() {
-        return;
-    }
+    let Some(cgroups) = cgroups_present() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
     // Nix kills its builder when the client dies (PR_SET_PDEATHSIG), but not the builder's own
@@ -518,7 +515,7 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
     };
 
     let cgroup_of = |pid: u32| {
-        std::fs::read_dir("/sys/fs/cgroup/memory/nix-tier").ok()?.flatten().map(|e| e.path()).find(|dir| {
+        std::fs::read_dir(cgroups.default_parent()).ok()?.flatten().map(|e| e.path()).find(|dir| {
             std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.lines().any(|l| l == pid.to_string()))
         })
     };
@@ -548,4 +545,39 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
     eprintln!("the abandoned build's child ended and its cgroup was removed {:?} after the client was killed", killed.elapsed());
     let rows = history_rows(&sandbox, 1);
     assert_eq!(row(&rows, "abandoned")["outcome"], "failed");
+}
+
+/// The tests above that bound builds with cgroups, again under cgroup v2 alone, as NixOS has
+/// it: this machine binds the memory and cpu controllers to cgroup v1, so they run in a guest
+/// kernel (`nix_tier_tests::guest`), this test binary with this machine's Nix and binaries.
+#[test]
+fn the_cgroup_tests_hold_on_cgroup_v2() {
+    // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
+    // delegated root; moves of builders and their trees; build users; the CPU quota and its
+    // accounting; leftovers killed and cgroups removed; reservations learned from the peaks. (The
+    // rest of the suite decides nothing differently on v2, and software emulation is slow.)
+    const TESTS: &[&str] = &[
+        "a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded",
+        "builds_are_bounded_under_a_read_only_cgroup_root",
+        "processes_a_builder_starts_at_once_are_placed_in_its_cgroup",
+        "builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not",
+        "a_cpu_quota_holds_a_build_to_its_tier_cores",
+        "an_abandoned_build_is_ended_and_its_cgroup_removed",
+        "learned_reservations_let_more_builds_run_at_once",
+    ];
+    let Some(guest) = Guest::find() else { return };
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let me = std::env::current_exe().unwrap();
+    // The guest's cgroups first, in the output: one line, the unified tree's.
+    let mut args = vec!["-c", r#"echo "cgroups: $(tr '\n' ' ' </proc/self/cgroup)"; exec "$0" "$@""#];
+    let me = me.to_string_lossy();
+    args.extend([me.as_ref(), "--exact", "--test-threads", "1"]);
+    args.extend(TESTS);
+    let began = Instant::now();
+    let run = guest.run(Path::new(env!("CARGO_MANIFEST_DIR")), Path::new("/bin/sh"), &args, &[("CI", "true")], Duration::from_secs(1200));
+    eprintln!("the guest ran {} tests in {:?}", TESTS.len(), began.elapsed());
+    let said = || format!("{}\nguest console:\n{}", run.output, run.console);
+    assert!(run.output.starts_with("cgroups: 0::/ \n"), "not cgroup v2 alone in the guest:\n{}", said());
+    assert_eq!(run.status, Some(0), "the cgroup tests on cgroup v2:\n{}", said());
+    assert!(run.output.contains(&format!("test result: ok. {} passed", TESTS.len())), "{}", said());
 }
