@@ -563,13 +563,23 @@ impl<'a> NixDaemon<'a> {
     /// Starts the daemon (its own process group; log in `daemon.err` of the sandbox root) on an
     /// initialised store and waits until its socket accepts connections.
     pub fn start(sandbox: &'a NixSandbox) -> NixDaemon<'a> {
+        NixDaemon::start_in(sandbox, &[], &[])
+    }
+
+    /// As [`NixDaemon::start`], with `env` added to the daemon's environment (its hooks inherit
+    /// it) and the daemon first moved into the cgroups whose `cgroup.procs` files `cgroups`
+    /// names, as a service manager starts it in its unit's cgroup.
+    pub fn start_in(sandbox: &'a NixSandbox, cgroups: &[PathBuf], env: &[(&str, &Path)]) -> NixDaemon<'a> {
         // A new store is created by whichever connection worker opens it first, and Nix writes
         // its schema file in place: a second worker reading it meanwhile finds it "corrupt".
         // Real daemons serve a store that exists; so do these.
         let init = sandbox.command("nix-store").arg("--init").output().unwrap();
         assert!(init.status.success(), "nix-store --init failed: {}", stderr(&init));
         let socket = sandbox.path().join("state/daemon-socket/socket");
-        let process = Running::spawn(sandbox.command("nix-daemon"), sandbox.path(), "daemon");
+        let mut command = sandbox.command("/bin/sh");
+        command.args(["-c", r#"for procs; do echo $$ >"$procs" || exit 1; done; exec nix-daemon"#, "sh"]).args(cgroups);
+        command.envs(env.iter().copied());
+        let process = Running::spawn(command, sandbox.path(), "daemon");
         let mut daemon = NixDaemon { sandbox, process: Some(process) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -245,6 +245,19 @@ impl ReadOnlyCgroupRoot {
         &self.0[0]
     }
 
+    /// Makes the child cgroup `name` (under every controller's directory, on v1); the
+    /// `cgroup.procs` files that move a process into it.
+    pub fn child(&self, name: &str) -> Vec<PathBuf> {
+        self.0
+            .iter()
+            .map(|dir| {
+                let child = dir.join(name);
+                fs::create_dir(&child).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", child.display()));
+                child.join("cgroup.procs")
+            })
+            .collect()
+    }
+
     /// The build cgroups under its `nix-tier` parent (memory controller).
     pub fn builds(&self) -> Vec<String> {
         fs::read_dir(self.memory().join("nix-tier"))
@@ -263,7 +276,13 @@ impl Drop for ReadOnlyCgroupRoot {
                 all.push(d);
             }
             for d in all.iter().rev() {
-                let _ = fs::remove_dir(d);
+                // A process killed just before may take a moment to leave its cgroup.
+                for _ in 0..100 {
+                    if fs::remove_dir(d).is_ok() || !d.exists() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
             }
         }
     }

@@ -87,31 +87,34 @@ fn row<'a>(rows: &'a [Value], package: &str) -> &'a Value {
     rows.iter().find(|r| r["package"] == package).unwrap_or_else(|| panic!("no history row for {package}: {rows:?}"))
 }
 
-/// A light build over its 100 MiB limit beside a heavy one within its own: the light one is
-/// killed in its own cgroup, says so in its log, and both are recorded. With `root`, builds go
-/// under that cgroup (`NIX_TIER_CGROUP_ROOT`); they are all gone from it afterwards.
-fn over_its_limit(cgroups: Cgroups, sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
-    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }, sandboxed);
-    let expr = builds_expr(
-        &records,
+/// A light build over its 100 MiB limit beside a heavy one within its own, recording into
+/// `records` ([`assert_hog_killed_beside_neighbour`]).
+fn hog_and_neighbour(records: &Path) -> String {
+    builds_expr(
+        records,
         r#"{ name = "hog-1.0"; tier = "light"; mem = 250; sleep = 500; }
            { name = "neighbour-1.0"; tier = "heavy"; mem = 200; sleep = 1500; ramp = 0; }"#,
-    );
-    let env: Vec<(&str, &Path)> = root.iter().map(|r| ("NIX_TIER_CGROUP_ROOT", r.memory())).collect();
-    let out = nix_build_with(&sandbox, &expr, &env);
-    let err = stderr(&out);
+    )
+}
+
+/// That the build of [`hog_and_neighbour`] which ended with `out` killed the light one in its own
+/// cgroup, said so in its log, and recorded both; that the hook said nothing in `hook_log` (the
+/// client's standard error, or its daemon's); and that every build's cgroup is gone from
+/// `parent`.
+fn assert_hog_killed_beside_neighbour(sandbox: &NixSandbox, records: &Path, out: &std::process::Output, hook_log: &str, parent: &Path) {
+    let err = stderr(out);
     assert!(!out.status.success(), "the hog must fail:\n{err}");
-    assert!(!err.contains("nix-tier-hook:"), "the hook complained:\n{err}");
+    assert!(!hook_log.contains("nix-tier-hook:"), "the hook complained:\n{hook_log}");
     assert!(
         err.contains("nix-tier: hog-1.0 exceeded its memory limit of 100 MiB (light tier) and was killed by the kernel"),
         "the build log names the build and the limit:\n{err}"
     );
     // The neighbour ran at the same time, in its own cgroup, untouched.
-    let done = read_records(&records);
+    let done = read_records(records);
     assert!(done.iter().any(|r| r.name == "neighbour-1.0"), "neighbour did not finish: {err}");
     assert!(!done.iter().any(|r| r.name == "hog-1.0"), "the hog finished despite its limit");
 
-    let rows = history_rows(&sandbox, 2);
+    let rows = history_rows(sandbox, 2);
     let hog = row(&rows, "hog");
     assert_eq!(hog["outcome"], "oom-killed", "{hog}");
     assert_eq!(hog["limitMiB"], 100);
@@ -122,18 +125,25 @@ fn over_its_limit(cgroups: Cgroups, sandboxed: bool, root: Option<&ReadOnlyCgrou
     let peak = neighbour["peakMiB"].as_u64().unwrap();
     assert!((200..=220).contains(&peak), "peak {peak} MiB for 200 MiB held");
 
-    let status = nix_tier_json(&sandbox, &["status"]);
+    let status = nix_tier_json(sandbox, &["status"]);
     let kills = status["recentKills"].as_array().unwrap();
     assert!(kills.iter().any(|k| k["name"] == "hog-1.0" && k["limitMiB"] == 100), "{status}");
     // Every build's cgroup is gone.
-    let leftovers: Vec<String> = match root {
-        Some(root) => root.builds(),
-        None => std::fs::read_dir(cgroups.default_parent())
-            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default(),
-    };
+    let leftovers: Vec<String> = std::fs::read_dir(parent)
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
     let ours: Vec<_> = leftovers.iter().filter(|n| n.contains("hog-1.0") || n.contains("neighbour-1.0")).collect();
     assert!(ours.is_empty(), "cgroups left behind: {ours:?}");
+}
+
+/// [`hog_and_neighbour`] built by `nix-build` (single-user); with `root`, builds go under that
+/// cgroup (`NIX_TIER_CGROUP_ROOT`).
+fn over_its_limit(cgroups: Cgroups, sandboxed: bool, root: Option<&ReadOnlyCgroupRoot>) {
+    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }, sandboxed);
+    let env: Vec<(&str, &Path)> = root.iter().map(|r| ("NIX_TIER_CGROUP_ROOT", r.memory())).collect();
+    let out = nix_build_with(&sandbox, &hog_and_neighbour(&records), &env);
+    let parent = root.map_or_else(|| cgroups.default_parent(), |r| r.memory().join("nix-tier"));
+    assert_hog_killed_beside_neighbour(&sandbox, &records, &out, &stderr(&out), &parent);
 }
 
 #[test]
@@ -280,29 +290,34 @@ fn user_name(uid: u32) -> Option<String> {
         .map(|l| l.split(':').next().unwrap_or("").to_string())
 }
 
+/// What Nix's build users need to find missing from this machine.
+const BUILD_USERS: &str = "Nix's build users (group nixbld with members: scripts/setup makes them)";
+
+/// A hook sandbox with `limits(medium)` for a daemon that builds as Nix's build users, who can
+/// reach its store and write their records; and its record directory.
+fn build_users_sandbox(medium: TierLimits, sandboxed: bool) -> (NixSandbox, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let (sandbox, records) = hook_sandbox_recording(&limits(medium), sandboxed, "build-users-group = nixbld");
+    std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for dir in [records.clone(), records.join("started"), records.join("placed")] {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    std::fs::write(records.join("records"), "").unwrap();
+    std::fs::set_permissions(records.join("records"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    (sandbox, records)
+}
+
 #[test]
 fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
     // Multi-user Nix: a daemon running builders as nixbld<N>, which the hook, with only
     // CAP_SYS_PTRACE and CAP_KILL left, must still find and place.
-    if cgroups_present().is_none() || !requires(!build_users().is_empty(), "Nix's build users (group nixbld with members: scripts/setup makes them)") {
+    if cgroups_present().is_none() || !requires(!build_users().is_empty(), BUILD_USERS) {
         return;
     }
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     for sandboxed in [false, true] {
-        let (sandbox, records) = hook_sandbox_recording(
-            &limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }),
-            sandboxed,
-            "build-users-group = nixbld",
-        );
-        // Build users must reach the store and write their records.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(sandbox.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        for dir in [records.clone(), records.join("started"), records.join("placed")] {
-            std::fs::create_dir_all(&dir).unwrap();
-            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        }
-        std::fs::write(records.join("records"), "").unwrap();
-        std::fs::set_permissions(records.join("records"), std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (sandbox, records) = build_users_sandbox(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }, sandboxed);
         let daemon = NixDaemon::start(&sandbox);
         let builds: String = (0..3)
             .map(|i| format!(r#"{{ name = "user{i}-1.0"; tier = "light"; mem = 10; sleep = 300; ramp = 0; salt = "{sandboxed}"; }}"#))
@@ -321,6 +336,41 @@ fn builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not() {
         }
         let rows = history_rows(&sandbox, 3);
         assert!(rows.iter().all(|r| r["peakMiB"].is_u64() && r["cpuMs"].is_u64()), "sandboxed {sandboxed}: {rows:#?}");
+    }
+}
+
+/// NixOS's layout (nix/nixos-module.nix): the daemon's cgroup is delegated, the daemon runs in
+/// its `supervisor` child, and `NIX_TIER_CGROUP_ROOT` in the daemon's environment, which its
+/// hooks inherit, names the delegated cgroup; sandboxed builds run as build users. The builds
+/// are bounded in `<root>/nix-tier/<build>`, beside the daemon's cgroup, and the hog is killed
+/// in its own.
+#[test]
+fn builds_of_a_daemon_in_a_delegated_cgroup_are_bounded_beside_it() {
+    let Some(cgroups) = cgroups_present() else { return };
+    if !requires(!build_users().is_empty(), BUILD_USERS) {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let root = ReadOnlyCgroupRoot::new("nix-tier-test-delegated", cgroups);
+    let supervisor = root.child("supervisor");
+    let (sandbox, records) = build_users_sandbox(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }, true);
+    let daemon = NixDaemon::start_in(&sandbox, &supervisor, &[("NIX_TIER_CGROUP_ROOT", root.memory())]);
+    let out = daemon.command("nix-build").args(["--no-out-link", "--keep-going", "-j", "8", "--expr", &hog_and_neighbour(&records)]).output().unwrap();
+    assert_hog_killed_beside_neighbour(&sandbox, &records, &out, &daemon.log(), &root.memory().join("nix-tier"));
+    for dir in &root.0 {
+        assert!(dir.join("nix-tier").is_dir(), "the hook's parent was made beside the daemon's cgroup under {}", dir.display());
+    }
+    for procs in &supervisor {
+        let daemons = std::fs::read_to_string(procs).unwrap();
+        assert!(!daemons.trim().is_empty(), "the daemon left its cgroup {}", procs.display());
+    }
+    // As stopping the unit would: what is left in the daemon's cgroup (the broker its hooks
+    // started) ends too, so that the cgroups can go.
+    drop(daemon);
+    for procs in &supervisor {
+        for pid in std::fs::read_to_string(procs).unwrap_or_default().lines().filter_map(|l| l.parse().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
@@ -553,7 +603,8 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
 #[test]
 fn the_cgroup_tests_hold_on_cgroup_v2() {
     // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
-    // delegated root; moves of builders and their trees; build users; the CPU quota and its
+    // 0555 root; NixOS's delegated daemon cgroup; moves of builders and their trees; build
+    // users; the CPU quota and its
     // accounting; leftovers killed and cgroups removed; reservations learned from the peaks. (The
     // rest of the suite decides nothing differently on v2, and software emulation is slow.)
     const TESTS: &[&str] = &[
@@ -561,6 +612,7 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
         "builds_are_bounded_under_a_read_only_cgroup_root",
         "processes_a_builder_starts_at_once_are_placed_in_its_cgroup",
         "builds_of_build_users_through_a_daemon_are_placed_sandboxed_or_not",
+        "builds_of_a_daemon_in_a_delegated_cgroup_are_bounded_beside_it",
         "a_cpu_quota_holds_a_build_to_its_tier_cores",
         "an_abandoned_build_is_ended_and_its_cgroup_removed",
         "learned_reservations_let_more_builds_run_at_once",
