@@ -604,9 +604,9 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
 fn the_cgroup_tests_hold_on_cgroup_v2() {
     // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
     // 0555 root; NixOS's delegated daemon cgroup; moves of builders and their trees; build
-    // users; the CPU quota and its
-    // accounting; leftovers killed and cgroups removed; reservations learned from the peaks. (The
-    // rest of the suite decides nothing differently on v2, and software emulation is slow.)
+    // users; the CPU quota and its accounting; leftovers killed and cgroups removed;
+    // reservations learned from the peaks. (The rest of the suite decides nothing differently
+    // on v2, and software emulation is slow.)
     const TESTS: &[&str] = &[
         "a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded",
         "builds_are_bounded_under_a_read_only_cgroup_root",
