@@ -123,8 +123,10 @@ pub fn write_profile(sandbox: &NixSandbox, relative: &str, limits: &Limits) -> P
     write_profile_json(sandbox, relative, &profile_json(limits))
 }
 
-/// nix.conf lines that install the hook: the plugin (so that Nix forwards `hardware-profile`
-/// to the hook), the profile, and a one-second poll interval.
+/// Configuration lines that install the hook: the plugin (so that Nix forwards
+/// `hardware-profile` to the hook), the profile, and a one-second poll interval. They go in the
+/// sandbox's user configuration file (`NIX_USER_CONF_FILES`), which every Nix honours: Nix 2.25
+/// to 2.33 drop `build-hook` from the configuration directory's nix.conf.
 pub fn hook_conf(profile: &Path) -> String {
     format!(
         "build-hook = {}\nplugin-files = {}\nhardware-profile = {}\nbuild-poll-interval = 1\n",
@@ -139,7 +141,8 @@ pub fn hook_sandbox(limits: &Limits, extra_conf: &str) -> (NixSandbox, PathBuf) 
     // The profile is written after the sandbox exists, so the conf names its future path.
     let sandbox = NixSandbox::with_conf("");
     let profile = write_profile(&sandbox, "hw.json", limits);
-    sandbox.write("conf/nix.conf", &format!("{}{}{extra_conf}\n", base_conf(), hook_conf(&profile)));
+    sandbox.write("conf/nix.conf", base_conf());
+    sandbox.write("conf/user.conf", &format!("{}{extra_conf}\n", hook_conf(&profile)));
     (sandbox, profile)
 }
 
@@ -147,12 +150,11 @@ pub fn hook_sandbox(limits: &Limits, extra_conf: &str) -> (NixSandbox, PathBuf) 
 /// directory (created). With `sandboxed`, builds run in Nix's build sandbox (`sandbox = true`,
 /// the Linux default), with the test builder and the record directory bind-mounted in.
 pub fn hook_sandbox_recording(limits: &Limits, sandboxed: bool, extra_conf: &str) -> (NixSandbox, PathBuf) {
-    let (sandbox, profile) = hook_sandbox(limits, extra_conf);
+    let (sandbox, _) = hook_sandbox(limits, extra_conf);
     let records = sandbox.path().join("records");
     fs::create_dir_all(&records).unwrap();
     if sandboxed {
-        let conf = format!("{}{}{extra_conf}
-{}", base_conf(), hook_conf(&profile), sandboxing(&[&testbuilder(), &records]));
+        let conf = format!("{}{}", base_conf(), sandboxing(&[&testbuilder(), &records]));
         sandbox.write("conf/nix.conf", &conf);
     }
     (sandbox, records)

@@ -1,5 +1,6 @@
 //! Running builds bounded by cgroups, recorded in the history database, and reservations
-//! learned from it: real Nix 2.8 through the hook, real cgroups (v1 on this machine), with Nix's
+//! learned from it: real Nix through the hook (2.8, then 2.26 in `./scripts/test`'s second pass),
+//! real cgroups (v1 on this machine), with Nix's
 //! sandbox (`sandbox = true`, the Linux default) and without, under the machine's cgroup roots
 //! and under a read-only (0555) root named by `NIX_TIER_CGROUP_ROOT`. The cgroup tests run again
 //! on cgroup v2, as NixOS has it, in a guest kernel ([`the_cgroup_tests_hold_on_cgroup_v2`]).

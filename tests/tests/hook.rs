@@ -1,4 +1,5 @@
-//! The `nix-tier-hook` build hook inside real Nix 2.8 builds: tier limits and the memory budget
+//! The `nix-tier-hook` build hook inside real Nix builds (the first Nix on `PATH`: 2.8, then 2.26
+//! in `./scripts/test`'s second pass): tier limits and the memory budget
 //! hold within one `nix-build`, across clients of one `nix-daemon`, and after a client is killed;
 //! internal errors never stop builds; remote builders still work through the relayed
 //! build-remote.
@@ -494,8 +495,8 @@ fn remote_setup(with_hook: bool) -> (NixSandbox, Dag, std::path::PathBuf) {
         )
     };
     let sandbox = if with_hook {
-        let (sandbox, profile) = hook_sandbox(&roomy_limits(), "");
-        let conf = format!("{}{}{}", base_conf(), hook_conf(&profile), builders(&sandbox));
+        let (sandbox, _) = hook_sandbox(&roomy_limits(), "");
+        let conf = format!("{}{}", base_conf(), builders(&sandbox));
         sandbox.write("conf/nix.conf", &conf);
         sandbox
     } else {
