@@ -600,7 +600,8 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
 
 /// The tests above that bound builds with cgroups, again under cgroup v2 alone, as NixOS has
 /// it: this machine binds the memory and cpu controllers to cgroup v1, so they run in a guest
-/// kernel (`nix_tier_tests::guest`), this test binary with this machine's Nix and binaries.
+/// kernel (`nix_tier_tests::guest`), this test binary with the Nix first on `PATH` and this
+/// machine's binaries.
 #[test]
 fn the_cgroup_tests_hold_on_cgroup_v2() {
     // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
@@ -621,16 +622,22 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
     let Some(guest) = Guest::find() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let me = std::env::current_exe().unwrap();
-    // The guest's cgroups first, in the output: one line, the unified tree's.
-    let mut args = vec!["-c", r#"echo "cgroups: $(tr '\n' ' ' </proc/self/cgroup)"; exec "$0" "$@""#];
+    // The guest's cgroups first, in the output: one line, the unified tree's; then its Nix.
+    let mut args = vec!["-c", r#"echo "cgroups: $(tr '\n' ' ' </proc/self/cgroup)"; nix-build --version; exec "$0" "$@""#];
     let me = me.to_string_lossy();
     args.extend([me.as_ref(), "--exact", "--test-threads", "1"]);
     args.extend(TESTS);
     let began = Instant::now();
-    let run = guest.run(Path::new(env!("CARGO_MANIFEST_DIR")), Path::new("/bin/sh"), &args, &[("CI", "true")], Duration::from_secs(1200));
+    // The same PATH: the same Nix (./scripts/test runs this under Nix 2.8, then 2.26).
+    let path = std::env::var("PATH").unwrap_or_default();
+    let env = [("CI", "true"), ("PATH", path.as_str())];
+    let run = guest.run(Path::new(env!("CARGO_MANIFEST_DIR")), Path::new("/bin/sh"), &args, &env, Duration::from_secs(1200));
     eprintln!("the guest ran {} tests in {:?}", TESTS.len(), began.elapsed());
     let said = || format!("{}\nguest console:\n{}", run.output, run.console);
     assert!(run.output.starts_with("cgroups: 0::/ \n"), "not cgroup v2 alone in the guest:\n{}", said());
+    let nix = std::process::Command::new("nix-build").arg("--version").output().expect("nix-build --version");
+    let nix = String::from_utf8_lossy(&nix.stdout);
+    assert!(run.output.lines().nth(1) == nix.lines().next(), "the guest's Nix is not this one ({}):\n{}", nix.trim(), said());
     assert_eq!(run.status, Some(0), "the cgroup tests on cgroup v2:\n{}", said());
     assert!(run.output.contains(&format!("test result: ok. {} passed", TESTS.len())), "{}", said());
 }
