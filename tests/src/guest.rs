@@ -3,9 +3,9 @@
 //!
 //! qemu boots Debian's kernel (`build/guest/`, made by `scripts/guest-kernel`) under software
 //! emulation (KVM does not run a nested guest here) with this machine's root file system as its
-//! own, read-only over 9p: the same Nix, binaries and tests. `tests/guest/init` mounts fresh
-//! kernel file systems, tmpfs where tests write, and cgroup2 alone at `/sys/fs/cgroup`, then runs
-//! the command this side left in a shared directory and powers off.
+//! own, read-only over 9p under an overlay that keeps the guest's writes in memory: the same
+//! Nix, binaries and tests. `tests/guest/init` mounts fresh kernel file systems and cgroup2 alone
+//! at `/sys/fs/cgroup`, then runs the command this side left in a shared directory and powers off.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -141,7 +141,6 @@ pub fn hook_sandbox(limits: &Limits, extra_conf: &str) -> (NixSandbox, PathBuf) 
     // The profile is written after the sandbox exists, so the conf names its future path.
     let sandbox = NixSandbox::with_conf("");
     let profile = write_profile(&sandbox, "hw.json", limits);
-    sandbox.write("conf/nix.conf", base_conf());
     sandbox.write("conf/user.conf", &format!("{}{extra_conf}\n", hook_conf(&profile)));
     (sandbox, profile)
 }
@@ -180,7 +179,8 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut event: impl FnMut() -> Opt
     }
 }
 
-/// The base settings `NixSandbox::with_conf` writes.
+/// The base settings `NixSandbox::with_conf` writes: no substituters, no sandbox, builds as the
+/// calling user (what this machine can run).
 pub fn base_conf() -> &'static str {
     "substituters =\nsandbox = false\nbuild-users-group =\n"
 }

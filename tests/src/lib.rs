@@ -75,9 +75,7 @@ impl NixSandbox {
             fs::create_dir_all(root.path().join(dir)).expect("create sandbox dir");
         }
         let sandbox = NixSandbox { root };
-        // No substituters, no sandbox, builds as the calling user: what this machine can run.
-        let base = "substituters =\nsandbox = false\nbuild-users-group =\n";
-        sandbox.write("conf/nix.conf", &format!("{base}{extra_conf}\n"));
+        sandbox.write("conf/nix.conf", &format!("{}{extra_conf}\n", hook_env::base_conf()));
         sandbox
     }
 
@@ -204,6 +202,13 @@ pub fn cgroups_present() -> Option<Cgroups> {
     requires(v1, "the memory and cpu controllers (cgroup v1 mounts, or cgroup v2 at /sys/fs/cgroup)").then_some(Cgroups::V1)
 }
 
+/// The names of the cgroups directly inside `dir` (none when it does not exist).
+pub fn child_cgroups(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
 /// Whether this process runs as root (uid 0).
 pub fn is_root() -> bool {
     fs::read_to_string("/proc/self/status")
@@ -260,9 +265,7 @@ impl ReadOnlyCgroupRoot {
 
     /// The build cgroups under its `nix-tier` parent (memory controller).
     pub fn builds(&self) -> Vec<String> {
-        fs::read_dir(self.memory().join("nix-tier"))
-            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-            .unwrap_or_default()
+        child_cgroups(&self.memory().join("nix-tier"))
     }
 }
 

@@ -14,7 +14,7 @@ use nix_tier_tests::hook_env::{
     Running, TierLimits,
 };
 use nix_tier_tests::guest::Guest;
-use nix_tier_tests::{binary, cgroups_present, requires, stderr, Cgroups, NixSandbox, ReadOnlyCgroupRoot};
+use nix_tier_tests::{binary, cgroups_present, child_cgroups, requires, stderr, Cgroups, NixSandbox, ReadOnlyCgroupRoot};
 use serde_json::Value;
 
 /// These tests measure memory and CPU: one at a time.
@@ -130,9 +130,7 @@ fn assert_hog_killed_beside_neighbour(sandbox: &NixSandbox, records: &Path, out:
     let kills = status["recentKills"].as_array().unwrap();
     assert!(kills.iter().any(|k| k["name"] == "hog-1.0" && k["limitMiB"] == 100), "{status}");
     // Every build's cgroup is gone.
-    let leftovers: Vec<String> = std::fs::read_dir(parent)
-        .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    let leftovers = child_cgroups(parent);
     let ours: Vec<_> = leftovers.iter().filter(|n| n.contains("hog-1.0") || n.contains("neighbour-1.0")).collect();
     assert!(ours.is_empty(), "cgroups left behind: {ours:?}");
 }
@@ -239,7 +237,7 @@ fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
 /// compilers), before the watcher can have moved the builder: every one of them ends up in the
 /// build's cgroup. The watcher reads the builder's tree only until it finds nothing of the build
 /// left outside, so this also checks that it stops no earlier.
-fn descendants_placed(cgroups_of: Cgroups, sandboxed: bool) {
+fn descendants_placed(cgroups: Cgroups, sandboxed: bool) {
     const BUILDS: usize = 4;
     const CHILDREN: usize = 3;
     let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
@@ -254,7 +252,7 @@ fn descendants_placed(cgroups_of: Cgroups, sandboxed: bool) {
         for child in 0..CHILDREN {
             for label in [format!("{name}-{child}"), format!("{name}-{child}-1")] {
                 let text = std::fs::read_to_string(records.join("cgroups").join(&label)).unwrap_or_else(|e| panic!("{label}: {e}"));
-                let memory = cgroups_of.memory_cgroup(&text).unwrap_or_else(|| panic!("{label}: {text}"));
+                let memory = cgroups.memory_cgroup(&text).unwrap_or_else(|| panic!("{label}: {text}"));
                 assert!(
                     memory.contains("/nix-tier/") && memory.contains(&name),
                     "{label} (sandboxed {sandboxed}) is not in its build's cgroup: {memory}"
