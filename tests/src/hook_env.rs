@@ -627,6 +627,43 @@ pub fn is_valid(cmd: Command, path: &str) -> bool {
     cmd.status().map(|s| s.success()).unwrap_or(false)
 }
 
+/// The hook's state directory in `sandbox`.
+pub fn state_dir(sandbox: &NixSandbox) -> PathBuf {
+    sandbox.path().join("state/nix-tier")
+}
+
+/// The pid of the broker of `sandbox`, from its lock file, once one runs.
+pub fn broker_pid(sandbox: &NixSandbox) -> i32 {
+    wait_for("a broker's pid in broker.lock", Duration::from_secs(10), || {
+        let pid: i32 = fs::read_to_string(state_dir(sandbox).join("broker.lock")).ok()?.trim().parse().ok()?;
+        (!process_gone(pid as u32)).then_some(pid)
+    })
+}
+
+/// Kills the broker of `sandbox` (SIGKILL) and waits until it is gone; its pid.
+pub fn kill_broker(sandbox: &NixSandbox) -> i32 {
+    let broker = broker_pid(sandbox);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(broker), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // Gone once its socket refuses connections: a killed process's threads and descriptors go a
+    // moment after its main thread is a zombie.
+    wait_for("the killed broker's socket to close", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(state_dir(sandbox).join("broker.sock")).is_err().then_some(())
+    });
+    broker
+}
+
+/// Waits until the hook's watcher lock of build `name` holds its job: what a broker started
+/// after the one watching it finds it from.
+pub fn wait_for_watcher_lock(sandbox: &NixSandbox, name: &str) {
+    wait_for(&format!("the watcher lock of {name}"), Duration::from_secs(10), || {
+        fs::read_dir(state_dir(sandbox).join("leases"))
+            .ok()?
+            .flatten()
+            .any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains(name)))
+            .then_some(())
+    });
+}
+
 /// `nix-tier status --json` with `cmd`'s environment (a [`NixSandbox::command`] of the binary).
 pub fn status_json(sandbox: &NixSandbox) -> Result<Value, String> {
     let out = sandbox.command(binary("nix-tier")).args(["status", "--json"]).output().map_err(|e| e.to_string())?;

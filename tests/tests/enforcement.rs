@@ -10,8 +10,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_tests::hook_env::{
-    hook_sandbox, hook_sandbox_recording, peaks, process_gone, read_records, testbuilder, timeline, Limits, NixDaemon,
-    Running, TierLimits,
+    broker_pid, hook_sandbox, hook_sandbox_recording, kill_broker, peaks, process_gone, read_records, status_json, testbuilder,
+    timeline, wait_for, wait_for_watcher_lock, Limits, NixDaemon, Running, TierLimits,
 };
 use nix_tier_tests::guest::Guest;
 use nix_tier_tests::{binary, cgroups_present, child_cgroups, requires, stderr, Cgroups, NixSandbox, ReadOnlyCgroupRoot};
@@ -596,6 +596,59 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
     assert_eq!(row(&rows, "abandoned")["outcome"], "failed");
 }
 
+/// A broker killed while a build runs: the next one, started by another client's hook, adopts
+/// the build with its cgroup (found by name under the parent, on v1 or v2), so an OOM kill
+/// there is still told in the build's log and recorded, and the cgroup is removed at the end.
+#[test]
+fn a_build_stays_bounded_across_a_broker_restart() {
+    let Some(cgroups) = cgroups_present() else { return };
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
+    // It grows past its tier's 100 MiB only once the test lets it, after the restart.
+    let go = sandbox.path().join("go");
+    let held = format!(
+        r#"derivation {{ name = "held-1.0"; system = builtins.currentSystem; builder = "/bin/sh"; NIX_TIER = "light";
+             PATH = "/usr/bin:/bin"; TB_MEM_MIB = "250"; TB_SLEEP_MS = "500";
+             args = [ "-c" "while [ ! -e {} ]; do sleep 0.05; done; exec {}" ]; }}"#,
+        go.display(),
+        testbuilder().display()
+    );
+    let mut cmd = sandbox.command("nix-build");
+    cmd.args(["--no-out-link", "--expr", &held]);
+    let client = Running::spawn(cmd, &sandbox.path().join("logs"), "held");
+    let parent = cgroups.default_parent();
+    let in_cgroup = || child_cgroups(&parent).into_iter().find(|name| name.contains("held-1.0"));
+    let cgroup = wait_for("held-1.0's cgroup", Duration::from_secs(30), in_cgroup);
+    wait_for_watcher_lock(&sandbox, "held-1.0");
+    let first_broker = kill_broker(&sandbox);
+
+    // Another client's hook starts a broker, which finds held-1.0 running and adopts it.
+    let trigger = r#"derivation { name = "trigger-1.0"; system = builtins.currentSystem; builder = "/bin/sh";
+                      NIX_TIER = "light"; args = [ "-c" "echo > $out" ]; }"#;
+    let out = nix_build(&sandbox, trigger);
+    assert!(out.status.success(), "the second client's build: {}", stderr(&out));
+    assert_ne!(broker_pid(&sandbox), first_broker, "a new broker runs");
+    wait_for("held-1.0 running under the new broker", Duration::from_secs(30), || {
+        let status = status_json(&sandbox).ok()?;
+        status["running"].as_array()?.iter().any(|r| r["name"] == "held-1.0").then_some(())
+    });
+    assert_eq!(in_cgroup().as_ref(), Some(&cgroup), "held-1.0 keeps its cgroup");
+
+    std::fs::write(&go, "").unwrap();
+    let out = client.wait(Duration::from_secs(60));
+    assert!(!out.status.success(), "held-1.0 grew past its limit and must fail:\n{}", out.stderr);
+    assert!(
+        out.stderr.contains("nix-tier: held-1.0 exceeded its memory limit of 100 MiB (light tier) and was killed by the kernel"),
+        "the new broker tells the kill in the build's log:\n{}",
+        out.stderr
+    );
+    let rows = history_rows(&sandbox, 2);
+    let row = row(&rows, "held");
+    assert_eq!(row["outcome"], "oom-killed", "{row}");
+    assert_eq!(row["limitMiB"], 100, "{row}");
+    wait_for("held-1.0's cgroup to be removed", Duration::from_secs(10), || in_cgroup().is_none().then_some(()));
+}
+
 /// The tests above that bound builds with cgroups, again under cgroup v2 alone, as NixOS has
 /// it: this machine binds the memory and cpu controllers to cgroup v1, so they run in a guest
 /// kernel (`nix_tier_tests::guest`), this test binary with the Nix first on `PATH` and this
@@ -604,8 +657,8 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
 fn the_cgroup_tests_hold_on_cgroup_v2() {
     // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
     // 0555 root; NixOS's delegated daemon cgroup; moves of builders and their trees; build
-    // users; the CPU quota and its accounting; leftovers killed and cgroups removed;
-    // reservations learned from the peaks. (The rest of the suite decides nothing differently
+    // users; the CPU quota and its accounting; leftovers killed and cgroups removed; a build's
+    // cgroup found again by a restarted broker; reservations learned from the peaks. (The rest of the suite decides nothing differently
     // on v2, and software emulation is slow.)
     const TESTS: &[&str] = &[
         "a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded",
@@ -615,6 +668,7 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
         "builds_of_a_daemon_in_a_delegated_cgroup_are_bounded_beside_it",
         "a_cpu_quota_holds_a_build_to_its_tier_cores",
         "an_abandoned_build_is_ended_and_its_cgroup_removed",
+        "a_build_stays_bounded_across_a_broker_restart",
         "learned_reservations_let_more_builds_run_at_once",
     ];
     let Some(guest) = Guest::find() else { return };

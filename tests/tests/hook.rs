@@ -296,18 +296,6 @@ fn a_killed_client_frees_its_heavy_slot_within_a_poll_interval() {
 }
 
 /// The broker's state directory in a hook sandbox ($NIX_STATE_DIR/nix-tier).
-fn state_dir(sandbox: &NixSandbox) -> std::path::PathBuf {
-    sandbox.path().join("state/nix-tier")
-}
-
-/// The pid of the broker of `sandbox`, from its lock file, once one runs.
-fn broker_pid(sandbox: &NixSandbox) -> i32 {
-    wait_for("a broker's pid in broker.lock", Duration::from_secs(10), || {
-        let pid: i32 = fs::read_to_string(state_dir(sandbox).join("broker.lock")).ok()?.trim().parse().ok()?;
-        (!process_gone(pid as u32)).then_some(pid)
-    })
-}
-
 /// A small DAG of every tier built by `nix-build`; asserts it succeeded and each ran once, and
 /// returns what the hook said.
 fn build_small_dag(sandbox: &NixSandbox, prefix: &str) -> String {
@@ -419,20 +407,8 @@ fn a_killed_broker_is_started_again_and_the_running_heavy_build_keeps_its_slot()
     let (builder_pid, builder_pgid, _) = wait_started(&records_dir, "a-heavy-0", Duration::from_secs(60))
         .unwrap_or_else(|| panic!("a-heavy-0 never started:\n{}", client_a.stderr()));
     // The broker placed it (its watcher lock holds the build's job), then is killed.
-    wait_for("a-heavy-0's watcher lock", Duration::from_secs(10), || {
-        fs::read_dir(state_dir(&sandbox).join("leases"))
-            .ok()?
-            .flatten()
-            .any(|e| fs::read_to_string(e.path()).is_ok_and(|t| t.contains("a-heavy-0")))
-            .then_some(())
-    });
-    let first_broker = broker_pid(&sandbox);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first_broker), nix::sys::signal::Signal::SIGKILL).unwrap();
-    // Gone once its socket refuses connections: a killed process's threads and descriptors go a
-    // moment after its main thread is a zombie.
-    wait_for("the killed broker's socket to close", Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(state_dir(&sandbox).join("broker.sock")).is_err().then_some(())
-    });
+    wait_for_watcher_lock(&sandbox, "a-heavy-0");
+    let first_broker = kill_broker(&sandbox);
 
     // Client b's hook starts a new broker, which finds a-heavy-0 still running: b waits.
     let client_b = Running::spawn(short.build_command(sandbox.command("nix-build"), 8, Some("heavy-0")), sandbox.path(), "b");
