@@ -349,14 +349,14 @@ impl BuildCgroup {
 
     /// The processes in the cgroup.
     pub fn pids(&self) -> io::Result<Vec<u32>> {
-        let text = fs::read_to_string(self.path().join("cgroup.procs"))?;
+        let text = read_kernel_text(self.path().join("cgroup.procs"))?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
     /// Peak memory, OOM kills and CPU time so far.
     pub fn stats(&self) -> Stats {
         let memory = self.dir(Controller::Memory);
-        let read = |dir: Option<&Path>, file: &str| dir.and_then(|d| fs::read_to_string(d.join(file)).ok());
+        let read = |dir: Option<&Path>, file: &str| dir.and_then(|d| read_kernel_text(d.join(file)).ok());
         match self.version {
             Version::V1 => Stats {
                 peak_memory_bytes: read(memory, "memory.max_usage_in_bytes").and_then(|t| t.trim().parse().ok()),
@@ -385,6 +385,22 @@ impl BuildCgroup {
         }
         Ok(())
     }
+}
+
+/// Reads a file the kernel writes as it is read (`/proc`, cgroupfs). Their sizes say nothing
+/// (0 or 4096), so none is asked for first: `fs::read` would add a `statx` and an `lseek` to each
+/// read, and the broker reads such files for every build.
+pub fn read_kernel_file(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::with_capacity(1024);
+    // `Take`'s read_to_end is the generic one, without `File`'s size hint.
+    fs::File::open(path)?.take(u64::MAX).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`read_kernel_file`] as text.
+pub fn read_kernel_text(path: impl AsRef<Path>) -> io::Result<String> {
+    String::from_utf8(read_kernel_file(path)?).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 fn mkdir(dir: &Path) -> io::Result<()> {

@@ -12,13 +12,18 @@
 //! up in the holder's own descriptor table (`/proc/<pid>/fd` and the `lock:` lines of `fdinfo`)
 //! before a build is taken for ended.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nix::sys::stat::{major, minor};
+use nix::fcntl::OFlag;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+use nix::sys::stat::{major, minor, Mode};
 use nix_tier_model::derivation::Derivation;
 
 /// The lock files Nix holds while it builds `drv` (whose store path is `drv_path`).
@@ -42,7 +47,7 @@ pub struct HeldLocks {
 impl HeldLocks {
     /// Reads the kernel's lock table.
     pub fn read() -> io::Result<HeldLocks> {
-        Ok(HeldLocks::parse(&fs::read_to_string("/proc/locks")?))
+        Ok(HeldLocks::parse(&nix_tier_cgroups::read_kernel_text("/proc/locks")?))
     }
 
     /// Parses `/proc/locks` text. Lines of waiters (`->`) are skipped: they hold nothing.
@@ -50,12 +55,14 @@ impl HeldLocks {
         let mut held = HeldLocks::default();
         for line in text.lines().filter(|line| !line.contains("->")) {
             // "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF": device numbers in hex.
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(pid), Some(id)) = (fields.get(4).and_then(|p| p.parse().ok()), fields.get(5)) else {
+            let mut fields = line.split_whitespace().skip(4);
+            let (Some(pid), Some(id)) = (fields.next().and_then(|p| p.parse().ok()), fields.next()) else {
                 continue;
             };
-            let parts: Vec<&str> = id.split(':').collect();
-            let [maj, min, ino] = parts[..] else { continue };
+            let mut parts = id.split(':');
+            let (Some(maj), Some(min), Some(ino), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
             let (Ok(maj), Ok(min), Ok(ino)) = (u64::from_str_radix(maj, 16), u64::from_str_radix(min, 16), ino.parse()) else {
                 continue;
             };
@@ -69,15 +76,61 @@ impl HeldLocks {
     /// hold it: seen in the lock table by its device and inode, or by its inode and holder, or
     /// else in the holder's descriptor table.
     pub fn holds(&self, path: &Path, holder: u32) -> bool {
-        match fs::metadata(path) {
-            Ok(meta) => {
-                let dev = meta.dev();
-                self.by_device.contains(&(major(dev), minor(dev), meta.ino()))
-                    || self.by_holder.contains(&(holder, meta.ino()))
-                    || locked_by(holder, path)
-            }
-            Err(_) => false,
-        }
+        fs::metadata(path).is_ok_and(|meta| self.holds_file((meta.dev(), meta.ino()), path, holder))
+    }
+
+    /// [`HeldLocks::holds`] for the file at `path` whose device and inode are `file`.
+    fn holds_file(&self, (dev, ino): (u64, u64), path: &Path, holder: u32) -> bool {
+        self.by_device.contains(&(major(dev), minor(dev), ino)) || self.by_holder.contains(&(holder, ino)) || locked_by(holder, path)
+    }
+}
+
+/// One of a build's output lock files, held open for `fstat` alone (`O_PATH`: no access to its
+/// contents, no effect on its locks), so that a look at it needs no lookup of its path. Nix
+/// deletes it when the build succeeded: it then has no links left.
+pub struct OutputLock {
+    path: PathBuf,
+    /// `None` when it was gone already when opened.
+    fd: Option<OwnedFd>,
+    /// Its closes, watched where [`LockCloses`] could be set up.
+    watch: Option<LockWatch>,
+}
+
+impl OutputLock {
+    /// The lock file at `path`, its closes watched through `closes`.
+    pub fn open(path: &Path, closes: Option<&LockCloses>) -> OutputLock {
+        let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .ok()
+            // SAFETY: `open` returned a new descriptor, owned only here.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+        let watch = closes.zip(fd.as_ref()).and_then(|(closes, _)| closes.watch(path));
+        OutputLock { path: path.to_path_buf(), fd, watch }
+    }
+
+    /// Whether its closes are watched: until one is seen, Nix still holds it.
+    pub fn close_watched(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// Whether one of `closed` is a close of it.
+    pub fn closed_in(&self, closed: &HashSet<WatchDescriptor>) -> bool {
+        self.watch.as_ref().is_some_and(|w| closed.contains(&w.wd))
+    }
+
+    /// Its device and inode while it exists.
+    fn identity(&self) -> Option<(u64, u64)> {
+        let st = nix::sys::stat::fstat(self.fd.as_ref()?.as_raw_fd()).ok()?;
+        (st.st_nlink > 0).then_some((st.st_dev, st.st_ino))
+    }
+
+    /// Whether Nix deleted it.
+    pub fn deleted(&self) -> bool {
+        self.identity().is_none()
+    }
+
+    /// Whether Nix process `holder` holds it, by the lock table `held` ([`HeldLocks::holds`]).
+    pub fn held_by(&self, held: &HeldLocks, holder: u32) -> bool {
+        self.identity().is_some_and(|file| held.holds_file(file, &self.path, holder))
     }
 }
 
@@ -97,6 +150,77 @@ impl HeldLocks {
     }
 }
 
+/// Nix's closes of the output lock files watched (inotify). Nix holds a build's lock file open
+/// from before it asks the hook until it lets the build go, or the build ends (a successful
+/// one's file is deleted first): only after a close is the lock table, a read of every lock on
+/// the machine, worth reading for that build. One per watcher thread.
+#[derive(Clone)]
+pub struct LockCloses(Rc<LockClosesInner>);
+
+struct LockClosesInner {
+    inotify: Inotify,
+    /// How many [`LockWatch`]es share each watch (the kernel gives one file one watch).
+    watches: RefCell<HashMap<WatchDescriptor, usize>>,
+}
+
+/// The watch of one lock file's closes, removed when the last of its holders goes.
+struct LockWatch {
+    wd: WatchDescriptor,
+    closes: LockCloses,
+}
+
+impl LockCloses {
+    /// A new inotify instance; `None` where the kernel refuses one (the lock table is then read
+    /// as often as without it).
+    pub fn new() -> Option<LockCloses> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+        Some(LockCloses(Rc::new(LockClosesInner { inotify, watches: RefCell::default() })))
+    }
+
+    fn watch(&self, path: &Path) -> Option<LockWatch> {
+        let wd = self.0.inotify.add_watch(path, AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_CLOSE_NOWRITE).ok()?;
+        *self.0.watches.borrow_mut().entry(wd).or_default() += 1;
+        Some(LockWatch { wd, closes: self.clone() })
+    }
+
+    /// The descriptor that becomes readable when a watched file is closed.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.inotify.as_fd()
+    }
+
+    /// The watches of the files closed since the last call; `None` when the kernel dropped
+    /// events (any file may have been closed).
+    pub fn closed(&self) -> Option<HashSet<WatchDescriptor>> {
+        let mut closed = HashSet::new();
+        while let Ok(events) = self.0.inotify.read_events() {
+            for event in events {
+                if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    return None;
+                }
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // The watch is gone: removed, or its file deleted (after its last close).
+                    self.0.watches.borrow_mut().remove(&event.wd);
+                } else {
+                    closed.insert(event.wd);
+                }
+            }
+        }
+        Some(closed)
+    }
+}
+
+impl Drop for LockWatch {
+    fn drop(&mut self) {
+        let mut watches = self.closes.0.watches.borrow_mut();
+        let Some(holders) = watches.get_mut(&self.wd) else { return };
+        *holders -= 1;
+        if *holders == 0 {
+            watches.remove(&self.wd);
+            let _ = self.closes.0.inotify.rm_watch(self.wd);
+        }
+    }
+}
+
 /// Whether process `pid` has `path` open with a lock on it, from its own descriptor table:
 /// exact, but it reads every descriptor of that one process.
 pub fn locked_by(pid: u32, path: &Path) -> bool {
@@ -105,7 +229,7 @@ pub fn locked_by(pid: u32, path: &Path) -> bool {
     };
     fds.flatten().any(|fd| {
         fs::read_link(fd.path()).is_ok_and(|target| target == path)
-            && fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
+            && nix_tier_cgroups::read_kernel_text(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
                 .is_ok_and(|info| info.lines().any(|line| line.starts_with("lock:")))
     })
 }
@@ -127,6 +251,51 @@ mod tests {
         file.unlock().unwrap();
         assert!(!HeldLocks::read().unwrap().holds(&path, me));
         assert!(!HeldLocks::read().unwrap().holds(&dir.path().join("missing.lock"), me));
+    }
+
+    #[test]
+    fn an_output_lock_held_open_sees_its_lock_and_its_deletion() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.lock");
+        let file = File::create(&path).unwrap();
+        let me = std::process::id();
+        let lock = OutputLock::open(&path, None);
+        assert!(!lock.deleted() && !lock.held_by(&HeldLocks::read().unwrap(), me));
+        file.lock().unwrap();
+        assert!(lock.held_by(&HeldLocks::read().unwrap(), me));
+        // As Nix ends a build that succeeded: the file is deleted while still locked.
+        fs::remove_file(&path).unwrap();
+        assert!(lock.deleted() && !lock.held_by(&HeldLocks::read().unwrap(), me));
+        // A file of the same name made again is another file.
+        File::create(&path).unwrap();
+        assert!(lock.deleted());
+        assert!(OutputLock::open(&dir.path().join("missing.lock"), None).deleted());
+    }
+
+    #[test]
+    fn closes_of_a_watched_lock_file_are_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.lock");
+        let closes = LockCloses::new().unwrap();
+        let nix = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        nix.lock().unwrap();
+        let lock = OutputLock::open(&path, Some(&closes));
+        let other = OutputLock::open(&dir.path().join("missing.lock"), Some(&closes));
+        assert!(lock.close_watched() && !other.close_watched());
+        assert_eq!(closes.closed(), Some(HashSet::new()), "nothing closed yet");
+        // Nix lets the build go: it closes its descriptor.
+        drop(nix);
+        let closed = closes.closed().unwrap();
+        assert!(lock.closed_in(&closed), "{closed:?}");
+        // A second holder of the same file shares the watch; it goes with the last.
+        let again = OutputLock::open(&path, Some(&closes));
+        drop(lock);
+        fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(again.closed_in(&closes.closed().unwrap()));
+        drop(again);
+        assert!(closes.0.watches.borrow().is_empty());
+        fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert_eq!(closes.closed(), Some(HashSet::new()), "no watch left");
     }
 
     #[test]

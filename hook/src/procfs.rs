@@ -3,6 +3,8 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
+use nix_tier_cgroups::{read_kernel_file, read_kernel_text};
+
 /// The direct children of `pid` (from every thread's `children` list).
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -10,7 +12,7 @@ pub fn children(pid: u32) -> Vec<u32> {
     };
     tasks
         .flatten()
-        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+        .filter_map(|task| read_kernel_text(task.path().join("children")).ok())
         .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
         .collect()
 }
@@ -35,13 +37,13 @@ const MAX_ENVIRON_BYTES: usize = 2 << 20;
 /// read from the process's memory, between `env_start` and `env_end` of its `stat`, with
 /// `process_vm_readv`, which `CAP_SYS_PTRACE` allows.
 pub fn environ(pid: u32) -> Option<Vec<u8>> {
-    match fs::read(format!("/proc/{pid}/environ")) {
+    match read_kernel_file(format!("/proc/{pid}/environ")) {
         Ok(environ) => return Some(environ),
         // Gone, or exited (a zombie has no memory left to read).
         Err(e) if e.kind() != std::io::ErrorKind::PermissionDenied => return None,
         Err(_) => {}
     }
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read_kernel_text(format!("/proc/{pid}/stat")).ok()?;
     // env_start and env_end are fields 50 and 51.
     let start: usize = stat_field(&stat, 50)?.parse().ok()?;
     let end: usize = stat_field(&stat, 51)?.parse().ok()?;
@@ -59,7 +61,7 @@ pub fn environ(pid: u32) -> Option<Vec<u8>> {
 
 /// The parent of process `pid` (field 4 of its `stat`).
 pub fn parent(pid: u32) -> Option<u32> {
-    stat_field(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?, 4)?.parse().ok()
+    stat_field(&read_kernel_text(format!("/proc/{pid}/stat")).ok()?, 4)?.parse().ok()
 }
 
 /// Field `n` (from 1, as proc(5) counts) of a process's `stat`. The command, field 2, may hold
@@ -75,7 +77,7 @@ pub fn uid(pid: u32) -> Option<u32> {
 
 /// The resident memory of process `pid`, bytes (`VmRSS`).
 pub fn resident_bytes(pid: u32) -> Option<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = read_kernel_text(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
 }
