@@ -42,7 +42,7 @@ use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{package_and_version, BuildRecord, History, Outcome};
-use crate::output_locks::{HeldLocks, LockCloses, OutputLock};
+use crate::output_locks::{HeldLocks, OutputLock};
 use crate::proc_events::{ProcEvent, ProcEvents};
 use crate::procfs;
 
@@ -233,8 +233,6 @@ struct Watched {
     /// When Nix's output locks were last known held: looked up in the lock table, the builder
     /// found, or the watch begun (Nix asks the hook with the locks held).
     locks_checked: Instant,
-    /// Whether Nix closed one of the lock files since the lock table was last read for it.
-    lock_closed: bool,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
     /// When its lease was ended (its processes were gone), perhaps before Nix released the
@@ -251,13 +249,12 @@ struct Watched {
 impl Watched {
     /// Watches `job` under `lease`, with its watcher `lock` when it is taken over (else one is
     /// made).
-    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>, lock_files: &LockFiles, closes: Option<&LockCloses>) -> Watched {
+    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>, lock_files: &LockFiles) -> Watched {
         let recovered = lock.is_some();
         let lock = lock.or_else(|| lock_files.hold(&job));
         let now = Instant::now();
         Watched {
-            output_locks: job.lock_files.iter().map(|f| OutputLock::open(f, closes)).collect(),
-            lock_closed: false,
+            output_locks: job.lock_files.iter().map(|f| OutputLock::open(f)).collect(),
             job,
             lease,
             admitted: now,
@@ -420,18 +417,11 @@ impl Watched {
     }
 
     /// Whether Nix still holds the build's output locks, by the lock table read at most `every`
-    /// (taken to hold them in between). Where Nix's closes of the files are watched, the table is
-    /// read after a close, and otherwise only every [`LOCKS_WATCHED_EVERY`]: that covers a close
-    /// before the watch began.
+    /// (taken to hold them in between).
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
-        let every = match self.output_locks.iter().all(OutputLock::close_watched) {
-            true => every.max(LOCKS_WATCHED_EVERY),
-            false => every,
-        };
-        if !self.lock_closed && self.locks_checked.elapsed() < every {
+        if self.locks_checked.elapsed() < every {
             return true;
         }
-        self.lock_closed = false;
         self.locks_checked = Instant::now();
         scan.holds(&self.output_locks, self.job.nix_pid)
     }
@@ -547,10 +537,6 @@ pub trait Leases {
     /// it.
     fn recorded(&self, row: &BuildRecord);
 }
-
-/// How often, at most, the lock table is read for a build whose lock files' closes are watched
-/// and none was seen.
-const LOCKS_WATCHED_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a candidate is looked for among its worker's new children.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
@@ -705,7 +691,6 @@ pub fn run(
     let mut history: Option<History> = None;
     let my_uid = procfs::uid(std::process::id());
     let mut births = events.map(Births::new);
-    let closes = LockCloses::new();
     while open || !builds.is_empty() {
         let now = Instant::now();
         let mut wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
@@ -714,7 +699,6 @@ pub fn run(
         }
         {
             let mut fds: Vec<PollFd> = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
-            fds.extend(closes.as_ref().map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)));
             // Woken by the machine's process events only while a builder is searched for; they
             // wait in the socket meanwhile (read at the next pass, or lost once it is full).
             fds.extend(births.as_ref().filter(|_| searching(&builds, &candidates)).map(|b| PollFd::new(b.events.as_fd(), PollFlags::POLLIN)));
@@ -726,15 +710,6 @@ pub fn run(
             let _ = poll(&mut fds, timeout);
         }
         drain(&wake);
-        if let Some(closes) = &closes {
-            let closed = closes.closed();
-            for b in &mut builds {
-                if closed.as_ref().is_none_or(|closed| b.output_locks.iter().any(|lock| lock.closed_in(closed))) {
-                    b.lock_closed = true;
-                    b.due = Instant::now();
-                }
-            }
-        }
         // The workers of the builds ordered in this pass: their children that executed lately
         // are matched against them.
         let mut ordered_for = Vec::new();
@@ -753,7 +728,7 @@ pub fn run(
                     // so that watch, which found no builder, ends without a record.
                     builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
                     candidates.forget(&job.drv);
-                    builds.push(Watched::new(job, lease, None, lock_files, closes.as_ref()));
+                    builds.push(Watched::new(job, lease, None, lock_files));
                 }
                 Ok(Order::Candidate(job)) => {
                     ordered_for.push(job.nix_pid);
@@ -762,7 +737,7 @@ pub fn run(
                 Ok(Order::Recovered { job, lease, lock }) => {
                     // Its cgroup holds what still runs of it, found or not.
                     let cgroup = existing_cgroup(&job);
-                    let mut watched = Watched::new(job, lease, Some(lock), lock_files, closes.as_ref());
+                    let mut watched = Watched::new(job, lease, Some(lock), lock_files);
                     watched.cgroup = cgroup;
                     builds.push(watched);
                 }
@@ -789,7 +764,7 @@ pub fn run(
             builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
             job.started_unix_ms = crate::state::now_ms();
             let lease = leases.adopt(&job);
-            let mut watched = Watched::new(job, lease, None, lock_files, closes.as_ref());
+            let mut watched = Watched::new(job, lease, None, lock_files);
             if let Some(builder) = Builder::open(builder) {
                 watched.take_builder(builder, my_uid, &mut scan, leases);
             }
