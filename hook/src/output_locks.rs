@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{major, minor, Mode};
 use nix_tier_model::derivation::Derivation;
@@ -87,15 +88,15 @@ impl HeldLocks {
 /// deletes it when the build succeeded: it then has no links left.
 pub struct OutputLock {
     path: PathBuf,
-    /// `None` when it was gone already when opened.
-    fd: Option<OwnedFd>,
+    /// Open, or why not: `ENOENT` when it was gone already; any other error (no descriptor left)
+    /// leaves its path to be looked up at each look.
+    fd: Result<OwnedFd, Errno>,
 }
 
 impl OutputLock {
     /// The lock file at `path`.
     pub fn open(path: &Path) -> OutputLock {
         let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
-            .ok()
             // SAFETY: `open` returned a new descriptor, owned only here.
             .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
         OutputLock { path: path.to_path_buf(), fd }
@@ -103,8 +104,14 @@ impl OutputLock {
 
     /// Its device and inode while it exists.
     fn identity(&self) -> Option<(u64, u64)> {
-        let st = nix::sys::stat::fstat(self.fd.as_ref()?.as_raw_fd()).ok()?;
-        (st.st_nlink > 0).then_some((st.st_dev, st.st_ino))
+        match &self.fd {
+            Ok(fd) => {
+                let st = nix::sys::stat::fstat(fd.as_raw_fd()).ok()?;
+                (st.st_nlink > 0).then_some((st.st_dev, st.st_ino))
+            }
+            Err(Errno::ENOENT) => None,
+            Err(_) => fs::symlink_metadata(&self.path).ok().map(|meta| (meta.dev(), meta.ino())),
+        }
     }
 
     /// Whether Nix deleted it.
