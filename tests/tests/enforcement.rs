@@ -661,8 +661,8 @@ fn a_build_stays_bounded_across_a_broker_restart() {
 fn the_cgroup_tests_hold_on_cgroup_v2() {
     // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
     // 0555 root; NixOS's delegated daemon cgroup; moves of builders and their trees; build
-    // users; the CPU quota and its accounting; leftovers killed and cgroups removed; a build's
-    // cgroup found again by a restarted broker; reservations learned from the peaks. (The rest of the suite decides nothing differently
+    // users; the CPU quota and its accounting; leftovers killed and cgroups removed;
+    // reservations learned from the peaks. (The rest of the suite decides nothing differently
     // on v2, and software emulation is slow.)
     const TESTS: &[&str] = &[
         "a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded",
@@ -672,7 +672,6 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
         "builds_of_a_daemon_in_a_delegated_cgroup_are_bounded_beside_it",
         "a_cpu_quota_holds_a_build_to_its_tier_cores",
         "an_abandoned_build_is_ended_and_its_cgroup_removed",
-        "a_build_stays_bounded_across_a_broker_restart",
         "learned_reservations_let_more_builds_run_at_once",
     ];
     let Some(guest) = Guest::find() else { return };
