@@ -59,6 +59,13 @@ fn nix_build_with(sandbox: &NixSandbox, expr: &str, env: &[(&str, &Path)]) -> st
     cmd.output().expect("run nix-build")
 }
 
+/// `nix-build` of `expr` in the background, its output kept under `logs/<what>`.
+fn spawn_nix_build(sandbox: &NixSandbox, expr: &str, what: &str) -> Running {
+    let mut cmd = sandbox.command("nix-build");
+    cmd.args(["--no-out-link", "--expr", expr]);
+    Running::spawn(cmd, &sandbox.path().join("logs"), what)
+}
+
 /// A hook sandbox with `limits(medium)`, its builds in Nix's sandbox when `sandboxed`; and its
 /// record directory.
 fn enforcement_sandbox(medium: TierLimits, sandboxed: bool) -> (NixSandbox, std::path::PathBuf) {
@@ -551,9 +558,7 @@ fn an_abandoned_build_is_ended_and_its_cgroup_removed() {
              args = [ "-c" "sleep 0.3; sleep 60 & echo $! > {}; wait; echo > $out" ]; }}"#,
         pid_file.display()
     );
-    let mut cmd = sandbox.command("nix-build");
-    cmd.args(["--no-out-link", "--expr", &expr]);
-    let client = Running::spawn(cmd, &sandbox.path().join("logs"), "client");
+    let client = spawn_nix_build(&sandbox, &expr, "client");
     let deadline = Instant::now() + Duration::from_secs(20);
     let grandchild: u32 = loop {
         if let Some(pid) = std::fs::read_to_string(&pid_file).ok().and_then(|t| t.trim().parse().ok()) {
@@ -616,9 +621,7 @@ fn a_build_stays_bounded_across_a_broker_restart() {
     // The parent is the machine's: cgroups of this name left by an earlier run are not this one.
     let parent = cgroups.default_parent();
     let earlier = child_cgroups(&parent);
-    let mut cmd = sandbox.command("nix-build");
-    cmd.args(["--no-out-link", "--expr", &held]);
-    let client = Running::spawn(cmd, &sandbox.path().join("logs"), "held");
+    let client = spawn_nix_build(&sandbox, &held, "held");
     let cgroup = wait_for("held-1.0's cgroup", Duration::from_secs(30), || {
         child_cgroups(&parent).into_iter().find(|name| name.contains("held-1.0") && !earlier.contains(name))
     });
