@@ -640,6 +640,11 @@ pub fn broker_pid(sandbox: &NixSandbox) -> i32 {
     })
 }
 
+/// What the brokers of `sandbox` wrote to `broker.log`, for a failing test's message.
+pub fn broker_log(sandbox: &NixSandbox) -> String {
+    fs::read_to_string(state_dir(sandbox).join("broker.log")).unwrap_or_else(|e| format!("(no broker.log: {e})"))
+}
+
 /// Kills the broker of `sandbox` (SIGKILL) and waits until it is gone; its pid.
 pub fn kill_broker(sandbox: &NixSandbox) -> i32 {
     let broker = broker_pid(sandbox);

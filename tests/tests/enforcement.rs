@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix_tier_tests::hook_env::{
-    broker_pid, hook_sandbox, hook_sandbox_recording, kill_broker, peaks, process_gone, read_records, status_json, testbuilder,
+    broker_log, broker_pid, hook_sandbox, hook_sandbox_recording, kill_broker, peaks, process_gone, read_records, status_json, testbuilder,
     timeline, wait_for, wait_for_watcher_lock, Limits, NixDaemon, Running, TierLimits,
 };
 use nix_tier_tests::guest::Guest;
@@ -632,8 +632,8 @@ fn a_build_stays_bounded_across_a_broker_restart() {
     // Another client's hook starts a broker, which finds held-1.0 running and adopts it.
     let trigger = r#"derivation { name = "trigger-1.0"; system = builtins.currentSystem; builder = "/bin/sh";
                       NIX_TIER = "light"; args = [ "-c" "echo > $out" ]; }"#;
-    let out = nix_build(&sandbox, trigger);
-    assert!(out.status.success(), "the second client's build: {}", stderr(&out));
+    let out = spawn_nix_build(&sandbox, trigger, "trigger").wait(Duration::from_secs(60));
+    assert!(out.status.success(), "the second client's build: {}", out.stderr);
     assert_ne!(broker_pid(&sandbox), first_broker, "a new broker runs");
     wait_for("held-1.0 running under the new broker", Duration::from_secs(30), || {
         let status = status_json(&sandbox).ok()?;
@@ -641,9 +641,16 @@ fn a_build_stays_bounded_across_a_broker_restart() {
     });
     assert!(in_cgroup(), "held-1.0 keeps its cgroup {cgroup}");
 
+    // Its processes, for the message should it not be killed.
+    let procs = std::fs::read_to_string(parent.join(&cgroup).join("cgroup.procs")).unwrap_or_default();
     std::fs::write(&go, "").unwrap();
     let out = client.wait(Duration::from_secs(60));
-    assert!(!out.status.success(), "held-1.0 grew past its limit and must fail:\n{}", out.stderr);
+    assert!(
+        !out.status.success(),
+        "held-1.0 grew past its limit and must fail:\n{}\ncgroup.procs: {procs}\nbroker.log:\n{}",
+        out.stderr,
+        broker_log(&sandbox)
+    );
     assert!(
         out.stderr.contains("nix-tier: held-1.0 exceeded its memory limit of 100 MiB (light tier) and was killed by the kernel"),
         "the new broker tells the kill in the build's log:\n{}",
@@ -665,7 +672,8 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
     // Each of the cgroup interfaces once, sandboxed and not: limits, OOM kills and peaks; a
     // 0555 root; NixOS's delegated daemon cgroup; moves of builders and their trees; build
     // users; the CPU quota and its accounting; leftovers killed and cgroups removed;
-    // reservations learned from the peaks. (The rest of the suite decides nothing differently
+    // reservations learned from the peaks; a build's cgroup found again by a restarted
+    // broker. (The rest of the suite decides nothing differently
     // on v2, and software emulation is slow.)
     const TESTS: &[&str] = &[
         "a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded",
@@ -676,6 +684,7 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
         "a_cpu_quota_holds_a_build_to_its_tier_cores",
         "an_abandoned_build_is_ended_and_its_cgroup_removed",
         "learned_reservations_let_more_builds_run_at_once",
+        "a_build_stays_bounded_across_a_broker_restart",
     ];
     let Some(guest) = Guest::find() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
