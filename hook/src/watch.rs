@@ -541,39 +541,91 @@ pub trait Leases {
 /// How long a candidate is looked for among its worker's new children.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
 
-/// Builds declined without a lease because their worker was full, by output path, until they
-/// are seen starting or forgotten.
+/// Builds declined without a lease because their worker was full, until they are seen starting
+/// or forgotten.
 #[derive(Default)]
 struct Candidates {
-    by_output: std::collections::HashMap<String, (WatchJob, Instant)>,
+    by_drv: std::collections::HashMap<String, Candidate>,
+    /// Each candidate's `.drv` by its output paths (what a builder's environment names).
+    by_output: std::collections::HashMap<String, String>,
     looked: Option<Instant>,
+    swept: Option<Instant>,
+}
+
+/// How often, at most, the candidates are swept ([`Candidates::sweep`]).
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+struct Candidate {
+    job: WatchJob,
+    /// When the broker last told it: it tells a candidate again while Nix keeps asking.
+    told: Instant,
+    told_unix_ms: u64,
 }
 
 impl Candidates {
     fn add(&mut self, job: WatchJob) {
-        let now = Instant::now();
         for output in &job.outputs {
-            self.by_output.insert(output.clone(), (job.clone(), now));
+            self.by_output.insert(output.clone(), job.drv.clone());
         }
+        let candidate = Candidate { job, told: Instant::now(), told_unix_ms: crate::state::now_ms() };
+        self.by_drv.insert(candidate.job.drv.clone(), candidate);
     }
 
-    /// Stops looking for `drv` (admitted, or found).
-    fn forget(&mut self, drv: &str) {
-        self.by_output.retain(|_, (job, _)| job.drv != drv);
+    /// Stops looking for `drv` (admitted, or found); what it was, if it was a candidate.
+    fn forget(&mut self, drv: &str) -> Option<Candidate> {
+        let candidate = self.by_drv.remove(drv)?;
+        for output in &candidate.job.outputs {
+            if self.by_output.get(output).is_some_and(|d| d == drv) {
+                self.by_output.remove(output);
+            }
+        }
+        Some(candidate)
     }
 
+    fn is_empty(&self) -> bool {
+        self.by_drv.is_empty()
+    }
+
+    /// The candidates built unseen, with their records, and forgotten; also forgotten, those
+    /// not told for [`CANDIDATE_TTL`]. Nix asks about a build again at every slot that frees
+    /// until it starts; its builder is found as it executes, but one that lived only
+    /// milliseconds may be gone before. Nix then deletes the output locks once it registered
+    /// the outputs (while its worker holds them, no other worker builds it). Every
+    /// [`SWEEP_EVERY`] at most, among those not told since: a path lookup each.
+    fn sweep(&mut self) -> Vec<(WatchJob, Finished)> {
+        if self.by_drv.is_empty() || self.swept.is_some_and(|at| at.elapsed() < SWEEP_EVERY) {
+            return Vec::new();
+        }
+        self.swept = Some(Instant::now());
+        let mut built = Vec::new();
+        let mut expired = Vec::new();
+        for (drv, candidate) in &self.by_drv {
+            let quiet = candidate.told.elapsed();
+            if quiet < SWEEP_EVERY {
+                continue;
+            }
+            match candidate.built_unseen() {
+                Some(record) => built.push(record),
+                None if quiet >= CANDIDATE_TTL => expired.push(drv.clone()),
+                None => {}
+            }
+        }
+        for drv in built.iter().map(|(job, _)| &job.drv).chain(&expired) {
+            self.forget(drv);
+        }
+        built
+    }
     /// The candidates whose builder is among their workers' children now (every 5 ms at most),
     /// read into `scan`: the builds' search in the same pass reads them no more.
     fn started(&mut self, scan: &mut Scan) -> Vec<(WatchJob, u32)> {
-        self.by_output.retain(|_, (_, at)| at.elapsed() < CANDIDATE_TTL);
-        if self.by_output.is_empty() {
+        if self.by_drv.is_empty() {
             return Vec::new();
         }
         if self.looked.is_some_and(|at| at.elapsed() < Duration::from_millis(5)) {
             return Vec::new();
         }
         self.looked = Some(Instant::now());
-        let workers: HashSet<u32> = self.by_output.values().map(|(job, _)| job.nix_pid).collect();
+        let workers: HashSet<u32> = self.by_drv.values().map(|c| c.job.nix_pid).collect();
         let mut found = Vec::new();
         for worker in workers {
             for child in scan.new_children(worker) {
@@ -585,22 +637,48 @@ impl Candidates {
 
     /// Whether a candidate of `worker` waits for a builder.
     fn waits_on(&self, worker: u32) -> bool {
-        self.by_output.values().any(|(job, _)| job.nix_pid == worker)
+        self.by_drv.values().any(|c| c.job.nix_pid == worker)
     }
 
     /// The candidate whose builder `child` of `worker` is, by its environment; no longer
     /// looked for.
     fn claim(&mut self, worker: u32, child: u32, scan: &mut Scan) -> Option<WatchJob> {
-        let job = scan.environ(child).and_then(|environ| {
+        let drv = scan.environ(child).and_then(|environ| {
             environ.split(|b| *b == 0).find_map(|entry| {
                 let path = std::str::from_utf8(entry).ok()?.split_once('=')?.1;
-                self.by_output.get(path).map(|(job, _)| job.clone())
+                self.by_output.get(path).cloned()
             })
-        });
-        let job = job.filter(|job| job.nix_pid == worker)?;
-        self.forget(&job.drv);
+        })?;
+        if self.by_drv.get(&drv)?.job.nix_pid != worker {
+            return None;
+        }
+        let job = self.forget(&drv)?.job;
         scan.known.insert(child);
         Some(job)
+    }
+}
+
+impl Candidate {
+    /// Its record if it was built unseen: its output locks deleted and its outputs there.
+    fn built_unseen(&self) -> Option<(WatchJob, Finished)> {
+        use std::os::unix::fs::MetadataExt;
+        let gone = |f: &PathBuf| f.symlink_metadata().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound);
+        if self.job.lock_files.is_empty() || !self.job.lock_files.iter().all(gone) {
+            return None;
+        }
+        let output = std::fs::symlink_metadata(self.job.outputs.first()?).ok()?;
+        if !self.job.outputs[1..].iter().all(|o| Path::new(o).exists()) {
+            return None;
+        }
+        let unix_ms = |time: std::time::SystemTime| time.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+        // Nix sets the outputs' metadata as it registers them: their change time is the end.
+        let registered_ms = (output.ctime() as u64) * 1000 + (output.ctime_nsec() as u64) / 1_000_000;
+        let created_ms = output.created().ok().and_then(unix_ms).filter(|ms| *ms >= self.told_unix_ms);
+        let mut job = self.job.clone();
+        job.started_unix_ms = created_ms.unwrap_or(self.told_unix_ms);
+        let wall = Duration::from_millis(registered_ms.saturating_sub(job.started_unix_ms));
+        let done = Finished { started: true, wall, leased: Duration::ZERO, cpu: None, peak_bytes: None, oom_kills: 0, bounded: false, succeeded: true };
+        Some((job, done))
     }
 }
 
@@ -694,7 +772,7 @@ pub fn run(
     while open || !builds.is_empty() {
         let now = Instant::now();
         let mut wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
-        if !candidates.by_output.is_empty() && births.is_none() {
+        if !candidates.is_empty() && births.is_none() {
             wait = Some(wait.map_or(Duration::from_millis(5), |w| w.min(Duration::from_millis(5))));
         }
         {
@@ -770,6 +848,10 @@ pub fn run(
             }
             builds.push(watched);
         }
+        // A build also watched under a lease (admitted earlier, let go, declined since) is
+        // recorded by its watch.
+        let mut unseen = candidates.sweep();
+        unseen.retain(|(job, _)| !builds.iter().any(|b| b.job.drv == job.drv));
         let mut exits_seen = Instant::now();
         let mut i = 0;
         while i < builds.len() {
@@ -797,18 +879,20 @@ pub fn run(
                     }
                     // Its watcher lock goes once it is recorded: a broker that finds the lock
                     // free finds the build in the history.
+                    candidates.forget(&b.job.drv);
                     finished.push((builds.remove(i), done));
                 }
                 None => i += 1,
             }
         }
         see_exits(&mut builds, leases);
-        for (watched, done) in finished.into_iter().filter(|(_, done)| done.started) {
+        let watched = finished.iter().filter(|(_, done)| done.started).map(|(watched, done)| (&watched.job, done));
+        for (job, done) in watched.chain(unseen.iter().map(|(job, done)| (job, done))) {
             if history.is_none() {
                 history = History::open(state_dir).ok();
             }
             if let Some(history) = &history {
-                let row = record(&watched.job, &done);
+                let row = record(job, done);
                 if history.record(&row).is_ok() {
                     leases.recorded(&row);
                 }
@@ -851,7 +935,7 @@ fn match_execs(
 
 /// Whether a builder is searched for: a build's, or a candidate's.
 fn searching(builds: &[Watched], candidates: &Candidates) -> bool {
-    builds.iter().any(|b| b.builder.is_none()) || !candidates.by_output.is_empty()
+    builds.iter().any(|b| b.builder.is_none()) || !candidates.is_empty()
 }
 
 /// How often, at most, the watcher looks for exited builders between two steps.
@@ -1286,5 +1370,45 @@ mod tests {
         assert!(running_builds(state.path(), &later).is_empty());
         assert_eq!(later.hold(&job(None)).unwrap().path, path);
         assert_eq!(std::fs::read_dir(state.path().join("leases")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_candidate_built_unseen_is_recorded_and_one_no_longer_told_forgotten() {
+        let store = tempfile::tempdir().unwrap();
+        let candidate = |name: &str| {
+            let out = store.path().join(name);
+            WatchJob {
+                drv: format!("{}.drv", out.display()),
+                lock_files: vec![store.path().join(format!("{name}.lock"))],
+                outputs: vec![out.to_string_lossy().into_owned()],
+                ..job(None)
+            }
+        };
+        let (built, failed, let_go, waiting) = (candidate("built"), candidate("failed"), candidate("let-go"), candidate("waiting"));
+        let mut candidates = Candidates::default();
+        for job in [&built, &failed, &let_go, &waiting] {
+            std::fs::write(&job.lock_files[0], "").unwrap();
+            candidates.add(job.clone());
+        }
+        // Nix registered built's output, then deleted its lock; failed's lock is gone without
+        // an output; let-go's lock is still there (Nix let go of it without building it).
+        std::fs::write(&built.outputs[0], "").unwrap();
+        std::fs::remove_file(&built.lock_files[0]).unwrap();
+        std::fs::remove_file(&failed.lock_files[0]).unwrap();
+        assert!(candidates.sweep().is_empty(), "all told just now");
+        // Built is found once it has not been told for a sweep's interval; the others are
+        // forgotten once not told for the TTL.
+        candidates.by_drv.get_mut(&built.drv).unwrap().told -= SWEEP_EVERY;
+        for drv in [&failed.drv, &let_go.drv] {
+            candidates.by_drv.get_mut(drv).unwrap().told -= CANDIDATE_TTL;
+        }
+        candidates.swept = None;
+        let recorded = candidates.sweep();
+        assert_eq!(recorded.iter().map(|(job, _)| job.drv.as_str()).collect::<Vec<_>>(), [built.drv.as_str()]);
+        let (job, done) = &recorded[0];
+        assert_eq!(record(job, done).outcome, Outcome::Succeeded);
+        assert!(done.wall < Duration::from_secs(5), "from the output's creation to its registration: {:?}", done.wall);
+        assert_eq!(candidates.by_drv.keys().collect::<Vec<_>>(), [&waiting.drv], "the expired ones are forgotten");
+        assert_eq!(candidates.by_output.values().collect::<Vec<_>>(), [&waiting.drv]);
     }
 }
