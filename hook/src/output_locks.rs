@@ -12,15 +12,18 @@
 //! up in the holder's own descriptor table (`/proc/<pid>/fd` and the `lock:` lines of `fdinfo`)
 //! before a build is taken for ended.
 
-use std::collections::HashSet;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use nix::sys::stat::{major, minor, Mode};
 use nix_tier_model::derivation::Derivation;
 
@@ -91,15 +94,28 @@ pub struct OutputLock {
     /// Open, or why not: `ENOENT` when it was gone already; any other error (no descriptor left)
     /// leaves its path to be looked up at each look.
     fd: Result<OwnedFd, Errno>,
+    /// Its closes, watched where [`LockCloses`] could be set up.
+    watch: Option<LockWatch>,
 }
 
 impl OutputLock {
-    /// The lock file at `path`.
-    pub fn open(path: &Path) -> OutputLock {
+    /// The lock file at `path`, its closes watched through `closes`.
+    pub fn open(path: &Path, closes: Option<&LockCloses>) -> OutputLock {
         let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
             // SAFETY: `open` returned a new descriptor, owned only here.
             .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-        OutputLock { path: path.to_path_buf(), fd }
+        let watch = closes.zip(fd.as_ref().ok()).and_then(|(closes, _)| closes.watch(path));
+        OutputLock { path: path.to_path_buf(), fd, watch }
+    }
+
+    /// Whether its closes are watched: until one is seen, Nix still holds it.
+    pub fn close_watched(&self) -> bool {
+        self.watch.is_some()
+    }
+
+    /// Whether one of `closed` is a close of it.
+    pub fn closed_in(&self, closed: &HashSet<WatchDescriptor>) -> bool {
+        self.watch.as_ref().is_some_and(|w| closed.contains(&w.wd))
     }
 
     /// Its device and inode while it exists.
@@ -141,6 +157,77 @@ impl HeldLocks {
     }
 }
 
+/// Nix's closes of the output lock files watched (inotify). Nix holds a build's lock file open
+/// from before it asks the hook until it lets the build go, or the build ends (a successful
+/// one's file is deleted first): only after a close is the lock table, a read of every lock on
+/// the machine, worth reading for that build. One per watcher thread.
+#[derive(Clone)]
+pub struct LockCloses(Rc<LockClosesInner>);
+
+struct LockClosesInner {
+    inotify: Inotify,
+    /// How many [`LockWatch`]es share each watch (the kernel gives one file one watch).
+    watches: RefCell<HashMap<WatchDescriptor, usize>>,
+}
+
+/// The watch of one lock file's closes, removed when the last of its holders goes.
+struct LockWatch {
+    wd: WatchDescriptor,
+    closes: LockCloses,
+}
+
+impl LockCloses {
+    /// A new inotify instance; `None` where the kernel refuses one (the lock table is then read
+    /// as often as without it).
+    pub fn new() -> Option<LockCloses> {
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).ok()?;
+        Some(LockCloses(Rc::new(LockClosesInner { inotify, watches: RefCell::default() })))
+    }
+
+    fn watch(&self, path: &Path) -> Option<LockWatch> {
+        let wd = self.0.inotify.add_watch(path, AddWatchFlags::IN_CLOSE_WRITE | AddWatchFlags::IN_CLOSE_NOWRITE).ok()?;
+        *self.0.watches.borrow_mut().entry(wd).or_default() += 1;
+        Some(LockWatch { wd, closes: self.clone() })
+    }
+
+    /// The descriptor that becomes readable when a watched file is closed.
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.inotify.as_fd()
+    }
+
+    /// The watches of the files closed since the last call; `None` when the kernel dropped
+    /// events (any file may have been closed).
+    pub fn closed(&self) -> Option<HashSet<WatchDescriptor>> {
+        let mut closed = HashSet::new();
+        while let Ok(events) = self.0.inotify.read_events() {
+            for event in events {
+                if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    return None;
+                }
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // The watch is gone: removed, or its file deleted (after its last close).
+                    self.0.watches.borrow_mut().remove(&event.wd);
+                } else {
+                    closed.insert(event.wd);
+                }
+            }
+        }
+        Some(closed)
+    }
+}
+
+impl Drop for LockWatch {
+    fn drop(&mut self) {
+        let mut watches = self.closes.0.watches.borrow_mut();
+        let Some(holders) = watches.get_mut(&self.wd) else { return };
+        *holders -= 1;
+        if *holders == 0 {
+            watches.remove(&self.wd);
+            let _ = self.closes.0.inotify.rm_watch(self.wd);
+        }
+    }
+}
+
 /// Whether process `pid` has `path` open with a lock on it, from its own descriptor table:
 /// exact, but it reads every descriptor of that one process.
 pub fn locked_by(pid: u32, path: &Path) -> bool {
@@ -179,7 +266,7 @@ mod tests {
         let path = dir.path().join("out.lock");
         let file = File::create(&path).unwrap();
         let me = std::process::id();
-        let lock = OutputLock::open(&path);
+        let lock = OutputLock::open(&path, None);
         assert!(!lock.deleted() && !lock.held_by(&HeldLocks::read().unwrap(), me));
         file.lock().unwrap();
         assert!(lock.held_by(&HeldLocks::read().unwrap(), me));
@@ -189,7 +276,33 @@ mod tests {
         // A file of the same name made again is another file.
         File::create(&path).unwrap();
         assert!(lock.deleted());
-        assert!(OutputLock::open(&dir.path().join("missing.lock")).deleted());
+        assert!(OutputLock::open(&dir.path().join("missing.lock"), None).deleted());
+    }
+
+    #[test]
+    fn closes_of_a_watched_lock_file_are_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.lock");
+        let closes = LockCloses::new().unwrap();
+        let nix = fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).unwrap();
+        nix.lock().unwrap();
+        let lock = OutputLock::open(&path, Some(&closes));
+        let other = OutputLock::open(&dir.path().join("missing.lock"), Some(&closes));
+        assert!(lock.close_watched() && !other.close_watched());
+        assert_eq!(closes.closed(), Some(HashSet::new()), "nothing closed yet");
+        // Nix lets the build go: it closes its descriptor.
+        drop(nix);
+        let closed = closes.closed().unwrap();
+        assert!(lock.closed_in(&closed), "{closed:?}");
+        // A second holder of the same file shares the watch; it goes with the last.
+        let again = OutputLock::open(&path, Some(&closes));
+        drop(lock);
+        fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert!(again.closed_in(&closes.closed().unwrap()));
+        drop(again);
+        assert!(closes.0.watches.borrow().is_empty());
+        fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert_eq!(closes.closed(), Some(HashSet::new()), "no watch left");
     }
 
     #[test]

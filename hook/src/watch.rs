@@ -42,7 +42,7 @@ use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{package_and_version, BuildRecord, History, Outcome};
-use crate::output_locks::{HeldLocks, OutputLock};
+use crate::output_locks::{HeldLocks, LockCloses, OutputLock};
 use crate::proc_events::{ProcEvent, ProcEvents};
 use crate::procfs;
 
@@ -233,6 +233,8 @@ struct Watched {
     /// When Nix's output locks were last known held: looked up in the lock table, the builder
     /// found, or the watch begun (Nix asks the hook with the locks held).
     locks_checked: Instant,
+    /// Whether Nix closed one of the lock files since the lock table was last read for it.
+    lock_closed: bool,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
     /// When its lease was ended (its processes were gone), perhaps before Nix released the
@@ -249,12 +251,13 @@ struct Watched {
 impl Watched {
     /// Watches `job` under `lease`, with its watcher `lock` when it is taken over (else one is
     /// made).
-    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>, lock_files: &LockFiles) -> Watched {
+    fn new(job: WatchJob, lease: LeaseId, lock: Option<WatcherLock>, lock_files: &LockFiles, closes: Option<&LockCloses>) -> Watched {
         let recovered = lock.is_some();
         let lock = lock.or_else(|| lock_files.hold(&job));
         let now = Instant::now();
         Watched {
-            output_locks: job.lock_files.iter().map(|f| OutputLock::open(f)).collect(),
+            output_locks: job.lock_files.iter().map(|f| OutputLock::open(f, closes)).collect(),
+            lock_closed: false,
             job,
             lease,
             admitted: now,
@@ -291,9 +294,10 @@ impl Watched {
         // deletes the lock files of a build that succeeded before it lets go of them, so a
         // deleted one (an fstat) ends the build without reading the lock table (costly: every lock
         // of the machine). That table is read for a build that failed or that Nix let go without
-        // starting: every 20 ms from its admission while the builder is searched for, and from
-        // 100 ms after it was found every 100 ms (its lease does not wait on this; a build that
-        // succeeds within that time costs no read). While the watcher holds a copy of the
+        // starting: after Nix closed one of its lock files (their closes are watched), else
+        // every 100 ms (where closes cannot be watched: every 20 ms while the builder is
+        // searched for); its lease does not wait on this, and a build that succeeds costs no
+        // read. While the watcher holds a copy of the
         // build's log, Nix has not seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
             Some(b) if !b.exited() || b.holds_log() => true,
@@ -417,11 +421,18 @@ impl Watched {
     }
 
     /// Whether Nix still holds the build's output locks, by the lock table read at most `every`
-    /// (taken to hold them in between).
+    /// (taken to hold them in between). Where Nix's closes of the files are watched, the table is
+    /// read after a close, and otherwise only every [`LOCKS_WATCHED_EVERY`]: that covers a close
+    /// before the watch began.
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
-        if self.locks_checked.elapsed() < every {
+        let every = match self.output_locks.iter().all(OutputLock::close_watched) {
+            true => every.max(LOCKS_WATCHED_EVERY),
+            false => every,
+        };
+        if !self.lock_closed && self.locks_checked.elapsed() < every {
             return true;
         }
+        self.lock_closed = false;
         self.locks_checked = Instant::now();
         scan.holds(&self.output_locks, self.job.nix_pid)
     }
@@ -537,6 +548,10 @@ pub trait Leases {
     /// it.
     fn recorded(&self, row: &BuildRecord);
 }
+
+/// How often, at most, the lock table is read for a build whose lock files' closes are watched
+/// and none was seen.
+const LOCKS_WATCHED_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a candidate is looked for among its worker's new children.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
@@ -769,6 +784,7 @@ pub fn run(
     let mut history: Option<History> = None;
     let my_uid = procfs::uid(std::process::id());
     let mut births = events.map(Births::new);
+    let closes = LockCloses::new();
     while open || !builds.is_empty() {
         let now = Instant::now();
         let mut wait = builds.iter().map(|b| b.due.saturating_duration_since(now)).min();
@@ -777,6 +793,7 @@ pub fn run(
         }
         {
             let mut fds: Vec<PollFd> = vec![PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+            fds.extend(closes.as_ref().map(|c| PollFd::new(c.as_fd(), PollFlags::POLLIN)));
             // Woken by the machine's process events only while a builder is searched for; they
             // wait in the socket meanwhile (read at the next pass, or lost once it is full).
             fds.extend(births.as_ref().filter(|_| searching(&builds, &candidates)).map(|b| PollFd::new(b.events.as_fd(), PollFlags::POLLIN)));
@@ -788,6 +805,15 @@ pub fn run(
             let _ = poll(&mut fds, timeout);
         }
         drain(&wake);
+        if let Some(closes) = &closes {
+            let closed = closes.closed();
+            for b in &mut builds {
+                if closed.as_ref().is_none_or(|closed| b.output_locks.iter().any(|lock| lock.closed_in(closed))) {
+                    b.lock_closed = true;
+                    b.due = Instant::now();
+                }
+            }
+        }
         // The workers of the builds ordered in this pass: their children that executed lately
         // are matched against them.
         let mut ordered_for = Vec::new();
@@ -806,7 +832,7 @@ pub fn run(
                     // so that watch, which found no builder, ends without a record.
                     builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
                     candidates.forget(&job.drv);
-                    builds.push(Watched::new(job, lease, None, lock_files));
+                    builds.push(Watched::new(job, lease, None, lock_files, closes.as_ref()));
                 }
                 Ok(Order::Candidate(job)) => {
                     ordered_for.push(job.nix_pid);
@@ -815,7 +841,7 @@ pub fn run(
                 Ok(Order::Recovered { job, lease, lock }) => {
                     // Its cgroup holds what still runs of it, found or not.
                     let cgroup = existing_cgroup(&job);
-                    let mut watched = Watched::new(job, lease, Some(lock), lock_files);
+                    let mut watched = Watched::new(job, lease, Some(lock), lock_files, closes.as_ref());
                     watched.cgroup = cgroup;
                     builds.push(watched);
                 }
@@ -842,7 +868,7 @@ pub fn run(
             builds.retain(|b| b.job.drv != job.drv || b.builder.is_some());
             job.started_unix_ms = crate::state::now_ms();
             let lease = leases.adopt(&job);
-            let mut watched = Watched::new(job, lease, None, lock_files);
+            let mut watched = Watched::new(job, lease, None, lock_files, closes.as_ref());
             if let Some(builder) = Builder::open(builder) {
                 watched.take_builder(builder, my_uid, &mut scan, leases);
             }
@@ -877,9 +903,12 @@ pub fn run(
                     if b.lease_ended.is_none() {
                         leases.end(b.lease);
                     }
+                    // A build it records is no candidate any more; one Nix let go may be.
+                    if done.started {
+                        candidates.forget(&b.job.drv);
+                    }
                     // Its watcher lock goes once it is recorded: a broker that finds the lock
                     // free finds the build in the history.
-                    candidates.forget(&b.job.drv);
                     finished.push((builds.remove(i), done));
                 }
                 None => i += 1,
