@@ -490,7 +490,7 @@ impl Watched {
             self.cgroup = None;
         }
         // Nix deletes the lock files only after registering the outputs of a build it ran.
-        let succeeded = self.output_locks.iter().all(OutputLock::deleted) && self.job.outputs.iter().all(|o| Path::new(o).exists());
+        let succeeded = self.output_locks.iter().all(OutputLock::deleted) && outputs_exist(&self.job);
         Some(Finished {
             // A build too short to be seen still ran when its outputs are there; one whose
             // builder was never seen and that left no outputs was let go by Nix (no slot after
@@ -574,7 +574,6 @@ struct Candidate {
     job: WatchJob,
     /// When the broker last told it: it tells a candidate again while Nix keeps asking.
     told: Instant,
-    told_unix_ms: u64,
 }
 
 impl Candidates {
@@ -582,7 +581,7 @@ impl Candidates {
         for output in &job.outputs {
             self.by_output.insert(output.clone(), job.drv.clone());
         }
-        let candidate = Candidate { job, told: Instant::now(), told_unix_ms: crate::state::now_ms() };
+        let candidate = Candidate { job, told: Instant::now() };
         self.by_drv.insert(candidate.job.drv.clone(), candidate);
     }
 
@@ -630,6 +629,7 @@ impl Candidates {
         }
         built
     }
+
     /// The candidates whose builder is among their workers' children now (every 5 ms at most),
     /// read into `scan`: the builds' search in the same pass reads them no more.
     fn started(&mut self, scan: &mut Scan) -> Vec<(WatchJob, u32)> {
@@ -681,16 +681,17 @@ impl Candidate {
         if self.job.lock_files.is_empty() || !self.job.lock_files.iter().all(gone) {
             return None;
         }
-        let output = std::fs::symlink_metadata(self.job.outputs.first()?).ok()?;
-        if !self.job.outputs[1..].iter().all(|o| Path::new(o).exists()) {
+        if !outputs_exist(&self.job) {
             return None;
         }
+        let output = std::fs::symlink_metadata(self.job.outputs.first()?).ok()?;
         let unix_ms = |time: std::time::SystemTime| time.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_millis() as u64);
+        let told_unix_ms = crate::state::now_ms().saturating_sub(self.told.elapsed().as_millis() as u64);
         // Nix sets the outputs' metadata as it registers them: their change time is the end.
         let registered_ms = (output.ctime() as u64) * 1000 + (output.ctime_nsec() as u64) / 1_000_000;
-        let created_ms = output.created().ok().and_then(unix_ms).filter(|ms| *ms >= self.told_unix_ms);
+        let created_ms = output.created().ok().and_then(unix_ms).filter(|ms| *ms >= told_unix_ms);
         let mut job = self.job.clone();
-        job.started_unix_ms = created_ms.unwrap_or(self.told_unix_ms);
+        job.started_unix_ms = created_ms.unwrap_or(told_unix_ms);
         let wall = Duration::from_millis(registered_ms.saturating_sub(job.started_unix_ms));
         let done = Finished { started: true, wall, leased: Duration::ZERO, cpu: None, peak_bytes: None, oom_kills: 0, bounded: false, succeeded: true };
         Some((job, done))
@@ -807,10 +808,13 @@ pub fn run(
         drain(&wake);
         if let Some(closes) = &closes {
             let closed = closes.closed();
-            for b in &mut builds {
-                if closed.as_ref().is_none_or(|closed| b.output_locks.iter().any(|lock| lock.closed_in(closed))) {
-                    b.lock_closed = true;
-                    b.due = Instant::now();
+            // Most passes see no close (`None`: events were lost, any file may have been closed).
+            if closed.as_ref().is_none_or(|closed| !closed.is_empty()) {
+                for b in &mut builds {
+                    if closed.as_ref().is_none_or(|closed| b.output_locks.iter().any(|lock| lock.closed_in(closed))) {
+                        b.lock_closed = true;
+                        b.due = Instant::now();
+                    }
                 }
             }
         }
@@ -1018,6 +1022,11 @@ pub fn admission_name(drv: &str, admitted_ms: u64) -> String {
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
     let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
     job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &limits).ok()
+}
+
+/// Whether every output of `job` is in the store.
+fn outputs_exist(job: &WatchJob) -> bool {
+    job.outputs.iter().all(|o| Path::new(o).exists())
 }
 
 /// The cgroup a broker that is gone made for `job`, if it is there.
