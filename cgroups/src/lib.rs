@@ -280,10 +280,16 @@ impl Hierarchy {
         Ok(cgroup)
     }
 
-    /// The child cgroup `name` if it exists (made earlier, e.g. by a process that is gone).
-    pub fn existing(&self, name: &str) -> Option<BuildCgroup> {
+    /// The child cgroup `name` if it exists (made earlier, e.g. by a process that is gone),
+    /// with `limits` applied again: its maker may have gone between making it and applying
+    /// them. Best effort: a limit the kernel refuses now leaves the one there.
+    pub fn existing(&self, name: &str, limits: &Limits) -> Option<BuildCgroup> {
         let cgroup = self.child(name);
-        cgroup.dirs.iter().all(|(_, dir)| dir.is_dir()).then_some(cgroup)
+        let exists = cgroup.dirs.iter().all(|(_, dir)| dir.is_dir());
+        exists.then(|| {
+            let _ = cgroup.apply(limits);
+            cgroup
+        })
     }
 
     /// The child cgroup `name`, whether or not it exists.

@@ -1020,8 +1020,12 @@ pub fn admission_name(drv: &str, admitted_ms: u64) -> String {
 
 
 fn create_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
-    let limits = Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) };
-    job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &limits).ok()
+    job.cgroups.as_ref()?.create(&admission_name(&job.drv, job.started_unix_ms), &cgroup_limits(job)).ok()
+}
+
+/// The limits of `job`'s cgroup.
+fn cgroup_limits(job: &WatchJob) -> Limits {
+    Limits { memory_bytes: Some(job.memory_limit_mib * MIB), cpu_cores: Some(job.cores) }
 }
 
 /// Whether every output of `job` is in the store.
@@ -1029,9 +1033,10 @@ fn outputs_exist(job: &WatchJob) -> bool {
     job.outputs.iter().all(|o| Path::new(o).exists())
 }
 
-/// The cgroup a broker that is gone made for `job`, if it is there.
+/// The cgroup a broker that is gone made for `job`, if it is there, with its limits (that
+/// broker may have been killed between making it and limiting it).
 fn existing_cgroup(job: &WatchJob) -> Option<BuildCgroup> {
-    job.cgroups.as_ref()?.existing(&admission_name(&job.drv, job.started_unix_ms))
+    job.cgroups.as_ref()?.existing(&admission_name(&job.drv, job.started_unix_ms), &cgroup_limits(job))
 }
 
 impl Drop for Watched {
