@@ -102,6 +102,29 @@ fn v1_cpu_quota_holds_a_spinner_to_one_core() {
     cgroup.remove().unwrap();
 }
 
+#[test]
+fn v1_a_cgroup_taken_over_gets_its_limits_again() {
+    if !v1_present() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let root = ReadOnlyRoot::new("nix-tier-test-adopt", Cgroups::V1);
+    let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
+    let limits = Limits { memory_bytes: Some(64 * MIB), cpu_cores: Some(1) };
+    assert!(hierarchy.existing("b1", &limits).is_none(), "no cgroup b1 yet");
+    // A broker killed between its mkdir and its limit writes leaves the cgroup unlimited.
+    for dir in &root.0 {
+        fs::create_dir(dir.join("nix-tier/b1")).unwrap();
+    }
+    let memory_limit = hierarchy.path().join("b1/memory.limit_in_bytes");
+    assert_ne!(fs::read_to_string(&memory_limit).unwrap().trim(), (64 * MIB).to_string(), "unlimited when made");
+    let cgroup = hierarchy.existing("b1", &limits).expect("b1 exists under every controller");
+    assert_eq!(fs::read_to_string(&memory_limit).unwrap().trim(), (64 * MIB).to_string());
+    let quota = root.0.iter().map(|d| d.join("nix-tier/b1/cpu.cfs_quota_us")).find(|f| f.exists()).unwrap();
+    assert_eq!(fs::read_to_string(quota).unwrap().trim(), "100000", "one core's quota");
+    cgroup.remove().unwrap();
+}
+
 /// Whether this machine's memory and cpu controllers are on cgroup v1, as on this project's.
 fn v1_present() -> bool {
     requires(cgroups_present() == Some(Cgroups::V1), "the memory and cpu controllers on cgroup v1")
@@ -138,6 +161,12 @@ fn v2_is_used_only_with_its_memory_and_cpu_controllers() {
         let cgroup = hierarchy.create("b1", &Limits { memory_bytes: Some(64 * MIB), cpu_cores: Some(1) }).unwrap();
         assert_eq!(fs::read_to_string(cgroup.path().join("memory.max")).unwrap().trim(), (64 * MIB).to_string());
         cgroup.remove().unwrap();
+        // Made by a broker killed before its limit writes, then taken over: limited again.
+        fs::create_dir(hierarchy.path().join("b2")).unwrap();
+        assert_eq!(fs::read_to_string(hierarchy.path().join("b2/memory.max")).unwrap().trim(), "max");
+        let adopted = hierarchy.existing("b2", &Limits { memory_bytes: Some(64 * MIB), cpu_cores: None }).unwrap();
+        assert_eq!(fs::read_to_string(adopted.path().join("memory.max")).unwrap().trim(), (64 * MIB).to_string());
+        adopted.remove().unwrap();
         fs::remove_dir(hierarchy.path()).unwrap();
     } else {
         // This kernel binds memory and cpu to v1: a hierarchy there would bound nothing, and
