@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::process::{Child, Command};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix_tier_cgroups::{Hierarchy, Limits, Mounts, Version};
@@ -33,12 +33,9 @@ fn wait_for_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
 
 #[test]
 fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
-    if !v1_present() {
+    let Some((_machine, root, hierarchy)) = v1_hierarchy("nix-tier-test-mem") else {
         return;
-    }
-    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let root = ReadOnlyRoot::new("nix-tier-test-mem", Cgroups::V1);
-    let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
+    };
     assert_eq!(hierarchy.version(), Version::V1);
     assert_eq!(hierarchy.path(), root.memory().join("nix-tier"));
     for dir in &root.0 {
@@ -75,12 +72,12 @@ fn v1_memory_limit_kills_inside_the_cgroup_under_a_read_only_root() {
 
 #[test]
 fn v1_cpu_quota_holds_a_spinner_to_one_core() {
-    if !v1_present() || !requires(num_cpus() >= 2, "2 CPUs") {
+    if !requires(num_cpus() >= 2, "2 CPUs") {
         return;
     }
-    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let root = ReadOnlyRoot::new("nix-tier-test-cpu", Cgroups::V1);
-    let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
+    let Some((_machine, _root, hierarchy)) = v1_hierarchy("nix-tier-test-cpu") else {
+        return;
+    };
     let cgroup = hierarchy.create("spin", &Limits { memory_bytes: None, cpu_cores: Some(1) }).unwrap();
     // Two busy loops: unbounded they would use two cores.
     let mut spinner = Command::new("/bin/sh")
@@ -104,12 +101,9 @@ fn v1_cpu_quota_holds_a_spinner_to_one_core() {
 
 #[test]
 fn v1_a_cgroup_taken_over_gets_its_limits_again() {
-    if !v1_present() {
+    let Some((_machine, root, hierarchy)) = v1_hierarchy("nix-tier-test-adopt") else {
         return;
-    }
-    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    let root = ReadOnlyRoot::new("nix-tier-test-adopt", Cgroups::V1);
-    let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
+    };
     let limits = Limits { memory_bytes: Some(64 * MIB), cpu_cores: Some(1) };
     assert!(hierarchy.existing("b1", &limits).is_none(), "no cgroup b1 yet");
     // A broker killed between its mkdir and its limit writes leaves the cgroup unlimited.
@@ -125,9 +119,18 @@ fn v1_a_cgroup_taken_over_gets_its_limits_again() {
     cgroup.remove().unwrap();
 }
 
-/// Whether this machine's memory and cpu controllers are on cgroup v1, as on this project's.
-fn v1_present() -> bool {
-    requires(cgroups_present() == Some(Cgroups::V1), "the memory and cpu controllers on cgroup v1")
+/// The machine to this test alone, a read-only cgroup root `name` on v1 and the hierarchy under
+/// it; `None` unless this machine's memory and cpu controllers are on cgroup v1, as on this
+/// project's (which fails the test under `CI=true`). Dropped in reverse: the root is removed
+/// before the machine is let go.
+fn v1_hierarchy(name: &str) -> Option<(MutexGuard<'static, ()>, ReadOnlyRoot, Hierarchy)> {
+    if !requires(cgroups_present() == Some(Cgroups::V1), "the memory and cpu controllers on cgroup v1") {
+        return None;
+    }
+    let machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let root = ReadOnlyRoot::new(name, Cgroups::V1);
+    let hierarchy = Hierarchy::prepare(&Mounts::read().unwrap(), Some(root.memory()), "nix-tier").unwrap();
+    Some((machine, root, hierarchy))
 }
 
 fn num_cpus() -> usize {
