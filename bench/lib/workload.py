@@ -461,6 +461,12 @@ def with_touch(r):
     return f"{r['makespanMs'] / t['physicalMs']:.2f}" + (f", {r['makespanMs'] / t['tiersMs']:.2f}" if r["hook"] else "")
 
 
+def judged_ratio(r, key):
+    """`r`'s makespan over the bound `key` the verdicts judge by: with the time to touch memory
+    when the run has it."""
+    return r["makespanMs"] / r.get("boundsWithTouch", r["bounds"])[key]
+
+
 def over_bounds(r, key):
     """`r`'s makespan over its bound `key` ("physicalMs" or "tiersMs"), and over the same bound
     with the time to touch memory when the run has it, as text."""
@@ -477,7 +483,7 @@ def verdicts(results):
     e = next((r for r in results if r["config"] == "e"), None)
     out = []
     if e is not None:
-        ratio = e["makespanMs"] / e.get("boundsWithTouch", e["bounds"])["physicalMs"]
+        ratio = judged_ratio(e, "physicalMs")
         ok = ratio <= 1.3 and e["oomKills"] == 0 and not e["killedOrFailed"]
         out.append(f"(e) learned mode within 1.3x of the lower bound, 0 OOM kills: {'met' if ok else 'MISSED'} "
                    f"({over_bounds(e, 'physicalMs')}, {e['oomKills']} OOM kills, {len(e['killedOrFailed'])} failed)")
@@ -490,14 +496,14 @@ def verdicts(results):
         ok = c["oomKills"] == 0 and not c["killedOrFailed"] and c["exit"] == 0
         out.append(f"(c) zero OOM kills and failures: {'met' if ok else 'MISSED'} "
                    f"({c['oomKills']} OOM kills, {len(c['killedOrFailed'])} failed, exit {c['exit']})")
-        ratio = c["makespanMs"] / c.get("boundsWithTouch", c["bounds"])["tiersMs"]
+        ratio = judged_ratio(c, "tiersMs")
         out.append(f"(c) within 1.05x of the bound under the seed's tiers: {'met' if ratio <= 1.05 else 'MISSED'} "
                    f"({over_bounds(c, 'tiersMs')})")
     if a is None or c is None:
         return out + ["(the comparisons with (a) are made when (a) and (c) both ran)"]
     speedup = a["makespanMs"] / c["makespanMs"]
     out.append(f"(c) at least 2x faster than (a): {'met' if speedup >= 2 else 'MISSED'} ({speedup:.2f}x)")
-    ratio = c["makespanMs"] / c.get("boundsWithTouch", c["bounds"])["physicalMs"]
+    ratio = judged_ratio(c, "physicalMs")
     out.append(f"(c) within 1.25x of the lower bound: {'met' if ratio <= 1.25 else 'MISSED'} ({over_bounds(c, 'physicalMs')})")
     return out
 
