@@ -62,6 +62,12 @@ pub enum WaitReason {
         /// The waiting heavy build's reservation, MiB.
         heavy_mib: u64,
     },
+    /// Its Nix worker has not yet asked about all its ready builds and no heavy build runs: room
+    /// is kept for a heavy build it may ask about next.
+    HeavyExpected {
+        /// A heavy build's reservation (its tier's), MiB.
+        heavy_mib: u64,
+    },
     /// A waiting build expected to run longer could start now and would no longer fit.
     LongerFirst {
         /// How long that build is expected to run, milliseconds.
@@ -80,6 +86,9 @@ impl fmt::Display for WaitReason {
             }
             WaitReason::HeavyWaiting { heavy_mib } => {
                 write!(f, "a waiting heavy build needs {heavy_mib} MiB first")
+            }
+            WaitReason::HeavyExpected { heavy_mib } => {
+                write!(f, "{heavy_mib} MiB kept for a heavy build until Nix has asked about every ready build")
             }
             WaitReason::LongerFirst { expected_ms } => {
                 write!(f, "a waiting build expected to take {} s starts first", expected_ms.div_ceil(1000))

@@ -8,6 +8,13 @@
 //!    old lease ends and the build is decided anew.
 //! 2. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
 //!    waiting heavy build. A build it holds back waits (Nix asks again).
+//!    **Room for a heavy build in a worker's first pass**: Nix asks about its ready builds in the
+//!    order of their names, so a heavy build may be asked about only after lighter builds have
+//!    taken the memory it needs. Until a worker asks about one of its builds a second time (its
+//!    first pass over what is ready is over: everything ready has been asked about) and while no
+//!    heavy build runs, the policy counts one heavy build of the tier's reservation as waiting,
+//!    unless nothing runs at all. A build held back for it is asked about again at Nix's next
+//!    wake-up, when the room is no longer kept.
 //! 3. **Longest first**: a waiting build that is expected to run longer, could start now and would
 //!    no longer fit once the candidate is admitted keeps its place: the candidate waits. So does
 //!    the longest waiting build that cannot start yet (backfilling): going by the running builds'
@@ -31,7 +38,7 @@
 //!    `max-jobs` already holds all but one of them back.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::admission::{self, Admission, Claim, Running, WaitReason};
 use crate::{Build, Tier};
@@ -136,12 +143,28 @@ pub fn waiter_ttl_ms(poll_interval_secs: u64) -> u64 {
     (3 * poll_interval_secs.max(1) + 2) * 1000
 }
 
+/// How long a Nix worker that holds no lease may not ask before the table forgets it,
+/// milliseconds: long enough that a worker whose builds all ran for a while, and ended, is
+/// still past its first pass when it asks about what they made ready; short enough that the
+/// pids of a daemon's many short-lived workers do not pile up.
+pub const WORKER_FORGOTTEN_MS: u64 = 3_600_000;
+
 /// The leases and waiting builds of one machine.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseTable {
     leases: Vec<Lease>,
     waiting: Waiting,
+    workers: HashMap<u32, Worker>,
     next_id: u64,
+}
+
+/// What the table knows of one Nix worker's asking.
+#[derive(Debug, Clone, Default)]
+struct Worker {
+    /// When it last asked, milliseconds.
+    seen_ms: u64,
+    /// The builds it has asked about, while it has asked about none twice (its first pass).
+    first_pass: Option<HashSet<String>>,
 }
 
 impl LeaseTable {
@@ -169,10 +192,16 @@ impl LeaseTable {
     /// `waiter_ttl_ms` are forgotten first.
     pub fn decide(&mut self, build: &Build, request: &Request, now_ms: u64, waiter_ttl_ms: u64) -> Decision {
         self.waiting.forget_unseen(now_ms, waiter_ttl_ms);
+        let first_pass = self.asked(request, now_ms);
         self.leases.retain(|l| l.drv != request.drv);
         let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
         let waiting_heavy = self.waiting.oldest_heavy_other_than(&request.drv).map(|w| w.claim.memory_mib);
-        let mut verdict = admission::decide(build, &claims, waiting_heavy, request.claim);
+        let room_for_heavy = (first_pass && waiting_heavy.is_none() && !claims.is_empty() && claims.iter().all(|c| c.tier != Tier::Heavy))
+            .then_some(build.tiers.heavy.memory_mib);
+        let mut verdict = admission::decide(build, &claims, waiting_heavy.or(room_for_heavy), request.claim);
+        if let (Some(heavy_mib), Admission::Wait(WaitReason::HeavyWaiting { .. })) = (room_for_heavy, &verdict) {
+            verdict = Admission::Wait(WaitReason::HeavyExpected { heavy_mib });
+        }
         if verdict == Admission::Admit {
             let delayed = self.delayed_longer_build(build, request, &claims).or_else(|| self.delayed_reservation(build, request, now_ms));
             if let Some(longer_ms) = delayed {
@@ -212,6 +241,24 @@ impl LeaseTable {
                 Decision::Wait(reason)
             }
         }
+    }
+
+    /// Records that `request`'s worker asked about it at `now_ms`, forgetting first the workers
+    /// that hold no lease and have not asked for [`WORKER_FORGOTTEN_MS`] (gone; a worker that
+    /// asks again after that is in a first pass again); whether that worker is still in its
+    /// first pass.
+    fn asked(&mut self, request: &Request, now_ms: u64) -> bool {
+        let leases = &self.leases;
+        self.workers.retain(|pid, w| {
+            now_ms.saturating_sub(w.seen_ms) <= WORKER_FORGOTTEN_MS && w.seen_ms <= now_ms.saturating_add(WORKER_FORGOTTEN_MS)
+                || leases.iter().any(|l| l.worker == *pid)
+        });
+        let worker = self.workers.entry(request.worker).or_insert_with(|| Worker { seen_ms: now_ms, first_pass: Some(HashSet::new()) });
+        worker.seen_ms = now_ms;
+        if worker.first_pass.as_mut().is_some_and(|asked| !asked.insert(request.drv.clone())) {
+            worker.first_pass = None;
+        }
+        worker.first_pass.is_some()
     }
 
     /// The expected duration of a waiting build that runs longer than `request`'s, could start
@@ -399,6 +446,70 @@ mod tests {
         Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
     }
 
+    /// An empty table whose `workers` have each asked about some build twice, the last time at
+    /// `now_ms`: their first pass is over, and no room is kept for a heavy build.
+    fn past_first_pass(workers: &[u32], now_ms: u64) -> LeaseTable {
+        let mut table = LeaseTable::new();
+        for pid in workers {
+            table.workers.insert(*pid, Worker { seen_ms: now_ms, first_pass: None });
+        }
+        table
+    }
+
+    #[test]
+    fn a_worker_in_its_first_pass_keeps_room_for_a_heavy_build() {
+        // Budget 1000 MiB, heavy 600: beside one medium build (300), a second (300) would leave
+        // too little for a heavy build the worker may ask about next; a light one (100) does not.
+        let b = build();
+        let mut table = LeaseTable::new();
+        assert!(matches!(table.decide(&b, &request(1, 9, "m1", Tier::Medium, 10), 0, 1000), Decision::Admit(_)));
+        assert_eq!(table.decide(&b, &request(1, 9, "m2", Tier::Medium, 10), 1, 1000), Decision::Wait(WaitReason::HeavyExpected { heavy_mib: 600 }));
+        assert!(matches!(table.decide(&b, &request(1, 9, "l", Tier::Light, 10), 2, 1000), Decision::Admit(_)));
+        // The heavy build comes, and starts at once.
+        assert!(matches!(table.decide(&b, &request(1, 9, "h", Tier::Heavy, 10), 3, 1000), Decision::Admit(_)));
+        // No heavy build comes: asked again, m2 ends the first pass and starts.
+        let mut table = LeaseTable::new();
+        table.decide(&b, &request(1, 9, "m1", Tier::Medium, 10), 0, 1000);
+        table.decide(&b, &request(1, 9, "m2", Tier::Medium, 10), 1, 1000);
+        assert!(matches!(table.decide(&b, &request(1, 9, "m2", Tier::Medium, 10), 2, 1000), Decision::Admit(_)));
+        // Another worker's first pass is its own.
+        assert_eq!(table.decide(&b, &request(2, 9, "l", Tier::Light, 10), 3, 1000), Decision::Wait(WaitReason::HeavyExpected { heavy_mib: 600 }));
+    }
+
+    #[test]
+    fn no_room_is_kept_on_an_idle_machine_or_beside_a_heavy_build() {
+        let b = build();
+        // The first build starts whatever it needs: the machine is never left idle for it.
+        let large = Request { claim: Claim { tier: Tier::Medium, memory_mib: 900, learned: false }, ..request(1, 9, "large", Tier::Medium, 10) };
+        assert!(matches!(LeaseTable::new().decide(&b, &large, 0, 1000), Decision::Admit(_)));
+        // Beside a running heavy build, lighter builds take what is left.
+        let mut table = LeaseTable::new();
+        table.decide(&b, &request(1, 9, "h", Tier::Heavy, 10), 0, 1000);
+        assert!(matches!(table.decide(&b, &request(1, 9, "m", Tier::Medium, 10), 1, 1000), Decision::Admit(_)));
+        assert!(matches!(table.decide(&b, &request(1, 9, "l", Tier::Light, 10), 2, 1000), Decision::Admit(_)));
+    }
+
+    #[test]
+    fn a_worker_is_forgotten_only_long_after_its_last_lease() {
+        let b = build();
+        let hour = WORKER_FORGOTTEN_MS;
+        let mut table = past_first_pass(&[1], 0);
+        let Decision::Admit(m1) = table.decide(&b, &request(1, 9, "m1", Tier::Medium, 10), 0, 1000) else { panic!() };
+        // Quiet for longer than that, but holding a lease: still past its first pass.
+        assert!(matches!(table.decide(&b, &request(1, 9, "m2", Tier::Medium, 10), hour + 1, 1000), Decision::Admit(_)));
+        let m2 = table.leases()[1].id;
+        table.end(m1);
+        table.end(m2);
+        // Its builds ended a moment ago: what they made ready is not its first pass.
+        table.decide(&b, &request(1, 9, "m3", Tier::Medium, 10), hour + 2, 1000);
+        assert!(matches!(table.decide(&b, &request(1, 9, "m4", Tier::Medium, 10), hour + 3, 1000), Decision::Admit(_)));
+        let ids: Vec<LeaseId> = table.leases().iter().map(|l| l.id).collect();
+        ids.into_iter().for_each(|id| _ = table.end(id));
+        // Gone for that long without a lease: a worker with its pid starts a first pass.
+        table.decide(&b, &request(1, 9, "m5", Tier::Medium, 10), 2 * hour + 4, 1000);
+        assert_eq!(table.decide(&b, &request(1, 9, "m6", Tier::Medium, 10), 2 * hour + 5, 1000), Decision::Wait(WaitReason::HeavyExpected { heavy_mib: 600 }));
+    }
+
     #[test]
     fn a_shorter_build_goes_ahead_of_a_longer_waiting_one_only_if_it_does_not_delay_it() {
         // Budget 1000 MiB. Running: a (300 MiB, ends at 10 s) and b (300 MiB, ends at 100 s).
@@ -409,7 +520,7 @@ mod tests {
             table.decide(&build(), &request, now, 60_000)
         };
         let setup = || {
-            let mut table = LeaseTable::new();
+            let mut table = past_first_pass(&[1, 2], 0);
             assert!(matches!(ask(&mut table, "a", 300, 10_000, 0), Decision::Admit(_)));
             assert!(matches!(ask(&mut table, "b", 300, 100_000, 0), Decision::Admit(_)));
             assert!(matches!(ask(&mut table, "long", 600, 1_000_000, 1000), Decision::Wait(WaitReason::Memory { .. })));
@@ -497,7 +608,7 @@ mod tests {
     #[test]
     fn a_longer_waiting_build_keeps_its_place() {
         let b = build();
-        let mut table = LeaseTable::new();
+        let mut table = past_first_pass(&[1, 2], 0);
         // Two medium builds hold the medium slots; a long medium build waits.
         table.decide(&b, &request(1, 9, "m1", Tier::Medium, 1000), 0, 10_000);
         table.decide(&b, &request(1, 9, "m2", Tier::Medium, 1000), 0, 10_000);
@@ -530,14 +641,14 @@ mod tests {
     #[test]
     fn a_waiter_stamped_in_the_future_is_forgotten() {
         let b = build();
-        let mut table = LeaseTable::new();
+        let mut table = past_first_pass(&[1], 100_000_000);
         // Heavy waits for memory held by two medium builds; it would hold a light build back.
         table.decide(&b, &request(1, 9, "m1", Tier::Medium, 1), 100_000_000, 1000);
         table.decide(&b, &request(1, 9, "m2", Tier::Medium, 1), 100_000_000, 1000);
         table.decide(&b, &request(1, 9, "heavy", Tier::Heavy, 1), 100_000_000, 1000);
-        assert!(matches!(table.decide(&b, &request(2, 9, "l", Tier::Light, 1), 100_000_000, 1000), Decision::Wait(_)));
+        assert!(matches!(table.decide(&b, &request(1, 9, "l", Tier::Light, 1), 100_000_000, 1000), Decision::Wait(_)));
         // The clock steps back a day: the waiter's stamp is far in the future, and it goes.
-        assert!(matches!(table.decide(&b, &request(2, 9, "l", Tier::Light, 1), 100_000_000 - 86_400_000, 1000), Decision::Admit(_)));
+        assert!(matches!(table.decide(&b, &request(1, 9, "l", Tier::Light, 1), 100_000_000 - 86_400_000, 1000), Decision::Admit(_)));
     }
 
     /// One step of a random run: a `try` or the end of a lease.
