@@ -437,8 +437,10 @@ fn learned_reservations_let_more_builds_run_at_once() {
 
     // Three builds of pkg teach the hook its real use.
     let learning: String = (1..=3).map(|i| medium("pkg-1.0", &format!("learn{i}"), 100)).collect();
-    assert!(nix_build(&sandbox, &builds_expr(&records, &learning)).status.success());
-    assert_eq!(history_rows(&sandbox, 3).len(), 3);
+    let out = nix_build(&sandbox, &builds_expr(&records, &learning));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = history_rows(&sandbox, 3);
+    assert_eq!(rows.len(), 3, "{rows:?}\nnix-build:\n{}\nbroker.log:\n{}", stderr(&out), broker_log(&sandbox));
 
     let drv_out = sandbox
         .command("nix-instantiate")
@@ -456,16 +458,17 @@ fn learned_reservations_let_more_builds_run_at_once() {
         let batch: String = (1..=4).map(|i| medium(package, &format!("batch{i}"), 1500)).collect();
         let out = nix_build(&sandbox, &builds_expr(&records, &batch));
         assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
     };
-    run_batch("other-1.0");
-    run_batch("pkg-1.0");
+    let said = [run_batch("other-1.0"), run_batch("pkg-1.0")].join("\n");
     let all = read_records(&records);
     let concurrency = |name: &str| {
         let batch: Vec<_> = all.iter().filter(|r| r.name == name).cloned().collect();
         peaks(&batch, |_| 0).total
     };
-    assert_eq!(concurrency("other-1.0"), 2, "flat 400 MiB figures fit 2 in 1000 MiB");
-    assert_eq!(concurrency("pkg-1.0"), 4, "learned {learned} MiB figures fit all 4 (maxJobs 4)");
+    let log = || format!("nix-build:\n{said}\nbroker.log:\n{}", broker_log(&sandbox));
+    assert_eq!(concurrency("other-1.0"), 2, "flat 400 MiB figures fit 2 in 1000 MiB\n{}", log());
+    assert_eq!(concurrency("pkg-1.0"), 4, "learned {learned} MiB figures fit all 4 (maxJobs 4)\n{}", log());
 }
 
 #[test]
