@@ -147,7 +147,7 @@ pub fn waiter_ttl_ms(poll_interval_secs: u64) -> u64 {
 /// milliseconds: long enough that a worker whose builds all ran for a while, and ended, is
 /// still past its first pass when it asks about what they made ready; short enough that the
 /// pids of a daemon's many short-lived workers do not pile up.
-pub const WORKER_FORGOTTEN_MS: u64 = 3_600_000;
+const WORKER_FORGOTTEN_MS: u64 = 3_600_000;
 
 /// The leases and waiting builds of one machine.
 #[derive(Debug, Clone, Default)]
@@ -159,7 +159,7 @@ pub struct LeaseTable {
 }
 
 /// What the table knows of one Nix worker's asking.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Worker {
     /// When it last asked, milliseconds.
     seen_ms: u64,
