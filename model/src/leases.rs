@@ -149,12 +149,18 @@ pub fn waiter_ttl_ms(poll_interval_secs: u64) -> u64 {
 /// pids of a daemon's many short-lived workers do not pile up.
 const WORKER_FORGOTTEN_MS: u64 = 3_600_000;
 
+/// How often the table looks for workers to forget, milliseconds: not at every decision, which
+/// must not go through a daemon's hour of workers.
+const WORKERS_SWEPT_EVERY_MS: u64 = 60_000;
+
 /// The leases and waiting builds of one machine.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseTable {
     leases: Vec<Lease>,
     waiting: Waiting,
     workers: HashMap<u32, Worker>,
+    /// When the table last looked for workers to forget, milliseconds.
+    workers_swept_ms: u64,
     next_id: u64,
 }
 
@@ -243,16 +249,16 @@ impl LeaseTable {
         }
     }
 
-    /// Records that `request`'s worker asked about it at `now_ms`, forgetting first the workers
-    /// that hold no lease and have not asked for [`WORKER_FORGOTTEN_MS`] (gone; a worker that
-    /// asks again after that is in a first pass again); whether that worker is still in its
-    /// first pass.
+    /// Records that `request`'s worker asked about it at `now_ms`, forgetting first (at most
+    /// every [`WORKERS_SWEPT_EVERY_MS`]) the workers that hold no lease and have not asked for
+    /// [`WORKER_FORGOTTEN_MS`] either way of `now_ms` (gone; a worker that asks again after that
+    /// is in a first pass again); whether that worker is still in its first pass.
     fn asked(&mut self, request: &Request, now_ms: u64) -> bool {
-        let leases = &self.leases;
-        self.workers.retain(|pid, w| {
-            now_ms.saturating_sub(w.seen_ms) <= WORKER_FORGOTTEN_MS && w.seen_ms <= now_ms.saturating_add(WORKER_FORGOTTEN_MS)
-                || leases.iter().any(|l| l.worker == *pid)
-        });
+        if now_ms.abs_diff(self.workers_swept_ms) >= WORKERS_SWEPT_EVERY_MS {
+            self.workers_swept_ms = now_ms;
+            let leases = &self.leases;
+            self.workers.retain(|pid, w| now_ms.abs_diff(w.seen_ms) <= WORKER_FORGOTTEN_MS || leases.iter().any(|l| l.worker == *pid));
+        }
         let worker = self.workers.entry(request.worker).or_insert_with(|| Worker { seen_ms: now_ms, first_pass: Some(HashSet::new()) });
         worker.seen_ms = now_ms;
         if worker.first_pass.as_mut().is_some_and(|asked| !asked.insert(request.drv.clone())) {
