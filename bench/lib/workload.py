@@ -453,26 +453,31 @@ def table(spec, results):
     return "\n".join(lines)
 
 
+def over(r, key, bounds="bounds"):
+    """`r`'s makespan over its bound `key` ("physicalMs" or "tiersMs") among `bounds`: "bounds"
+    (the spec's times) or "boundsWithTouch" (with the time to touch memory)."""
+    return r["makespanMs"] / r[bounds][key]
+
+
 def with_touch(r):
     """This run's makespan over its bounds with the time to touch memory, as the table shows them."""
-    t = r.get("boundsWithTouch")
-    if not t:
+    if "boundsWithTouch" not in r:
         return ""
-    return f"{r['makespanMs'] / t['physicalMs']:.2f}" + (f", {r['makespanMs'] / t['tiersMs']:.2f}" if r["hook"] else "")
+    return f"{over(r, 'physicalMs', 'boundsWithTouch'):.2f}" + (f", {over(r, 'tiersMs', 'boundsWithTouch'):.2f}" if r["hook"] else "")
 
 
 def judged_ratio(r, key):
     """`r`'s makespan over the bound `key` the verdicts judge by: with the time to touch memory
     when the run has it."""
-    return r["makespanMs"] / r.get("boundsWithTouch", r["bounds"])[key]
+    return over(r, key, "boundsWithTouch" if "boundsWithTouch" in r else "bounds")
 
 
 def over_bounds(r, key):
-    """`r`'s makespan over its bound `key` ("physicalMs" or "tiersMs"), and over the same bound
-    with the time to touch memory when the run has it, as text."""
-    text = f"{r['makespanMs'] / r['bounds'][key]:.2f}x"
-    if r.get("boundsWithTouch"):
-        text += f"; {r['makespanMs'] / r['boundsWithTouch'][key]:.2f}x with the time to touch memory"
+    """`r`'s makespan over its bound `key`, and over the same bound with the time to touch memory
+    when the run has it, as text."""
+    text = f"{over(r, key):.2f}x"
+    if "boundsWithTouch" in r:
+        text += f"; {over(r, key, 'boundsWithTouch'):.2f}x with the time to touch memory"
     return text
 
 
@@ -518,13 +523,13 @@ def result_line(spec, results):
     for r in results:
         c = r["config"]
         fields.append(f"{c}_makespan_s={r['makespanMs'] / 1000:.1f}")
-        fields.append(f"{c}_over_bound={r['makespanMs'] / r['bounds']['physicalMs']:.2f}")
+        fields.append(f"{c}_over_bound={over(r, 'physicalMs'):.2f}")
         if r["hook"]:
-            fields.append(f"{c}_over_tier_bound={r['makespanMs'] / r['bounds']['tiersMs']:.2f}")
+            fields.append(f"{c}_over_tier_bound={over(r, 'tiersMs'):.2f}")
         if "boundsWithTouch" in r:
-            fields.append(f"{c}_over_bound_touch={r['makespanMs'] / r['boundsWithTouch']['physicalMs']:.2f}")
+            fields.append(f"{c}_over_bound_touch={over(r, 'physicalMs', 'boundsWithTouch'):.2f}")
             if r["hook"]:
-                fields.append(f"{c}_over_tier_bound_touch={r['makespanMs'] / r['boundsWithTouch']['tiersMs']:.2f}")
+                fields.append(f"{c}_over_tier_bound_touch={over(r, 'tiersMs', 'boundsWithTouch'):.2f}")
         fields.append(f"{c}_oom_kills={r['oomKills']}")
         if "predictedMs" in r:
             fields.append(f"{c}_predicted_s={r['predictedMs'] / 1000:.1f}")
