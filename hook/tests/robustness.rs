@@ -147,6 +147,33 @@ fn a_stopped_broker_costs_a_short_wait_then_declines() {
 }
 
 #[test]
+fn a_broker_late_with_an_answer_is_asked_again_once_it_has_answered() {
+    let setup = Setup::new(8000);
+    one_heavy_slot(&setup);
+    let mut hook = setup.hook();
+    let broker = nix::unistd::Pid::from_raw(broker_pid(&setup));
+    // Stopped before the hook's first question: it connects, asks, and gives up after 40 ms.
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (first, out) = write_drv(setup.path(), "first-1.0");
+    let first_lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
+    first_lock.lock().unwrap();
+    let lines = hook.ask(&first);
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(reply(&lines), "# decline", "fails open: {lines:?}");
+    assert!(mentions(&lines, &["did not answer", "fails open"]), "{lines:?}");
+    // Resumed, it answers the question the hook gave up on: the build Nix built meanwhile
+    // holds the heavy slot.
+    nix_tier_tests::hook_env::wait_for("nix-tier status to show first-1.0 running", common::ANSWER_TIMEOUT, || {
+        (status(&setup)?["running"].as_array()?.len() == 1).then_some(())
+    });
+    // The same hook asks at once (not after a second of declining) and is told to wait.
+    let (lines, _second) = ask_holding_lock(&setup, &mut hook, "second-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
+    assert_eq!(reply(&lines), "# postpone", "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("waiting: ") && l.contains("first-1.0")), "{lines:?}");
+}
+
+#[test]
 fn a_broker_answering_garbage_is_declined() {
     let setup = Setup::new(8000);
     fs::create_dir_all(setup.state()).unwrap();

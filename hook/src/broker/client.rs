@@ -8,6 +8,13 @@
 //! [`RETRY_AFTER`], so a hung broker costs one wait, not one per build; the next question
 //! connects anew, starting a broker when none runs.
 //!
+//! A broker late with one answer is not taken for gone: the hook declines that build (Nix builds
+//! it) but keeps the connection, and asks again as soon as the late answer has come, or after
+//! [`RETRY_AFTER`]. Then the broker is told of the builds declined meanwhile, that build
+//! among them unless it was admitted: it counts them as they start. A broker late again with
+//! that answer is dropped. A broker has been seen late with a first answer on a loaded machine
+//! (software emulation, where an answer took 5-20 ms).
+//!
 //! Builds the hook declines by itself (Nix has no slot, or its worker is full) are told to the
 //! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question
 //! (and before the hook hands its session to build-remote or exits): Nix asks about a dozen
@@ -63,6 +70,9 @@ pub struct Client {
     answered: bool,
     /// When the broker may be asked again after a failure.
     resting_until: Option<Instant>,
+    /// The build whose answer did not come in time on this connection (the hook declined it):
+    /// a broker slow rather than gone answers it before anything else.
+    late: Option<TryBuild>,
     /// The broker this hook started, reaped once it exits, and when.
     started: Option<(Child, Instant)>,
     /// The builds declined without asking the broker and not yet told it, each with the number
@@ -86,6 +96,7 @@ impl Client {
             connection: None,
             answered: false,
             resting_until: None,
+            late: None,
             started: None,
             unsent: HashMap::new(),
             told: HashSet::new(),
@@ -102,24 +113,38 @@ impl Client {
     /// Asks about one build, telling the broker first of the builds declined since the last
     /// message.
     pub fn ask(&mut self, request: &TryBuild) -> Result<FromBroker, Failure> {
-        if self.resting_until.is_some_and(|until| Instant::now() < until) {
-            self.unsent.clear();
+        if self.resting_until.is_some_and(|until| Instant::now() < until) && !self.caught_up() {
+            if self.late.is_some() {
+                // Nix builds it: told to the broker, should it turn out slow rather than gone.
+                self.tell_declined(request);
+            } else {
+                self.unsent.clear();
+            }
             return Err(Failure::Failed("the broker failed to answer a moment ago".to_string()));
         }
+        self.resting_until = None;
         let deadline = Instant::now() + ANSWER_WITHIN;
-        match self.exchange(request, deadline) {
-            Ok(FromBroker::Refused(why)) => Err(self.failed(format!("the broker refused the request: {why}"))),
-            Ok(answer) => {
+        let answer = match self.exchange(request, deadline) {
+            Ok(Some(answer)) => answer,
+            Err(_) | Ok(None) if self.starting() => {
+                self.disconnect();
+                return Err(Failure::Starting);
+            }
+            Ok(None) => {
+                self.late = Some(request.clone());
+                self.resting_until = Some(Instant::now() + RETRY_AFTER);
+                return Err(Failure::Failed(late()));
+            }
+            Err(error) => return Err(self.failed(error)),
+        };
+        match answer {
+            FromBroker::Refused(why) => Err(self.failed(format!("the broker refused the request: {why}"))),
+            answer => {
                 if answer == FromBroker::Admit {
                     self.told.remove(&request.job.drv);
                 }
                 Ok(answer)
             }
-            Err(_) if self.starting() => {
-                self.connection = None;
-                Err(Failure::Starting)
-            }
-            Err(error) => Err(self.failed(error)),
         }
     }
 
@@ -134,10 +159,10 @@ impl Client {
         !self.unsent.is_empty()
     }
 
-    /// Tells the broker of the builds declined without asking it (no answer is awaited);
-    /// nothing is said when it cannot be told.
+    /// Tells the broker of the builds declined without asking it (no answer is awaited, so a
+    /// broker late with an answer is told all the same); nothing is said when it cannot be told.
     pub fn send_unsent(&mut self) {
-        if self.resting_until.is_some_and(|until| Instant::now() < until) {
+        if self.late.is_none() && self.resting_until.is_some_and(|until| Instant::now() < until) {
             self.unsent.clear();
             return;
         }
@@ -146,7 +171,7 @@ impl Client {
             if !self.starting() {
                 self.failed(error);
             }
-            self.connection = None;
+            self.disconnect();
         }
     }
 
@@ -161,18 +186,60 @@ impl Client {
     }
 
     fn failed(&mut self, error: String) -> Failure {
-        self.connection = None;
+        self.disconnect();
         self.unsent.clear();
         self.resting_until = Some(Instant::now() + RETRY_AFTER);
         Failure::Failed(error)
     }
 
-    fn exchange(&mut self, request: &TryBuild, deadline: Instant) -> Result<FromBroker, String> {
+    /// Sends `request` and reads its answer until `deadline`: `None` if it has not come by then
+    /// (the broker owes it).
+    fn exchange(&mut self, request: &TryBuild, deadline: Instant) -> Result<Option<FromBroker>, String> {
         self.send(Some(request), deadline)?;
+        if self.late.is_some() && !self.take_late_answer(deadline)? {
+            // Late twice with the same answer: not merely slow.
+            return Err(late());
+        }
+        self.read_answer(deadline)
+    }
+
+    /// Whether the broker, late with an answer on this connection, has given it since: it is
+    /// taken without waiting (the broker writes an answer whole).
+    fn caught_up(&mut self) -> bool {
+        let Some(connection) = self.connection.as_ref().filter(|_| self.late.is_some()) else { return false };
+        if connection.buffer().is_empty() && !readable_now(connection.get_ref()) {
+            return false;
+        }
+        match self.take_late_answer(Instant::now() + Duration::from_millis(1)) {
+            Ok(came) => came,
+            Err(error) => {
+                self.failed(error);
+                false
+            }
+        }
+    }
+
+    /// Reads the answer the broker was late with, until `deadline`; whether it came. A build
+    /// it did not admit was declined all the same, and Nix builds it: the broker is told so,
+    /// and counts the build as it starts.
+    fn take_late_answer(&mut self, deadline: Instant) -> Result<bool, String> {
+        let Some(answer) = self.read_answer(deadline)? else { return Ok(false) };
+        let build = self.late.take().expect("an answer is owed");
+        match answer {
+            FromBroker::Admit => {
+                self.told.remove(&build.job.drv);
+            }
+            FromBroker::Wait { .. } | FromBroker::WorkerFull { .. } => self.tell_declined(&build),
+            FromBroker::Refused(why) => return Err(format!("the broker refused the request: {why}")),
+            FromBroker::Tries(_) | FromBroker::SlotFreed => return Err("the broker answered another question".to_string()),
+        }
+        Ok(true)
+    }
+
+    /// Reads the next answer, until `deadline`: `None` if it has not come by then.
+    fn read_answer(&mut self, deadline: Instant) -> Result<Option<FromBroker>, String> {
         let connection = self.connection.as_mut().expect("connected by send");
-        let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
-        let late = || format!("the broker did not answer within {ANSWER_WITHIN:?}");
-        let timeout = timeout.ok_or_else(late)?;
+        let Some(timeout) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { return Ok(None) };
         keep_timeout(&mut self.read_timeout, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
         // A slot said to be free before the answer may have freed after the broker decided.
         let mut slot_freed = false;
@@ -182,7 +249,8 @@ impl Client {
                 Ok(0) => return Err("the broker closed the connection".to_string()),
                 Ok(_) if answer.ends_with(b"\n") => {}
                 Ok(_) => return Err(format!("the broker's answer was cut short (connection closed, or over {} MiB)", MAX_LINE >> 20)),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Err(late()),
+                // What was read of a line is gone with `answer`: the connection cannot be kept.
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) && answer.is_empty() => return Ok(None),
                 Err(e) => return Err(format!("reading from the broker: {e}")),
             }
             let answer = match serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))? {
@@ -191,7 +259,7 @@ impl Client {
                     // A broker that kept sending lines other than the answer would hold the
                     // hook for good.
                     if Instant::now() >= deadline {
-                        return Err(late());
+                        return Ok(None);
                     }
                     continue;
                 }
@@ -199,7 +267,7 @@ impl Client {
                 answer => answer,
             };
             self.answered = true;
-            return Ok(answer);
+            return Ok(Some(answer));
         }
     }
 
@@ -208,18 +276,20 @@ impl Client {
     /// as full as that answer said. A look at the socket, without waiting.
     pub fn slot_may_be_free(&mut self) -> bool {
         let Some(connection) = self.connection.as_ref().filter(|_| self.answered) else { return true };
-        if !connection.buffer().is_empty() {
-            return true;
-        }
-        let mut fds = [nix::poll::PollFd::new(connection.get_ref().as_fd(), nix::poll::PollFlags::POLLIN)];
-        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_or(true, |ready| ready > 0)
+        !connection.buffer().is_empty() || readable_now(connection.get_ref())
+    }
+
+    /// Drops the connection, and the answer the broker was late with on it.
+    fn disconnect(&mut self) {
+        self.connection = None;
+        self.late = None;
     }
 
     /// Writes the builds declined since the last message, then `request` if any, connecting
     /// first if needed.
     fn send(&mut self, request: Option<&TryBuild>, deadline: Instant) -> Result<(), String> {
         if self.told.len() > MAX_TOLD {
-            self.connection = None;
+            self.disconnect();
         }
         let mut lines = Vec::new();
         if self.connection.is_none() {
@@ -311,6 +381,18 @@ impl Client {
         self.started = Some((child, Instant::now()));
         Ok(())
     }
+}
+
+/// Why a hook gave up on an answer.
+fn late() -> String {
+    format!("the broker did not answer within {ANSWER_WITHIN:?}")
+}
+
+/// Whether `connection` has something to read (or is closed), without waiting; an error counts
+/// as something to read.
+fn readable_now(connection: &UnixStream) -> bool {
+    let mut fds = [nix::poll::PollFd::new(connection.as_fd(), nix::poll::PollFlags::POLLIN)];
+    nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO).map_or(true, |ready| ready > 0)
 }
 
 /// Connects to `socket` without waiting: a broker that stopped accepting (hung, or stopped)
