@@ -68,10 +68,13 @@ pub enum WaitReason {
         /// A heavy build's reservation (its tier's), MiB.
         heavy_mib: u64,
     },
-    /// A waiting build expected to run longer could start now and would no longer fit.
+    /// A waiting build of a higher [`crate::leases::Rank`] (expected to run longer, or as long
+    /// and needed by more builds) could start now and would no longer fit.
     LongerFirst {
         /// How long that build is expected to run, milliseconds.
         expected_ms: u64,
+        /// How many derivations not built yet need it (0 when not known).
+        dependents: u32,
     },
 }
 
@@ -90,8 +93,12 @@ impl fmt::Display for WaitReason {
             WaitReason::HeavyExpected { heavy_mib } => {
                 write!(f, "{heavy_mib} MiB kept for a heavy build until Nix has asked about every ready build")
             }
-            WaitReason::LongerFirst { expected_ms } => {
-                write!(f, "a waiting build expected to take {} s starts first", expected_ms.div_ceil(1000))
+            WaitReason::LongerFirst { expected_ms, dependents } => {
+                write!(f, "a waiting build expected to take {} s", expected_ms.div_ceil(1000))?;
+                if *dependents > 0 {
+                    write!(f, " and needed by {dependents} unbuilt derivations")?;
+                }
+                f.write_str(" starts first")
             }
         }
     }

@@ -58,10 +58,31 @@ pub struct Request {
     pub claim: Claim,
     /// How long it is expected to run, milliseconds (from history, else its tier's guess).
     pub expected_ms: u64,
+    /// How many derivations not built yet need it (Nix's store database; 0 when not known).
+    pub dependents: u32,
     /// Leases of this worker whose builder has exited: Nix has their slots back (it asks with a
     /// free slot as soon as a builder is gone), though their leases last until every process of
     /// the build is gone.
     pub slots_freed: Vec<LeaseId>,
+}
+
+/// The order in which waiting builds get their turn ([`WaitReason::LongerFirst`]): the longest
+/// expected first (it keeps the machine busy longest) and, of builds expected to run as long,
+/// the one more unbuilt derivations need (what it makes ready keeps the machine busy after it).
+/// With one slot for a tier's builds, the last of them delays everything that needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Rank {
+    /// How long it is expected to run, milliseconds.
+    pub expected_ms: u64,
+    /// How many derivations not built yet need it.
+    pub dependents: u32,
+}
+
+impl Request {
+    /// Its place in the order of waiting builds.
+    pub fn rank(&self) -> Rank {
+        Rank { expected_ms: self.expected_ms, dependents: self.dependents }
+    }
 }
 
 /// What every lease of a worker reserves at least, when they are all of one tier: whichever of
@@ -128,12 +149,21 @@ pub struct Waiter {
     pub claim: Claim,
     /// How long it is expected to run, milliseconds.
     pub expected_ms: u64,
+    /// How many derivations not built yet need it.
+    pub dependents: u32,
     /// When it first waited, milliseconds.
     pub since_ms: u64,
     /// When it last asked, milliseconds.
     pub seen_ms: u64,
     /// What it waits for.
     pub reason: WaitReason,
+}
+
+impl Waiter {
+    /// Its place in the order of waiting builds.
+    pub fn rank(&self) -> Rank {
+        Rank { expected_ms: self.expected_ms, dependents: self.dependents }
+    }
 }
 
 /// How long a waiting build is remembered without asking again, milliseconds, for a Nix
@@ -210,8 +240,8 @@ impl LeaseTable {
         }
         if verdict == Admission::Admit {
             let delayed = self.delayed_longer_build(build, request, &claims).or_else(|| self.delayed_reservation(build, request, now_ms));
-            if let Some(longer_ms) = delayed {
-                verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms: longer_ms });
+            if let Some(Rank { expected_ms, dependents }) = delayed {
+                verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms, dependents });
             }
         }
         let held_by_worker = self.held_by(request.worker, &request.slots_freed).count();
@@ -267,28 +297,28 @@ impl LeaseTable {
         worker.first_pass.is_some()
     }
 
-    /// The expected duration of a waiting build that runs longer than `request`'s, could start
-    /// now, and could not once `request` is admitted; the longest such.
-    fn delayed_longer_build(&self, build: &Build, request: &Request, claims: &[Claim]) -> Option<u64> {
+    /// The rank of a waiting build that ranks above `request`, could start now, and could not
+    /// once `request` is admitted; the highest such.
+    fn delayed_longer_build(&self, build: &Build, request: &Request, claims: &[Claim]) -> Option<Rank> {
         let now = Running::of(claims);
         let with_candidate = now.with(request.claim);
         self.waiting
-            .longest_first()
-            .take_while(|w| w.expected_ms > request.expected_ms)
+            .highest_first()
+            .take_while(|w| w.rank() > request.rank())
             .find(|w| {
                 admission::decide_among(build, &now, None, w.claim) == Admission::Admit
                     && admission::decide_among(build, &with_candidate, None, w.claim) != Admission::Admit
                     && w.drv != request.drv
             })
-            .map(|w| w.expected_ms)
+            .map(Waiter::rank)
     }
 
-    /// The expected duration of the longest waiting build that runs longer than `request`'s and
-    /// cannot start now, if admitting `request` would delay it (backfilling): going by the running
-    /// builds' expected ends, `request` would still run when that build could first start, and
-    /// take what it needs then. A shorter build that ends first, or fits beside it, goes ahead.
-    fn delayed_reservation(&self, build: &Build, request: &Request, now_ms: u64) -> Option<u64> {
-        let longest = self.waiting.longest_first().take_while(|w| w.expected_ms > request.expected_ms).find(|w| w.drv != request.drv)?;
+    /// The rank of the highest waiting build that ranks above `request` and cannot start now,
+    /// if admitting `request` would delay it (backfilling): going by the running builds'
+    /// expected ends, `request` would still run when that build could first start, and take
+    /// what it needs then. A shorter build that ends first, or fits beside it, goes ahead.
+    fn delayed_reservation(&self, build: &Build, request: &Request, now_ms: u64) -> Option<Rank> {
+        let longest = self.waiting.highest_first().take_while(|w| w.rank() > request.rank()).find(|w| w.drv != request.drv)?;
         let mut by_end: Vec<(u64, Claim)> =
             self.leases.iter().map(|l| (l.since_ms.saturating_add(l.expected_ms).max(now_ms), l.claim)).collect();
         by_end.sort_by_key(|(end, _)| *end);
@@ -304,7 +334,7 @@ impl LeaseTable {
         }
         let mut beside = claims[ended..].to_vec();
         beside.push(request.claim);
-        (admission::decide(build, &beside, None, longest.claim) != Admission::Admit).then_some(longest.expected_ms)
+        (admission::decide(build, &beside, None, longest.claim) != Admission::Admit).then_some(longest.rank())
     }
 
     /// Counts a build that runs without having been admitted (it started although its worker was
@@ -356,9 +386,9 @@ struct Waiting {
     by_drv: HashMap<String, u64>,
     /// Heavy waiting builds by (first wait, arrival): the oldest first.
     heavy: BTreeSet<(u64, u64)>,
-    /// Waiting builds by expected duration, and of equal ones the first to arrive last (so that
-    /// going backwards meets it first).
-    by_expected: BTreeSet<(u64, Reverse<u64>)>,
+    /// Waiting builds by rank, and of equal ones the first to arrive last (so that going
+    /// backwards meets it first).
+    by_rank: BTreeSet<(Rank, Reverse<u64>)>,
     next_arrival: u64,
     /// No waiting build was last seen before this, nor after `seen_until_ms`: forgetting the
     /// unseen goes through them only when one may be due.
@@ -406,7 +436,7 @@ impl Waiting {
         if request.claim.tier == Tier::Heavy {
             self.heavy.insert((since_ms, arrival));
         }
-        self.by_expected.insert((request.expected_ms, Reverse(arrival)));
+        self.by_rank.insert((request.rank(), Reverse(arrival)));
         self.by_drv.insert(request.drv.clone(), arrival);
         let waiter = Waiter {
             worker: request.worker,
@@ -414,6 +444,7 @@ impl Waiting {
             name: request.name.clone(),
             claim: request.claim,
             expected_ms: request.expected_ms,
+            dependents: request.dependents,
             since_ms,
             seen_ms: now_ms,
             reason,
@@ -426,7 +457,7 @@ impl Waiting {
         let arrival = self.by_drv.remove(drv)?;
         let waiter = self.by_arrival.remove(&arrival)?;
         self.heavy.remove(&(waiter.since_ms, arrival));
-        self.by_expected.remove(&(waiter.expected_ms, Reverse(arrival)));
+        self.by_rank.remove(&(waiter.rank(), Reverse(arrival)));
         Some((arrival, waiter))
     }
 
@@ -435,9 +466,9 @@ impl Waiting {
         self.heavy.iter().map(|(_, arrival)| &self.by_arrival[arrival]).find(|w| w.drv != drv)
     }
 
-    /// The waiting builds, the longest expected first; of equal ones, the first to wait.
-    fn longest_first(&self) -> impl Iterator<Item = &Waiter> {
-        self.by_expected.iter().rev().map(|(_, Reverse(arrival))| &self.by_arrival[arrival])
+    /// The waiting builds, the highest rank first; of equal ones, the first to wait.
+    fn highest_first(&self) -> impl Iterator<Item = &Waiter> {
+        self.by_rank.iter().rev().map(|(_, Reverse(arrival))| &self.by_arrival[arrival])
     }
 }
 
@@ -449,7 +480,7 @@ mod tests {
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;
-        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
+        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, dependents: 0, slots_freed: vec![] }
     }
 
     /// An empty table whose `workers` have each asked about some build twice, the last time at
@@ -522,7 +553,7 @@ mod tests {
         // Waiting: long (600 MiB, 1000 s), which can start once a has ended, at 10 s.
         let claim = |memory_mib| Claim { tier: Tier::Light, memory_mib, learned: false };
         let ask = |table: &mut LeaseTable, drv: &str, memory_mib, expected_ms, now| {
-            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), name: String::new(), claim: claim(memory_mib), expected_ms, slots_freed: vec![] };
+            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), name: String::new(), claim: claim(memory_mib), expected_ms, dependents: 0, slots_freed: vec![] };
             table.decide(&build(), &request, now, 60_000)
         };
         let setup = || {
@@ -537,7 +568,7 @@ mod tests {
         // Runs past 10 s but fits beside b and long then: goes ahead.
         assert!(matches!(ask(&mut setup(), "small", 100, 60_000, 2000), Decision::Admit(_)));
         // Runs past 10 s and would leave long without room: waits for it.
-        assert_eq!(ask(&mut setup(), "large", 200, 60_000, 2000), Decision::Wait(WaitReason::LongerFirst { expected_ms: 1_000_000 }));
+        assert_eq!(ask(&mut setup(), "large", 200, 60_000, 2000), Decision::Wait(WaitReason::LongerFirst { expected_ms: 1_000_000, dependents: 0 }));
     }
 
     #[test]
@@ -612,6 +643,23 @@ mod tests {
     }
 
     #[test]
+    fn of_builds_expected_to_run_as_long_the_one_more_builds_need_starts_first() {
+        let b = build();
+        let mut table = past_first_pass(&[1], 0);
+        let heavy = |drv: &str, dependents| Request { dependents, ..request(1, 9, drv, Tier::Heavy, 60_000) };
+        // The one heavy slot is held; two heavy builds wait, the first to ask needed by fewer.
+        let Decision::Admit(running) = table.decide(&b, &heavy("running", 0), 0, 10_000) else { panic!() };
+        assert!(matches!(table.decide(&b, &heavy("few", 2), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        assert!(matches!(table.decide(&b, &heavy("many", 10), 2, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        table.end(running);
+        // The slot is free; "few", asked first (Nix asks in the order of names), waits.
+        let Decision::Wait(reason) = table.decide(&b, &heavy("few", 2), 3, 10_000) else { panic!() };
+        assert_eq!(reason, WaitReason::LongerFirst { expected_ms: 60_000, dependents: 10 });
+        assert_eq!(reason.to_string(), "a waiting build expected to take 60 s and needed by 10 unbuilt derivations starts first");
+        assert!(matches!(table.decide(&b, &heavy("many", 10), 4, 10_000), Decision::Admit(_)));
+    }
+
+    #[test]
     fn a_longer_waiting_build_keeps_its_place() {
         let b = build();
         let mut table = past_first_pass(&[1, 2], 0);
@@ -624,7 +672,7 @@ mod tests {
         // Now "long" could start; a shorter medium build that would take its slot waits ...
         assert!(matches!(
             table.decide(&b, &request(2, 9, "short", Tier::Medium, 500), 2, 10_000),
-            Decision::Wait(WaitReason::LongerFirst { expected_ms: 60_000 })
+            Decision::Wait(WaitReason::LongerFirst { expected_ms: 60_000, dependents: 0 })
         ));
         // ... a light build that leaves room for it does not ...
         assert!(matches!(table.decide(&b, &request(2, 9, "light", Tier::Light, 500), 3, 10_000), Decision::Admit(_)));
@@ -691,7 +739,7 @@ mod tests {
                 match s {
                     Step::Try { worker, max_jobs: m, drv, tier, memory_mib, expected_ms } => {
                         let m = *max_jobs.entry(worker).or_insert(m);
-                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] };
+                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, dependents: 0, slots_freed: vec![] };
                         let before = table.leases().len();
                         let decision = table.decide(&b, &r, now, 50);
                         if let Decision::Admit(id) = decision {

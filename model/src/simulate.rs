@@ -37,7 +37,7 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::admission::{Claim, WaitReason};
-use crate::leases::{Decision, LeaseId, LeaseTable, Request};
+use crate::leases::{Decision, LeaseId, LeaseTable, Rank, Request};
 use crate::learning::{self, ReservationSource};
 use crate::{Build, Tier};
 
@@ -252,8 +252,8 @@ struct Simulation<'a> {
     runs: Vec<Run>,
     /// Keys of the jobs as the table knows them.
     keys: Vec<String>,
-    /// What each job asks the hook for: its claim and expected duration (with the hook).
-    requests: Vec<(Claim, u64)>,
+    /// What each job asks the hook for: its claim and rank (with the hook).
+    requests: Vec<(Claim, Rank)>,
     dependents: Vec<Vec<usize>>,
     missing_deps: Vec<usize>,
     /// Each job's place in Nix's order of goals (by name), and the job at each place.
@@ -325,7 +325,7 @@ impl<'a> Simulation<'a> {
             setup,
             runs,
             keys: (0..jobs.len()).map(|i| i.to_string()).collect(),
-            requests: jobs.iter().map(|job| request(setup.hook.as_ref(), job)).collect(),
+            requests: jobs.iter().zip(&dependents).map(|(job, needing)| request(setup.hook.as_ref(), job, needing.len())).collect(),
             rank,
             by_rank,
             dependents,
@@ -417,8 +417,8 @@ impl<'a> Simulation<'a> {
             }
             if let Some(build) = &setup.hook {
                 cursor += nix.try_ms;
-                let (claim, expected_ms) = self.requests[index];
-                if postponed && self.known_waits[claim.tier.index()][usize::from(claim.learned)].cover(claim, expected_ms) {
+                let (claim, rank) = self.requests[index];
+                if postponed && self.known_waits[claim.tier.index()][usize::from(claim.learned)].cover(claim, rank) {
                     continue;
                 }
                 let request = Request {
@@ -427,7 +427,8 @@ impl<'a> Simulation<'a> {
                     drv: self.keys[index].clone(),
                     name: String::new(),
                     claim,
-                    expected_ms,
+                    expected_ms: rank.expected_ms,
+                    dependents: rank.dependents,
                     slots_freed: Vec::new(),
                 };
                 // Nix asks about every postponed build at least once a second, so the table forgets
@@ -447,10 +448,10 @@ impl<'a> Simulation<'a> {
                             // It waits from now on: builds held back for a longer one that it
                             // outlasts are asked again (backfilling protects the longest).
                             for kind in self.known_waits.iter_mut().flatten() {
-                                kind.longer_first.retain(|&(_, _, longer)| longer >= expected_ms);
+                                kind.longer_first.retain(|&(_, _, longer)| longer >= rank);
                             }
                         }
-                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim, expected_ms);
+                        self.known_waits[claim.tier.index()][usize::from(claim.learned)].add(&reason, claim, rank);
                         if !postponed {
                             self.postponed[index] = true;
                             self.postponed_count += 1;
@@ -664,36 +665,41 @@ struct KnownWaits {
     /// The smallest reservation the limits (tier slots, budget, a waiting heavy build) held back:
     /// the tier is as full and the budget as short for any reservation as large.
     limits_mib: Option<u64>,
-    /// Builds held back for a longer waiting build: (reservation, expected duration, the longer
-    /// build's). The longer build still could not start (now, or when it is due) beside a
-    /// reservation of the tier as large of a build that runs at least as long, and is still the
-    /// longer one if that build is expected to take less than it.
-    longer_first: Vec<(u64, u64, u64)>,
+    /// Builds held back for a waiting build of a higher rank: (reservation, rank, that build's
+    /// rank). That build still could not start (now, or when it is due) beside a reservation of
+    /// the tier as large of a build that ranks at least as high, and still ranks higher than a
+    /// build of a rank below its own.
+    longer_first: Vec<(u64, Rank, Rank)>,
 }
 
 impl KnownWaits {
-    fn add(&mut self, reason: &WaitReason, claim: Claim, expected_ms: u64) {
+    fn add(&mut self, reason: &WaitReason, claim: Claim, rank: Rank) {
         match *reason {
-            WaitReason::LongerFirst { expected_ms: longer } => self.longer_first.push((claim.memory_mib, expected_ms, longer)),
+            WaitReason::LongerFirst { expected_ms, dependents } => {
+                self.longer_first.push((claim.memory_mib, rank, Rank { expected_ms, dependents }))
+            }
             _ => self.limits_mib = Some(self.limits_mib.map_or(claim.memory_mib, |m| m.min(claim.memory_mib))),
         }
     }
 
-    fn cover(&self, claim: Claim, expected_ms: u64) -> bool {
+    fn cover(&self, claim: Claim, rank: Rank) -> bool {
         self.limits_mib.is_some_and(|m| claim.memory_mib >= m)
-            || self.longer_first.iter().any(|&(m, lo, e)| claim.memory_mib >= m && lo <= expected_ms && expected_ms < e)
+            || self.longer_first.iter().any(|&(m, lo, higher)| claim.memory_mib >= m && lo <= rank && rank < higher)
     }
 }
 
-/// What `job` asks `hook` for: its claim (tier, and the reservation learned from its known peaks
-/// or its tier's `memoryMiB`) and its expected duration (known, else its tier's guess).
-fn request(hook: Option<&Build>, job: &Job) -> (Claim, u64) {
+/// What `job`, which `dependents` jobs need, asks `hook` for: its claim (tier, and the
+/// reservation learned from its known peaks or its tier's `memoryMiB`) and its rank (the
+/// expected duration known, else its tier's guess; as Nix's store database says, every job
+/// that needs it is unbuilt while it waits).
+fn request(hook: Option<&Build>, job: &Job, dependents: usize) -> (Claim, Rank) {
     let tier_mib = hook.map_or(0, |build| build.tiers.get(job.tier).memory_mib);
     let peaks = job.known.as_ref().map_or(&[][..], |k| &k.peaks_mib[..]);
     let reservation = learning::reservation(peaks, tier_mib);
     let learned = matches!(reservation.source, ReservationSource::Learned { .. });
     let expected_ms = job.known.as_ref().map_or_else(|| learning::guessed_wall_ms(job.tier), |k| k.expected_ms);
-    (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, expected_ms)
+    let rank = Rank { expected_ms, dependents: u32::try_from(dependents).unwrap_or(u32::MAX) };
+    (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, rank)
 }
 
 

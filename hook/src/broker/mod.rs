@@ -298,6 +298,7 @@ impl Board {
             name: job.name.clone(),
             claim: job.claim(),
             expected_ms: request.expected_ms,
+            dependents: 0,
             slots_freed: Vec::new(),
         };
         let mut shared = self.lock();
