@@ -17,6 +17,7 @@ use crate::output_locks;
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
 use crate::state::StateDir;
+use crate::store_db::StoreDb;
 use crate::watch::WatchJob;
 
 /// A derivation's tier, the rule that decided it, and the memory it reserves.
@@ -83,6 +84,9 @@ pub struct Dispatcher {
     /// What the broker last said of this worker when it found it full (its leases alike), until
     /// it says a slot may be free.
     worker_full: Option<AlikeLeases>,
+    /// Nix's store database, for how many builds wait on each build; `None` where it cannot be
+    /// read.
+    store_db: Option<StoreDb>,
 }
 
 impl Dispatcher {
@@ -116,6 +120,7 @@ impl Dispatcher {
             builder_uids: builder_uids(settings),
             asked: HashMap::new(),
             worker_full: None,
+            store_db: StoreDb::open(settings),
         }
     }
 
@@ -250,7 +255,8 @@ impl Dispatcher {
             state_dir: self.state_dir.path().to_path_buf(),
             cgroups: self.cgroups.clone(),
         };
-        Ok(TryBuild { job, expected_ms })
+        let dependents = self.store_db.as_ref().map_or(0, |db| db.dependents(&request.drv_path));
+        Ok(TryBuild { job, expected_ms, dependents })
     }
 }
 

@@ -23,5 +23,6 @@ pub mod relay;
 pub mod report;
 pub mod state;
 pub mod status;
+pub mod store_db;
 pub mod watch;
 pub mod wire;

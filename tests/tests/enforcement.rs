@@ -2,7 +2,8 @@
 //! learned from it: real Nix through the hook (2.8, then 2.26 in `./scripts/test`'s second pass),
 //! real cgroups (v1 on this machine), with Nix's
 //! sandbox (`sandbox = true`, the Linux default) and without, under the machine's cgroup roots
-//! and under a read-only (0555) root named by `NIX_TIER_CGROUP_ROOT`. The cgroup tests run again
+//! and under a read-only (0555) root named by `NIX_TIER_CGROUP_ROOT`; and the order in which
+//! waiting builds start. The cgroup tests run again
 //! on cgroup v2, as NixOS has it, in a guest kernel ([`the_cgroup_tests_hold_on_cgroup_v2`]).
 
 use std::path::Path;
@@ -506,6 +507,32 @@ fn a_build_learns_from_one_recorded_earlier_in_the_same_nix_build() {
         4,
         "the four later builds of pkg reserve what its first build taught and fit the budget together: {}",
         timeline(&all)
+    );
+}
+
+#[test]
+fn of_heavy_builds_expected_to_run_as_long_the_one_more_builds_need_starts_first() {
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
+    let records = sandbox.path().join("records");
+    // One heavy slot, three heavy builds without history (expected to run as long). Nix asks in
+    // the order of names: "a0-first" starts, "a1-few" and "b-many" wait. Three builds need
+    // "b-many", none "a1-few"; Nix's store database says so once they are instantiated.
+    let heavy = |name: &str| format!(r#"{{ name = "{name}"; tier = "heavy"; mem = 1; sleep = 1000; ramp = 0; }}"#);
+    let heavies = builds_expr(&records, &[heavy("a0-first"), heavy("a1-few"), heavy("b-many")].concat());
+    let needing: String = (1..=3)
+        .map(|i| format!(r#"{{ name = "needs-many"; tier = "light"; mem = 1; sleep = 10; salt = "{i}"; deps = [ (builtins.elemAt ({heavies}) 2) ]; }}"#))
+        .collect();
+    let out = nix_build(&sandbox, &format!("({heavies}) ++ ({})", builds_expr(&records, &needing)));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let all = read_records(&records);
+    let start = |name: &str| all.iter().find(|r| r.name == name).map(|r| r.start_ms).unwrap_or_else(|| panic!("{name} ran: {}", timeline(&all)));
+    let said = || format!("{}\nnix-build:\n{}", timeline(&all), stderr(&out));
+    assert!(start("a0-first") < start("b-many") && start("b-many") < start("a1-few"), "{}", said());
+    assert!(
+        stderr(&out).contains("a waiting build expected to take") && stderr(&out).contains("needed by 3 unbuilt derivations"),
+        "a1-few is told why it waits: {}",
+        said()
     );
 }
 

@@ -91,6 +91,9 @@ pub struct TryBuild {
     pub job: WatchJob,
     /// How long it is expected to run, milliseconds.
     pub expected_ms: u64,
+    /// How many derivations not built yet need it ([`crate::store_db`]).
+    #[serde(default)]
+    pub dependents: u32,
 }
 
 /// A build in a hook's message: whole the first time on a connection, then by its `.drv` until
@@ -298,7 +301,7 @@ impl Board {
             name: job.name.clone(),
             claim: job.claim(),
             expected_ms: request.expected_ms,
-            dependents: 0,
+            dependents: request.dependents,
             slots_freed: Vec::new(),
         };
         let mut shared = self.lock();
