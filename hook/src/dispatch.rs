@@ -17,7 +17,6 @@ use crate::output_locks;
 use crate::protocol::{self, Reply, Settings, TryRequest};
 use crate::relay::Relay;
 use crate::state::StateDir;
-use crate::store_db::StoreDb;
 use crate::watch::WatchJob;
 
 /// A derivation's tier, the rule that decided it, and the memory it reserves.
@@ -84,9 +83,6 @@ pub struct Dispatcher {
     /// What the broker last said of this worker when it found it full (its leases alike), until
     /// it says a slot may be free.
     worker_full: Option<AlikeLeases>,
-    /// Nix's store database, for how many builds wait on each build; `None` where it cannot be
-    /// read.
-    store_db: Option<StoreDb>,
 }
 
 impl Dispatcher {
@@ -108,6 +104,7 @@ impl Dispatcher {
             max_jobs: protocol::max_jobs(settings),
             build: profile.build.clone(),
             poll_interval_secs: protocol::poll_interval_secs(settings),
+            store_db: crate::store_db::database_path(settings),
         };
         Dispatcher {
             broker: Client::new(state_dir.clone(), hello),
@@ -120,7 +117,6 @@ impl Dispatcher {
             builder_uids: builder_uids(settings),
             asked: HashMap::new(),
             worker_full: None,
-            store_db: StoreDb::open(settings),
         }
     }
 
@@ -255,8 +251,7 @@ impl Dispatcher {
             state_dir: self.state_dir.path().to_path_buf(),
             cgroups: self.cgroups.clone(),
         };
-        let dependents = self.store_db.as_ref().map_or(0, |db| db.dependents(&request.drv_path));
-        Ok(TryBuild { job, expected_ms, dependents })
+        Ok(TryBuild { job, expected_ms })
     }
 }
 

@@ -1,13 +1,15 @@
-//! What Nix's store database says of a derivation the hook is asked about: how many
-//! derivations not built yet need it ([`nix_tier_model::leases::Rank`]). Nix asks only about
-//! ready builds, so what waits on a build is known only from the store: a `.drv` file refers to
-//! the `.drv` files of its inputs, and Nix's database keeps those references (`Refs`) and each
-//! derivation's outputs (`DerivationOutputs`). A derivation none of whose outputs is valid is
-//! not built yet.
+//! What Nix's store database says of a waiting build: how many derivations not built yet need
+//! it ([`nix_tier_model::leases::Rank`]). Nix asks only about ready builds, so what waits on a
+//! build is known only from the store: a `.drv` file refers to the `.drv` files of its inputs,
+//! and Nix's database keeps those references (`Refs`) and each derivation's outputs
+//! (`DerivationOutputs`). A derivation none of whose outputs is valid is not built yet.
 //!
-//! The count includes derivations instantiated earlier and never built (another evaluation),
-//! so it only orders builds expected to run as long. The database is read, never written, and
-//! any failure counts nothing: the order is then Nix's.
+//! The hook names the database of its Nix's store ([`database_path`], in its hello); the broker
+//! counts each build that waits, in a thread of its own (a query takes some 20 µs, too long for
+//! a decision's path), and a build admitted at once is never counted. The count includes
+//! derivations instantiated earlier and never built (another evaluation), so it only orders
+//! builds expected to run as long. The database is read, never written, and any failure counts
+//! nothing: the order is then Nix's.
 
 use std::path::{Path, PathBuf};
 
@@ -26,10 +28,9 @@ pub struct StoreDb {
 }
 
 impl StoreDb {
-    /// Opens the database of the store the worker with `settings` builds in; `None` when it is
-    /// not a local store or its database cannot be read (then nothing is counted).
-    pub fn open(settings: &Settings) -> Option<StoreDb> {
-        let path = database_path(settings.get("store").map_or("auto", String::as_str), std::env::var_os("NIX_STATE_DIR").map(PathBuf::from))?;
+    /// Opens the database at `path` read-only; `None` when it cannot be read (then nothing is
+    /// counted).
+    pub fn open(path: &Path) -> Option<StoreDb> {
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let connection = Connection::open_with_flags(path, flags).ok()?;
         Some(StoreDb { connection })
@@ -49,11 +50,17 @@ impl StoreDb {
     }
 }
 
+/// The database of the store a Nix worker with `settings` builds in (this process's
+/// `NIX_STATE_DIR` is the worker's); `None` for a store that is not local.
+pub fn database_path(settings: &Settings) -> Option<PathBuf> {
+    database_path_of(settings.get("store").map_or("auto", String::as_str), std::env::var_os("NIX_STATE_DIR").map(PathBuf::from))
+}
+
 /// The database of the store named by Nix's `store` setting: a local store's `state`, or its
 /// `root`'s state directory (a chroot store, also given as a bare path); for `auto` or `local`,
 /// `state_dir` (`NIX_STATE_DIR`), else Nix's default. `None` for other stores (a daemon, a remote
 /// store): this worker does not build in them.
-fn database_path(store: &str, state_dir: Option<PathBuf>) -> Option<PathBuf> {
+fn database_path_of(store: &str, state_dir: Option<PathBuf>) -> Option<PathBuf> {
     let (scheme, params) = store.split_once('?').unwrap_or((store, ""));
     let param = |name: &str| params.split('&').find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='));
     let root = param("root").or(scheme.starts_with('/').then_some(scheme));
@@ -72,7 +79,7 @@ mod tests {
 
     #[test]
     fn the_database_is_found_where_nix_keeps_it_for_each_kind_of_store() {
-        let db = |store: &str, state_dir: Option<&str>| database_path(store, state_dir.map(PathBuf::from));
+        let db = |store: &str, state_dir: Option<&str>| database_path_of(store, state_dir.map(PathBuf::from));
         let at = |path: &str| Some(PathBuf::from(path));
         assert_eq!(db("auto", None), at("/nix/var/nix/db/db.sqlite"));
         assert_eq!(db("local", Some("/tmp/s")), at("/tmp/s/db/db.sqlite"));

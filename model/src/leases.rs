@@ -369,6 +369,13 @@ impl LeaseTable {
         self.waiting.seen(drv, now_ms);
     }
 
+    /// `drv`, if it waits, is needed by `dependents` derivations not built yet: it takes its
+    /// place in the order of waiting builds at once (counted while it waits, off the decisions'
+    /// path; its next request carries the count too).
+    pub fn dependents_counted(&mut self, drv: &str, dependents: u32) {
+        self.waiting.set_dependents(drv, dependents);
+    }
+
     /// Ends lease `id` (its build's processes are gone); the lease, if it was still held.
     pub fn end(&mut self, id: LeaseId) -> Option<Lease> {
         let at = self.leases.iter().position(|l| l.id == id)?;
@@ -459,6 +466,15 @@ impl Waiting {
         self.heavy.remove(&(waiter.since_ms, arrival));
         self.by_rank.remove(&(waiter.rank(), Reverse(arrival)));
         Some((arrival, waiter))
+    }
+
+    /// Sets how many builds need the waiting build `drv`, if it waits.
+    fn set_dependents(&mut self, drv: &str, dependents: u32) {
+        let Some(&arrival) = self.by_drv.get(drv) else { return };
+        let Some(waiter) = self.by_arrival.get_mut(&arrival) else { return };
+        self.by_rank.remove(&(waiter.rank(), Reverse(arrival)));
+        waiter.dependents = dependents;
+        self.by_rank.insert((waiter.rank(), Reverse(arrival)));
     }
 
     /// The heavy build that has waited longest, other than `drv`.
@@ -647,11 +663,16 @@ mod tests {
         let b = build();
         let mut table = past_first_pass(&[1], 0);
         let heavy = |drv: &str, dependents| Request { dependents, ..request(1, 9, drv, Tier::Heavy, 60_000) };
-        // The one heavy slot is held; two heavy builds wait, the first to ask needed by fewer.
+        // The one heavy slot is held; two heavy builds wait, the first to ask needed by fewer
+        // (not yet counted when they first ask).
         let Decision::Admit(running) = table.decide(&b, &heavy("running", 0), 0, 10_000) else { panic!() };
-        assert!(matches!(table.decide(&b, &heavy("few", 2), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
-        assert!(matches!(table.decide(&b, &heavy("many", 10), 2, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        assert!(matches!(table.decide(&b, &heavy("few", 0), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        assert!(matches!(table.decide(&b, &heavy("many", 0), 2, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
         table.end(running);
+        // Counted while they wait: "many" takes its place at once.
+        table.dependents_counted("many", 10);
+        table.dependents_counted("few", 2);
+        table.dependents_counted("unknown", 99);
         // The slot is free; "few", asked first (Nix asks in the order of names), waits.
         let Decision::Wait(reason) = table.decide(&b, &heavy("few", 2), 3, 10_000) else { panic!() };
         assert_eq!(reason, WaitReason::LongerFirst { expected_ms: 60_000, dependents: 10 });

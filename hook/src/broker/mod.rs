@@ -31,8 +31,9 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::history::BuildRecord;
 use crate::proc_events::ProcEvents;
 use crate::state::{self, StateDir};
+use crate::store_db::StoreDb;
 use crate::watch::{self, Order, WatchJob};
 
 /// The argument that turns `nix-tier-hook` into the broker.
@@ -79,6 +81,10 @@ pub struct Hello {
     pub build: Build,
     /// The worker's `build-poll-interval`, seconds: how often a postponed build asks again.
     pub poll_interval_secs: u64,
+    /// Its store's database, where the broker counts what needs a waiting build
+    /// ([`crate::store_db`]); `None` for a store that is not local.
+    #[serde(default)]
+    pub store_db: Option<PathBuf>,
 }
 
 /// A `try` the hook passes on: the build as the watcher needs it, and its expected duration.
@@ -91,9 +97,6 @@ pub struct TryBuild {
     pub job: WatchJob,
     /// How long it is expected to run, milliseconds.
     pub expected_ms: u64,
-    /// How many derivations not built yet need it ([`crate::store_db`]).
-    #[serde(default)]
-    pub dependents: u32,
 }
 
 /// A build in a hook's message: whole the first time on a connection, then by its `.drv` until
@@ -188,6 +191,9 @@ struct Shared {
     /// When each build last became a candidate of the watcher (declined, its worker full),
     /// until it is admitted.
     candidates: HashMap<String, Instant>,
+    /// How many derivations not built yet need each build that waited (`None` while it is
+    /// being counted), until it is admitted; emptied at [`TRIES_KEPT`] builds.
+    dependents: HashMap<String, Option<u32>>,
     /// Whether `state.json` is behind.
     changed: bool,
     clients: usize,
@@ -201,6 +207,9 @@ struct Board {
     /// What the history says of each package: read at the start, taught by the watcher as it
     /// records builds.
     learned: Mutex<Learned>,
+    /// The builds to count the dependents of, with their store's database
+    /// ([`count_dependents`]).
+    to_count: Sender<(PathBuf, String)>,
 }
 
 /// One hook's connection, as decisions need it.
@@ -234,6 +243,19 @@ impl Shared {
         }
         self.candidates.insert(drv.to_string(), now);
         false
+    }
+
+    /// Has the dependents of the build `drv`, which was not admitted, counted in `db` unless
+    /// they were: off the decisions' path ([`count_dependents`]).
+    fn count_dependents(&mut self, db: &std::path::Path, drv: &str, to_count: &Sender<(PathBuf, String)>) {
+        if self.dependents.contains_key(drv) {
+            return;
+        }
+        if self.dependents.len() >= TRIES_KEPT {
+            self.dependents.clear();
+        }
+        self.dependents.insert(drv.to_string(), None);
+        let _ = to_count.send((db.to_path_buf(), drv.to_string()));
     }
 
     /// Tells the connections that `worker` is full that a slot of it may be free. Never blocks
@@ -301,10 +323,11 @@ impl Board {
             name: job.name.clone(),
             claim: job.claim(),
             expected_ms: request.expected_ms,
-            dependents: request.dependents,
+            dependents: 0,
             slots_freed: Vec::new(),
         };
         let mut shared = self.lock();
+        table_request.dependents = shared.dependents.get(&job.drv).copied().flatten().unwrap_or(0);
         table_request.slots_freed = shared
             .builders
             .iter()
@@ -314,6 +337,9 @@ impl Board {
             .collect();
         shared.count_tries(&job.drv, 1);
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
+        if let (false, Some(db)) = (matches!(decision, Decision::Admit(_)), &hello.store_db) {
+            shared.count_dependents(db, &job.drv, &self.to_count);
+        }
         let shared = &mut *shared;
         shared.told_full.remove(&connection.id);
         let table = &shared.table;
@@ -322,6 +348,7 @@ impl Board {
         match decision {
             Decision::Admit(lease) => {
                 shared.candidates.remove(&request.job.drv);
+                shared.dependents.remove(&request.job.drv);
                 request.job.started_unix_ms = now;
                 shared.jobs.insert(lease, request.job.clone());
                 shared.changed = true;
@@ -491,6 +518,7 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
     let socket = state_dir.path().join(SOCKET);
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)?;
+    let (to_count, counting) = mpsc::channel();
     let board = Arc::new(Board {
         shared: Mutex::new(Shared {
             table: LeaseTable::new(),
@@ -500,13 +528,19 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             told_full: HashMap::new(),
             hooks: HashMap::new(),
             candidates: HashMap::new(),
+            dependents: HashMap::new(),
             changed: true,
             clients: 0,
             idle_since: Instant::now(),
         }),
         learned: Mutex::new(learned),
+        to_count,
     });
     let (orders, inbox) = mpsc::channel();
+    {
+        let board = Arc::clone(&board);
+        std::thread::spawn(move || count_dependents(&board, counting));
+    }
     let (wake_read, wake_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
     let wake_write = Arc::new(wake_write);
     // What a broker that is gone left running is counted before anything is admitted.
@@ -654,6 +688,20 @@ fn reply(writer: &Mutex<UnixStream>, answer: &FromBroker) -> io::Result<()> {
     let mut line = serde_json::to_vec(answer)?;
     line.push(b'\n');
     writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).write_all(&line)
+}
+
+/// Counts, for each build sent, the derivations not built yet that need it, in the store
+/// database sent with it (each opened once, read-only), and puts the count in the table.
+fn count_dependents(board: &Board, builds: Receiver<(PathBuf, String)>) {
+    let mut databases: HashMap<PathBuf, Option<StoreDb>> = HashMap::new();
+    for (db, drv) in builds {
+        let counted = databases.entry(db).or_insert_with_key(|path| StoreDb::open(path)).as_ref().map_or(0, |db| db.dependents(&drv));
+        let mut shared = board.lock();
+        if let Some(count) = shared.dependents.get_mut(&drv) {
+            *count = Some(counted);
+            shared.table.dependents_counted(&drv, counted);
+        }
+    }
 }
 
 /// Writes `state.json` when the table changed, at most every 100 ms; ends the process once it
