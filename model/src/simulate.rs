@@ -698,7 +698,7 @@ fn request(hook: Option<&Build>, job: &Job, dependents: usize) -> (Claim, Rank) 
     let reservation = learning::reservation(peaks, tier_mib);
     let learned = matches!(reservation.source, ReservationSource::Learned { .. });
     let expected_ms = job.known.as_ref().map_or_else(|| learning::guessed_wall_ms(job.tier), |k| k.expected_ms);
-    let rank = Rank { expected_ms, dependents: u32::try_from(dependents).unwrap_or(u32::MAX) };
+    let rank = Rank::new(expected_ms, u32::try_from(dependents).unwrap_or(u32::MAX));
     (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, rank)
 }
 

@@ -337,7 +337,8 @@ impl Board {
             .collect();
         shared.count_tries(&job.drv, 1);
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
-        if let (false, Some(db)) = (matches!(decision, Decision::Admit(_)), &hello.store_db) {
+        let ranked = request.expected_ms >= leases::RANKED_BY_DEPENDENTS_FROM_MS;
+        if let (false, true, Some(db)) = (matches!(decision, Decision::Admit(_)), ranked, &hello.store_db) {
             shared.count_dependents(db, &job.drv, &self.to_count);
         }
         let shared = &mut *shared;
