@@ -5,8 +5,9 @@
 //! (`DerivationOutputs`). A derivation none of whose outputs is valid is not built yet.
 //!
 //! The hook names the database of its Nix's store ([`database_path`], in its hello); the broker
-//! counts each build that waits, in a thread of its own (a query takes some 20 µs, too long for
-//! a decision's path), and a build admitted at once is never counted. The count includes
+//! counts each build that waits and runs long enough to be ordered by the count
+//! ([`nix_tier_model::leases::RANKED_BY_DEPENDENTS_FROM_MS`]), in a thread of its own (a query
+//! took some 20 µs, too long for a decision's path); a build admitted at once is never counted. The count includes
 //! derivations instantiated earlier and never built (another evaluation), so it only orders
 //! builds expected to run as long. The database is read, never written, and any failure counts
 //! nothing: the order is then Nix's.
