@@ -247,7 +247,7 @@ impl Shared {
 
     /// Has the dependents of the build `drv`, which was not admitted, counted in `db` unless
     /// they were: off the decisions' path ([`count_dependents`]).
-    fn count_dependents(&mut self, db: &std::path::Path, drv: &str, to_count: &Sender<(PathBuf, String)>) {
+    fn queue_count(&mut self, db: &std::path::Path, drv: &str, to_count: &Sender<(PathBuf, String)>) {
         if self.dependents.contains_key(drv) {
             return;
         }
@@ -339,7 +339,7 @@ impl Board {
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
         let ranked = request.expected_ms >= leases::RANKED_BY_DEPENDENTS_FROM_MS;
         if let (false, true, Some(db)) = (matches!(decision, Decision::Admit(_)), ranked, &hello.store_db) {
-            shared.count_dependents(db, &job.drv, &self.to_count);
+            shared.queue_count(db, &job.drv, &self.to_count);
         }
         let shared = &mut *shared;
         shared.told_full.remove(&connection.id);
