@@ -58,8 +58,6 @@ pub struct Request {
     pub claim: Claim,
     /// How long it is expected to run, milliseconds (from history, else its tier's guess).
     pub expected_ms: u64,
-    /// How many derivations not built yet need it (Nix's store database; 0 when not known).
-    pub dependents: u32,
     /// Leases of this worker whose builder has exited: Nix has their slots back (it asks with a
     /// free slot as soon as a builder is gone), though their leases last until every process of
     /// the build is gone.
@@ -93,13 +91,6 @@ impl Rank {
     pub fn new(expected_ms: u64, dependents: u32) -> Rank {
         let dependents = if expected_ms >= RANKED_BY_DEPENDENTS_FROM_MS { dependents } else { 0 };
         Rank { expected_ms, dependents }
-    }
-}
-
-impl Request {
-    /// Its place in the order of waiting builds.
-    pub fn rank(&self) -> Rank {
-        Rank::new(self.expected_ms, self.dependents)
     }
 }
 
@@ -167,8 +158,8 @@ pub struct Waiter {
     pub claim: Claim,
     /// How long it is expected to run, milliseconds.
     pub expected_ms: u64,
-    /// How many derivations not built yet need it.
-    pub dependents: u32,
+    /// How many derivations not built yet need it, once counted ([`LeaseTable::dependents_counted`]).
+    pub dependents: Option<u32>,
     /// When it first waited, milliseconds.
     pub since_ms: u64,
     /// When it last asked, milliseconds.
@@ -180,7 +171,7 @@ pub struct Waiter {
 impl Waiter {
     /// Its place in the order of waiting builds.
     pub fn rank(&self) -> Rank {
-        Rank::new(self.expected_ms, self.dependents)
+        Rank::new(self.expected_ms, self.dependents.unwrap_or(0))
     }
 }
 
@@ -257,7 +248,10 @@ impl LeaseTable {
             verdict = Admission::Wait(WaitReason::HeavyExpected { heavy_mib });
         }
         if verdict == Admission::Admit {
-            let delayed = self.delayed_longer_build(build, request, &claims).or_else(|| self.delayed_reservation(build, request, now_ms));
+            // A build waiting for its count ranks as needed by none.
+            let rank = Rank::new(request.expected_ms, self.waiting.dependents_of(&request.drv).unwrap_or(0));
+            let delayed =
+                self.delayed_longer_build(build, request, rank, &claims).or_else(|| self.delayed_reservation(build, request, rank, now_ms));
             if let Some(Rank { expected_ms, dependents }) = delayed {
                 verdict = Admission::Wait(WaitReason::LongerFirst { expected_ms, dependents });
             }
@@ -315,14 +309,14 @@ impl LeaseTable {
         worker.first_pass.is_some()
     }
 
-    /// The rank of a waiting build that ranks above `request`, could start now, and could not
-    /// once `request` is admitted; the highest such.
-    fn delayed_longer_build(&self, build: &Build, request: &Request, claims: &[Claim]) -> Option<Rank> {
+    /// The rank of a waiting build that ranks above `request` (of `rank`), could start now, and
+    /// could not once `request` is admitted; the highest such.
+    fn delayed_longer_build(&self, build: &Build, request: &Request, rank: Rank, claims: &[Claim]) -> Option<Rank> {
         let now = Running::of(claims);
         let with_candidate = now.with(request.claim);
         self.waiting
             .highest_first()
-            .take_while(|w| w.rank() > request.rank())
+            .take_while(|w| w.rank() > rank)
             .find(|w| {
                 admission::decide_among(build, &now, None, w.claim) == Admission::Admit
                     && admission::decide_among(build, &with_candidate, None, w.claim) != Admission::Admit
@@ -331,12 +325,13 @@ impl LeaseTable {
             .map(Waiter::rank)
     }
 
-    /// The rank of the highest waiting build that ranks above `request` and cannot start now,
+    /// The rank of the highest waiting build that ranks above `request` (of `rank`) and cannot
+    /// start now,
     /// if admitting `request` would delay it (backfilling): going by the running builds'
     /// expected ends, `request` would still run when that build could first start, and take
     /// what it needs then. A shorter build that ends first, or fits beside it, goes ahead.
-    fn delayed_reservation(&self, build: &Build, request: &Request, now_ms: u64) -> Option<Rank> {
-        let longest = self.waiting.highest_first().take_while(|w| w.rank() > request.rank()).find(|w| w.drv != request.drv)?;
+    fn delayed_reservation(&self, build: &Build, request: &Request, rank: Rank, now_ms: u64) -> Option<Rank> {
+        let longest = self.waiting.highest_first().take_while(|w| w.rank() > rank).find(|w| w.drv != request.drv)?;
         let mut by_end: Vec<(u64, Claim)> =
             self.leases.iter().map(|l| (l.since_ms.saturating_add(l.expected_ms).max(now_ms), l.claim)).collect();
         by_end.sort_by_key(|(end, _)| *end);
@@ -387,9 +382,14 @@ impl LeaseTable {
         self.waiting.seen(drv, now_ms);
     }
 
+    /// Whether `drv` waits and its dependents are not counted yet: the caller counts them, off
+    /// the decisions' path, and tells [`LeaseTable::dependents_counted`].
+    pub fn uncounted(&self, drv: &str) -> bool {
+        self.waiting.get(drv).is_some_and(|w| w.dependents.is_none())
+    }
+
     /// `drv`, if it waits, is needed by `dependents` derivations not built yet: it takes its
-    /// place in the order of waiting builds at once (counted while it waits, off the decisions'
-    /// path; its next request carries the count too).
+    /// place in the order of waiting builds at once, and keeps the count while it waits.
     pub fn dependents_counted(&mut self, drv: &str, dependents: u32) {
         self.waiting.set_dependents(drv, dependents);
     }
@@ -446,11 +446,11 @@ impl Waiting {
 
     /// Records that `request` was told to wait for `reason` at `now_ms`.
     fn record(&mut self, request: &Request, now_ms: u64, reason: WaitReason) {
-        let (arrival, since_ms) = match self.remove(&request.drv) {
-            Some((arrival, waiter)) => (arrival, waiter.since_ms),
+        let (arrival, since_ms, dependents) = match self.remove(&request.drv) {
+            Some((arrival, waiter)) => (arrival, waiter.since_ms, waiter.dependents),
             None => {
                 self.next_arrival += 1;
-                (self.next_arrival, now_ms)
+                (self.next_arrival, now_ms, None)
             }
         };
         if self.by_arrival.is_empty() {
@@ -461,7 +461,6 @@ impl Waiting {
         if request.claim.tier == Tier::Heavy {
             self.heavy.insert((since_ms, arrival));
         }
-        self.by_rank.insert((request.rank(), Reverse(arrival)));
         self.by_drv.insert(request.drv.clone(), arrival);
         let waiter = Waiter {
             worker: request.worker,
@@ -469,11 +468,12 @@ impl Waiting {
             name: request.name.clone(),
             claim: request.claim,
             expected_ms: request.expected_ms,
-            dependents: request.dependents,
+            dependents,
             since_ms,
             seen_ms: now_ms,
             reason,
         };
+        self.by_rank.insert((waiter.rank(), Reverse(arrival)));
         self.by_arrival.insert(arrival, waiter);
     }
 
@@ -486,12 +486,22 @@ impl Waiting {
         Some((arrival, waiter))
     }
 
+    /// The waiting build `drv`.
+    fn get(&self, drv: &str) -> Option<&Waiter> {
+        self.by_arrival.get(self.by_drv.get(drv)?)
+    }
+
+    /// How many builds need the waiting build `drv`, if it waits and they were counted.
+    fn dependents_of(&self, drv: &str) -> Option<u32> {
+        self.get(drv)?.dependents
+    }
+
     /// Sets how many builds need the waiting build `drv`, if it waits.
     fn set_dependents(&mut self, drv: &str, dependents: u32) {
         let Some(&arrival) = self.by_drv.get(drv) else { return };
         let Some(waiter) = self.by_arrival.get_mut(&arrival) else { return };
         self.by_rank.remove(&(waiter.rank(), Reverse(arrival)));
-        waiter.dependents = dependents;
+        waiter.dependents = Some(dependents);
         self.by_rank.insert((waiter.rank(), Reverse(arrival)));
     }
 
@@ -514,7 +524,7 @@ mod tests {
 
     fn request(worker: u32, max_jobs: u32, drv: &str, tier: Tier, expected_ms: u64) -> Request {
         let memory_mib = build().tiers.get(tier).memory_mib;
-        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, dependents: 0, slots_freed: vec![] }
+        Request { worker, worker_max_jobs: max_jobs, drv: drv.into(), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] }
     }
 
     /// An empty table whose `workers` have each asked about some build twice, the last time at
@@ -587,7 +597,7 @@ mod tests {
         // Waiting: long (600 MiB, 1000 s), which can start once a has ended, at 10 s.
         let claim = |memory_mib| Claim { tier: Tier::Light, memory_mib, learned: false };
         let ask = |table: &mut LeaseTable, drv: &str, memory_mib, expected_ms, now| {
-            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), name: String::new(), claim: claim(memory_mib), expected_ms, dependents: 0, slots_freed: vec![] };
+            let request = Request { worker: 1, worker_max_jobs: 12, drv: drv.into(), name: String::new(), claim: claim(memory_mib), expected_ms, slots_freed: vec![] };
             table.decide(&build(), &request, now, 60_000)
         };
         let setup = || {
@@ -680,37 +690,37 @@ mod tests {
     fn of_builds_expected_to_run_as_long_the_one_more_builds_need_starts_first() {
         let b = build();
         let mut table = past_first_pass(&[1], 0);
-        let heavy = |drv: &str, dependents| Request { dependents, ..request(1, 9, drv, Tier::Heavy, 60_000) };
+        let heavy = |drv: &str| request(1, 9, drv, Tier::Heavy, 60_000);
         // The one heavy slot is held; two heavy builds wait, the first to ask needed by fewer
         // (not yet counted when they first ask).
-        let Decision::Admit(running) = table.decide(&b, &heavy("running", 0), 0, 10_000) else { panic!() };
-        assert!(matches!(table.decide(&b, &heavy("few", 0), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
-        assert!(matches!(table.decide(&b, &heavy("many", 0), 2, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        let Decision::Admit(running) = table.decide(&b, &heavy("running"), 0, 10_000) else { panic!() };
+        assert!(matches!(table.decide(&b, &heavy("few"), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        assert!(matches!(table.decide(&b, &heavy("many"), 2, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
         table.end(running);
         // Counted while they wait: "many" takes its place at once.
         table.dependents_counted("many", 10);
         table.dependents_counted("few", 2);
         table.dependents_counted("unknown", 99);
         // The slot is free; "few", asked first (Nix asks in the order of names), waits.
-        let Decision::Wait(reason) = table.decide(&b, &heavy("few", 2), 3, 10_000) else { panic!() };
+        let Decision::Wait(reason) = table.decide(&b, &heavy("few"), 3, 10_000) else { panic!() };
         assert_eq!(reason, WaitReason::LongerFirst { expected_ms: 60_000, dependents: 10 });
         assert_eq!(reason.to_string(), "a waiting build expected to take 60 s and needed by 10 unbuilt derivations starts first");
-        assert!(matches!(table.decide(&b, &heavy("many", 10), 4, 10_000), Decision::Admit(_)));
+        assert!(matches!(table.decide(&b, &heavy("many"), 4, 10_000), Decision::Admit(_)));
     }
 
     #[test]
     fn short_builds_are_not_ordered_by_their_dependents() {
         let b = build();
         let mut table = past_first_pass(&[1], 0);
-        let short = |drv: &str, dependents| Request { dependents, ..request(1, 9, drv, Tier::Medium, RANKED_BY_DEPENDENTS_FROM_MS - 1) };
+        let short = |drv: &str| request(1, 9, drv, Tier::Medium, RANKED_BY_DEPENDENTS_FROM_MS - 1);
         // Both medium slots held; one build that ten others need waits.
-        let Decision::Admit(running) = table.decide(&b, &short("m1", 0), 0, 10_000) else { panic!() };
-        table.decide(&b, &short("m2", 0), 0, 10_000);
-        assert!(matches!(table.decide(&b, &short("many", 10), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
+        let Decision::Admit(running) = table.decide(&b, &short("m1"), 0, 10_000) else { panic!() };
+        table.decide(&b, &short("m2"), 0, 10_000);
+        assert!(matches!(table.decide(&b, &short("many"), 1, 10_000), Decision::Wait(WaitReason::TierFull { .. })));
         table.dependents_counted("many", 10);
         table.end(running);
         // A slot is free: the first to ask takes it.
-        assert!(matches!(table.decide(&b, &short("few", 0), 2, 10_000), Decision::Admit(_)));
+        assert!(matches!(table.decide(&b, &short("few"), 2, 10_000), Decision::Admit(_)));
     }
 
     #[test]
@@ -793,7 +803,7 @@ mod tests {
                 match s {
                     Step::Try { worker, max_jobs: m, drv, tier, memory_mib, expected_ms } => {
                         let m = *max_jobs.entry(worker).or_insert(m);
-                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, dependents: 0, slots_freed: vec![] };
+                        let r = Request { worker, worker_max_jobs: m, drv: format!("d{drv}"), name: String::new(), claim: Claim { tier, memory_mib, learned: false }, expected_ms, slots_freed: vec![] };
                         let before = table.leases().len();
                         let decision = table.decide(&b, &r, now, 50);
                         if let Decision::Admit(id) = decision {

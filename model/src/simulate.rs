@@ -252,7 +252,8 @@ struct Simulation<'a> {
     runs: Vec<Run>,
     /// Keys of the jobs as the table knows them.
     keys: Vec<String>,
-    /// What each job asks the hook for: its claim and rank (with the hook).
+    /// What each job asks the hook for: its claim, and its rank once its dependents are counted
+    /// (with the hook).
     requests: Vec<(Claim, Rank)>,
     dependents: Vec<Vec<usize>>,
     missing_deps: Vec<usize>,
@@ -428,7 +429,6 @@ impl<'a> Simulation<'a> {
                     name: String::new(),
                     claim,
                     expected_ms: rank.expected_ms,
-                    dependents: rank.dependents,
                     slots_freed: Vec::new(),
                 };
                 // Nix asks about every postponed build at least once a second, so the table forgets
@@ -444,6 +444,10 @@ impl<'a> Simulation<'a> {
                         self.peak_reserved = self.peak_reserved.max(reserved);
                     }
                     Decision::Wait(reason) => {
+                        // Counted once it waits, as the broker counts it.
+                        if self.table.uncounted(&request.drv) {
+                            self.table.dependents_counted(&request.drv, rank.dependents);
+                        }
                         if !postponed {
                             // It waits from now on: builds held back for a longer one that it
                             // outlasts are asked again (backfilling protects the longest).

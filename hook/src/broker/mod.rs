@@ -191,9 +191,6 @@ struct Shared {
     /// When each build last became a candidate of the watcher (declined, its worker full),
     /// until it is admitted.
     candidates: HashMap<String, Instant>,
-    /// How many derivations not built yet need each build that waited (`None` while it is
-    /// being counted), until it is admitted; emptied at [`TRIES_KEPT`] builds.
-    dependents: HashMap<String, Option<u32>>,
     /// Whether `state.json` is behind.
     changed: bool,
     clients: usize,
@@ -243,19 +240,6 @@ impl Shared {
         }
         self.candidates.insert(drv.to_string(), now);
         false
-    }
-
-    /// Has the dependents of the build `drv`, which was not admitted, counted in `db` unless
-    /// they were: off the decisions' path ([`count_dependents`]).
-    fn queue_count(&mut self, db: &std::path::Path, drv: &str, to_count: &Sender<(PathBuf, String)>) {
-        if self.dependents.contains_key(drv) {
-            return;
-        }
-        if self.dependents.len() >= TRIES_KEPT {
-            self.dependents.clear();
-        }
-        self.dependents.insert(drv.to_string(), None);
-        let _ = to_count.send((db.to_path_buf(), drv.to_string()));
     }
 
     /// Tells the connections that `worker` is full that a slot of it may be free. Never blocks
@@ -323,11 +307,9 @@ impl Board {
             name: job.name.clone(),
             claim: job.claim(),
             expected_ms: request.expected_ms,
-            dependents: 0,
             slots_freed: Vec::new(),
         };
         let mut shared = self.lock();
-        table_request.dependents = shared.dependents.get(&job.drv).copied().flatten().unwrap_or(0);
         table_request.slots_freed = shared
             .builders
             .iter()
@@ -337,9 +319,10 @@ impl Board {
             .collect();
         shared.count_tries(&job.drv, 1);
         let decision = shared.table.decide(&hello.build, &table_request, now, ttl_ms);
+        // Counted off the decisions' path, once it waits, if the count can order it.
         let ranked = request.expected_ms >= leases::RANKED_BY_DEPENDENTS_FROM_MS;
-        if let (false, true, Some(db)) = (matches!(decision, Decision::Admit(_)), ranked, &hello.store_db) {
-            shared.queue_count(db, &job.drv, &self.to_count);
+        if let (true, Some(db)) = (ranked && shared.table.uncounted(&job.drv), &hello.store_db) {
+            let _ = self.to_count.send((db.clone(), job.drv.clone()));
         }
         let shared = &mut *shared;
         shared.told_full.remove(&connection.id);
@@ -349,7 +332,6 @@ impl Board {
         match decision {
             Decision::Admit(lease) => {
                 shared.candidates.remove(&request.job.drv);
-                shared.dependents.remove(&request.job.drv);
                 request.job.started_unix_ms = now;
                 shared.jobs.insert(lease, request.job.clone());
                 shared.changed = true;
@@ -529,7 +511,6 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             told_full: HashMap::new(),
             hooks: HashMap::new(),
             candidates: HashMap::new(),
-            dependents: HashMap::new(),
             changed: true,
             clients: 0,
             idle_since: Instant::now(),
@@ -697,11 +678,7 @@ fn count_dependents(board: &Board, builds: Receiver<(PathBuf, String)>) {
     let mut databases: HashMap<PathBuf, Option<StoreDb>> = HashMap::new();
     for (db, drv) in builds {
         let counted = databases.entry(db).or_insert_with_key(|path| StoreDb::open(path)).as_ref().map_or(0, |db| db.dependents(&drv));
-        let mut shared = board.lock();
-        if let Some(count) = shared.dependents.get_mut(&drv) {
-            *count = Some(counted);
-            shared.table.dependents_counted(&drv, counted);
-        }
+        board.lock().table.dependents_counted(&drv, counted);
     }
 }
 
