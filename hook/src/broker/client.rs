@@ -137,11 +137,17 @@ impl Client {
             }
             Err(error) => return Err(self.failed(error)),
         };
+        self.answer_about(request, answer).map_err(|error| self.failed(error))
+    }
+
+    /// `answer`, about `build`, as the hook takes it: the broker forgets a build it admits (it
+    /// is sent whole the next time); a refusal is an error.
+    fn answer_about(&mut self, build: &TryBuild, answer: FromBroker) -> Result<FromBroker, String> {
         match answer {
-            FromBroker::Refused(why) => Err(self.failed(format!("the broker refused the request: {why}"))),
+            FromBroker::Refused(why) => Err(format!("the broker refused the request: {why}")),
             answer => {
                 if answer == FromBroker::Admit {
-                    self.told.remove(&request.job.drv);
+                    self.told.remove(&build.job.drv);
                 }
                 Ok(answer)
             }
@@ -225,13 +231,10 @@ impl Client {
     fn take_late_answer(&mut self, deadline: Instant) -> Result<bool, String> {
         let Some(answer) = self.read_answer(deadline)? else { return Ok(false) };
         let build = self.late.take().expect("an answer is owed");
-        match answer {
-            FromBroker::Admit => {
-                self.told.remove(&build.job.drv);
-            }
+        match self.answer_about(&build, answer)? {
+            FromBroker::Admit => {}
             FromBroker::Wait { .. } | FromBroker::WorkerFull { .. } => self.tell_declined(&build),
-            FromBroker::Refused(why) => return Err(format!("the broker refused the request: {why}")),
-            FromBroker::Tries(_) | FromBroker::SlotFreed => return Err("the broker answered another question".to_string()),
+            _ => return Err("the broker answered another question".to_string()),
         }
         Ok(true)
     }
