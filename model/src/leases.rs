@@ -4,8 +4,11 @@
 //!
 //! A decision ([`LeaseTable::decide`]) is, in this order:
 //!
-//! 1. **Asked again** for a build that holds a lease: Nix let go of it (no slot after all), so the
-//!    old lease ends and the build is decided anew.
+//! 1. **Asked again** by the worker whose build holds a lease: Nix let go of it (no slot after
+//!    all), so the old lease ends and the build is decided anew. Another worker's lease of the same
+//!    `.drv` stays: Nix releases a build's output locks, and another worker may then ask about it,
+//!    when the worker that built it was killed, and what that build left running still runs
+//!    (the lease ends when its processes are gone).
 //! 2. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
 //!    waiting heavy build. A build it holds back waits (Nix asks again).
 //!    **Room for a heavy build in a worker's first pass**: Nix asks about its ready builds in the
@@ -164,6 +167,9 @@ pub struct Waiter {
     pub since_ms: u64,
     /// When it last asked, milliseconds.
     pub seen_ms: u64,
+    /// How long it is remembered without asking again, milliseconds: its worker's
+    /// [`waiter_ttl_ms`].
+    pub ttl_ms: u64,
     /// What it waits for.
     pub reason: WaitReason,
 }
@@ -172,6 +178,11 @@ impl Waiter {
     /// Its place in the order of waiting builds.
     pub fn rank(&self) -> Rank {
         Rank::new(self.expected_ms, self.dependents.unwrap_or(0))
+    }
+
+    /// When it is forgotten unless it asks again, milliseconds.
+    fn due_ms(&self) -> u64 {
+        self.seen_ms.saturating_add(self.ttl_ms)
     }
 }
 
@@ -233,12 +244,13 @@ impl LeaseTable {
         self.leases.iter().find(|l| l.id == id)
     }
 
-    /// Decides `request` at `now_ms` under `build`'s limits; waiting builds not seen for
-    /// `waiter_ttl_ms` are forgotten first.
+    /// Decides `request` at `now_ms` under `build`'s limits, for a worker whose waiting builds
+    /// are forgotten unless they ask again within `waiter_ttl_ms` ([`waiter_ttl_ms`]); waiting
+    /// builds not seen within their own time-to-live are forgotten first.
     pub fn decide(&mut self, build: &Build, request: &Request, now_ms: u64, waiter_ttl_ms: u64) -> Decision {
-        self.waiting.forget_unseen(now_ms, waiter_ttl_ms);
+        self.waiting.forget_unseen(now_ms);
         let first_pass = self.asked(request, now_ms);
-        self.leases.retain(|l| l.drv != request.drv);
+        self.leases.retain(|l| l.drv != request.drv || l.worker != request.worker);
         let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
         let waiting_heavy = self.waiting.oldest_heavy_other_than(&request.drv).map(|w| w.claim.memory_mib);
         let room_for_heavy = (first_pass && waiting_heavy.is_none() && !claims.is_empty() && claims.iter().all(|c| c.tier != Tier::Heavy))
@@ -267,7 +279,7 @@ impl LeaseTable {
                 if worker_full
                     && self.alike_held(request.worker, &request.slots_freed).is_some_and(|a| a.make_room_for(&request.claim)) =>
             {
-                self.waiting.record(request, now_ms, reason);
+                self.waiting.record(request, now_ms, waiter_ttl_ms, reason);
                 Decision::WorkerFull
             }
             Admission::Admit => {
@@ -285,7 +297,7 @@ impl LeaseTable {
                 Decision::Admit(id)
             }
             Admission::Wait(reason) => {
-                self.waiting.record(request, now_ms, reason.clone());
+                self.waiting.record(request, now_ms, waiter_ttl_ms, reason.clone());
                 Decision::Wait(reason)
             }
         }
@@ -351,9 +363,10 @@ impl LeaseTable {
     }
 
     /// Counts a build that runs without having been admitted (it started although its worker was
-    /// full, or it was found running after a restart), whatever the limits say: it runs.
+    /// full, or it was found running after a restart), whatever the limits say: it runs. A lease
+    /// its worker held for it ends (another worker's stays, as in [`LeaseTable::decide`]).
     pub fn adopt(&mut self, worker: u32, drv: &str, claim: Claim, expected_ms: u64, now_ms: u64) -> LeaseId {
-        self.leases.retain(|l| l.drv != drv);
+        self.leases.retain(|l| l.drv != drv || l.worker != worker);
         self.waiting.remove(drv);
         let id = LeaseId(self.next_id);
         self.next_id += 1;
@@ -415,25 +428,28 @@ struct Waiting {
     /// backwards meets it first).
     by_rank: BTreeSet<(Rank, Reverse<u64>)>,
     next_arrival: u64,
-    /// No waiting build was last seen before this, nor after `seen_until_ms`: forgetting the
-    /// unseen goes through them only when one may be due.
-    seen_from_ms: u64,
+    /// No waiting build is due to be forgotten before this (its last look plus its
+    /// time-to-live), nor was any last seen after `seen_until_ms`: forgetting the unseen goes
+    /// through them only when one may be due.
+    due_from_ms: u64,
     seen_until_ms: u64,
 }
 
 impl Waiting {
-    /// Forgets the builds not seen within `ttl_ms` of `now_ms`, either way (a clock that steps
-    /// back leaves stamps in the future).
-    fn forget_unseen(&mut self, now_ms: u64, ttl_ms: u64) {
-        let live = |seen_ms: u64| now_ms.saturating_sub(seen_ms) <= ttl_ms && seen_ms <= now_ms.saturating_add(ttl_ms);
-        if self.by_arrival.is_empty() || (live(self.seen_from_ms) && live(self.seen_until_ms)) {
+    /// Forgets the builds not seen within their time-to-live of `now_ms`, either way (a clock
+    /// that steps back leaves stamps in the future).
+    fn forget_unseen(&mut self, now_ms: u64) {
+        let live = |w: &Waiter| now_ms.saturating_sub(w.seen_ms) <= w.ttl_ms && w.seen_ms <= now_ms.saturating_add(w.ttl_ms);
+        // No time-to-live is shorter than a worker's that retries every second.
+        let shortest_ttl_ms = waiter_ttl_ms(0);
+        if self.by_arrival.is_empty() || (now_ms <= self.due_from_ms && self.seen_until_ms <= now_ms.saturating_add(shortest_ttl_ms)) {
             return;
         }
-        let gone: Vec<String> = self.by_arrival.values().filter(|w| !live(w.seen_ms)).map(|w| w.drv.clone()).collect();
+        let gone: Vec<String> = self.by_arrival.values().filter(|w| !live(w)).map(|w| w.drv.clone()).collect();
         for drv in gone {
             self.remove(&drv);
         }
-        self.seen_from_ms = self.by_arrival.values().map(|w| w.seen_ms).min().unwrap_or(0);
+        self.due_from_ms = self.by_arrival.values().map(Waiter::due_ms).min().unwrap_or(0);
         self.seen_until_ms = self.by_arrival.values().map(|w| w.seen_ms).max().unwrap_or(0);
     }
 
@@ -444,8 +460,9 @@ impl Waiting {
         self.seen_until_ms = self.seen_until_ms.max(now_ms);
     }
 
-    /// Records that `request` was told to wait for `reason` at `now_ms`.
-    fn record(&mut self, request: &Request, now_ms: u64, reason: WaitReason) {
+    /// Records that `request` was told to wait for `reason` at `now_ms`, to be forgotten unless
+    /// seen again within `ttl_ms`.
+    fn record(&mut self, request: &Request, now_ms: u64, ttl_ms: u64, reason: WaitReason) {
         let (arrival, since_ms, dependents) = match self.remove(&request.drv) {
             Some((arrival, waiter)) => (arrival, waiter.since_ms, waiter.dependents),
             None => {
@@ -453,10 +470,11 @@ impl Waiting {
                 (self.next_arrival, now_ms, None)
             }
         };
+        let due_ms = now_ms.saturating_add(ttl_ms);
         if self.by_arrival.is_empty() {
-            (self.seen_from_ms, self.seen_until_ms) = (now_ms, now_ms);
+            (self.due_from_ms, self.seen_until_ms) = (due_ms, now_ms);
         }
-        self.seen_from_ms = self.seen_from_ms.min(now_ms);
+        self.due_from_ms = self.due_from_ms.min(due_ms);
         self.seen_until_ms = self.seen_until_ms.max(now_ms);
         if request.claim.tier == Tier::Heavy {
             self.heavy.insert((since_ms, arrival));
@@ -471,6 +489,7 @@ impl Waiting {
             dependents,
             since_ms,
             seen_ms: now_ms,
+            ttl_ms,
             reason,
         };
         self.by_rank.insert((waiter.rank(), Reverse(arrival)));
@@ -675,6 +694,39 @@ mod tests {
     }
 
     #[test]
+    fn a_waiting_build_is_forgotten_by_its_own_workers_time_to_live() {
+        let mut table = past_first_pass(&[1, 2], 0);
+        let b = build();
+        assert!(matches!(table.decide(&b, &request(1, 4, "h1", Tier::Heavy, 10), 0, 1000), Decision::Admit(_)));
+        // Worker 1 retries every 5 s; worker 2 every second.
+        assert!(matches!(table.decide(&b, &request(1, 4, "h2", Tier::Heavy, 10), 0, waiter_ttl_ms(5)), Decision::Wait(_)));
+        assert!(matches!(table.decide(&b, &request(2, 4, "h3", Tier::Heavy, 10), 0, waiter_ttl_ms(0)), Decision::Wait(_)));
+        // 6 s on, worker 2 asks about another build: its own waiting build is forgotten, worker 1's
+        // is not (it has not missed a retry of its own).
+        assert!(matches!(table.decide(&b, &request(2, 4, "l", Tier::Light, 10), 6000, waiter_ttl_ms(0)), Decision::Admit(_)));
+        assert_eq!(table.waiting().map(|w| w.drv.as_str()).collect::<Vec<_>>(), ["h2"]);
+        assert!(matches!(table.decide(&b, &request(2, 4, "l2", Tier::Light, 10), waiter_ttl_ms(5) + 1, waiter_ttl_ms(0)), Decision::Admit(_)));
+        assert_eq!(table.waiting().len(), 0);
+    }
+
+    #[test]
+    fn another_workers_lease_of_the_same_build_stays() {
+        // Worker 1 was killed while its heavy build's children still run; worker 2, waiting on the
+        // same build's output locks, asks about it.
+        let mut table = LeaseTable::new();
+        let b = build();
+        let Decision::Admit(first) = table.decide(&b, &request(1, 4, "h", Tier::Heavy, 10), 0, 1000) else { panic!() };
+        assert!(matches!(table.decide(&b, &request(2, 4, "h", Tier::Heavy, 10), 5, 1000), Decision::Wait(WaitReason::TierFull { .. })));
+        assert!(table.lease(first).is_some());
+        // Once the leftovers are gone, it starts.
+        table.end(first);
+        assert!(matches!(table.decide(&b, &request(2, 4, "h", Tier::Heavy, 10), 10, 1000), Decision::Admit(_)));
+        // Found running without a lease by worker 3, it is counted beside worker 2's.
+        table.adopt(3, "h", request(3, 4, "h", Tier::Heavy, 10).claim, 10, 20);
+        assert_eq!(table.leases().len(), 2);
+    }
+
+    #[test]
     fn asked_again_the_old_lease_ends() {
         let mut table = LeaseTable::new();
         let b = build();
@@ -791,7 +843,7 @@ mod tests {
     proptest! {
         /// Whatever the order of requests and ends: admitted builds keep every tier within its
         /// maxJobs and the budget (a build larger than the budget only alone), no worker holds
-        /// more admitted leases than its max-jobs, and a drv holds at most one lease.
+        /// more admitted leases than its max-jobs, and a drv holds at most one lease per worker.
         #[test]
         fn limits_are_never_exceeded(steps in proptest::collection::vec(step(), 1..200)) {
             let b = build();
@@ -840,7 +892,7 @@ mod tests {
                     let held = admitted.iter().filter(|l| l.worker == *worker).count() as u32;
                     prop_assert!(held <= *m, "worker {worker} holds {held} of {m}");
                 }
-                let mut drvs: Vec<&str> = all.iter().map(|l| l.drv.as_str()).collect();
+                let mut drvs: Vec<(u32, &str)> = all.iter().map(|l| (l.worker, l.drv.as_str())).collect();
                 drvs.sort();
                 let n = drvs.len();
                 drvs.dedup();
