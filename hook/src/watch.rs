@@ -30,6 +30,7 @@
 use std::collections::HashSet;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -166,12 +167,13 @@ struct Scan {
     known: HashSet<u32>,
     children: std::collections::HashMap<u32, Vec<u32>>,
     environs: std::collections::HashMap<u32, Option<Vec<u8>>>,
+    structured_outputs: std::collections::HashMap<u32, Vec<String>>,
     held: Option<Option<HeldLocks>>,
 }
 
 impl Scan {
     fn new(known: HashSet<u32>) -> Scan {
-        Scan { known, children: Default::default(), environs: Default::default(), held: None }
+        Scan { known, children: Default::default(), environs: Default::default(), structured_outputs: Default::default(), held: None }
     }
 
     /// Whether Nix process `holder` holds one of `locks`.
@@ -191,10 +193,45 @@ impl Scan {
         self.environs.entry(pid).or_insert_with(|| procfs::environ(pid)).as_deref()
     }
 
-    /// The child of `nix_pid` whose environment holds one of `entries`.
-    fn builder_among_children(&mut self, nix_pid: u32, entries: &[String]) -> Option<u32> {
-        self.new_children(nix_pid).into_iter().find(|pid| self.environ(*pid).is_some_and(|environ| holds_entry(environ, entries)))
+    /// The output paths process `pid` builds, by the structured attributes file its environment
+    /// names (`NIX_ATTRS_JSON_FILE`): with structured attributes Nix passes a derivation's
+    /// attributes, its outputs among them, in that file and not in the environment. It is read
+    /// through the process's root (a sandbox's `/build`), else as named (Nix 2.8 names the build
+    /// directory outside the sandbox). None for any other process.
+    fn structured_outputs(&mut self, pid: u32) -> &[String] {
+        if !self.structured_outputs.contains_key(&pid) {
+            let named = self.environ(pid).and_then(|environ| {
+                environ.split(|b| *b == 0).find_map(|entry| entry.strip_prefix(b"NIX_ATTRS_JSON_FILE=")).map(|p| PathBuf::from(std::ffi::OsStr::from_bytes(p)))
+            });
+            let outputs = named.map(|file| structured_attrs_outputs(pid, &file)).unwrap_or_default();
+            self.structured_outputs.insert(pid, outputs);
+        }
+        &self.structured_outputs[&pid]
     }
+
+    /// Whether process `pid` is the builder of `job`: its environment holds one of the build's
+    /// `<output>=<path>` entries, or its structured attributes name one of its outputs.
+    fn builds(&mut self, pid: u32, job: &WatchJob) -> bool {
+        self.environ(pid).is_some_and(|environ| holds_entry(environ, &job.output_env))
+            || self.structured_outputs(pid).iter().any(|path| job.outputs.contains(path))
+    }
+
+    /// The child of `job`'s worker that is its builder.
+    fn builder_among_children(&mut self, job: &WatchJob) -> Option<u32> {
+        self.new_children(job.nix_pid).into_iter().find(|pid| self.builds(*pid, job))
+    }
+}
+
+/// The output paths in the structured attributes file `file` of process `pid` (see
+/// [`Scan::structured_outputs`]); none when it cannot be read.
+fn structured_attrs_outputs(pid: u32, file: &Path) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Attrs {
+        outputs: std::collections::HashMap<String, String>,
+    }
+    let in_root = Path::new(&format!("/proc/{pid}/root")).join(file.strip_prefix("/").unwrap_or(file));
+    let attrs = [in_root.as_path(), file].into_iter().find_map(|path| serde_json::from_slice::<Attrs>(&std::fs::read(path).ok()?).ok());
+    attrs.map(|attrs| attrs.outputs.into_values().collect()).unwrap_or_default()
 }
 
 /// Whether an environment block holds one of `entries`.
@@ -345,7 +382,7 @@ impl Watched {
     /// Moves the builder and the processes of the build still outside into its cgroup. A
     /// process forked inside stays inside, so only those forked before their parent's move
     /// are left outside, and each of them was forked by another outside: once the builder's
-    /// tree has been read [`SETTLED_READS`] times in a row with none of them in it, it is no
+    /// tree has been read [`SETTLED_READS`] times in a row with none of them outside, it is no
     /// longer read (two, as a read of `/proc`'s children lists may miss a child forked during
     /// it). With build users, every process of the uid is the build's, also those that left
     /// the builder's tree (double forks): a scan of all of `/proc`, so every tenth step only.
@@ -356,19 +393,26 @@ impl Watched {
         if let (Some(uid), 0) = (self.build_user, self.polls % 10) {
             pids.extend(procfs::pids_of_user(uid));
         }
-        let mut moved_any = false;
-        for pid in pids {
+        pids.retain(|pid| !self.moved.contains(pid));
+        // Those forked inside are neither moved nor counted: what they hold is charged inside.
+        let inside: HashSet<u32> = match pids.is_empty() {
+            true => HashSet::new(),
+            false => cgroup.pids().map(HashSet::from_iter).unwrap_or_default(),
+        };
+        let mut outside_any = false;
+        for pid in pids.into_iter().filter(|pid| !inside.contains(pid)) {
+            outside_any = true;
             // What a process already held stays charged where it was (the kernel no longer
             // moves charges): its size just after the move is added to the peak, which then
             // errs high, the safe side for learned reservations.
-            if !self.moved.contains(&pid) && cgroup.add(pid).is_ok() {
+            if cgroup.add(pid).is_ok() {
                 self.moved.insert(pid);
                 self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
-                moved_any = true;
             }
         }
         if read_tree {
-            self.clean_tree_reads = if moved_any { 0 } else { self.clean_tree_reads + 1 };
+            // A process that could not be moved is tried again at the next read.
+            self.clean_tree_reads = if outside_any { 0 } else { self.clean_tree_reads + 1 };
         }
     }
 
@@ -658,12 +702,13 @@ impl Candidates {
     /// The candidate whose builder `child` of `worker` is, by its environment; no longer
     /// looked for.
     fn claim(&mut self, worker: u32, child: u32, scan: &mut Scan) -> Option<WatchJob> {
-        let drv = scan.environ(child).and_then(|environ| {
+        let in_environ = scan.environ(child).and_then(|environ| {
             environ.split(|b| *b == 0).find_map(|entry| {
                 let path = std::str::from_utf8(entry).ok()?.split_once('=')?.1;
                 self.by_output.get(path).cloned()
             })
-        })?;
+        });
+        let drv = in_environ.or_else(|| scan.structured_outputs(child).iter().find_map(|path| self.by_output.get(path).cloned()))?;
         if self.by_drv.get(&drv)?.job.nix_pid != worker {
             return None;
         }
@@ -951,9 +996,7 @@ fn match_execs(
         if scan.known.contains(&pid) {
             continue;
         }
-        let build = builds.iter_mut().find(|b| {
-            b.builder.is_none() && b.job.nix_pid == parent && scan.environ(pid).is_some_and(|environ| holds_entry(environ, &b.job.output_env))
-        });
+        let build = builds.iter_mut().find(|b| b.builder.is_none() && b.job.nix_pid == parent && scan.builds(pid, &b.job));
         if let Some(b) = build {
             if let Some(builder) = Builder::open(pid) {
                 b.take_builder(builder, my_uid, scan, leases);
@@ -1244,8 +1287,7 @@ fn find_builder(
     scan: &mut Scan,
     look_among_children: bool,
 ) -> Option<u32> {
-    let is_builder = |pid: &u32| procfs::environ(*pid).is_some_and(|environ| holds_entry(&environ, &job.output_env));
-    let among_children = if look_among_children { scan.builder_among_children(job.nix_pid, &job.output_env) } else { None };
+    let among_children = if look_among_children { scan.builder_among_children(job) } else { None };
     among_children.or_else(|| {
         if !full_scan_due(since_admission, full_scan) {
             return None;
@@ -1253,7 +1295,7 @@ fn find_builder(
         procfs::all_pids()
             .into_iter()
             .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
-            .find(is_builder)
+            .find(|pid| scan.builds(*pid, job))
     })
 }
 

@@ -1,11 +1,15 @@
 //! `nix-tier-testbuilder`: the builder of nix-tier's test derivations.
 //!
 //! It stands in for a real build: it holds some memory for some time, records when it ran, and
-//! writes its output. It uses only `std` so that it can be linked statically and run inside a
-//! chroot store's build sandbox, where there is no `/bin/sh` and no dynamic loader.
+//! writes its output. It is linked statically (pure Rust) so that it can run inside a chroot
+//! store's build sandbox, where there is no `/bin/sh` and no dynamic loader.
 //!
 //! Everything comes from the environment (a derivation's attributes become its builder's
-//! environment), so the derivation needs no `args`:
+//! environment), so the derivation needs no `args`. With structured attributes
+//! (`__structuredAttrs = true`) Nix puts them in `.attrs.json` instead, and the builder does
+//! what nixpkgs' `pkgs/stdenv/generic/setup.sh` does with them: it exports the members of the
+//! `env` attribute and each output's path under its name, and nothing else (its `name` is the
+//! top-level attribute, a shell variable of stdenv's build script).
 //!
 //! | variable | meaning |
 //! |---|---|
@@ -20,6 +24,7 @@
 //! | `TB_FAIL` | when set to `1`, exit with status 1 after recording (for failure tests) |
 //! | `TB_PLACEMENT_WAIT_MS` | with `RECORD_DIR`: wait up to this long, at start, to be placed in a `nix-tier` cgroup (default 0: do not wait) |
 //! | `TB_CHILDREN` | with `RECORD_DIR`: at once, before anything else, start this many processes, each of which starts one of its own at once (as `make` starts compilers); see below (default 0) |
+//! | `TB_CHILD_RUNS` | once its own memory is held, run this many processes one after another, each holding `TB_CHILD_MEM_MIB` MiB for `TB_CHILD_MS` milliseconds (as `make` runs compilers), before its `TB_SLEEP_MS` (default 0) |
 //!
 //! With `RECORD_DIR` set, the builder
 //! - creates `RECORD_DIR/started/<name>` at start, containing `<pid> <pgid> <start_unix_ms>\n`
@@ -152,6 +157,39 @@ fn placement_delay(started: Instant, wait: Duration) -> Option<Duration> {
 const CHILD_LABEL: &str = "TB_CHILD_LABEL";
 /// Set in the builder's grandchildren, which start no child.
 const GRANDCHILD: &str = "TB_GRANDCHILD";
+/// Set in the processes a builder runs one after another with `TB_CHILD_RUNS`.
+const CHILD_RUN: &str = "TB_CHILD_RUN";
+
+/// With structured attributes, exports what nixpkgs' stdenv exports of them: the members of
+/// `env` and the outputs. The file is `NIX_ATTRS_JSON_FILE` where that exists (Nix 2.8 names
+/// the build directory outside the sandbox), else `.attrs.json` in the build directory.
+fn export_structured_attrs() -> Result<(), String> {
+    let named = std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from).filter(|p| p.exists());
+    let Some(file) = named.or_else(|| Some(PathBuf::from(".attrs.json")).filter(|p| p.exists())) else { return Ok(()) };
+    let text = fs::read_to_string(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
+    let attrs: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let strings = |key: &str| attrs.get(key).and_then(|v| v.as_object()).into_iter().flatten().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())));
+    for (name, value) in strings("env").chain(strings("outputs")) {
+        std::env::set_var(name, value);
+    }
+    // A shell variable of stdenv's build script (which this builder stands for), not exported.
+    if let Some(name) = attrs.get("name").and_then(|v| v.as_str()) {
+        std::env::set_var("name", name);
+    }
+    Ok(())
+}
+
+/// Allocates `mib` MiB and writes every page, so that it is resident.
+fn hold(mib: u64) -> Result<Vec<u8>, String> {
+    let bytes = usize::try_from(mib).map_err(|_| "memory size too large")? * 1024 * 1024;
+    let mut memory: Vec<u8> = Vec::new();
+    memory.try_reserve_exact(bytes).map_err(|e| format!("allocating {mib} MiB: {e}"))?;
+    memory.resize(bytes, 0);
+    for i in (0..bytes).step_by(PAGE) {
+        memory[i] = (i / PAGE) as u8 | 1;
+    }
+    Ok(std::hint::black_box(memory))
+}
 
 /// Starts a copy of this program as a child labelled `label`.
 fn spawn_child(label: &str, grandchild: bool) -> Result<std::process::Child, String> {
@@ -185,6 +223,13 @@ fn run_child(label: &str, config: &Config) -> Result<(), String> {
 
 fn run() -> Result<(), String> {
     let started = Instant::now();
+    if std::env::var_os(CHILD_RUN).is_some() {
+        let memory = hold(env_u64("TB_CHILD_MEM_MIB")?)?;
+        std::thread::sleep(Duration::from_millis(env_u64("TB_CHILD_MS")?));
+        drop(std::hint::black_box(memory));
+        return Ok(());
+    }
+    export_structured_attrs()?;
     let config = config()?;
     if let Ok(label) = std::env::var(CHILD_LABEL) {
         return run_child(&label, &config);
@@ -217,15 +262,16 @@ fn run() -> Result<(), String> {
     // A real build grows after it starts (a compiler reads its sources first).
     std::thread::sleep(Duration::from_millis(config.ramp_ms));
 
-    // Allocate and touch every page so the memory is resident, then hold it while sleeping.
-    let bytes = usize::try_from(config.mem_mib).map_err(|_| "TB_MEM_MIB too large")? * 1024 * 1024;
-    let mut memory: Vec<u8> = Vec::new();
-    memory.try_reserve_exact(bytes).map_err(|e| format!("allocating {} MiB: {e}", config.mem_mib))?;
-    memory.resize(bytes, 0);
-    for i in (0..bytes).step_by(PAGE) {
-        memory[i] = (i / PAGE) as u8 | 1;
+    // Hold the memory while sleeping.
+    let memory = hold(config.mem_mib)?;
+    let bytes = memory.len();
+
+    for _ in 0..env_u64("TB_CHILD_RUNS")? {
+        let status = std::process::Command::new("/proc/self/exe").env(CHILD_RUN, "1").status().map_err(|e| format!("run a child: {e}"))?;
+        if !status.success() {
+            return Err(format!("a child failed: {status}"));
+        }
     }
-    std::hint::black_box(&memory);
 
     std::thread::sleep(Duration::from_millis(config.sleep_ms));
 

@@ -241,6 +241,55 @@ fn every_sandboxed_build_is_placed_in_its_cgroup_as_it_starts() {
     placed_early(true, false);
 }
 
+/// Builds with structured attributes beside plain ones, each running compilers one after
+/// another as a configure script or `make` does (200 short processes in turn, each writing
+/// 2 MiB, forked inside the build's cgroup: a new one every few milliseconds, so that the
+/// watcher keeps reading the builder's tree). With structured attributes Nix passes the outputs in `.attrs.json`, not the
+/// builder's environment; the fixture mirrors nixpkgs' `pkgs/stdenv/generic/make-derivation.nix`
+/// (with `__structuredAttrs`, what the builder's processes see goes in `env`) and the test
+/// builder does what `pkgs/stdenv/generic/setup.sh` does with it (exports `env` and the outputs).
+/// Every builder is placed in its cgroup as it starts, and its recorded peak is what its cgroup
+/// held: the processes forked inside are not counted again as if moved in.
+fn structured_and_plain_placed(sandboxed: bool) {
+    const CHILD_MIB: u64 = 2;
+    let (sandbox, records) = enforcement_sandbox(TierLimits { max_jobs: 4, cores: 1, memory_mib: 300 }, sandboxed);
+    let expr = format!(
+        r#"map ({{ name, structured }}: let
+             env = {{
+               NIX_TIER = "medium"; TB_MEM_MIB = "0"; TB_SLEEP_MS = "100"; RECORD_DIR = "{records}";
+               TB_PLACEMENT_WAIT_MS = "1000"; TB_CHILD_RUNS = "200"; TB_CHILD_MEM_MIB = "{CHILD_MIB}"; TB_CHILD_MS = "0";
+             }};
+           in derivation ({{ inherit name; system = builtins.currentSystem; builder = "{builder}"; }}
+             // (if structured then {{ __structuredAttrs = true; inherit env; }} else env)))
+           [ {{ name = "attrs1-1.0"; structured = true; }} {{ name = "attrs2-1.0"; structured = true; }}
+             {{ name = "plain1-1.0"; structured = false; }} ]"#,
+        records = records.display(),
+        builder = testbuilder().display(),
+    );
+    let out = sandbox.command("nix-build").args(["--no-out-link", "-j", "3", "--expr", &expr]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = history_rows(&sandbox, 3);
+    for name in ["attrs1-1.0", "attrs2-1.0", "plain1-1.0"] {
+        let placed = std::fs::read_to_string(records.join("placed").join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(placed.trim().parse::<u64>().is_ok(), "{name} (sandboxed {sandboxed}) was never placed in its cgroup: {placed}");
+        let row = row(&rows, name.trim_end_matches("-1.0"));
+        let peak = row["peakMiB"].as_u64().unwrap_or_else(|| panic!("{name}: no peak: {row}"));
+        eprintln!("{name} sandboxed {sandboxed}: peak {peak} MiB");
+        // One process at a time: its 2 MiB and a few MiB of programs.
+        assert!((CHILD_MIB..CHILD_MIB + 16).contains(&peak), "{name} (sandboxed {sandboxed}) peaked at {peak} MiB: {row}");
+    }
+}
+
+#[test]
+fn builds_with_structured_attributes_are_placed_and_peaks_count_each_process_once() {
+    if cgroups_present().is_none() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    structured_and_plain_placed(false);
+    structured_and_plain_placed(true);
+}
+
 /// Builders that start processes at once, each starting one of its own (as `make` starts
 /// compilers), before the watcher can have moved the builder: every one of them ends up in the
 /// build's cgroup. The watcher reads the builder's tree only until it finds nothing of the build
