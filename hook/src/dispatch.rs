@@ -209,8 +209,8 @@ impl Dispatcher {
                 self.asked.insert(request.drv_path.clone(), build);
                 Ok(Reply::Decline)
             }
-            FromBroker::Refused(why) => Err(format!("the broker refused: {why}")),
-            FromBroker::Tries(_) | FromBroker::SlotFreed => Err("the broker answered another question".to_string()),
+            // The client takes no other answer.
+            FromBroker::Refused(_) | FromBroker::Tries(_) | FromBroker::SlotFreed => Err("the broker answered another question".to_string()),
         }
     }
 

@@ -65,6 +65,8 @@ pub struct Client {
     state_dir: StateDir,
     hello: Hello,
     connection: Option<BufReader<UnixStream>>,
+    /// Whether this connection's broker has been sent the hook's hello.
+    said_hello: bool,
     /// Whether the broker answered a question on this connection (a new connection's broker
     /// knows nothing of the answers given on the last).
     answered: bool,
@@ -94,6 +96,7 @@ impl Client {
             state_dir,
             hello,
             connection: None,
+            said_hello: false,
             answered: false,
             resting_until: None,
             late: None,
@@ -131,7 +134,10 @@ impl Client {
                 return Err(Failure::Starting);
             }
             Ok(None) => {
+                // Nix builds it: the broker is told so with the next message, Nix quiet or not,
+                // unless its late answer admits it first.
                 self.late = Some(request.clone());
+                self.tell_declined(request);
                 self.resting_until = Some(Instant::now() + RETRY_AFTER);
                 return Err(Failure::Failed(late()));
             }
@@ -141,16 +147,16 @@ impl Client {
     }
 
     /// `answer`, about `build`, as the hook takes it: the broker forgets a build it admits (it
-    /// is sent whole the next time); a refusal is an error.
+    /// is sent whole the next time); a refusal, or an answer to another question, is an error.
     fn answer_about(&mut self, build: &TryBuild, answer: FromBroker) -> Result<FromBroker, String> {
         match answer {
-            FromBroker::Refused(why) => Err(format!("the broker refused the request: {why}")),
-            answer => {
-                if answer == FromBroker::Admit {
-                    self.told.remove(&build.job.drv);
-                }
+            FromBroker::Admit => {
+                self.told.remove(&build.job.drv);
                 Ok(answer)
             }
+            FromBroker::Wait { .. } | FromBroker::WorkerFull { .. } => Ok(answer),
+            FromBroker::Refused(why) => Err(format!("the broker refused the request: {why}")),
+            FromBroker::Tries(_) | FromBroker::SlotFreed => Err("the broker answered another question".to_string()),
         }
     }
 
@@ -167,12 +173,20 @@ impl Client {
 
     /// Tells the broker of the builds declined without asking it (no answer is awaited, so a
     /// broker late with an answer is told all the same); nothing is said when it cannot be told.
+    /// Nix may ask meanwhile: a broker that does not listen now is neither started nor waited
+    /// for, and they are told with the next question.
     pub fn send_unsent(&mut self) {
         if self.late.is_none() && self.resting_until.is_some_and(|until| Instant::now() < until) {
             self.unsent.clear();
             return;
         }
         let deadline = Instant::now() + ANSWER_WITHIN;
+        if self.connection.is_none() {
+            match connect_at_once(&self.state_dir.path().join(SOCKET)) {
+                Ok(stream) => self.connected(stream),
+                Err(_) => return,
+            }
+        }
         if let Err(error) = self.send(None, deadline) {
             if !self.starting() {
                 self.failed(error);
@@ -206,7 +220,17 @@ impl Client {
             // Late twice with the same answer: not merely slow.
             return Err(late());
         }
-        self.read_answer(deadline)
+        match self.read_answer(deadline) {
+            // A broker that exits for being idle closes the connections it has not served:
+            // on a connection that had no answer yet, the question is asked once more, on a
+            // new one (starting a broker if none listens), before the deadline.
+            Err(_) if !self.answered => {
+                self.disconnect();
+                self.send(Some(request), deadline)?;
+                self.read_answer(deadline)
+            }
+            answer => answer,
+        }
     }
 
     /// Whether the broker, late with an answer on this connection, has given it since: it is
@@ -226,15 +250,13 @@ impl Client {
     }
 
     /// Reads the answer the broker was late with, until `deadline`; whether it came. A build
-    /// it did not admit was declined all the same, and Nix builds it: the broker is told so,
-    /// and counts the build as it starts.
+    /// it admitted holds a lease: it need not be told as declined (the others were, and Nix
+    /// builds them: the broker counts them as they start).
     fn take_late_answer(&mut self, deadline: Instant) -> Result<bool, String> {
         let Some(answer) = self.read_answer(deadline)? else { return Ok(false) };
         let build = self.late.take().expect("an answer is owed");
-        match self.answer_about(&build, answer)? {
-            FromBroker::Admit => {}
-            FromBroker::Wait { .. } | FromBroker::WorkerFull { .. } => self.tell_declined(&build),
-            _ => return Err("the broker answered another question".to_string()),
+        if self.answer_about(&build, answer)? == FromBroker::Admit {
+            self.unsent.remove(&build.job.drv);
         }
         Ok(true)
     }
@@ -242,11 +264,11 @@ impl Client {
     /// Reads the next answer, until `deadline`: `None` if it has not come by then.
     fn read_answer(&mut self, deadline: Instant) -> Result<Option<FromBroker>, String> {
         let connection = self.connection.as_mut().expect("connected by send");
-        let Some(timeout) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { return Ok(None) };
-        keep_timeout(&mut self.read_timeout, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
         // A slot said to be free before the answer may have freed after the broker decided.
         let mut slot_freed = false;
         loop {
+            let Some(timeout) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { return Ok(None) };
+            keep_timeout(&mut self.read_timeout, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
             let mut answer = Vec::new();
             match connection.by_ref().take(MAX_LINE).read_until(b'\n', &mut answer) {
                 Ok(0) => return Err("the broker closed the connection".to_string()),
@@ -258,12 +280,8 @@ impl Client {
             }
             let answer = match serde_json::from_slice(&answer).map_err(|e| format!("the broker's answer is unreadable ({e})"))? {
                 FromBroker::SlotFreed => {
+                    // The answer is still owed, within what is left of the deadline.
                     slot_freed = true;
-                    // A broker that kept sending lines other than the answer would hold the
-                    // hook for good.
-                    if Instant::now() >= deadline {
-                        return Ok(None);
-                    }
                     continue;
                 }
                 FromBroker::WorkerFull { reserved_mib, .. } if slot_freed => FromBroker::WorkerFull { alike: None, reserved_mib },
@@ -282,6 +300,15 @@ impl Client {
         !connection.buffer().is_empty() || readable_now(connection.get_ref())
     }
 
+    /// Takes `stream` as the connection to a broker that knows nothing of this hook yet.
+    fn connected(&mut self, stream: UnixStream) {
+        self.connection = Some(BufReader::new(stream));
+        self.said_hello = false;
+        self.answered = false;
+        self.told.clear();
+        (self.read_timeout, self.write_timeout) = (None, None);
+    }
+
     /// Drops the connection, and the answer the broker was late with on it.
     fn disconnect(&mut self) {
         self.connection = None;
@@ -297,13 +324,13 @@ impl Client {
         let mut lines = Vec::new();
         if self.connection.is_none() {
             let stream = self.connect(deadline)?;
+            self.connected(stream);
+        }
+        if !self.said_hello {
             // Written with what follows, under the write timeout.
             serde_json::to_writer(&mut lines, &ToBroker::Hello(self.hello.clone())).map_err(|e| e.to_string())?;
             lines.push(b'\n');
-            self.connection = Some(BufReader::new(stream));
-            self.answered = false;
-            self.told.clear();
-            (self.read_timeout, self.write_timeout) = (None, None);
+            self.said_hello = true;
         }
         if !self.unsent.is_empty() {
             let unsent = std::mem::take(&mut self.unsent);

@@ -687,19 +687,17 @@ fn count_dependents(board: &Board, builds: Receiver<(PathBuf, String)>) {
 fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let (changed, idle) = {
-            let mut shared = board.lock();
-            let idle = shared.clients == 0 && shared.table.leases().is_empty() && shared.idle_since.elapsed() >= IDLE_EXIT;
-            (std::mem::take(&mut shared.changed), idle)
-        };
-        if changed {
+        if std::mem::take(&mut board.lock().changed) {
             let snapshot = board.snapshot();
             if let Ok(locked) = state_dir.lock() {
                 let _ = locked.save(&snapshot);
             }
         }
-        if idle && !stay {
-            // The socket goes first: a hook that finds none starts a new broker.
+        let shared = board.lock();
+        if !stay && shared.clients == 0 && shared.table.leases().is_empty() && shared.idle_since.elapsed() >= IDLE_EXIT {
+            // The socket goes first: a hook that finds none starts a new broker. Under the
+            // table's lock, so that nothing is decided between the look and the exit: a hook
+            // that connected meanwhile finds its connection closed, and connects anew.
             let _ = std::fs::remove_file(state_dir.path().join(SOCKET));
             std::process::exit(0);
         }
