@@ -270,13 +270,17 @@ impl Hierarchy {
         &self.parents[0].1
     }
 
-    /// Creates the cgroup `name` with `limits`.
+    /// Creates the cgroup `name` with `limits`. A CPU quota the kernel refuses (above a quota
+    /// of an enclosing cgroup, which then bounds the build) leaves the memory limit alone; a
+    /// cgroup whose memory limit is refused is removed again.
     pub fn create(&self, name: &str, limits: &Limits) -> io::Result<BuildCgroup> {
         let cgroup = self.child(name);
-        for (_, dir) in &cgroup.dirs {
-            mkdir(dir)?;
+        let made = cgroup.dirs.iter().try_for_each(|(_, dir)| mkdir(dir));
+        let limited = made.and_then(|()| cgroup.apply(limits).or_else(|_| cgroup.apply(&Limits { cpu_cores: None, ..*limits })));
+        if let Err(e) = limited {
+            let _ = cgroup.remove();
+            return Err(e);
         }
-        cgroup.apply(limits)?;
         Ok(cgroup)
     }
 

@@ -119,6 +119,19 @@ fn v1_a_cgroup_taken_over_gets_its_limits_again() {
     cgroup.remove().unwrap();
 }
 
+#[test]
+fn v1_a_refused_cpu_quota_keeps_the_memory_limit() {
+    let Some((_machine, root, hierarchy)) = v1_hierarchy("nix-tier-test-refused") else {
+        return;
+    };
+    // The parent allows one core (as a container's quota would): two cores are refused.
+    let parent_quota = root.0.iter().map(|d| d.join("nix-tier/cpu.cfs_quota_us")).find(|f| f.exists()).unwrap();
+    fs::write(&parent_quota, "100000").unwrap();
+    let cgroup = hierarchy.create("b1", &Limits { memory_bytes: Some(64 * MIB), cpu_cores: Some(2) }).expect("made with its memory limit");
+    assert_eq!(fs::read_to_string(hierarchy.path().join("b1/memory.limit_in_bytes")).unwrap().trim(), (64 * MIB).to_string());
+    cgroup.remove().unwrap();
+}
+
 /// The machine to this test alone, a read-only cgroup root `name` on v1 and the hierarchy under
 /// it; `None` unless this machine's memory and cpu controllers are on cgroup v1, as on this
 /// project's (which fails the test under `CI=true`). Dropped in reverse: the root is removed
