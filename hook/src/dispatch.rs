@@ -65,7 +65,6 @@ pub enum Answer {
 /// One hook process: the settings of its Nix worker, the profile, its client of the broker.
 pub struct Dispatcher {
     profile: Profile,
-    state_dir: StateDir,
     broker: Client,
     relay: Option<Relay>,
     /// What each waiting derivation was last announced as waiting for, so it is not announced
@@ -107,9 +106,8 @@ impl Dispatcher {
             store_db: crate::store_db::database_path(settings),
         };
         Dispatcher {
-            broker: Client::new(state_dir.clone(), hello),
+            broker: Client::new(state_dir, hello),
             profile,
-            state_dir,
             relay,
             announced: HashMap::new(),
             cgroups,
@@ -248,7 +246,6 @@ impl Dispatcher {
             asked_unix_ms: Some(crate::state::now_ms()),
             // Set by the broker when it admits the build.
             started_unix_ms: 0,
-            state_dir: self.state_dir.path().to_path_buf(),
             cgroups: self.cgroups.clone(),
         };
         Ok(TryBuild { job, expected_ms })

@@ -97,8 +97,6 @@ pub struct WatchJob {
     pub asked_unix_ms: Option<u64>,
     /// When it was admitted, milliseconds since the epoch.
     pub started_unix_ms: u64,
-    /// The state directory (history database).
-    pub state_dir: PathBuf,
     /// The prepared parent of builds' cgroups; `None` where none is usable (the build is
     /// watched and recorded, not bounded).
     pub cgroups: Option<Hierarchy>,
@@ -176,10 +174,11 @@ impl Scan {
         Scan { known, children: Default::default(), environs: Default::default(), structured_outputs: Default::default(), held: None }
     }
 
-    /// Whether Nix process `holder` holds one of `locks`.
+    /// Whether Nix process `holder` holds one of `locks`; taken to, when the lock table cannot
+    /// be read (out of descriptors, say): a build is not ended on a failed read.
     fn holds(&mut self, locks: &[OutputLock], holder: u32) -> bool {
         let held = self.held.get_or_insert_with(|| HeldLocks::read().ok());
-        held.as_ref().is_some_and(|held| locks.iter().any(|lock| lock.held_by(held, holder)))
+        held.as_ref().is_none_or(|held| locks.iter().any(|lock| lock.held_by(held, holder)))
     }
 
     /// The children of Nix worker `worker` that may be a new builder.
@@ -251,8 +250,9 @@ struct Watched {
     builder: Option<Builder>,
     build_user: Option<u32>,
     cgroup: Option<BuildCgroup>,
-    /// Processes moved into the cgroup.
-    moved: HashSet<u32>,
+    /// Processes of the build known to be in the cgroup: moved in, or found there (forked
+    /// inside, or placed by a broker that is gone).
+    placed: HashSet<u32>,
     /// What the moved processes held before the move (charged outside the cgroup).
     charged_outside: u64,
     reported_kills: u64,
@@ -302,7 +302,7 @@ impl Watched {
             builder: None,
             build_user: None,
             cgroup: None,
-            moved: HashSet::new(),
+            placed: HashSet::new(),
             charged_outside: 0,
             reported_kills: 0,
             kills_read: None,
@@ -358,9 +358,9 @@ impl Watched {
         }
         if self.cgroup.is_some() {
             self.move_into_cgroup();
-        } else if let Some(b) = self.builder.as_ref() {
+        } else if let Some(b) = self.builder.as_ref().filter(|b| !b.exited()) {
             // No cgroup: the build's processes are the builder's descendants, followed while it
-            // runs (they are reparented away once it is gone).
+            // runs (they are reparented away once it is gone, and its pid may be reused).
             self.descendants.track(procfs::tree(b.pid));
         }
         if self.kills_read.is_some_and(|at| at.elapsed() >= KILLS_EVERY) {
@@ -393,20 +393,21 @@ impl Watched {
         if let (Some(uid), 0) = (self.build_user, self.polls % 10) {
             pids.extend(procfs::pids_of_user(uid));
         }
-        pids.retain(|pid| !self.moved.contains(pid));
+        pids.retain(|pid| !self.placed.contains(pid));
         // Those forked inside are neither moved nor counted: what they hold is charged inside.
-        let inside: HashSet<u32> = match pids.is_empty() {
+        let in_cgroup: HashSet<u32> = match pids.is_empty() {
             true => HashSet::new(),
             false => cgroup.pids().map(HashSet::from_iter).unwrap_or_default(),
         };
-        let mut outside_any = false;
-        for pid in pids.into_iter().filter(|pid| !inside.contains(pid)) {
-            outside_any = true;
+        let (inside, outside): (Vec<u32>, Vec<u32>) = pids.into_iter().partition(|pid| in_cgroup.contains(pid));
+        let outside_any = !outside.is_empty();
+        self.placed.extend(inside);
+        for pid in outside {
             // What a process already held stays charged where it was (the kernel no longer
             // moves charges): its size just after the move is added to the peak, which then
             // errs high, the safe side for learned reservations.
             if cgroup.add(pid).is_ok() {
-                self.moved.insert(pid);
+                self.placed.insert(pid);
                 self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
             }
         }
@@ -527,8 +528,8 @@ impl Watched {
             return None;
         }
         let wall = self.ended.map_or_else(|| self.admitted.elapsed(), |ended| ended.duration_since(self.admitted));
-        // A cgroup nothing was moved into measured nothing of the build.
-        let stats = self.cgroup.as_ref().filter(|_| !self.moved.is_empty()).map(BuildCgroup::stats);
+        // A cgroup nothing of the build was placed in measured nothing of it.
+        let stats = self.cgroup.as_ref().filter(|_| !self.placed.is_empty()).map(BuildCgroup::stats);
         // Removed once: a cgroup left (the kernel refused) is tried again when the watch goes.
         if self.cgroup.as_ref().is_some_and(|cgroup| cgroup.remove().is_ok()) {
             self.cgroup = None;
@@ -1214,7 +1215,7 @@ impl WatcherLock {
 /// The builds a broker that is gone was watching and that still run, from the watcher locks in
 /// `<state_dir>/leases`: a build runs while its Nix worker holds one of its output locks or its
 /// cgroup has processes. Each comes with its watcher lock, taken over; the files of builds that
-/// ended meanwhile, and the free ones, go to `pool`.
+/// ended meanwhile, and the free ones, go to `pool` (and the cgroups of those builds are removed).
 pub fn running_builds(state_dir: &Path, pool: &LockFiles) -> Vec<(WatchJob, WatcherLock)> {
     let Ok(entries) = std::fs::read_dir(state_dir.join("leases")) else { return Vec::new() };
     let held = HeldLocks::read().ok();
@@ -1223,7 +1224,12 @@ pub fn running_builds(state_dir: &Path, pool: &LockFiles) -> Vec<(WatchJob, Watc
         .filter_map(|e| WatcherLock::take_over(&e.path(), pool))
         .filter(|(_, job)| {
             let locked = held.as_ref().is_some_and(|held| job.lock_files.iter().any(|f| held.holds(f, job.nix_pid)));
-            let populated = existing_cgroup(job).and_then(|c| c.pids().ok()).is_some_and(|p| !p.is_empty());
+            let cgroup = existing_cgroup(job);
+            let populated = cgroup.as_ref().and_then(|c| c.pids().ok()).is_some_and(|p| !p.is_empty());
+            if !locked && !populated {
+                // Ended while no broker watched it: its empty cgroup goes too.
+                let _ = cgroup.map(|c| c.remove());
+            }
             locked || populated
         })
         .map(|(lock, job)| (job, lock))
@@ -1403,7 +1409,6 @@ mod tests {
             builder_uids: Vec::new(),
             asked_unix_ms,
             started_unix_ms: 10_000,
-            state_dir: PathBuf::new(),
             cgroups: None,
         }
     }

@@ -222,7 +222,8 @@ impl Shared {
         if self.tries.len() >= TRIES_KEPT && !self.tries.contains_key(drv) {
             self.tries.clear();
         }
-        *self.tries.entry(drv.to_string()).or_default() += times;
+        let tries = self.tries.entry(drv.to_string()).or_default();
+        *tries = tries.saturating_add(times);
     }
 
     /// Whether the watcher still looks for `drv` as a candidate; if not, it is to be told
@@ -404,8 +405,11 @@ impl Board {
 
 impl watch::Leases for Board {
     fn adopt(&self, job: &WatchJob) -> LeaseId {
+        // How long it runs still orders the waiting builds (longest first, backfilling).
+        let learned = self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).expected_wall_ms(package_name(&job.name));
+        let expected_ms = learned.unwrap_or_else(|| learning::guessed_wall_ms(job.tier));
         let mut shared = self.lock();
-        let lease = shared.table.adopt(job.nix_pid, &job.drv, job.claim(), 0, state::now_ms());
+        let lease = shared.table.adopt(job.nix_pid, &job.drv, job.claim(), expected_ms, state::now_ms());
         let shared = &mut *shared;
         let table = &shared.table;
         shared.jobs.retain(|id, _| table.lease(*id).is_some());
@@ -571,8 +575,9 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
         }
         let served = Arc::clone(&board);
         let spawned = std::thread::Builder::new().spawn(move || {
+            // Forgotten however the thread ends, so that an idle broker still exits.
+            let _connected = Connected(&served, id);
             let _ = serve_client(stream, id, &served, &orders, &wake);
-            served.disconnected(id);
         });
         if spawned.is_err() {
             // No thread for it: the connection closes, and its hook fails open.
@@ -580,6 +585,15 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
         }
     }
     Ok(())
+}
+
+/// A connection of the board, forgotten when dropped.
+struct Connected<'a>(&'a Board, u64);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.disconnected(self.1);
+    }
 }
 
 /// Answers one hook's requests until it is gone.
