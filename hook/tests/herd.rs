@@ -56,19 +56,6 @@ fn a_full_worker_is_answered_without_leases_until_a_slot_frees() {
     wait_running(&setup, &["fourth-1.0"]);
 }
 
-/// The number of `try` requests of each build the broker counted, sorted.
-fn tries(setup: &Setup) -> Vec<u64> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut socket = std::os::unix::net::UnixStream::connect(setup.state().join("broker.sock")).unwrap();
-    socket.write_all(b"\"tries\"\n").unwrap();
-    let mut answer = String::new();
-    BufReader::new(socket).read_line(&mut answer).unwrap();
-    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
-    let mut tries: Vec<u64> = answer["tries"].as_array().expect("tries").iter().filter_map(|t| t.as_u64()).collect();
-    tries.sort();
-    tries
-}
-
 #[test]
 fn the_builds_a_hook_declines_by_itself_are_told_to_the_broker_once_nix_is_quiet() {
     let setup = Setup::new(8000);
@@ -91,12 +78,12 @@ fn the_builds_a_hook_declines_by_itself_are_told_to_the_broker_once_nix_is_quiet
     ask(&mut hook, "third-1.0");
     hook.ask(&second);
     nix_tier_tests::hook_env::wait_for("the burst's declines to be counted", common::ANSWER_TIMEOUT, || {
-        (tries(&setup) == [1, 1, 2]).then_some(())
+        (setup.tries() == [1, 1, 2]).then_some(())
     });
     hook.ask(&second);
     hook.ask(&second);
     nix_tier_tests::hook_env::wait_for("the next burst's declines to be counted", common::ANSWER_TIMEOUT, || {
-        (tries(&setup) == [1, 1, 4]).then_some(())
+        (setup.tries() == [1, 1, 4]).then_some(())
     });
     assert_eq!(running(&setup), ["first-1.0"]);
 }

@@ -174,6 +174,26 @@ fn a_broker_late_with_an_answer_is_asked_again_once_it_has_answered() {
 }
 
 #[test]
+fn a_build_declined_for_a_late_answer_is_told_to_the_broker_without_another_question() {
+    let setup = Setup::new(8000);
+    one_heavy_slot(&setup);
+    let mut hook = setup.hook();
+    let (lines, _first) = ask_holding_lock(&setup, &mut hook, "first-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
+    let broker = nix::unistd::Pid::from_raw(broker_pid(&setup));
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let (second, out) = write_drv(setup.path(), "second-1.0");
+    let second_lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
+    second_lock.lock().unwrap();
+    let lines = hook.ask(&second);
+    nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(reply(&lines), "# decline", "fails open: {lines:?}");
+    // Nix builds it, and may ask nothing more (its last build): the broker, resumed, tells it to
+    // wait for the heavy slot, and is told that it was declined, so it counts it as it starts.
+    nix_tier_tests::hook_env::wait_for("second-1.0 to be told as declined", common::ANSWER_TIMEOUT, || (setup.tries() == [1, 2]).then_some(()));
+}
+
+#[test]
 fn a_broker_answering_garbage_is_declined() {
     let setup = Setup::new(8000);
     fs::create_dir_all(setup.state()).unwrap();

@@ -69,6 +69,19 @@ impl Setup {
     }
 
     /// A hook that finds no broker running and starts one itself.
+    /// The number of `try` requests (asked, or told as declined) of each build the broker
+    /// counted, sorted.
+    pub fn tries(&self) -> Vec<u64> {
+        let mut socket = std::os::unix::net::UnixStream::connect(self.state().join("broker.sock")).unwrap();
+        socket.write_all(b"\"tries\"\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(socket).read_line(&mut answer).unwrap();
+        let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        let mut tries: Vec<u64> = answer["tries"].as_array().expect("tries").iter().filter_map(|t| t.as_u64()).collect();
+        tries.sort();
+        tries
+    }
+
     pub fn hook_starting_the_broker(&self) -> Hook {
         let (profile, state) = (self.profile(), self.state());
         Hook::start(&self.env(&profile, &state))
