@@ -128,11 +128,31 @@ fn unescape(field: &str) -> String {
 
 /// Where per-build cgroups are created: the parent cgroup(s) for all tier builds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "HierarchyFields")]
 pub struct Hierarchy {
     version: Version,
     /// The parent's directories, each with the controllers it serves (one on v2; memory, cpu
-    /// and, when mounted apart from cpu, cpuacct on v1).
+    /// and, when mounted apart from cpu, cpuacct on v1). Never empty.
     parents: Vec<(Vec<Controller>, PathBuf)>,
+}
+
+/// A [`Hierarchy`] as read (a build's job, from a hook or a watcher's lock file), before it is
+/// checked to name a parent.
+#[derive(Deserialize)]
+struct HierarchyFields {
+    version: Version,
+    parents: Vec<(Vec<Controller>, PathBuf)>,
+}
+
+impl TryFrom<HierarchyFields> for Hierarchy {
+    type Error = &'static str;
+
+    fn try_from(fields: HierarchyFields) -> Result<Hierarchy, Self::Error> {
+        match fields.parents.is_empty() {
+            true => Err("a cgroup hierarchy without a parent directory"),
+            false => Ok(Hierarchy { version: fields.version, parents: fields.parents }),
+        }
+    }
 }
 
 /// Limits of one build.
@@ -438,6 +458,14 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn a_hierarchy_read_names_a_parent() {
+        let read = |text: &str| serde_json::from_str::<Hierarchy>(text);
+        assert!(read(r#"{"version":"V2","parents":[]}"#).is_err());
+        let hierarchy = read(r#"{"version":"V2","parents":[[["Memory","Cpu"],"/sys/fs/cgroup/nix-tier"]]}"#).unwrap();
+        assert_eq!(hierarchy.path(), Path::new("/sys/fs/cgroup/nix-tier"));
+    }
 
     #[test]
     fn keyed_values_are_read() {
