@@ -403,6 +403,24 @@ impl BuildCgroup {
         }
     }
 
+    /// Whether the kernel keeps the cgroup's peak memory: on cgroup v2 only from Linux 5.19
+    /// (`memory.peak`). Where it does not, the caller samples [`BuildCgroup::memory_now`].
+    pub fn keeps_peak(&self) -> bool {
+        match self.version {
+            Version::V1 => true,
+            Version::V2 => self.dir(Controller::Memory).is_some_and(|dir| dir.join("memory.peak").exists()),
+        }
+    }
+
+    /// The memory the cgroup's processes use now, bytes.
+    pub fn memory_now(&self) -> Option<u64> {
+        let file = match self.version {
+            Version::V1 => "memory.usage_in_bytes",
+            Version::V2 => "memory.current",
+        };
+        read_kernel_text(self.dir(Controller::Memory)?.join(file)).ok()?.trim().parse().ok()
+    }
+
     /// Removes the cgroup once its processes are gone (the kernel refuses while any remain).
     /// Only `rmdir`: a cgroup directory holds no files of its own, and nothing that is not
     /// a cgroup is ever removed.
@@ -465,6 +483,19 @@ mod tests {
         assert!(read(r#"{"version":"V2","parents":[]}"#).is_err());
         let hierarchy = read(r#"{"version":"V2","parents":[[["Memory","Cpu"],"/sys/fs/cgroup/nix-tier"]]}"#).unwrap();
         assert_eq!(hierarchy.path(), Path::new("/sys/fs/cgroup/nix-tier"));
+    }
+
+    #[test]
+    fn without_memory_peak_the_memory_now_is_read_for_sampling() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = BuildCgroup { version: Version::V2, dirs: vec![(vec![Controller::Memory, Controller::Cpu], dir.path().to_path_buf())] };
+        std::fs::write(dir.path().join("memory.current"), "12345\n").unwrap();
+        assert!(!cgroup.keeps_peak(), "a kernel before 5.19 has no memory.peak");
+        assert_eq!(cgroup.memory_now(), Some(12345));
+        assert_eq!(cgroup.stats().peak_memory_bytes, None);
+        std::fs::write(dir.path().join("memory.peak"), "23456\n").unwrap();
+        assert!(cgroup.keeps_peak());
+        assert_eq!(cgroup.stats().peak_memory_bytes, Some(23456));
     }
 
     #[test]

@@ -253,6 +253,9 @@ struct Watched {
     /// Processes of the build known to be in the cgroup: moved in, or found there (forked
     /// inside, or placed by a broker that is gone).
     placed: HashSet<u32>,
+    /// The highest memory use of the cgroup sampled so far, where the kernel keeps no peak
+    /// (cgroup v2 before Linux 5.19).
+    sampled_peak: Option<u64>,
     /// What the moved processes held before the move (charged outside the cgroup).
     charged_outside: u64,
     reported_kills: u64,
@@ -303,6 +306,7 @@ impl Watched {
             build_user: None,
             cgroup: None,
             placed: HashSet::new(),
+            sampled_peak: None,
             charged_outside: 0,
             reported_kills: 0,
             kills_read: None,
@@ -356,7 +360,10 @@ impl Watched {
                 self.take_builder(builder, my_uid, scan, leases);
             }
         }
-        if self.cgroup.is_some() {
+        if let Some(cgroup) = self.cgroup.as_ref() {
+            if let Some(peak) = self.sampled_peak.as_mut() {
+                *peak = cgroup.memory_now().map_or(*peak, |now| now.max(*peak));
+            }
             self.move_into_cgroup();
         } else if let Some(b) = self.builder.as_ref().filter(|b| !b.exited()) {
             // No cgroup: the build's processes are the builder's descendants, followed while it
@@ -431,6 +438,9 @@ impl Watched {
         if self.cgroup.is_none() {
             self.cgroup = create_cgroup(&self.job);
         }
+        // Sampled at each of the watcher's looks (every 5 ms at first, then every 100 ms): a
+        // shorter spike is missed.
+        self.sampled_peak = self.cgroup.as_ref().filter(|c| !c.keeps_peak()).map(|_| 0);
         self.build_user = procfs::uid(builder.pid).filter(|uid| *uid != 0 && Some(*uid) != my_uid);
         self.builder = Some(builder);
         self.kills_read = Some(Instant::now());
@@ -544,7 +554,9 @@ impl Watched {
             wall,
             leased: self.lease_ended.unwrap_or_else(Instant::now).duration_since(self.admitted),
             cpu: stats.and_then(|s| s.cpu_time),
-            peak_bytes: stats.and_then(|s| s.peak_memory_bytes).map(|peak| peak + self.charged_outside),
+            peak_bytes: stats
+                .and_then(|s| s.peak_memory_bytes.or(self.sampled_peak.filter(|peak| *peak > 0)))
+                .map(|peak| peak + self.charged_outside),
             oom_kills: stats.map_or(0, |s| s.oom_kills),
             bounded: stats.is_some(),
             succeeded,
