@@ -64,6 +64,20 @@ pub fn parent(pid: u32) -> Option<u32> {
     stat_field(&read_kernel_text(format!("/proc/{pid}/stat")).ok()?, 4)?.parse().ok()
 }
 
+/// Whether process `pid` descends from process `ancestor` (a process tree is not deeper than a
+/// few hundred levels in practice; the walk stops there).
+pub fn descends_from(pid: u32, ancestor: u32) -> bool {
+    let mut at = pid;
+    for _ in 0..1024 {
+        match parent(at) {
+            Some(p) if p == ancestor => return true,
+            Some(p) if p > 1 => at = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Field `n` (from 1, as proc(5) counts) of a process's `stat`. The command, field 2, may hold
 /// spaces and parentheses: fields are counted from its last closing parenthesis, field 3 first.
 fn stat_field(stat: &str, n: usize) -> Option<&str> {
@@ -123,6 +137,8 @@ mod tests {
         assert!(has_env_entry(child.id(), "out=/tmp/procfs-test-output"));
         assert!(!has_env_entry(child.id(), "out=/tmp/other"));
         assert_eq!(uid(child.id()), uid(me));
+        assert!(descends_from(child.id(), me));
+        assert!(!descends_from(me, child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
     }

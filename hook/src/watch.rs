@@ -1296,8 +1296,10 @@ pub fn exited(pidfd: &OwnedFd) -> bool {
 /// with `CLONE_PARENT`, from 2.8 to today). The worker's children are read here only with
 /// `look_among_children`: where process events come, its executing children are matched as
 /// they execute ([`Births`]). Should one not be found there, every process of a
-/// uid Nix builds as is searched now and then ([`full_scan_due`]). Output paths are public, so
-/// a process of another user claiming them is never taken for the builder.
+/// uid Nix builds as is searched now and then ([`full_scan_due`]), among the worker's
+/// descendants, and the topmost process claiming the build is taken (the builder's own children
+/// inherit its environment). Output paths are public, so a process of another user claiming them
+/// (a `nix-shell` of the same package, say) is never taken for the builder.
 fn find_builder(
     job: &WatchJob,
     since_admission: Duration,
@@ -1310,10 +1312,14 @@ fn find_builder(
         if !full_scan_due(since_admission, full_scan) {
             return None;
         }
-        procfs::all_pids()
+        let mut found = procfs::all_pids()
             .into_iter()
             .filter(|pid| procfs::uid(*pid).is_some_and(|uid| job.builder_uids.contains(&uid)))
-            .find(|pid| scan.builds(*pid, job))
+            .find(|pid| scan.builds(*pid, job) && procfs::descends_from(*pid, job.nix_pid))?;
+        while let Some(parent) = procfs::parent(found).filter(|parent| *parent != job.nix_pid && scan.builds(*parent, job)) {
+            found = parent;
+        }
+        Some(found)
     })
 }
 
