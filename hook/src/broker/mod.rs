@@ -60,6 +60,8 @@ pub const SOCKET: &str = "broker.sock";
 pub const LOCK: &str = "broker.lock";
 /// How many builds' numbers of `try` requests the broker keeps before it starts again.
 const TRIES_KEPT: usize = 100_000;
+/// How long a store database that could not be opened is left before it is tried again.
+const STORE_DB_RETRY: Duration = Duration::from_secs(10);
 /// How long a broker started on demand lives on without clients or builds.
 pub const IDLE_EXIT: Duration = Duration::from_secs(60);
 /// The longest line either side reads (a build's job is a few KiB): a peer that sends more
@@ -687,11 +689,16 @@ fn reply(writer: &Mutex<UnixStream>, answer: &FromBroker) -> io::Result<()> {
 }
 
 /// Counts, for each build sent, the derivations not built yet that need it, in the store
-/// database sent with it (each opened once, read-only), and puts the count in the table.
+/// database sent with it (each opened once, read-only; one that could not be opened is tried
+/// again after [`STORE_DB_RETRY`]), and puts the count in the table.
 fn count_dependents(board: &Board, builds: Receiver<(PathBuf, String)>) {
-    let mut databases: HashMap<PathBuf, Option<StoreDb>> = HashMap::new();
-    for (db, drv) in builds {
-        let counted = databases.entry(db).or_insert_with_key(|path| StoreDb::open(path)).as_ref().map_or(0, |db| db.dependents(&drv));
+    let mut databases: HashMap<PathBuf, Result<StoreDb, Instant>> = HashMap::new();
+    for (path, drv) in builds {
+        let db = databases.entry(path.clone()).or_insert_with(|| StoreDb::open(&path).ok_or_else(Instant::now));
+        if matches!(db, Err(failed) if failed.elapsed() >= STORE_DB_RETRY) {
+            *db = StoreDb::open(&path).ok_or_else(Instant::now);
+        }
+        let counted = db.as_ref().map_or(0, |db| db.dependents(&drv));
         board.lock().table.dependents_counted(&drv, counted);
     }
 }
