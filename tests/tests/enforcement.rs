@@ -753,7 +753,8 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
     // 0555 root; NixOS's delegated daemon cgroup; moves of builders and their trees; build
     // users; the CPU quota and its accounting; leftovers killed and cgroups removed;
     // reservations learned from the peaks; a build's cgroup found again by a restarted
-    // broker. (The rest of the suite decides nothing differently
+    // broker; builders with structured attributes, and peaks of builds that keep starting
+    // processes. (The rest of the suite decides nothing differently
     // on v2, and software emulation is slow.)
     const TESTS: &[&str] = &[
         "a_build_over_its_limit_is_killed_in_its_own_cgroup_and_recorded",
@@ -765,6 +766,7 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
         "an_abandoned_build_is_ended_and_its_cgroup_removed",
         "learned_reservations_let_more_builds_run_at_once",
         "a_build_stays_bounded_across_a_broker_restart",
+        "builds_with_structured_attributes_are_placed_and_peaks_count_each_process_once",
     ];
     let Some(guest) = Guest::find() else { return };
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
