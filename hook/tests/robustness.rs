@@ -194,6 +194,90 @@ fn a_build_declined_for_a_late_answer_is_told_to_the_broker_without_another_ques
 }
 
 #[test]
+fn a_question_given_up_on_while_the_broker_starts_is_withdrawn() {
+    use std::io::BufRead;
+    let setup = Setup::new(8000);
+    fs::create_dir_all(setup.state()).unwrap();
+    // The broker the hook starts exits at once, as when another is starting: this test holds
+    // the broker's lock. It listens in its place once the hook has started one (its log is made
+    // first), and never answers.
+    let held = fs::File::create(setup.state().join("broker.lock")).unwrap();
+    held.lock().unwrap();
+    let state = setup.state();
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let began = std::time::Instant::now();
+        while !state.join("broker.log").exists() {
+            assert!(began.elapsed() < common::ANSWER_TIMEOUT, "the hook started no broker");
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+        let listener = std::os::unix::net::UnixListener::bind(state.join("broker.sock")).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        for line in std::io::BufReader::new(stream).lines() {
+            let _ = said.send(line.unwrap_or_default());
+        }
+    });
+    let (drv, _) = write_drv(setup.path(), "w-1.0");
+    let lines = setup.hook_starting_the_broker().ask(&drv);
+    assert_eq!(reply(&lines), "# postpone", "waits for a broker starting: {lines:?}");
+    // The connection's lines, until the hook closed it: its hello, the question, and then, the
+    // answer not having come, that the question is withdrawn (a broker still starting would
+    // otherwise admit a build Nix has let go of).
+    let heard: Vec<String> = heard.iter().collect();
+    assert!(heard.get(1).is_some_and(|l| l.contains("\"try\"")), "{heard:?}");
+    assert_eq!(heard.get(2), Some(&format!(r#"{{"withdrawn":"{}"}}"#, drv.display())), "{heard:?}");
+}
+
+#[test]
+fn a_withdrawn_question_lets_go_of_its_lease() {
+    use nix_tier_hook::broker::{FromBroker, Hello, ToBroker, Told, TryBuild};
+    use std::io::{BufRead, Write};
+    let setup = Setup::new(8000);
+    let (profile, state) = (setup.profile(), setup.state());
+    common::start_broker(&setup.env(&profile, &state));
+    // As a hook asks, for this process as its Nix worker, holding the output's lock as Nix does
+    // while it asks (the broker would take a build whose lock is free for let go).
+    let (drv, out) = write_drv(setup.path(), "w-1.0");
+    let lock_file = std::path::PathBuf::from(format!("{}.lock", out.display()));
+    let lock = fs::File::create(&lock_file).unwrap();
+    lock.lock().unwrap();
+    let me = std::process::id();
+    let job = nix_tier_hook::watch::WatchJob {
+        drv: drv.display().to_string(),
+        name: "w-1.0".into(),
+        tier: nix_tier_model::Tier::Light,
+        memory_limit_mib: 100,
+        limit_learned: false,
+        cores: 1,
+        lock_files: vec![lock_file],
+        output_env: vec![format!("out={}", out.display())],
+        outputs: vec![out.display().to_string()],
+        nix_pid: me,
+        builder_uids: vec![nix::unistd::getuid().as_raw()],
+        asked_unix_ms: None,
+        started_unix_ms: 0,
+        cgroups: None,
+    };
+    let hello = Hello { worker_pid: me, max_jobs: 4, build: serde_json::from_value(build_section(8000)).unwrap(), poll_interval_secs: 0, store_db: None };
+    let socket = std::os::unix::net::UnixStream::connect(state.join("broker.sock")).unwrap();
+    let send = |message: &ToBroker| {
+        let mut line = serde_json::to_vec(message).unwrap();
+        line.push(b'\n');
+        (&socket).write_all(&line).unwrap();
+    };
+    send(&ToBroker::Hello(hello));
+    send(&ToBroker::Try(Told::Whole(Box::new(TryBuild { job, expected_ms: 1000 }))));
+    let mut answer = String::new();
+    std::io::BufReader::new(&socket).read_line(&mut answer).unwrap();
+    assert_eq!(serde_json::from_str::<FromBroker>(&answer).unwrap(), FromBroker::Admit, "{answer}");
+    let running = || status(&setup).and_then(|s| Some(s["running"].as_array()?.len()));
+    nix_tier_tests::hook_env::wait_for("w-1.0 to hold a lease", common::ANSWER_TIMEOUT, || (running() == Some(1)).then_some(()));
+    // Its hook postponed it without waiting for the answer: no builder will come.
+    send(&ToBroker::Withdrawn(drv.display().to_string()));
+    nix_tier_tests::hook_env::wait_for("the lease of w-1.0 to end", common::ANSWER_TIMEOUT, || (running() == Some(0)).then_some(()));
+}
+
+#[test]
 fn a_broker_answering_garbage_is_declined() {
     let setup = Setup::new(8000);
     fs::create_dir_all(setup.state()).unwrap();

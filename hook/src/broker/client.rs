@@ -130,6 +130,7 @@ impl Client {
         let answer = match self.exchange(request, deadline) {
             Ok(Some(answer)) => answer,
             Err(_) | Ok(None) if self.starting() => {
+                self.withdraw(request);
                 self.disconnect();
                 return Err(Failure::Starting);
             }
@@ -144,6 +145,16 @@ impl Client {
             Err(error) => return Err(self.failed(error)),
         };
         self.answer_about(request, answer).map_err(|error| self.failed(error))
+    }
+
+    /// Tells the broker, without waiting, that the hook answered `postpone` for `build` by itself:
+    /// a broker still starting may yet admit it, and its lease would hold a slot for a build
+    /// Nix let go of, until Nix asks again.
+    fn withdraw(&mut self, build: &TryBuild) {
+        let Some(connection) = self.connection.as_ref() else { return };
+        let Ok(mut line) = serde_json::to_vec(&ToBroker::Withdrawn(build.job.drv.clone())) else { return };
+        line.push(b'\n');
+        let _ = nix::sys::socket::send(connection.get_ref().as_raw_fd(), &line, nix::sys::socket::MsgFlags::MSG_DONTWAIT);
     }
 
     /// `answer`, about `build`, as the hook takes it: the broker forgets a build it admits (it

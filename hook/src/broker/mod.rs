@@ -136,6 +136,9 @@ pub enum ToBroker {
     Declined(Vec<Declined>),
     /// How many `try` requests each build took so far (for bench/dispatch).
     Tries,
+    /// A build whose answer this hook did not wait for, its broker still starting: it answered
+    /// `postpone`, so a lease the build got is let go (Nix asks about it again). Not answered.
+    Withdrawn(String),
 }
 
 /// The broker's answer.
@@ -285,6 +288,19 @@ impl Board {
         job.limit_learned = matches!(reservation.source, ReservationSource::Learned { .. });
         if let Some(expected_ms) = learned.expected_wall_ms(package) {
             request.expected_ms = expected_ms;
+        }
+    }
+
+    /// Lets go of the lease `worker` holds for `drv` while its builder has not started: its
+    /// hook answered `postpone` without waiting for the answer ([`ToBroker::Withdrawn`]).
+    fn withdrawn(&self, worker: u32, drv: &str) {
+        let lease = {
+            let shared = self.lock();
+            let unstarted = shared.table.leases().iter().find(|l| l.worker == worker && l.drv == drv && !shared.builders.contains_key(&l.id));
+            unstarted.map(|l| l.id)
+        };
+        if let Some(lease) = lease {
+            watch::Leases::end(self, lease);
         }
     }
 
@@ -661,6 +677,8 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                     let _ = nix::unistd::write(wake, &[1]);
                 }
             }
+            (ToBroker::Withdrawn(drv), Some(hello)) => board.withdrawn(hello.worker_pid, &drv),
+            (ToBroker::Withdrawn(_), None) => {}
             (ToBroker::Tries, _) => {
                 let tries = board.lock().tries.values().copied().collect();
                 reply(writer, &FromBroker::Tries(tries))?;
