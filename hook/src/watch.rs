@@ -412,10 +412,13 @@ impl Watched {
         for pid in outside {
             // What a process already held stays charged where it was (the kernel no longer
             // moves charges): its size just after the move is added to the peak, which then
-            // errs high, the safe side for learned reservations.
+            // errs high, the safe side for learned reservations. For the first process in, what
+            // it touched since the move is the cgroup's use now, charged inside already: read
+            // first, it is taken off (a kernel that moves charges leaves nothing outside).
             if cgroup.add(pid).is_ok() {
+                let inside_already = if self.placed.is_empty() { cgroup.memory_now().unwrap_or(0) } else { 0 };
                 self.placed.insert(pid);
-                self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0);
+                self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0).saturating_sub(inside_already);
             }
         }
         if read_tree {
