@@ -71,13 +71,29 @@ fn one_heavy_slot(setup: &Setup) {
     write_profile(&setup.profile(), build);
 }
 
+/// A new build `name`: its `.drv`, its output, and the output's lock (`<output>.lock`), held as
+/// Nix holds it while it asks the hook.
+fn locked_drv(setup: &Setup, name: &str) -> (std::path::PathBuf, std::path::PathBuf, fs::File) {
+    let (drv, out) = write_drv(setup.path(), name);
+    let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
+    lock.lock().unwrap();
+    (drv, out, lock)
+}
+
+/// Holds the broker's lock in `setup`'s state directory, as a broker does: a broker started on
+/// demand exits at once.
+fn hold_broker_lock(setup: &Setup) -> fs::File {
+    fs::create_dir_all(setup.state()).unwrap();
+    let held = fs::File::create(setup.state().join("broker.lock")).unwrap();
+    held.lock().unwrap();
+    held
+}
+
 /// Asks `hook` about a new build `name` while holding its output lock, as Nix does; asks again,
 /// as Nix would, while the hook postpones for a broker it is starting (the broker's own
 /// postpones of a new build say what it waits for); the lines of every ask.
 fn ask_holding_lock(setup: &Setup, hook: &mut Hook, name: &str) -> (Vec<String>, fs::File) {
-    let (drv, out) = write_drv(setup.path(), name);
-    let lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
-    lock.lock().unwrap();
+    let (drv, _, lock) = locked_drv(setup, name);
     let mut said = Vec::new();
     nix_tier_tests::hook_env::wait_for("an answer from the broker", common::ANSWER_TIMEOUT, || {
         let lines = hook.ask(&drv);
@@ -154,9 +170,7 @@ fn a_broker_late_with_an_answer_is_asked_again_once_it_has_answered() {
     let broker = nix::unistd::Pid::from_raw(broker_pid(&setup));
     // Stopped before the hook's first question: it connects, asks, and gives up after 40 ms.
     nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let (first, out) = write_drv(setup.path(), "first-1.0");
-    let first_lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
-    first_lock.lock().unwrap();
+    let (first, _, _first_lock) = locked_drv(&setup, "first-1.0");
     let lines = hook.ask(&first);
     nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_eq!(reply(&lines), "# decline", "fails open: {lines:?}");
@@ -182,9 +196,7 @@ fn a_build_declined_for_a_late_answer_is_told_to_the_broker_without_another_ques
     assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
     let broker = nix::unistd::Pid::from_raw(broker_pid(&setup));
     nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    let (second, out) = write_drv(setup.path(), "second-1.0");
-    let second_lock = fs::File::create(format!("{}.lock", out.display())).unwrap();
-    second_lock.lock().unwrap();
+    let (second, _, _second_lock) = locked_drv(&setup, "second-1.0");
     let lines = hook.ask(&second);
     nix::sys::signal::kill(broker, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert_eq!(reply(&lines), "# decline", "fails open: {lines:?}");
@@ -197,12 +209,10 @@ fn a_build_declined_for_a_late_answer_is_told_to_the_broker_without_another_ques
 fn a_question_given_up_on_while_the_broker_starts_is_withdrawn() {
     use std::io::BufRead;
     let setup = Setup::new(8000);
-    fs::create_dir_all(setup.state()).unwrap();
     // The broker the hook starts exits at once, as when another is starting: this test holds
     // the broker's lock. It listens in its place once the hook has started one (its log is made
     // first), and never answers.
-    let held = fs::File::create(setup.state().join("broker.lock")).unwrap();
-    held.lock().unwrap();
+    let _held = hold_broker_lock(&setup);
     let state = setup.state();
     let (said, heard) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -237,10 +247,7 @@ fn a_withdrawn_question_lets_go_of_its_lease() {
     common::start_broker(&setup.env(&profile, &state));
     // As a hook asks, for this process as its Nix worker, holding the output's lock as Nix does
     // while it asks (the broker would take a build whose lock is free for let go).
-    let (drv, out) = write_drv(setup.path(), "w-1.0");
-    let lock_file = std::path::PathBuf::from(format!("{}.lock", out.display()));
-    let lock = fs::File::create(&lock_file).unwrap();
-    lock.lock().unwrap();
+    let (drv, out, _lock) = locked_drv(&setup, "w-1.0");
     let me = std::process::id();
     let job = nix_tier_hook::watch::WatchJob {
         drv: drv.display().to_string(),
@@ -249,7 +256,7 @@ fn a_withdrawn_question_lets_go_of_its_lease() {
         memory_limit_mib: 100,
         limit_learned: false,
         cores: 1,
-        lock_files: vec![lock_file],
+        lock_files: vec![std::path::PathBuf::from(format!("{}.lock", out.display()))],
         output_env: vec![format!("out={}", out.display())],
         outputs: vec![out.display().to_string()],
         nix_pid: me,
@@ -280,11 +287,9 @@ fn a_withdrawn_question_lets_go_of_its_lease() {
 #[test]
 fn a_broker_answering_garbage_is_declined() {
     let setup = Setup::new(8000);
-    fs::create_dir_all(setup.state()).unwrap();
     // This test is the broker: it holds the lock (a real one started on demand exits) and
     // answers nonsense.
-    let held = fs::File::create(setup.state().join("broker.lock")).unwrap();
-    held.lock().unwrap();
+    let _held = hold_broker_lock(&setup);
     let listener = std::os::unix::net::UnixListener::bind(setup.state().join("broker.sock")).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {

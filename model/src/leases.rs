@@ -250,7 +250,7 @@ impl LeaseTable {
     pub fn decide(&mut self, build: &Build, request: &Request, now_ms: u64, waiter_ttl_ms: u64) -> Decision {
         self.waiting.forget_unseen(now_ms);
         let first_pass = self.asked(request, now_ms);
-        self.leases.retain(|l| l.drv != request.drv || l.worker != request.worker);
+        self.let_go(request.worker, &request.drv);
         let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
         let waiting_heavy = self.waiting.oldest_heavy_other_than(&request.drv).map(|w| w.claim.memory_mib);
         let room_for_heavy = (first_pass && waiting_heavy.is_none() && !claims.is_empty() && claims.iter().all(|c| c.tier != Tier::Heavy))
@@ -366,12 +366,18 @@ impl LeaseTable {
     /// full, or it was found running after a restart), whatever the limits say: it runs. A lease
     /// its worker held for it ends (another worker's stays, as in [`LeaseTable::decide`]).
     pub fn adopt(&mut self, worker: u32, drv: &str, claim: Claim, expected_ms: u64, now_ms: u64) -> LeaseId {
-        self.leases.retain(|l| l.drv != drv || l.worker != worker);
+        self.let_go(worker, drv);
         self.waiting.remove(drv);
         let id = LeaseId(self.next_id);
         self.next_id += 1;
         self.leases.push(Lease { id, worker, drv: drv.to_string(), claim, expected_ms, since_ms: now_ms });
         id
+    }
+
+    /// Ends the lease `worker` holds for `drv`, if any: that worker has let go of the build, or
+    /// started it anew. Another worker's lease of it stays (see the [module docs](self), 1).
+    fn let_go(&mut self, worker: u32, drv: &str) {
+        self.leases.retain(|l| l.drv != drv || l.worker != worker);
     }
 
     /// The leases `worker` holds whose builders still run (not in `slots_freed`).
