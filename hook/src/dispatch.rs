@@ -31,14 +31,16 @@ pub struct Placement {
     pub rule_package: Option<String>,
     /// Memory to reserve, MiB.
     pub memory_mib: u64,
-    /// Where `memory_mib` comes from: the tier's `memoryMiB`, or learned from the package's
+    /// Its memory limit, MiB.
+    pub limit_mib: u64,
+    /// Where `memory_mib` and `limit_mib` come from: the tier's `memoryMiB`, or learned from the package's
     /// past builds.
     pub memory_source: ReservationSource,
 }
 
-/// Classifies `drv` under `profile` and sizes its reservation: learned from its package's past
-/// builds in `learned` when there are enough (`nix_tier_model::learning`), else its tier's
-/// `memoryMiB`.
+/// Classifies `drv` under `profile` and sizes its reservation and limit: learned from its
+/// package's past builds in `learned` when there are enough (`nix_tier_model::learning`), else
+/// its tier's `memoryMiB`.
 pub fn place(profile: &Profile, drv: &Derivation, learned: Option<&Learned>) -> Placement {
     let name = drv.name().unwrap_or_else(|| "unnamed".to_string());
     let marked = drv.string_attribute(TIER_ATTRIBUTE).and_then(|t| t.parse::<Tier>().ok());
@@ -51,7 +53,14 @@ pub fn place(profile: &Profile, drv: &Derivation, learned: Option<&Learned>) -> 
     let tier_mib = profile.build.tiers.get(classification.tier).memory_mib;
     let peaks = learned.map(|learned| learned.peaks(package_name(&name))).unwrap_or_default();
     let reservation = learning::reservation(&peaks, tier_mib);
-    Placement { name, classification, rule_package, memory_mib: reservation.memory_mib, memory_source: reservation.source }
+    Placement {
+        name,
+        classification,
+        rule_package,
+        memory_mib: reservation.memory_mib,
+        limit_mib: reservation.limit_mib,
+        memory_source: reservation.source,
+    }
 }
 
 /// What to tell Nix about one request.
@@ -203,7 +212,7 @@ impl Dispatcher {
             FromBroker::WorkerFull { alike, reserved_mib } => {
                 self.worker_full = alike;
                 let mut build = build;
-                build.job.memory_limit_mib = reserved_mib;
+                build.job.memory_reserved_mib = Some(reserved_mib);
                 self.asked.insert(request.drv_path.clone(), build);
                 Ok(Reply::Decline)
             }
@@ -233,7 +242,8 @@ impl Dispatcher {
             drv: request.drv_path.clone(),
             name: placement.name,
             tier,
-            memory_limit_mib: placement.memory_mib,
+            memory_limit_mib: placement.limit_mib,
+            memory_reserved_mib: Some(placement.memory_mib),
             // Learned by the broker, which holds the history's figures.
             limit_learned: false,
             cores: self.profile.build.tiers.get(tier).cores,

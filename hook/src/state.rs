@@ -39,7 +39,8 @@ pub struct Lease {
     pub name: String,
     /// Its tier.
     pub tier: Tier,
-    /// Memory reserved for it, MiB.
+    /// Memory reserved for it, MiB: what the budget counts (more than its reservation when it
+    /// was seen using more).
     #[serde(rename = "memoryMiB")]
     pub memory_mib: u64,
     /// Nix's output locks for it; the lease lives while one is held.

@@ -57,7 +57,7 @@ const LEFTOVER_GRACE: Duration = Duration::from_millis(500);
 /// How long the watcher waits for leftovers to die at all.
 const LEFTOVER_GIVE_UP: Duration = Duration::from_secs(5);
 /// How often, at most, a running build's cgroup is read for OOM kills to report in its log (and
-/// once more when its builder exits, before the log closes).
+/// once more when its builder exits, before the log closes), and for the memory it uses.
 const KILLS_EVERY: Duration = Duration::from_secs(1);
 /// Reads in a row of a builder's tree that find nothing of the build outside its cgroup, after
 /// which none can be left there ([`Watched::move_into_cgroup`]).
@@ -73,10 +73,14 @@ pub struct WatchJob {
     pub name: String,
     /// Its tier.
     pub tier: Tier,
-    /// Its memory limit, MiB (the reservation).
+    /// Its memory limit, MiB: its cgroup's.
     #[serde(rename = "memoryLimitMiB")]
     pub memory_limit_mib: u64,
-    /// Whether the limit was learned from the package's history (else it is the tier's).
+    /// The memory it reserves, MiB; `None` (a job written by an older hook) reserves the limit.
+    #[serde(default, rename = "memoryReservedMiB")]
+    pub memory_reserved_mib: Option<u64>,
+    /// Whether the reservation and limit were learned from the package's history (else they are
+    /// the tier's).
     pub limit_learned: bool,
     /// Its CPU quota, cores.
     pub cores: u32,
@@ -105,7 +109,7 @@ pub struct WatchJob {
 impl WatchJob {
     /// What the build claims of the machine, as the lease table counts it.
     pub fn claim(&self) -> Claim {
-        Claim { tier: self.tier, memory_mib: self.memory_limit_mib, learned: self.limit_learned }
+        Claim { tier: self.tier, memory_mib: self.memory_reserved_mib.unwrap_or(self.memory_limit_mib), learned: self.limit_learned }
     }
 }
 
@@ -259,6 +263,9 @@ struct Watched {
     /// What the moved processes held before the move (charged outside the cgroup).
     charged_outside: u64,
     reported_kills: u64,
+    /// What the build was last told to use, MiB ([`Leases::in_use`]): 0 while it used no more
+    /// than it reserves.
+    told_in_use_mib: u64,
     /// When the cgroup was last read for OOM kills, from the builder's start on (nothing of the
     /// build can have been killed inside before).
     kills_read: Option<Instant>,
@@ -309,6 +316,7 @@ impl Watched {
             sampled_peak: None,
             charged_outside: 0,
             reported_kills: 0,
+            told_in_use_mib: 0,
             kills_read: None,
             clean_tree_reads: 0,
             descendants: Descendants::default(),
@@ -372,6 +380,7 @@ impl Watched {
         }
         if self.kills_read.is_some_and(|at| at.elapsed() >= KILLS_EVERY) {
             self.report_kills();
+            self.tell_use(leases);
         }
         self.polls += 1;
         self.due = now
@@ -519,6 +528,19 @@ impl Watched {
         }
     }
 
+    /// Tells the lease table what the build uses while that is more than it reserves (a build
+    /// that outgrew its learned reservation), and once when it no longer is: the budget counts
+    /// the larger of the two.
+    fn tell_use(&mut self, leases: &dyn Leases) {
+        let Some(cgroup) = self.cgroup.as_ref() else { return };
+        let used_mib = cgroup.memory_now().map_or(0, |bytes| bytes.div_ceil(MIB));
+        let over_mib = if used_mib > self.job.claim().memory_mib { used_mib } else { 0 };
+        if over_mib != self.told_in_use_mib {
+            leases.in_use(self.lease, over_mib);
+            self.told_in_use_mib = over_mib;
+        }
+    }
+
     /// Nix ends a build's processes itself; what remains `since` its end belongs to an abandoned
     /// build (its client was killed) and is killed after a grace period, so the cgroup can go
     /// and the lease end. The outcome once nothing is left.
@@ -602,6 +624,8 @@ pub trait Leases {
     fn builder_exited(&self, lease: LeaseId);
     /// Ends `lease`: its build's processes are gone.
     fn end(&self, lease: LeaseId);
+    /// Lease `lease`'s build uses `mib` MiB, more than it reserves (0: no longer more).
+    fn in_use(&self, lease: LeaseId, mib: u64);
     /// The hooks asking now: children of Nix workers that are no builder.
     fn hooks(&self) -> Vec<u32>;
     /// `row` was recorded in the history: later reservations and expected durations learn from
@@ -1421,6 +1445,7 @@ mod tests {
             name: "pkg-1.0".into(),
             tier: Tier::Heavy,
             memory_limit_mib: 400,
+            memory_reserved_mib: None,
             limit_learned: false,
             cores: 2,
             lock_files: Vec::new(),

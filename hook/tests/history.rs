@@ -93,7 +93,7 @@ fn explain_learns_from_past_builds_and_history_lists_them() {
     let human = String::from_utf8_lossy(&human.stdout).into_owned();
     assert!(human.contains("the medium tier's memoryMiB (no successful build of pkg yet)"), "{human}");
 
-    // One successful build (a failed one says nothing): learned with a margin of 1.5.
+    // Two successful builds (a failed one says nothing): learned.
     let history = History::open(&state).expect("open history");
     history.record(&build(&drv, 1, 300, Outcome::Succeeded)).expect("record");
     history.record(&build(&drv, 2, 999, Outcome::Failed)).expect("record");
@@ -103,19 +103,21 @@ fn explain_learns_from_past_builds_and_history_lists_them() {
     assert_eq!(two["memoryMiB"], learning::reservation(&[250, 300], tier_mib).memory_mib);
     assert_eq!(two["historySamples"], 2);
 
-    // The third successful build: learned, p95 330 × 1.25 = 412.5 → 413 MiB.
+    // The third successful build: reserves the p95, 330 MiB, limited to 330 × 1.25 = 412.5 → 413.
     history.record(&build(&drv, 4, 330, Outcome::Succeeded)).expect("record");
     let learned = explain();
-    let expected = learning::reservation(&[330, 250, 300], tier_mib).memory_mib;
+    let expected = learning::reservation(&[330, 250, 300], tier_mib);
     assert_eq!(learned["memorySource"], "learned", "{learned}");
-    assert_eq!(learned["memoryMiB"], expected);
+    assert_eq!(learned["memoryMiB"], expected.memory_mib);
+    assert_eq!(learned["limitMiB"], expected.limit_mib);
     assert_eq!(learned["learned"]["samples"], 3);
     assert_eq!(learned["learned"]["p95MiB"], 330);
     if tier_mib >= 413 {
-        assert_eq!(expected, 413);
+        assert_eq!((expected.memory_mib, expected.limit_mib), (330, 413));
         let human = nix_tier(&state, &["explain", drv_arg, "--profile", profile_arg]);
         let human = String::from_utf8_lossy(&human.stdout).into_owned();
-        assert!(human.contains("reserves 413 MiB: learned from 3 builds (p95 330 MiB × 1.25)"), "{human}");
+        assert!(human.contains("reserves 330 MiB: learned from 3 builds (p95 330 MiB)"), "{human}");
+        assert!(human.contains("limited to 413 MiB: the p95 × 1.25"), "{human}");
     }
 
     // An OOM kill sends it back to the tier's figure.

@@ -254,6 +254,7 @@ fn a_withdrawn_question_lets_go_of_its_lease() {
         name: "w-1.0".into(),
         tier: nix_tier_model::Tier::Light,
         memory_limit_mib: 100,
+        memory_reserved_mib: None,
         limit_learned: false,
         cores: 1,
         lock_files: vec![std::path::PathBuf::from(format!("{}.lock", out.display()))],

@@ -82,7 +82,7 @@ fn a_closure_runs_with_the_history_durations_and_the_tiers_guesses() {
     let runs = prediction["runs"].as_array().expect("runs");
     let compiler = runs.iter().find(|r| r["name"] == "compiler-1.0").expect("compiler's run");
     assert_eq!(compiler["tier"], "heavy");
-    assert_eq!(compiler["reservedMiB"], 625, "learned: 500 MiB × 1.25");
+    assert_eq!((&compiler["reservedMiB"], &compiler["limitMiB"]), (&Value::from(500), &Value::from(625)), "learned: 500 MiB, limit × 1.25");
     assert!(compiler["learned"].as_bool().unwrap());
     let top_run = runs.iter().find(|r| r["name"] == "top-1.0").expect("top's run");
     assert_eq!(top_run["startMs"], 630_000, "top starts when both its inputs are built");

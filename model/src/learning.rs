@@ -1,8 +1,8 @@
-//! Learning a build's memory reservation from the peaks of its past builds.
+//! Learning a build's memory reservation and limit from the peaks of its past builds.
 //!
 //! The build hook reserves memory for every build it admits. Without history that is the
 //! tier's `memoryMiB`, sized for the largest build the tier may hold; most builds use far less.
-//! Once a package has been built a few times, its measured peaks say what it really needs.
+//! Once a package has been built, its measured peaks say what it really needs.
 //!
 //! # The rule
 //!
@@ -11,33 +11,49 @@
 //!
 //! 1. Use at most the [`MAX_SAMPLES`] (20) newest peaks: old builds of a package that has since
 //!    grown (or shrunk) should stop counting.
-//! 2. Without any peak, reserve the tier's `memoryMiB` ([`ReservationSource::Tier`]).
+//! 2. Without any peak, reserve the tier's `memoryMiB` and limit the build to it
+//!    ([`ReservationSource::Tier`]).
 //! 3. Otherwise take the 95th percentile by nearest rank, `p95 = sorted[ceil(0.95 n) - 1]`
 //!    (with up to 19 samples that is the largest peak, with 20 the second largest: one
-//!    outlier among 20 builds is forgiven) and reserve `clamp(ceil(p95 × 1.25), 64 MiB,
-//!    memoryMiB)` ([`ReservationSource::Learned`]), with a margin of × 1.25.
+//!    outlier among 20 builds is forgiven), **reserve** `clamp(p95, 64 MiB, memoryMiB)` and
+//!    **limit** the build to `clamp(ceil(p95 × 1.25), 64 MiB, memoryMiB)`
+//!    ([`ReservationSource::Learned`]).
+//!
+//! The reservation is what the memory budget packs; the limit is where the build's cgroup
+//! stops it. Between the two, a build that needs more than last time is not killed: the
+//! watcher reads what its cgroup uses and the lease table counts that instead of the
+//! reservation ([`crate::leases::LeaseTable::in_use`]), so no further build is admitted into
+//! memory it took. This is how cluster schedulers size work (Kubernetes' requests and limits):
+//! pack by what was measured, bound by a margin over it.
 //!
 //! Why these figures:
 //!
-//! * **p95, not the mean**: a reservation below what a build needs is the failure that
-//!   matters (the machine swaps or the OOM killer strikes), so the rule follows the high end
-//!   of the observed peaks rather than the typical one.
-//! * **× 1.25**: peaks vary with the inputs (a new version, more tests, a different parallel
-//!   schedule); a quarter on top of the worst observed case absorbs ordinary growth while still
-//!   freeing most of an oversized tier reservation.
+//! * **p95, not the mean**: the reservation follows the high end of the observed peaks, so a
+//!   build that does what it did before never takes more than it reserved.
+//! * **no margin on the reservation**: a margin reserves, for every build, memory that only a
+//!   build which grows would use, and keeps the largest builds from ever running side by side
+//!   (bench/scheduling (e): with × 1.25 reserved, its two largest builds never fit together in
+//!   the budget, whatever the order). Growth is paid for when it happens, by counting the memory
+//!   in use.
+//! * **× 1.25 for the limit**: peaks vary with the inputs (a new version, more tests, a different
+//!   parallel schedule); a quarter on top of the worst observed case absorbs ordinary growth.
+//!   What lies beyond it is no longer ordinary: the build is killed at its limit, says so in its
+//!   log, and sends its package back to the tier's figures (below).
 //! * **from the first build**: a rebuild builds each package once, so waiting for several builds
 //!   would leave the tiers' guesses in charge for as many rebuilds. Up to 19 peaks the p95 is the
-//!   largest anyway, so more builds add observations of the maximum, not another rule. A larger
-//!   margin for few samples was measured (bench/scheduling (e)) and keeps the heaviest builds
-//!   from ever running side by side within the budget; a build that outgrows its figure is
-//!   killed at its limit, says so in its log, and sends its package back to the tier's figure
-//!   (below).
+//!   largest anyway, so more builds add observations of the maximum, not another rule.
 //! * **at least 64 MiB**: tiny builds (writing a file, copying a script) still need a shell,
 //!   the builder's own memory and page cache; reserving less would only make the budget's
 //!   arithmetic pretend. 64 MiB is small next to any tier, so it rarely binds.
-//! * **at most the tier's `memoryMiB`**: learning only ever lowers a reservation. The tier's
-//!   figure stays the ceiling the profile promises per build; a package that needs more belongs
-//!   in a heavier tier (a profile rule), not in a larger learned figure.
+//! * **at most the tier's `memoryMiB`**: learning only ever lowers a reservation or a limit. The
+//!   tier's figure stays the ceiling the profile promises per build; a package that needs more
+//!   belongs in a heavier tier (a profile rule), not in a larger learned figure.
+//!
+//! What the budget then promises: the reservations of the running builds, each counted at what
+//! it uses once that is more, fit in it whenever a build is admitted. Builds admitted before
+//! another grew may together use up to their limits: at most a quarter more than their learned
+//! reservations, which the system reserve outside the budget (an eighth of RAM by default,
+//! docs/profile.md) absorbs for ordinary growth.
 //!
 //! Which builds count is up to the caller: the broker passes the succeeded builds of the
 //! package *since its last OOM kill* ([`Learned::peaks`], which the command line reads from
@@ -63,12 +79,13 @@ pub const MAX_SAMPLES: usize = 20;
 /// The percentile of the peaks the reservation covers.
 pub const PERCENTILE: u32 = 95;
 
-/// The safety margin on top of the percentile, as a fraction `MARGIN_NUM / MARGIN_DEN` (1.25).
-pub const MARGIN_NUM: u64 = 5;
-/// See [`MARGIN_NUM`].
-pub const MARGIN_DEN: u64 = 4;
+/// The margin of a learned limit over the percentile, as a fraction
+/// `LIMIT_MARGIN_NUM / LIMIT_MARGIN_DEN` (1.25).
+pub const LIMIT_MARGIN_NUM: u64 = 5;
+/// See [`LIMIT_MARGIN_NUM`].
+pub const LIMIT_MARGIN_DEN: u64 = 4;
 
-/// The smallest learned reservation, MiB (unless the tier's figure is smaller still).
+/// The smallest learned reservation or limit, MiB (unless the tier's figure is smaller still).
 pub const FLOOR_MIB: u64 = 64;
 
 /// How long a build of `tier` is guessed to run when its package has no history,
@@ -81,11 +98,13 @@ pub fn guessed_wall_ms(tier: Tier) -> u64 {
     }
 }
 
-/// The memory a build reserves and where the figure comes from.
+/// The memory a build reserves, the limit it runs under, and where the figures come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reservation {
-    /// Memory to reserve, MiB.
+    /// Memory to reserve, MiB: what the budget packs.
     pub memory_mib: u64,
+    /// The memory limit of its cgroup, MiB: at least `memory_mib`.
+    pub limit_mib: u64,
     /// Where it comes from.
     pub source: ReservationSource,
 }
@@ -120,27 +139,30 @@ impl fmt::Display for ReservationSource {
             ReservationSource::Tier => f.write_str("the tier's memoryMiB"),
             ReservationSource::Learned { samples, p95_mib } => {
                 let builds = if *samples == 1 { "build" } else { "builds" };
-                write!(f, "learned from {samples} {builds} (p95 {p95_mib} MiB × 1.25)")
+                write!(f, "learned from {samples} {builds} (p95 {p95_mib} MiB)")
             }
         }
     }
 }
 
-/// The reservation for a build whose package peaked at `peaks_mib` (MiB, newest first) in its
-/// past builds, in a tier whose `memoryMiB` is `tier_limit_mib`. See the [module docs](self)
-/// for the rule.
+/// The reservation and limit of a build whose package peaked at `peaks_mib` (MiB, newest
+/// first) in its past builds, in a tier whose `memoryMiB` is `tier_limit_mib`. See the
+/// [module docs](self) for the rule.
 pub fn reservation(peaks_mib: &[u64], tier_limit_mib: u64) -> Reservation {
     let mut recent: Vec<u64> = peaks_mib.iter().take(MAX_SAMPLES).copied().collect();
     if recent.len() < MIN_SAMPLES {
-        return Reservation { memory_mib: tier_limit_mib, source: ReservationSource::Tier };
+        return Reservation { memory_mib: tier_limit_mib, limit_mib: tier_limit_mib, source: ReservationSource::Tier };
     }
     recent.sort_unstable();
     let p95_mib = nearest_rank(&recent, PERCENTILE).expect("at least MIN_SAMPLES peaks");
     // ceil(p95 × 5/4) without overflow.
-    let margin = (u128::from(p95_mib) * u128::from(MARGIN_NUM)).div_ceil(u128::from(MARGIN_DEN));
-    let with_margin = u64::try_from(margin).unwrap_or(u64::MAX);
-    let memory_mib = with_margin.max(FLOOR_MIB).min(tier_limit_mib);
-    Reservation { memory_mib, source: ReservationSource::Learned { samples: recent.len(), p95_mib } }
+    let margin = (u128::from(p95_mib) * u128::from(LIMIT_MARGIN_NUM)).div_ceil(u128::from(LIMIT_MARGIN_DEN));
+    let within_tier = |mib: u64| mib.max(FLOOR_MIB).min(tier_limit_mib);
+    Reservation {
+        memory_mib: within_tier(p95_mib),
+        limit_mib: within_tier(u64::try_from(margin).unwrap_or(u64::MAX)),
+        source: ReservationSource::Learned { samples: recent.len(), p95_mib },
+    }
 }
 
 /// How a build ended, as the history records it (and learning counts it: only a success's
@@ -273,23 +295,24 @@ mod tests {
 
     #[test]
     fn no_samples_use_the_tier() {
-        assert_eq!(reservation(&[], 4096), Reservation { memory_mib: 4096, source: ReservationSource::Tier });
+        assert_eq!(reservation(&[], 4096), Reservation { memory_mib: 4096, limit_mib: 4096, source: ReservationSource::Tier });
     }
 
     #[test]
     fn one_sample_is_learned_from() {
         let r = reservation(&[100], 4096);
-        assert_eq!(r, Reservation { memory_mib: 125, source: ReservationSource::Learned { samples: 1, p95_mib: 100 } });
-        assert_eq!(r.source.to_string(), "learned from 1 build (p95 100 MiB × 1.25)");
-        assert_eq!(reservation(&[100, 201], 4096).memory_mib, 252);
+        assert_eq!(r, Reservation { memory_mib: 100, limit_mib: 125, source: ReservationSource::Learned { samples: 1, p95_mib: 100 } });
+        assert_eq!(r.source.to_string(), "learned from 1 build (p95 100 MiB)");
+        let two = reservation(&[100, 201], 4096);
+        assert_eq!((two.memory_mib, two.limit_mib), (201, 252));
     }
 
     #[test]
-    fn three_samples_learn_p95_times_1_25() {
+    fn three_samples_reserve_their_p95_and_limit_it_times_1_25() {
         // p95 of three is the largest; 330 × 1.25 = 412.5 → 413.
         let r = reservation(&[300, 330, 250], 8192);
-        assert_eq!(r, Reservation { memory_mib: 413, source: ReservationSource::Learned { samples: 3, p95_mib: 330 } });
-        assert_eq!(r.source.to_string(), "learned from 3 builds (p95 330 MiB × 1.25)");
+        assert_eq!(r, Reservation { memory_mib: 330, limit_mib: 413, source: ReservationSource::Learned { samples: 3, p95_mib: 330 } });
+        assert_eq!(r.source.to_string(), "learned from 3 builds (p95 330 MiB)");
     }
 
     #[test]
@@ -299,7 +322,7 @@ mod tests {
         peaks.push(9000); // 21st newest: ignored
         let r = reservation(&peaks, 8192);
         assert_eq!(r.source, ReservationSource::Learned { samples: 20, p95_mib: 100 });
-        assert_eq!(r.memory_mib, 125);
+        assert_eq!((r.memory_mib, r.limit_mib), (100, 125));
         // Two outliers among 20: p95 is an outlier.
         peaks[8] = 4000;
         assert_eq!(reservation(&peaks, 8192).source, ReservationSource::Learned { samples: 20, p95_mib: 4000 });
@@ -307,12 +330,15 @@ mod tests {
 
     #[test]
     fn floor_and_ceiling() {
-        assert_eq!(reservation(&[1, 2, 3], 8192).memory_mib, FLOOR_MIB);
-        assert_eq!(reservation(&[1, 2, 3], 32).memory_mib, 32);
+        let tiny = reservation(&[1, 2, 3], 8192);
+        assert_eq!((tiny.memory_mib, tiny.limit_mib), (FLOOR_MIB, FLOOR_MIB));
+        let small_tier = reservation(&[1, 2, 3], 32);
+        assert_eq!((small_tier.memory_mib, small_tier.limit_mib), (32, 32));
         let capped = reservation(&[7000, 7000, 7000], 8192);
-        assert_eq!(capped.memory_mib, 8192);
+        assert_eq!((capped.memory_mib, capped.limit_mib), (7000, 8192));
         assert_eq!(capped.source, ReservationSource::Learned { samples: 3, p95_mib: 7000 });
-        assert_eq!(reservation(&[u64::MAX; 3], u64::MAX).memory_mib, u64::MAX);
+        let largest = reservation(&[u64::MAX; 3], u64::MAX);
+        assert_eq!((largest.memory_mib, largest.limit_mib), (u64::MAX, u64::MAX));
     }
 
     #[test]
@@ -357,19 +383,22 @@ mod tests {
         fn reservation_stays_within_bounds(peaks in proptest::collection::vec(0u64..1 << 40, 0..40), limit in 0u64..1 << 41) {
             let r = reservation(&peaks, limit);
             prop_assert!(r.memory_mib >= FLOOR_MIB.min(limit), "{r:?} below the floor");
-            prop_assert!(r.memory_mib <= limit, "{r:?} above the tier's {limit}");
+            prop_assert!(r.memory_mib <= r.limit_mib, "{r:?} reserves more than its limit");
+            prop_assert!(r.limit_mib <= limit, "{r:?} above the tier's {limit}");
             match r.source {
                 ReservationSource::Tier => {
                     prop_assert!(peaks.is_empty());
-                    prop_assert_eq!(r.memory_mib, limit);
+                    prop_assert_eq!((r.memory_mib, r.limit_mib), (limit, limit));
                 }
                 ReservationSource::Learned { samples, p95_mib } => {
                     prop_assert_eq!(samples, peaks.len().min(MAX_SAMPLES));
                     prop_assert!(peaks[..samples].contains(&p95_mib));
-                    // Whenever the margin fits under the tier, the reservation covers the p95.
+                    // Within the tier, the reservation is the p95 and the limit has its margin.
+                    if p95_mib <= limit {
+                        prop_assert_eq!(r.memory_mib, p95_mib.max(FLOOR_MIB.min(limit)));
+                    }
                     if u128::from(p95_mib) * 5 <= u128::from(limit) * 4 {
-                        prop_assert!(r.memory_mib >= p95_mib);
-                        prop_assert!(r.memory_mib >= p95_mib + p95_mib / 4);
+                        prop_assert!(r.limit_mib >= p95_mib + p95_mib / 4);
                     }
                     // At least 95% of the samples fit in the reservation's p95.
                     let covered = peaks[..samples].iter().filter(|&&p| p <= p95_mib).count();

@@ -10,7 +10,9 @@
 //!    when the worker that built it was killed, and what that build left running still runs
 //!    (the lease ends when its processes are gone).
 //! 2. **The tier policy** (`crate::admission`): job slots, memory budget, no starvation of a
-//!    waiting heavy build. A build it holds back waits (Nix asks again).
+//!    waiting heavy build. A build it holds back waits (Nix asks again). A running build counts
+//!    its reservation, or what it was last seen using when that is more ([`LeaseTable::in_use`]):
+//!    a build that outgrew its learned reservation keeps others out of the memory it took.
 //!    **Room for a heavy build in a worker's first pass**: Nix asks about its ready builds in the
 //!    order of their names, so a heavy build may be asked about only after lighter builds have
 //!    taken the memory it needs. Until a worker asks about one of its builds a second time (its
@@ -146,6 +148,16 @@ pub struct Lease {
     pub expected_ms: u64,
     /// When it was admitted (or adopted), milliseconds on the caller's clock.
     pub since_ms: u64,
+    /// What its build was last seen using, MiB ([`LeaseTable::in_use`]); 0 until seen.
+    pub in_use_mib: u64,
+}
+
+impl Lease {
+    /// What it claims as the budget counts it: its reservation, or what it uses when that is
+    /// more.
+    pub fn counted(&self) -> Claim {
+        Claim { memory_mib: self.claim.memory_mib.max(self.in_use_mib), ..self.claim }
+    }
 }
 
 /// A build that was told to wait and is expected to ask again.
@@ -251,7 +263,7 @@ impl LeaseTable {
         self.waiting.forget_unseen(now_ms);
         let first_pass = self.asked(request, now_ms);
         self.let_go(request.worker, &request.drv);
-        let claims: Vec<Claim> = self.leases.iter().map(|l| l.claim).collect();
+        let claims: Vec<Claim> = self.leases.iter().map(Lease::counted).collect();
         let waiting_heavy = self.waiting.oldest_heavy_other_than(&request.drv).map(|w| w.claim.memory_mib);
         let room_for_heavy = (first_pass && waiting_heavy.is_none() && !claims.is_empty() && claims.iter().all(|c| c.tier != Tier::Heavy))
             .then_some(build.tiers.heavy.memory_mib);
@@ -293,6 +305,7 @@ impl LeaseTable {
                     claim: request.claim,
                     expected_ms: request.expected_ms,
                     since_ms: now_ms,
+                    in_use_mib: 0,
                 });
                 Decision::Admit(id)
             }
@@ -345,7 +358,7 @@ impl LeaseTable {
     fn delayed_reservation(&self, build: &Build, request: &Request, rank: Rank, now_ms: u64) -> Option<Rank> {
         let longest = self.waiting.highest_first().take_while(|w| w.rank() > rank).find(|w| w.drv != request.drv)?;
         let mut by_end: Vec<(u64, Claim)> =
-            self.leases.iter().map(|l| (l.since_ms.saturating_add(l.expected_ms).max(now_ms), l.claim)).collect();
+            self.leases.iter().map(|l| (l.since_ms.saturating_add(l.expected_ms).max(now_ms), l.counted())).collect();
         by_end.sort_by_key(|(end, _)| *end);
         let claims: Vec<Claim> = by_end.iter().map(|(_, claim)| *claim).collect();
         // The first moment it could start: once the builds expected to end first have ended.
@@ -370,8 +383,16 @@ impl LeaseTable {
         self.waiting.remove(drv);
         let id = LeaseId(self.next_id);
         self.next_id += 1;
-        self.leases.push(Lease { id, worker, drv: drv.to_string(), claim, expected_ms, since_ms: now_ms });
+        self.leases.push(Lease { id, worker, drv: drv.to_string(), claim, expected_ms, since_ms: now_ms, in_use_mib: 0 });
         id
+    }
+
+    /// Lease `id`'s build was seen using `mib` MiB: until it is seen using another figure, the
+    /// budget counts that much for it wherever it is more than its reservation.
+    pub fn in_use(&mut self, id: LeaseId, mib: u64) {
+        if let Some(lease) = self.leases.iter_mut().find(|l| l.id == id) {
+            lease.in_use_mib = mib;
+        }
     }
 
     /// Ends the lease `worker` holds for `drv`, if any: that worker has let go of the build, or
@@ -833,6 +854,8 @@ mod tests {
         Try { worker: u32, max_jobs: u32, drv: u8, tier: Tier, memory_mib: u64, expected_ms: u64 },
         End(usize),
         Adopt { worker: u32, drv: u8 },
+        /// The build of the lease at this index is seen using this much.
+        InUse(usize, u64),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -843,13 +866,16 @@ mod tests {
             ),
             2 => (0usize..8).prop_map(Step::End),
             1 => (1u32..4, 100u8..110).prop_map(|(worker, drv)| Step::Adopt { worker, drv }),
+            1 => (0usize..8, 0u64..2000).prop_map(|(i, mib)| Step::InUse(i, mib)),
         ]
     }
 
     proptest! {
-        /// Whatever the order of requests and ends: admitted builds keep every tier within its
-        /// maxJobs and the budget (a build larger than the budget only alone), no worker holds
-        /// more admitted leases than its max-jobs, and a drv holds at most one lease per worker.
+        /// Whatever the order of requests, ends and builds outgrowing their reservations:
+        /// admitted builds keep every tier within its maxJobs, a build is admitted only if the
+        /// running builds (each at its reservation or what it uses, if more) and it fit in the
+        /// budget (or it runs alone), no worker holds more admitted leases than its max-jobs,
+        /// and a drv holds at most one lease per worker.
         #[test]
         fn limits_are_never_exceeded(steps in proptest::collection::vec(step(), 1..200)) {
             let b = build();
@@ -866,6 +892,10 @@ mod tests {
                         let decision = table.decide(&b, &r, now, 50);
                         if let Decision::Admit(id) = decision {
                             prop_assert!(table.lease(id).is_some());
+                            let counted: u64 = table.leases().iter().map(|l| l.counted().memory_mib).sum();
+                            let adopted_mib: u64 =
+                                table.leases().iter().filter(|l| adopted.contains(&l.id)).map(|l| l.counted().memory_mib).sum();
+                            prop_assert!(counted <= b.memory_budget_mib + adopted_mib || table.leases().len() == 1, "{counted} MiB counted");
                         } else {
                             prop_assert!(table.leases().len() <= before);
                         }
@@ -880,6 +910,11 @@ mod tests {
                         max_jobs.entry(worker).or_insert(4);
                         let id = table.adopt(worker, &format!("a{drv}"), Claim { tier: Tier::Light, memory_mib: 1, learned: false }, 1, now);
                         adopted.insert(id);
+                    }
+                    Step::InUse(i, mib) => {
+                        if let Some(id) = table.leases().get(i).map(|l| l.id) {
+                            table.in_use(id, mib);
+                        }
                     }
                 }
                 // Adopted builds run whatever the limits; the rest is checked without them,

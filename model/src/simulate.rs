@@ -17,15 +17,17 @@
 //! * **The hook's side** is [`LeaseTable::decide`] with the profile's [`Build`] section,
 //!   exactly as the broker calls it: the claim is the job's tier and its reservation
 //!   ([`learning::reservation`] of the peaks its history has, else the tier's `memoryMiB`), the
-//!   expected duration its history's (else [`learning::guessed_wall_ms`]). A lease ends when
-//!   its builder exits.
+//!   expected duration its history's (else [`learning::guessed_wall_ms`]). A build whose peak
+//!   exceeds its reservation is counted at its peak (at most its limit) from its start, as the
+//!   broker counts it once its watcher sees it using more ([`LeaseTable::in_use`]). A lease ends
+//!   when its builder exits.
 //! * **The machine.** A build with a known CPU time wants `cpu_ms / wall_ms` threads on average
 //!   over its run (its parallelism). While the running builds together want more threads than
 //!   the machine has, each progresses at `threads / wanted` of its speed (the kernel shares the
 //!   CPU fairly); a build without a CPU time wants none. A running build holds its peak memory
 //!   for its whole run. With the hook,
-//!   a build whose peak exceeds its reservation is killed at its cgroup's limit (counted at the
-//!   end of its run: real builds reach their peaks late). When the builds together hold more
+//!   a build whose peak exceeds its limit ([`learning::Reservation::limit_mib`]) is killed at it
+//!   (counted at the end of its run: real builds reach their peaks late). When the builds together hold more
 //!   than the machine's memory, everything stalls for [`Setup::oom_kill_ms`] while the kernel
 //!   reclaims, then its OOM killer ends the largest; and again while they still hold too much.
 //!   A failed build's dependents are never built.
@@ -135,6 +137,9 @@ pub struct Run {
     /// The memory the hook reserved for it, MiB (with the hook).
     #[serde(rename = "reservedMiB")]
     pub reserved_mib: Option<u64>,
+    /// Its memory limit, MiB (with the hook): its reservation's, or more when learned.
+    #[serde(rename = "limitMiB")]
+    pub limit_mib: Option<u64>,
     /// Whether that reservation was learned.
     pub learned: bool,
     /// How it ended.
@@ -253,8 +258,8 @@ struct Simulation<'a> {
     /// Keys of the jobs as the table knows them.
     keys: Vec<String>,
     /// What each job asks the hook for: its claim, and its rank once its dependents are counted
-    /// (with the hook).
-    requests: Vec<(Claim, Rank)>,
+    /// (with the hook); and its memory limit.
+    requests: Vec<(Claim, Rank, u64)>,
     dependents: Vec<Vec<usize>>,
     missing_deps: Vec<usize>,
     /// Each job's place in Nix's order of goals (by name), and the job at each place.
@@ -319,7 +324,7 @@ impl<'a> Simulation<'a> {
         }
         let runs = jobs
             .iter()
-            .map(|_| Run { ready_ms: None, start_ms: None, end_ms: None, reserved_mib: None, learned: false, outcome: Outcome::NotBuilt })
+            .map(|_| Run { ready_ms: None, start_ms: None, end_ms: None, reserved_mib: None, limit_mib: None, learned: false, outcome: Outcome::NotBuilt })
             .collect();
         Simulation {
             jobs,
@@ -418,7 +423,7 @@ impl<'a> Simulation<'a> {
             }
             if let Some(build) = &setup.hook {
                 cursor += nix.try_ms;
-                let (claim, rank) = self.requests[index];
+                let (claim, rank, limit_mib) = self.requests[index];
                 if postponed && self.known_waits[claim.tier.index()][usize::from(claim.learned)].cover(claim, rank) {
                     continue;
                 }
@@ -439,6 +444,7 @@ impl<'a> Simulation<'a> {
                         admitted = true;
                         self.leases.insert(index, lease);
                         self.runs[index].reserved_mib = Some(claim.memory_mib);
+                        self.runs[index].limit_mib = Some(limit_mib);
                         self.runs[index].learned = claim.learned;
                         let reserved = self.table.leases().iter().map(|l| l.claim.memory_mib).sum();
                         self.peak_reserved = self.peak_reserved.max(reserved);
@@ -500,6 +506,11 @@ impl<'a> Simulation<'a> {
         self.advance_work();
         self.running.insert(index);
         self.held_mib += job.peak_mib;
+        if let (Some(&lease), Some(reserved), Some(limit)) = (self.leases.get(&index), self.runs[index].reserved_mib, self.runs[index].limit_mib) {
+            if job.peak_mib > reserved {
+                self.table.in_use(lease, job.peak_mib.min(limit));
+            }
+        }
         self.most_at_once = self.most_at_once.max(self.running.len() as u32);
         self.retime(Some(index));
         self.peak_held = self.peak_held.max(self.held_mib);
@@ -540,7 +551,7 @@ impl<'a> Simulation<'a> {
 
     fn exit(&mut self, index: usize) {
         let job = &self.jobs[index];
-        let over_limit = self.runs[index].reserved_mib.is_some_and(|limit| job.peak_mib > limit);
+        let over_limit = self.runs[index].limit_mib.is_some_and(|limit| job.peak_mib > limit);
         self.end_run(index, if over_limit { Outcome::OverLimit } else { Outcome::Built });
     }
 
@@ -695,15 +706,15 @@ impl KnownWaits {
 /// What `job`, which `dependents` jobs need, asks `hook` for: its claim (tier, and the
 /// reservation learned from its known peaks or its tier's `memoryMiB`) and its rank (the
 /// expected duration known, else its tier's guess; as Nix's store database says, every job
-/// that needs it is unbuilt while it waits).
-fn request(hook: Option<&Build>, job: &Job, dependents: usize) -> (Claim, Rank) {
+/// that needs it is unbuilt while it waits); and its memory limit.
+fn request(hook: Option<&Build>, job: &Job, dependents: usize) -> (Claim, Rank, u64) {
     let tier_mib = hook.map_or(0, |build| build.tiers.get(job.tier).memory_mib);
     let peaks = job.known.as_ref().map_or(&[][..], |k| &k.peaks_mib[..]);
     let reservation = learning::reservation(peaks, tier_mib);
     let learned = matches!(reservation.source, ReservationSource::Learned { .. });
     let expected_ms = job.known.as_ref().map_or_else(|| learning::guessed_wall_ms(job.tier), |k| k.expected_ms);
     let rank = Rank::new(expected_ms, u32::try_from(dependents).unwrap_or(u32::MAX));
-    (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, rank)
+    (Claim { tier: job.tier, memory_mib: reservation.memory_mib, learned }, rank, reservation.limit_mib)
 }
 
 
@@ -827,13 +838,28 @@ mod tests {
         learned.mode = Mode::Learned;
         let p = simulate(&jobs, &setup(4, 0, Some(learned.clone()))).unwrap();
         assert_eq!(p.makespan_ms, 10_000);
-        assert_eq!(p.runs[0].reserved_mib, Some(125), "p95 × 1.25");
+        assert_eq!((p.runs[0].reserved_mib, p.runs[0].limit_mib), (Some(100), Some(125)), "p95, and × 1.25");
         learned.caps = vec![Tier::Heavy];
         assert_eq!(simulate(&jobs, &setup(4, 0, Some(learned))).unwrap().makespan_ms, 20_000);
     }
 
     #[test]
-    fn a_build_over_its_learned_reservation_is_killed_at_its_limit() {
+    fn a_build_using_more_than_it_reserved_is_counted_at_what_it_uses() {
+        // Four builds of 200 MiB run; "e" is ready after 1 s, and a fifth 200 MiB fits the budget.
+        let mut jobs: Vec<Job> = vec![known(job("0-first", Tier::Heavy, 1, 64, &[]))];
+        jobs.extend(["a", "b", "c", "d"].into_iter().map(|n| known(job(n, Tier::Heavy, 10, 200, &[]))));
+        jobs.push(known(job("e", Tier::Heavy, 10, 200, &[0])));
+        let mut learned = build();
+        learned.mode = Mode::Learned;
+        assert_eq!(starts(&simulate(&jobs, &setup(5, 0, Some(learned.clone()))).unwrap()), [0, 0, 0, 0, 0, 1]);
+        jobs[1].peak_mib = 240; // more than last time, within its limit of 250
+        let p = simulate(&jobs, &setup(5, 0, Some(learned))).unwrap();
+        assert_eq!(p.runs[1].outcome, Outcome::Built);
+        assert_eq!(starts(&p), [0, 0, 0, 0, 0, 10], "e waits for the 40 MiB a took beyond its reservation");
+    }
+
+    #[test]
+    fn a_build_over_its_learned_limit_is_killed_at_it() {
         let mut grown = known(job("grows", Tier::Light, 1, 80, &[]));
         grown.peak_mib = 200;
         let p = simulate(&[grown], &setup(1, 0, Some(build()))).unwrap();

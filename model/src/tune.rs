@@ -19,9 +19,9 @@
 //!   `maxJobs` (as `lib.nixConf` sets it), that largest figure stays, so Nix's `max-jobs` does
 //!   not change;
 //! * **a tier's `memoryMiB`**: raised to what its builds need when one peaks above it, or lowered
-//!   to what they need when it is larger. What a build needs is its peak, or its learned
-//!   reservation when that is larger: the tier's figure caps learned reservations, and a figure
-//!   below them would take away the learning margin ([`learning`]). A figure between the largest
+//!   to what they need when it is larger. What a build needs is its peak, or its learned limit
+//!   when that is larger: the tier's figure caps learned limits, and a figure below them would
+//!   take away the limit's margin ([`learning`]). A figure between the largest
 //!   peak and the largest need is left as it is;
 //! * **`caps`**: a tier capped or not (in learned mode); **`mode`**: learned or tiers;
 //! * **the budget**: raised to the most the machine allows ([`Problem::budget_ceiling_mib`]), and
@@ -215,8 +215,8 @@ struct Evaluated {
 
 struct Search<'a> {
     problem: &'a Problem<'a>,
-    /// What each job needs of its tier's `memoryMiB`: its peak, or its learned reservation when
-    /// that is larger.
+    /// What each job needs of its tier's `memoryMiB`: its peak, or its learned limit when that
+    /// is larger.
     needs: Vec<u64>,
     /// The largest budget a neighbour may have.
     budget_ceiling_mib: u64,
@@ -230,7 +230,7 @@ impl<'a> Search<'a> {
             .jobs
             .iter()
             .map(|job| {
-                let learned = job.known.as_ref().filter(|k| !k.peaks_mib.is_empty()).map(|k| learning::reservation(&k.peaks_mib, u64::MAX).memory_mib);
+                let learned = job.known.as_ref().filter(|k| !k.peaks_mib.is_empty()).map(|k| learning::reservation(&k.peaks_mib, u64::MAX).limit_mib);
                 job.peak_mib.max(learned.unwrap_or(0))
             })
             .collect();

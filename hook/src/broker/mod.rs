@@ -276,15 +276,16 @@ impl Board {
     }
 
     /// Puts what the history taught into a build the hook sent with its tier's figures: its
-    /// reservation learned within the tier's `memoryMiB` (in `build`, the profile's build
-    /// section), its expected duration.
+    /// reservation and limit learned within the tier's `memoryMiB` (in `build`, the profile's
+    /// build section), its expected duration.
     fn learn(&self, build: &Build, request: &mut TryBuild) {
         let job = &mut request.job;
         let tier_mib = build.tiers.get(job.tier).memory_mib;
         let package = package_name(&job.name);
         let learned = self.learned.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let reservation = learning::reservation(&learned.peaks(package), tier_mib);
-        job.memory_limit_mib = reservation.memory_mib;
+        job.memory_limit_mib = reservation.limit_mib;
+        job.memory_reserved_mib = Some(reservation.memory_mib);
         job.limit_learned = matches!(reservation.source, ReservationSource::Learned { .. });
         if let Some(expected_ms) = learned.expected_wall_ms(package) {
             request.expected_ms = expected_ms;
@@ -378,7 +379,7 @@ impl Board {
                     shared.told_full.insert(connection.id, (hello.worker_pid, Arc::clone(&connection.writer)));
                 }
                 let watched = shared.candidate_watched(&request.job.drv);
-                let reserved_mib = request.job.memory_limit_mib;
+                let reserved_mib = request.job.claim().memory_mib;
                 (FromBroker::WorkerFull { alike, reserved_mib }, (!watched).then_some(Order::Candidate(request.job)))
             }
         }
@@ -397,7 +398,7 @@ impl Board {
                     drv: job.drv.clone(),
                     name: job.name.clone(),
                     tier: job.tier,
-                    memory_mib: l.claim.memory_mib,
+                    memory_mib: l.counted().memory_mib,
                     lock_files: job.lock_files.clone(),
                     started: job.started_unix_ms / 1000,
                     nix_pid: job.nix_pid,
@@ -452,6 +453,12 @@ impl watch::Leases for Board {
 
     fn hooks(&self) -> Vec<u32> {
         self.lock().hooks.values().copied().collect()
+    }
+
+    fn in_use(&self, lease: LeaseId, mib: u64) {
+        let mut shared = self.lock();
+        shared.table.in_use(lease, mib);
+        shared.changed = true;
     }
 
     fn recorded(&self, row: &BuildRecord) {

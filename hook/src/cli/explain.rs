@@ -1,4 +1,5 @@
-//! `nix-tier explain`: a derivation's tier, the rule that decided it, and what it reserves.
+//! `nix-tier explain`: a derivation's tier, the rule that decided it, what it reserves and its
+//! memory limit.
 
 use std::path::PathBuf;
 
@@ -11,9 +12,10 @@ use nix_tier_model::Derivation;
 
 use crate::CommandResult;
 
-/// Show the tier of a derivation, the rule that decided it, and the memory it reserves.
+/// Show the tier of a derivation, the rule that decided it, the memory it reserves and its
+/// memory limit.
 ///
-/// The reservation is learned from the package's past builds in the build history
+/// The reservation and the limit are learned from the package's past builds in the build history
 /// ($NIX_TIER_STATE_DIR/history.sqlite, else $NIX_STATE_DIR/nix-tier/history.sqlite) once there
 /// are enough; see docs/enforcement.md, "Learning".
 #[derive(clap::Args)]
@@ -50,11 +52,12 @@ pub fn run(args: &Args) -> CommandResult {
         (ReservationSource::Tier, Some(error)) => format!("the {tier} tier's memoryMiB (build history unavailable: {error})"),
         (ReservationSource::Tier, None) => format!("the {tier} tier's memoryMiB (no successful build of {package} yet)"),
     };
-    let capped = match placement.memory_source {
-        ReservationSource::Learned { .. } if placement.memory_mib == limits.memory_mib => {
-            format!(", capped at the {tier} tier's memoryMiB")
+    let limit = match placement.memory_source {
+        ReservationSource::Learned { .. } if placement.limit_mib == limits.memory_mib => {
+            format!("the p95 × 1.25, capped at the {tier} tier's memoryMiB")
         }
-        _ => String::new(),
+        ReservationSource::Learned { .. } => "the p95 × 1.25".to_string(),
+        ReservationSource::Tier => format!("the {tier} tier's memoryMiB"),
     };
     if args.json {
         let learned = match placement.memory_source {
@@ -65,14 +68,15 @@ pub fn run(args: &Args) -> CommandResult {
             "drv": args.drv, "name": placement.name, "package": package, "tier": tier,
             "reason": placement.classification.reason,
             "memoryMiB": placement.memory_mib, "memorySource": placement.memory_source.as_str(),
-            "memoryReason": format!("{why}{capped}"), "learned": learned, "historySamples": samples,
+            "memoryReason": why, "limitMiB": placement.limit_mib, "limitReason": limit, "learned": learned, "historySamples": samples,
             "historyError": history_error, "tierMemoryMiB": limits.memory_mib,
             "cores": limits.cores, "maxJobs": limits.max_jobs, "profile": origin,
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!("{}: tier {tier} ({})", placement.name, placement.classification.reason);
-        println!("  reserves {} MiB: {why}{capped}", placement.memory_mib);
+        println!("  reserves {} MiB: {why}", placement.memory_mib);
+        println!("  limited to {} MiB: {limit}", placement.limit_mib);
         println!("  {} cores; {} such builds at once", limits.cores, limits.max_jobs);
         println!("  profile: {origin}");
     }
