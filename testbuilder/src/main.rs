@@ -24,6 +24,7 @@
 //! | `TB_FAIL` | when set to `1`, exit with status 1 after recording (for failure tests) |
 //! | `TB_PLACEMENT_WAIT_MS` | with `RECORD_DIR`: wait up to this long, at start, to be placed in a `nix-tier` cgroup (default 0: do not wait) |
 //! | `TB_CHILDREN` | with `RECORD_DIR`: at once, before anything else, start this many processes, each of which starts one of its own at once (as `make` starts compilers); see below (default 0) |
+//! | `TB_WAIT_FOR` | a path: once its own memory is held, wait until it exists before its `TB_SLEEP_MS` (a test's go-ahead; the build fails after 60 s without it) |
 //! | `TB_CHILD_RUNS` | once its own memory is held, run this many processes one after another, each holding `TB_CHILD_MEM_MIB` MiB for `TB_CHILD_MS` milliseconds (as `make` runs compilers), before its `TB_SLEEP_MS` (default 0) |
 //!
 //! With `RECORD_DIR` set, the builder
@@ -85,6 +86,7 @@ struct Config {
     out: Option<PathBuf>,
     fail: bool,
     placement_wait_ms: u64,
+    wait_for: Option<PathBuf>,
 }
 
 fn config() -> Result<Config, String> {
@@ -103,6 +105,7 @@ fn config() -> Result<Config, String> {
         out: std::env::var_os("out").map(PathBuf::from),
         fail: std::env::var("TB_FAIL").map(|v| v == "1").unwrap_or(false),
         placement_wait_ms: env_u64("TB_PLACEMENT_WAIT_MS")?,
+        wait_for: std::env::var_os("TB_WAIT_FOR").filter(|p| !p.is_empty()).map(PathBuf::from),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -270,6 +273,16 @@ fn run() -> Result<(), String> {
         let status = std::process::Command::new("/proc/self/exe").env(CHILD_RUN, "1").status().map_err(|e| format!("run a child: {e}"))?;
         if !status.success() {
             return Err(format!("a child failed: {status}"));
+        }
+    }
+
+    if let Some(go_ahead) = &config.wait_for {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !go_ahead.exists() {
+            if Instant::now() > deadline {
+                return Err(format!("TB_WAIT_FOR: {} did not appear within 60 s", go_ahead.display()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -32,14 +32,15 @@ fn limits(medium: TierLimits) -> Limits {
 
 /// A Nix expression of test-builder derivations: `builds` is a list of attribute sets with
 /// `name`, `tier`, `mem` (MiB), `sleep` (ms), and optionally `ramp` (ms before allocating,
-/// default 300), `salt` (to vary the .drv) and `deps` (derivations built first).
+/// default 300), `salt` (to vary the .drv), `deps` (derivations built first) and `waitFor` (a
+/// path whose existence lets it go on).
 fn builds_expr(record_dir: &Path, builds: &str) -> String {
     format!(
         r#"map (b: derivation {{
              inherit (b) name; system = builtins.currentSystem; builder = "{}";
              NIX_TIER = b.tier; TB_MEM_MIB = toString b.mem; TB_SLEEP_MS = toString b.sleep;
              TB_RAMP_MS = toString (b.ramp or 300); RECORD_DIR = "{}"; SALT = b.salt or "";
-             TB_DEPS = toString (b.deps or [ ]);
+             TB_DEPS = toString (b.deps or [ ]); TB_WAIT_FOR = b.waitFor or "";
            }}) [ {builds} ]"#,
         testbuilder().display(),
         record_dir.display()
@@ -560,6 +561,65 @@ fn a_build_learns_from_one_recorded_earlier_in_the_same_nix_build() {
 }
 
 #[test]
+fn a_build_that_outgrows_its_learned_reservation_runs_on_and_counts_what_it_uses() {
+    if cgroups_present().is_none() {
+        return;
+    }
+    let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let (sandbox, _, records) = two_medium_at_once();
+    let heavy = |name: &str, mem: u32, sleep: u32, extra: &str| {
+        format!(r#"{{ name = "{name}"; tier = "heavy"; mem = {mem}; sleep = {sleep}; {extra} }}"#)
+    };
+    // One build each teaches the hook: "grows" reserves its peak P of about 400 MiB, limited to
+    // P × 1.25; "filler" reserves about 555 MiB. Together they fit the 1000 MiB budget.
+    let learning = [heavy("grows-1.0", 400, 100, ""), heavy("filler-1.0", 555, 100, "")].concat();
+    let out = nix_build(&sandbox, &builds_expr(&records, &learning));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = history_rows(&sandbox, 2);
+    let learned_peak = row(&rows, "grows")["peakMiB"].as_u64().expect("grows' peak");
+    let limit = (learned_peak * 5).div_ceil(4);
+    assert!(learned_peak + row(&rows, "filler")["peakMiB"].as_u64().unwrap() <= 1000, "{rows:?}");
+
+    // Now "grows" holds 480 MiB, over its reservation and within its limit, until the test lets
+    // it end. "filler" becomes ready once the broker counts what "grows" uses (its watcher looks
+    // every second): beside the reservation it would fit, beside the use it does not.
+    let go_ahead = [sandbox.path().join("grows-may-end"), sandbox.path().join("spacer-may-end")];
+    let grown = heavy("grows-1.0", 480, 0, &format!(r#"salt = "grown"; waitFor = "{}";"#, go_ahead[0].display()));
+    let spacer = format!(r#"{{ name = "spacer"; tier = "light"; mem = 1; sleep = 0; ramp = 0; waitFor = "{}"; }}"#, go_ahead[1].display());
+    let filler =
+        heavy("filler-1.0", 555, 100, &format!(r#"salt = "after"; deps = [ (builtins.head ({})) ];"#, builds_expr(&records, &spacer)));
+    let mut nix_build = sandbox.command("nix-build");
+    nix_build.args(["--no-out-link", "-j", "8", "--expr", &builds_expr(&records, &[grown, filler].concat())]);
+    let running = Running::spawn(nix_build, &sandbox.path().join("logs"), "grows");
+    let running_build = |name: &str| {
+        let status = nix_tier_json(&sandbox, &["status"]);
+        status["running"].as_array().and_then(|r| r.iter().find(|l| l["name"] == name).cloned())
+    };
+    let counted = wait_for("grows counted at what it uses", Duration::from_secs(60), || {
+        running_build("grows-1.0").and_then(|g| g["memoryMiB"].as_u64()).filter(|mib| *mib >= 480)
+    });
+    std::fs::write(&go_ahead[1], "").unwrap();
+    // The filler has asked, and waits: the broker says so.
+    wait_for(&format!("filler waiting beside grows (counted at {counted} MiB)"), Duration::from_secs(60), || {
+        let status = nix_tier_json(&sandbox, &["status"]);
+        status["waiting"].as_array().is_some_and(|w| w.iter().any(|b| b["name"] == "filler-1.0")).then_some(())
+    });
+    assert!(running_build("filler-1.0").is_none(), "filler runs beside grows");
+    std::fs::write(&go_ahead[0], "").unwrap();
+    let out = running.wait(Duration::from_secs(60));
+    let all = read_records(&records);
+    let said = || format!("{}\nnix-build:\n{}\nbroker.log:\n{}", timeline(&all), out.stderr, broker_log(&sandbox));
+    assert!(out.status.success(), "{}", said());
+    let rows = history_rows(&sandbox, 5);
+    let grown_row = rows.iter().find(|r| r["package"] == "grows" && r["peakMiB"].as_u64() > Some(learned_peak)).unwrap_or_else(|| panic!("{rows:?}"));
+    assert_eq!(grown_row["outcome"], "succeeded", "not killed within its limit: {grown_row}");
+    assert_eq!(grown_row["limitMiB"], limit, "{grown_row}");
+    let grown_end = all.iter().filter(|r| r.name == "grows-1.0").map(|r| r.end_ms).max().expect("grows ran");
+    let filler_start = all.iter().filter(|r| r.name == "filler-1.0").map(|r| r.start_ms).max().expect("filler ran");
+    assert!(filler_start >= grown_end, "filler started beside the memory grows took beyond its reservation: {}", said());
+}
+
+#[test]
 fn of_heavy_builds_expected_to_run_as_long_the_one_more_builds_need_starts_first() {
     let _machine = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let (sandbox, _) = hook_sandbox(&limits(TierLimits { max_jobs: 2, cores: 1, memory_mib: 300 }), "");
@@ -765,6 +825,7 @@ fn the_cgroup_tests_hold_on_cgroup_v2() {
         "a_cpu_quota_holds_a_build_to_its_tier_cores",
         "an_abandoned_build_is_ended_and_its_cgroup_removed",
         "learned_reservations_let_more_builds_run_at_once",
+        "a_build_that_outgrows_its_learned_reservation_runs_on_and_counts_what_it_uses",
         "a_build_stays_bounded_across_a_broker_restart",
         "builds_with_structured_attributes_are_placed_and_peaks_count_each_process_once",
     ];
