@@ -34,7 +34,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, TryLockError};
 use std::time::{Duration, Instant};
 
 use nix_tier_model::admission::WaitReason;
@@ -190,7 +191,7 @@ struct Shared {
     tries: HashMap<String, u32>,
     /// The connections told that their worker is full with alike leases (by connection, with
     /// the worker), to be told when a slot of it may be free.
-    told_full: HashMap<u64, (u32, Arc<Mutex<UnixStream>>)>,
+    told_full: HashMap<u64, (u32, Arc<Outbox>)>,
     /// The hooks connected, by connection: processes of Nix's side that are no builder.
     hooks: HashMap<u64, u32>,
     /// When each build last became a candidate of the watcher (declined, its worker full),
@@ -218,7 +219,62 @@ struct Board {
 struct Connection {
     id: u64,
     /// Replies, and unasked [`FromBroker::SlotFreed`] from other threads.
-    writer: Arc<Mutex<UnixStream>>,
+    writer: Arc<Outbox>,
+}
+
+/// What a connection writes: its thread's replies, and the [`FromBroker::SlotFreed`] lines
+/// other threads tell it while they hold the lease table, which must never wait for a hook.
+struct Outbox {
+    stream: Mutex<UnixStream>,
+    /// A `SlotFreed` line could not be written while a reply was: the replying thread sends it.
+    slot_freed_owed: AtomicBool,
+}
+
+static SLOT_FREED_LINE: LazyLock<String> =
+    LazyLock::new(|| format!("{}\n", serde_json::to_string(&FromBroker::SlotFreed).expect("serializable")));
+
+impl Outbox {
+    fn new(stream: UnixStream) -> Outbox {
+        Outbox { stream: Mutex::new(stream), slot_freed_owed: AtomicBool::new(false) }
+    }
+
+    fn stream(&self) -> std::sync::MutexGuard<'_, UnixStream> {
+        self.stream.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Writes `answer` (within the stream's write timeout), then a `SlotFreed` line owed
+    /// meanwhile: one told while the stream was held is seen here, once it is let go.
+    fn reply(&self, answer: &FromBroker) -> io::Result<()> {
+        let mut line = serde_json::to_vec(answer)?;
+        line.push(b'\n');
+        self.stream().write_all(&line)?;
+        if self.slot_freed_owed.load(Ordering::SeqCst) {
+            let mut stream = self.stream();
+            if self.slot_freed_owed.swap(false, Ordering::SeqCst) {
+                stream.write_all(SLOT_FREED_LINE.as_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the hook that a slot may be free, without waiting: while a reply is being written
+    /// the line is owed, and [`Outbox::reply`] sends it after; a connection that cannot take it
+    /// at once is shut down, and its hook asks anew on a new one.
+    fn slot_freed(&self) {
+        self.slot_freed_owed.store(true, Ordering::SeqCst);
+        let stream = match self.stream.try_lock() {
+            Ok(stream) => stream,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        if self.slot_freed_owed.swap(false, Ordering::SeqCst) {
+            let line = SLOT_FREED_LINE.as_bytes();
+            let sent = nix::sys::socket::send(stream.as_raw_fd(), line, nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+            if sent.ok() != Some(line.len()) {
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -248,23 +304,14 @@ impl Shared {
         false
     }
 
-    /// Tells the connections that `worker` is full that a slot of it may be free. Never blocks
-    /// (the lease table is locked): a connection that cannot take the line is shut down, and its
-    /// hook asks anew on a new one.
+    /// Tells the connections that `worker` is full that a slot of it may be free, without
+    /// waiting for any of them (the lease table is locked): [`Outbox::slot_freed`].
     fn slot_freed(&mut self, worker: u32) {
-        static LINE: LazyLock<String> =
-            LazyLock::new(|| format!("{}\n", serde_json::to_string(&FromBroker::SlotFreed).expect("serializable")));
-        let line = &*LINE;
         self.told_full.retain(|_, (told, writer)| {
-            if *told != worker {
-                return true;
+            if *told == worker {
+                writer.slot_freed();
             }
-            let writer = writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let sent = nix::sys::socket::send(writer.as_raw_fd(), line.as_bytes(), nix::sys::socket::MsgFlags::MSG_DONTWAIT);
-            if sent.ok() != Some(line.len()) {
-                let _ = writer.shutdown(std::net::Shutdown::Both);
-            }
-            false
+            *told != worker
         });
     }
 }
@@ -580,12 +627,12 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             continue;
         };
         // A hook reads every answer at once; one that does not must not hold its connection's
-        // writer (and the table, through `slot_freed`) for good.
+        // thread for good.
         let _ = stream.set_write_timeout(Some(REPLY_WITHIN));
         let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials).ok();
         let allowed = peer.is_some_and(|cred| cred.uid() == me || cred.uid() == 0);
         if !allowed {
-            let _ = reply(&Mutex::new(stream), &FromBroker::Refused("only Nix's own user may take leases".to_string()));
+            let _ = Outbox::new(stream).reply(&FromBroker::Refused("only Nix's own user may take leases".to_string()));
             continue;
         }
         let board = Arc::clone(&board);
@@ -623,7 +670,7 @@ impl Drop for Connected<'_> {
 
 /// Answers one hook's requests until it is gone.
 fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Order>, wake: &OwnedFd) -> io::Result<()> {
-    let connection = Connection { id, writer: Arc::new(Mutex::new(stream.try_clone()?)) };
+    let connection = Connection { id, writer: Arc::new(Outbox::new(stream.try_clone()?)) };
     let writer = &*connection.writer;
     let mut reader = BufReader::new(stream);
     let mut hello: Option<Hello> = None;
@@ -637,17 +684,17 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
         }
         let message = match serde_json::from_slice::<ToBroker>(&line) {
             Ok(message) => message,
-            Err(e) => return reply(writer, &FromBroker::Refused(format!("unreadable request: {e}"))),
+            Err(e) => return writer.reply(&FromBroker::Refused(format!("unreadable request: {e}"))),
         };
         match (message, hello.as_ref()) {
             (ToBroker::Hello(said), _) => hello = Some(said),
             (ToBroker::Try(told), Some(hello)) => {
                 let Some(request) = recall(&mut known, told, board, hello) else {
-                    return reply(writer, &FromBroker::Refused("a build named but never sent whole".to_string()));
+                    return writer.reply(&FromBroker::Refused("a build named but never sent whole".to_string()));
                 };
                 let drv = request.job.drv.clone();
                 let (answer, order) = board.decide(hello, &connection, request);
-                let replied = reply(writer, &answer);
+                let replied = writer.reply(&answer);
                 if answer == FromBroker::Admit {
                     known.remove(&drv);
                 }
@@ -661,7 +708,7 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
                 }
                 replied?;
             }
-            (ToBroker::Try(_), None) => reply(writer, &FromBroker::Refused("no hello first".to_string()))?,
+            (ToBroker::Try(_), None) => writer.reply(&FromBroker::Refused("no hello first".to_string()))?,
             // Not answered; a hook says hello first.
             (ToBroker::Declined(_), None) => {}
             (ToBroker::Declined(builds), Some(hello)) => {
@@ -688,7 +735,7 @@ fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Orde
             (ToBroker::Withdrawn(_), None) => {}
             (ToBroker::Tries, _) => {
                 let tries = board.lock().tries.values().copied().collect();
-                reply(writer, &FromBroker::Tries(tries))?;
+                writer.reply(&FromBroker::Tries(tries))?;
             }
         }
     }
@@ -705,12 +752,6 @@ fn recall(known: &mut HashMap<String, TryBuild>, told: Told, board: &Board, hell
         }
         Told::Known(drv) => known.get(&drv).cloned(),
     }
-}
-
-fn reply(writer: &Mutex<UnixStream>, answer: &FromBroker) -> io::Result<()> {
-    let mut line = serde_json::to_vec(answer)?;
-    line.push(b'\n');
-    writer.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).write_all(&line)
 }
 
 /// Counts, for each build sent, the derivations not built yet that need it, in the store
@@ -750,3 +791,37 @@ fn keep_snapshot(board: &Board, state_dir: &StateDir, stay: bool) {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_answer(lines: &mut impl Iterator<Item = io::Result<String>>) -> FromBroker {
+        serde_json::from_str(&lines.next().expect("a line").expect("readable")).expect("an answer")
+    }
+
+    #[test]
+    fn a_slot_freed_while_a_reply_is_written_waits_for_nothing_and_follows_the_reply() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let outbox = Arc::new(Outbox::new(ours));
+        let mut lines = BufReader::new(theirs).lines();
+        // Nothing being written: the line goes at once.
+        outbox.slot_freed();
+        assert_eq!(read_answer(&mut lines), FromBroker::SlotFreed);
+        // A reply being written (to a hook that may not read it): told from another thread,
+        // holding the lease table, the line is owed, not waited for.
+        let replying = outbox.stream();
+        let (told, done) = mpsc::channel();
+        let teller = Arc::clone(&outbox);
+        std::thread::spawn(move || {
+            teller.slot_freed();
+            let _ = told.send(());
+        });
+        done.recv_timeout(Duration::from_secs(10)).expect("slot_freed waited for a reply being written");
+        drop(replying);
+        outbox.reply(&FromBroker::Admit).unwrap();
+        assert_eq!(read_answer(&mut lines), FromBroker::Admit);
+        assert_eq!(read_answer(&mut lines), FromBroker::SlotFreed, "the owed line follows the reply");
+        outbox.reply(&FromBroker::Admit).unwrap();
+        assert_eq!(read_answer(&mut lines), FromBroker::Admit, "and is sent once");
+    }
+}
