@@ -162,6 +162,34 @@ fn explain_learns_from_past_builds_and_history_lists_them() {
 }
 
 #[test]
+fn explain_says_when_a_learned_reservation_is_capped_at_the_tier() {
+    let dir = TempDir::new().expect("tempdir");
+    let state = dir.path().join("state-dir");
+    let profile_path = dir.path().join("hardware-profile.json");
+    let detected = Command::new(env!("CARGO_BIN_EXE_nix-tier")).arg("profile").output().expect("nix-tier profile");
+    assert!(detected.status.success(), "{}", String::from_utf8_lossy(&detected.stderr));
+    // A medium tier of 256 MiB, below what the package has been seen to use.
+    let mut profile: Value = serde_json::from_slice(&detected.stdout).expect("profile JSON");
+    profile["build"]["tiers"]["medium"]["memoryMiB"] = 256.into();
+    fs::write(&profile_path, serde_json::to_vec(&profile).expect("JSON")).expect("pin profile");
+
+    let drv = pkg_drv(dir.path());
+    let history = History::open(&state).expect("open history");
+    for (started, peak) in [(1, 300), (2, 280), (3, 310)] {
+        history.record(&build(&drv, started, peak, Outcome::Succeeded)).expect("record");
+    }
+    let args = ["explain", drv.to_str().expect("UTF-8 path"), "--profile", profile_path.to_str().expect("UTF-8 path")];
+    let explained = json(&nix_tier(&state, &[&args[..], &["--json"]].concat()));
+    assert_eq!(explained["memorySource"], "learned", "{explained}");
+    assert_eq!((&explained["memoryMiB"], &explained["limitMiB"]), (&256.into(), &256.into()), "{explained}");
+    assert_eq!(explained["learned"]["p95MiB"], 310);
+    let human = nix_tier(&state, &args);
+    let human = String::from_utf8_lossy(&human.stdout).into_owned();
+    assert!(human.contains("reserves 256 MiB: learned from 3 builds (p95 310 MiB), capped at the medium tier's memoryMiB"), "{human}");
+    assert!(human.contains("limited to 256 MiB: the p95 × 1.25, capped at the medium tier's memoryMiB"), "{human}");
+}
+
+#[test]
 fn history_refuses_a_symlinked_database() {
     let dir = TempDir::new().expect("tempdir");
     let state = dir.path().join("state-dir");

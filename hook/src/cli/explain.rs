@@ -48,6 +48,9 @@ pub fn run(args: &Args) -> CommandResult {
         ReservationSource::Tier => known.map_or(0, |known| known.peaks(package).len()),
     };
     let why = match (placement.memory_source, &history_error) {
+        (ReservationSource::Learned { p95_mib, .. }, _) if p95_mib > placement.memory_mib => {
+            format!("{}, capped at the {tier} tier's memoryMiB", placement.memory_source)
+        }
         (ReservationSource::Learned { .. }, _) => placement.memory_source.to_string(),
         (ReservationSource::Tier, Some(error)) => format!("the {tier} tier's memoryMiB (build history unavailable: {error})"),
         (ReservationSource::Tier, None) => format!("the {tier} tier's memoryMiB (no successful build of {package} yet)"),
