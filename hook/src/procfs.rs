@@ -89,11 +89,14 @@ pub fn uid(pid: u32) -> Option<u32> {
     fs::metadata(format!("/proc/{pid}")).ok().map(|m| m.uid())
 }
 
-/// The resident memory of process `pid`, bytes (`VmRSS`).
-pub fn resident_bytes(pid: u32) -> Option<u64> {
+/// The memory process `pid` charged to its cgroup by touching it, bytes: its resident anonymous
+/// and shared memory (`RssAnon`, `RssShmem`). Its resident file pages are not counted: they are
+/// charged to whichever cgroup read them first, usually not its own (its program's, its
+/// libraries').
+pub fn charged_bytes(pid: u32) -> Option<u64> {
     let status = read_kernel_text(format!("/proc/{pid}/status")).ok()?;
-    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
-    Some(kib * 1024)
+    let kib = |key: &str| -> Option<u64> { status.lines().find_map(|l| l.strip_prefix(key))?.trim().trim_end_matches("kB").trim().parse().ok() };
+    Some((kib("RssAnon:")? + kib("RssShmem:").unwrap_or(0)) * 1024)
 }
 
 /// Every process.
@@ -141,5 +144,18 @@ mod tests {
         assert!(!descends_from(me, child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn what_a_process_touched_is_charged_and_its_program_is_not() {
+        let before = charged_bytes(std::process::id()).unwrap();
+        let held = std::hint::black_box(vec![1u8; 64 << 20]);
+        let after = charged_bytes(std::process::id()).unwrap();
+        assert!(after >= before + (60 << 20), "{before} then {after} with 64 MiB touched");
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let resident_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+        assert!(after < resident_kib * 1024, "the program's own pages are resident, not charged: {after} of {resident_kib} KiB");
+        drop(held);
+        assert_eq!(charged_bytes(u32::MAX), None);
     }
 }

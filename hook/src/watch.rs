@@ -62,6 +62,9 @@ const KILLS_EVERY: Duration = Duration::from_secs(1);
 /// Reads in a row of a builder's tree that find nothing of the build outside its cgroup, after
 /// which none can be left there ([`Watched::move_into_cgroup`]).
 const SETTLED_READS: u8 = 2;
+/// Reads of a build's first process and its cgroup just after its move, for what it holds
+/// charged outside ([`charged_before_move`]).
+const MOVE_READS: usize = 3;
 
 /// Everything a watcher needs to know about its build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -421,13 +424,13 @@ impl Watched {
         for pid in outside {
             // What a process already held stays charged where it was (the kernel no longer
             // moves charges): its size just after the move is added to the peak, which then
-            // errs high, the safe side for learned reservations. For the first process in, what
-            // it touched since the move is the cgroup's use now, charged inside already: read
-            // first, it is taken off (a kernel that moves charges leaves nothing outside).
+            // errs high, the safe side for learned reservations.
             if cgroup.add(pid).is_ok() {
-                let inside_already = if self.placed.is_empty() { cgroup.memory_now().unwrap_or(0) } else { 0 };
+                self.charged_outside += match self.placed.is_empty() {
+                    true => charged_before_move(cgroup, pid),
+                    false => procfs::charged_bytes(pid).unwrap_or(0),
+                };
                 self.placed.insert(pid);
-                self.charged_outside += procfs::resident_bytes(pid).unwrap_or(0).saturating_sub(inside_already);
             }
         }
         if read_tree {
@@ -587,6 +590,21 @@ impl Watched {
             succeeded,
         })
     }
+}
+
+/// What process `pid`, just moved into `cgroup` as the first of its build, holds charged
+/// outside: what it holds less what it touched since the move, the cgroup's use (a kernel that
+/// moves charges leaves nothing outside). A page it touches between the two reads counts in
+/// both, so each estimate errs high by what it touched meanwhile (megabytes for a build
+/// allocating while the watcher is preempted): the lowest of [`MOVE_READS`] is kept.
+fn charged_before_move(cgroup: &BuildCgroup, pid: u32) -> u64 {
+    (0..MOVE_READS)
+        .map(|_| {
+            let inside = cgroup.memory_now().unwrap_or(0);
+            procfs::charged_bytes(pid).unwrap_or(0).saturating_sub(inside)
+        })
+        .min()
+        .unwrap_or(0)
 }
 
 /// What the broker hands the watcher.

@@ -130,10 +130,11 @@ fn assert_hog_killed_beside_neighbour(sandbox: &NixSandbox, records: &Path, out:
     assert_eq!(hog["limitMiB"], 100);
     let neighbour = row(&rows, "neighbour");
     assert_eq!(neighbour["outcome"], "succeeded", "{neighbour}");
-    // Its recorded peak is within 10% of what its builder held, though it allocated at once
-    // (before the watcher could move it).
+    // Its recorded peak is within 5% below and 10% above what its builder held, though it
+    // allocated at once (before the watcher could move it): what it held outside is estimated
+    // from its anonymous memory less its cgroup's use, which also counts file pages.
     let peak = neighbour["peakMiB"].as_u64().unwrap();
-    assert!((200..=220).contains(&peak), "peak {peak} MiB for 200 MiB held");
+    assert!((190..=220).contains(&peak), "peak {peak} MiB for 200 MiB held");
 
     let status = nix_tier_json(sandbox, &["status"]);
     let kills = status["recentKills"].as_array().unwrap();
