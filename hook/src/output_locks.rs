@@ -4,13 +4,16 @@
 //! (`<drv path>.<output>.lock` for floating content-addressed outputs) and keeps the lock through
 //! a local build; it releases it when the build ends, fails, or waits for a slot, and deletes the
 //! file on success (derivation-goal.cc `tryToBuild`, pathlocks.cc). Opening or locking the file
-//! to probe it would make Nix's own non-blocking attempt fail, so the kernel's table of held locks
-//! (`/proc/locks`) is read instead. A lock is matched by device and inode, or by inode and the
-//! Nix process holding it: on btrfs, `stat` reports a subvolume's own device number while the
-//! lock table shows the file system's. The kernel writes that table a page at a time, so a read
-//! racing with other locks coming and going can miss an entry: a lock not seen there is looked
-//! up in the holder's own descriptor table (`/proc/<pid>/fd` and the `lock:` lines of `fdinfo`)
-//! before a build is taken for ended.
+//! to probe it would make Nix's own non-blocking attempt fail, so the locks are read from the Nix
+//! process's own descriptor table (`/proc/<pid>/fd` and the `lock:` lines of `fdinfo`,
+//! [`files_locked_by`]). Where that table is not ours to read, the kernel's table of held locks
+//! (`/proc/locks`) is: every lock of the machine, and reading it takes, for writing, the semaphore
+//! every file lock operation on the machine takes, which waits for an RCU grace period (about
+//! 10 ms on a 2-core virtual machine). There a lock is matched by device and inode, or by inode
+//! and the Nix process holding it: on btrfs, `stat` reports a subvolume's own device number while
+//! the lock table shows the file system's. The kernel writes that table a page at a time, so a
+//! read racing with other locks coming and going can miss an entry: a lock not seen there is
+//! looked up in the holder's descriptor table before a build is taken for ended.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -18,6 +21,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -139,6 +143,11 @@ impl OutputLock {
     pub fn held_by(&self, held: &HeldLocks, holder: u32) -> bool {
         self.identity().is_some_and(|file| held.holds_file(file, &self.path, holder))
     }
+
+    /// Whether it is one of the files `locked` ([`files_locked_by`] its holder).
+    pub fn locked_in(&self, locked: &HashSet<(u64, u64)>) -> bool {
+        self.identity().is_some_and(|file| locked.contains(&file))
+    }
 }
 
 impl HeldLocks {
@@ -228,17 +237,30 @@ impl Drop for LockWatch {
     }
 }
 
-/// Whether process `pid` has `path` open with a lock on it, from its own descriptor table:
-/// exact, but it reads every descriptor of that one process.
+/// Whether process `pid` has `path` open with a lock on it ([`files_locked_by`]).
 pub fn locked_by(pid: u32, path: &Path) -> bool {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
+    fs::metadata(path).is_ok_and(|meta| files_locked_by(pid).is_some_and(|locked| locked.contains(&(meta.dev(), meta.ino()))))
+}
+
+/// The lock files (`*.lock`, as Nix's and nix-tier's all are) process `pid` has open with a lock
+/// on them, by device and inode, from its own descriptor table: exact, and it takes no lock of
+/// the kernel's (see the module's documentation). Empty when the process is gone; `None` when
+/// its table is not ours to read.
+pub fn files_locked_by(pid: u32) -> Option<HashSet<(u64, u64)>> {
+    let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+        Ok(fds) => fds,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Some(HashSet::new()),
+        Err(_) => return None,
     };
-    fds.flatten().any(|fd| {
-        fs::read_link(fd.path()).is_ok_and(|target| target == path)
-            && nix_tier_cgroups::read_kernel_text(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
-                .is_ok_and(|info| info.lines().any(|line| line.starts_with("lock:")))
-    })
+    let locked = fds.flatten().filter_map(|fd| {
+        // The name alone first: a Nix process has many more descriptors than lock files.
+        fs::read_link(fd.path()).ok().filter(|target| target.as_os_str().as_bytes().ends_with(b".lock"))?;
+        // `stat` through the descriptor's link: the file itself, wherever its path leads now.
+        let meta = fs::metadata(fd.path()).ok().filter(fs::Metadata::is_file)?;
+        let info = nix_tier_cgroups::read_kernel_text(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()?;
+        info.lines().any(|line| line.starts_with("lock:")).then_some((meta.dev(), meta.ino()))
+    });
+    Some(locked.collect())
 }
 
 #[cfg(test)]
@@ -323,10 +345,25 @@ mod tests {
         assert!(!locked_by(me, &path));
         file.lock().unwrap();
         assert!(locked_by(me, &path));
+        let lock = OutputLock::open(&path, None);
+        assert!(lock.locked_in(&files_locked_by(me).unwrap()));
         // An empty table, as a torn read of /proc/locks could give.
         assert!(HeldLocks::default().holds(&path, me));
         file.unlock().unwrap();
         assert!(!HeldLocks::default().holds(&path, me));
+        assert!(!lock.locked_in(&files_locked_by(me).unwrap()), "open, but no longer locked");
+        // A process gone holds nothing; one not ours to read is unknown.
+        assert_eq!(files_locked_by(u32::MAX), Some(HashSet::new()));
+        if nix::unistd::geteuid().is_root() {
+            // As nobody, on a thread of its own (the raw call changes that thread's ids alone),
+            // init's descriptors.
+            let unreadable = std::thread::spawn(|| {
+                // SAFETY: a plain system call on this thread's credentials.
+                assert_eq!(unsafe { nix::libc::syscall(nix::libc::SYS_setresuid, 65534, 65534, 65534) }, 0);
+                files_locked_by(1)
+            });
+            assert_eq!(unreadable.join().unwrap(), None);
+        }
     }
 
     #[test]

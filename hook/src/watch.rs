@@ -27,7 +27,7 @@
 //! Builds declined without a lease ([`Order::Candidate`]) are looked for among their worker's
 //! new children and, should one start, adopted into the table and watched like the rest.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -43,7 +43,7 @@ use nix_tier_model::Tier;
 use serde::{Deserialize, Serialize};
 
 use crate::history::{package_and_version, BuildRecord, History, Outcome};
-use crate::output_locks::{HeldLocks, LockCloses, OutputLock};
+use crate::output_locks::{self, HeldLocks, LockCloses, OutputLock};
 use crate::proc_events::{ProcEvent, ProcEvents};
 use crate::procfs;
 
@@ -164,26 +164,33 @@ fn full_scan_due(since_admission: Duration, last: &mut Option<Duration>) -> bool
 }
 
 /// What one pass of the watcher's loop reads of `/proc`, shared by the builds it steps and the
-/// candidates it looks for: the lock table, and the Nix workers' children, with the
+/// candidates it looks for: Nix's locks, and the Nix workers' children, with the
 /// environments of those not yet known to be a builder. Read anew at each pass: a child just
 /// forked still has its worker's environment.
 struct Scan {
     /// Processes that are no build's new builder ([`no_new_builders`]).
     known: HashSet<u32>,
-    children: std::collections::HashMap<u32, Vec<u32>>,
-    environs: std::collections::HashMap<u32, Option<Vec<u8>>>,
-    structured_outputs: std::collections::HashMap<u32, Vec<String>>,
+    children: HashMap<u32, Vec<u32>>,
+    environs: HashMap<u32, Option<Vec<u8>>>,
+    structured_outputs: HashMap<u32, Vec<String>>,
+    /// The files each Nix process holds locked ([`output_locks::files_locked_by`]).
+    locked: HashMap<u32, Option<HashSet<(u64, u64)>>>,
+    /// The kernel's lock table, read where a Nix process's descriptors cannot be.
     held: Option<Option<HeldLocks>>,
 }
 
 impl Scan {
     fn new(known: HashSet<u32>) -> Scan {
-        Scan { known, children: Default::default(), environs: Default::default(), structured_outputs: Default::default(), held: None }
+        Scan { known, children: Default::default(), environs: Default::default(), structured_outputs: Default::default(), locked: Default::default(), held: None }
     }
 
-    /// Whether Nix process `holder` holds one of `locks`; taken to, when the lock table cannot
-    /// be read (out of descriptors, say): a build is not ended on a failed read.
+    /// Whether Nix process `holder` holds one of `locks`, by its descriptor table, else by the
+    /// kernel's lock table (see [`crate::output_locks`] for why in that order); taken to, when
+    /// neither can be read (out of descriptors, say): a build is not ended on a failed read.
     fn holds(&mut self, locks: &[OutputLock], holder: u32) -> bool {
+        if let Some(locked) = self.locked.entry(holder).or_insert_with(|| output_locks::files_locked_by(holder)) {
+            return locks.iter().any(|lock| lock.locked_in(locked));
+        }
         let held = self.held.get_or_insert_with(|| HeldLocks::read().ok());
         held.as_ref().is_none_or(|held| locks.iter().any(|lock| lock.held_by(held, holder)))
     }
@@ -233,7 +240,7 @@ impl Scan {
 fn structured_attrs_outputs(pid: u32, file: &Path) -> Vec<String> {
     #[derive(serde::Deserialize)]
     struct Attrs {
-        outputs: std::collections::HashMap<String, String>,
+        outputs: HashMap<String, String>,
     }
     let in_root = Path::new(&format!("/proc/{pid}/root")).join(file.strip_prefix("/").unwrap_or(file));
     let attrs = [in_root.as_path(), file].into_iter().find_map(|path| serde_json::from_slice::<Attrs>(&std::fs::read(path).ok()?).ok());
@@ -280,10 +287,10 @@ struct Watched {
     polls: u64,
     /// When the last search of every process was, after admission.
     full_scan: Option<Duration>,
-    /// When Nix's output locks were last known held: looked up in the lock table, the builder
+    /// When Nix's output locks were last known held: looked up, the builder
     /// found, or the watch begun (Nix asks the hook with the locks held).
     locks_checked: Instant,
-    /// Whether Nix closed one of the lock files since the lock table was last read for it.
+    /// Whether Nix closed one of the lock files since its locks were last read for it.
     lock_closed: bool,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
@@ -342,10 +349,10 @@ impl Watched {
         if let Some(ended) = self.ended {
             return self.end_leftovers(now.duration_since(ended));
         }
-        // A live builder means a running build, whatever one read of the lock table says. Nix
+        // A live builder means a running build, whatever one read of the locks says. Nix
         // deletes the lock files of a build that succeeded before it lets go of them, so a
-        // deleted one (an fstat) ends the build without reading the lock table (costly: every lock
-        // of the machine). That table is read for a build that failed or that Nix let go without
+        // deleted one (an fstat) ends the build without reading the locks (costly: every descriptor
+        // of the Nix process). They are read for a build that failed or that Nix let go without
         // starting: after Nix closed one of its lock files (their closes are watched), else
         // every 100 ms (where closes cannot be watched: every 20 ms while the builder is
         // searched for); its lease does not wait on this, and a build that succeeds costs no
@@ -490,8 +497,8 @@ impl Watched {
         }
     }
 
-    /// Whether Nix still holds the build's output locks, by the lock table read at most `every`
-    /// (taken to hold them in between). Where Nix's closes of the files are watched, the table is
+    /// Whether Nix still holds the build's output locks, read at most `every` (taken to hold
+    /// them in between). Where Nix's closes of the files are watched, they are
     /// read after a close, and otherwise only every [`LOCKS_WATCHED_EVERY`]: that covers a close
     /// before the watch began.
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
@@ -651,7 +658,7 @@ pub trait Leases {
     fn recorded(&self, row: &BuildRecord);
 }
 
-/// How often, at most, the lock table is read for a build whose lock files' closes are watched
+/// How often, at most, Nix's locks are read for a build whose lock files' closes are watched
 /// and none was seen.
 const LOCKS_WATCHED_EVERY: Duration = Duration::from_millis(100);
 
@@ -662,9 +669,9 @@ pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
 /// or forgotten.
 #[derive(Default)]
 struct Candidates {
-    by_drv: std::collections::HashMap<String, Candidate>,
+    by_drv: HashMap<String, Candidate>,
     /// Each candidate's `.drv` by its output paths (what a builder's environment names).
-    by_output: std::collections::HashMap<String, String>,
+    by_output: HashMap<String, String>,
     looked: Option<Instant>,
     swept: Option<Instant>,
 }
@@ -810,7 +817,7 @@ const EXEC_MEMORY: Duration = Duration::from_millis(100);
 /// read of its environment, instead of by reading the workers' children every millisecond.
 struct Births {
     events: ProcEvents,
-    parents: std::collections::HashMap<u32, u32>,
+    parents: HashMap<u32, u32>,
     /// When each process executed lately, with its parent.
     execs: std::collections::VecDeque<(Instant, u32, u32)>,
     /// Whether events were lost since the last pass: the pass then reads `/proc`.
