@@ -252,15 +252,36 @@ pub fn files_locked_by(pid: u32) -> Option<HashSet<(u64, u64)>> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Some(HashSet::new()),
         Err(_) => return None,
     };
-    let locked = fds.flatten().filter_map(|fd| {
+    // A descriptor closed meanwhile is skipped; any other failure means the table is not ours
+    // to read (Linux may list the descriptors and hide where they lead): nothing is known then.
+    let closed_meanwhile = |error: io::Error| (error.kind() == io::ErrorKind::NotFound).then_some(());
+    let mut locked = HashSet::new();
+    for fd in fds.flatten() {
         // The name alone first: a Nix process has many more descriptors than lock files.
-        fs::read_link(fd.path()).ok().filter(|target| target.as_os_str().as_bytes().ends_with(b".lock"))?;
+        let target = match fs::read_link(fd.path()) {
+            Ok(target) => target,
+            Err(error) => {
+                closed_meanwhile(error)?;
+                continue;
+            }
+        };
+        if !target.as_os_str().as_bytes().ends_with(b".lock") {
+            continue;
+        }
         // `stat` through the descriptor's link: the file itself, wherever its path leads now.
-        let meta = fs::metadata(fd.path()).ok().filter(fs::Metadata::is_file)?;
-        let info = nix_tier_cgroups::read_kernel_text(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy())).ok()?;
-        info.lines().any(|line| line.starts_with("lock:")).then_some((meta.dev(), meta.ino()))
-    });
-    Some(locked.collect())
+        let info = fs::metadata(fd.path()).and_then(|meta| {
+            let info = nix_tier_cgroups::read_kernel_text(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))?;
+            Ok((meta, info))
+        });
+        match info {
+            Ok((meta, info)) if meta.is_file() && info.lines().any(|line| line.starts_with("lock:")) => {
+                locked.insert((meta.dev(), meta.ino()));
+            }
+            Ok(_) => {}
+            Err(error) => closed_meanwhile(error)?,
+        }
+    }
+    Some(locked)
 }
 
 #[cfg(test)]
