@@ -63,17 +63,16 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let lock = dir.path().join("out.lock");
-        let ready = dir.path().join("ready");
-        // A root process with every capability, holding a lock as Nix's worker does.
+        // A root process with every capability, holding a lock as Nix's worker does; it says so
+        // once it holds it.
         let mut worker = std::process::Command::new("flock")
-            .args([lock.as_os_str(), "sh".as_ref(), "-c".as_ref(), "touch \"$0\"; exec sleep 30".as_ref(), ready.as_os_str()])
+            .args([lock.as_os_str(), "sh".as_ref(), "-c".as_ref(), "echo locked; exec sleep 30".as_ref()])
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !ready.exists() {
-            assert!(std::time::Instant::now() < deadline, "flock did not start");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        let mut said = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(worker.stdout.take().unwrap()), &mut said).unwrap();
+        assert_eq!(said, "locked\n");
         let meta = std::fs::metadata(&lock).unwrap();
         let file = (meta.dev(), meta.ino());
         let pid = worker.id();

@@ -430,8 +430,8 @@ impl Watched {
         self.placed.extend(inside);
         for pid in outside {
             // What a process already held stays charged where it was (the kernel no longer
-            // moves charges): its size just after the move is added to the peak, which then
-            // errs high, the safe side for learned reservations.
+            // moves charges): what it has charged, just after the move, is added to the peak;
+            // for the first process in, less what it touched since ([`charged_before_move`]).
             if cgroup.add(pid).is_ok() {
                 self.charged_outside += match self.placed.is_empty() {
                     true => charged_before_move(cgroup, pid),
