@@ -62,9 +62,6 @@ const KILLS_EVERY: Duration = Duration::from_secs(1);
 /// Reads in a row of a builder's tree that find nothing of the build outside its cgroup, after
 /// which none can be left there ([`Watched::move_into_cgroup`]).
 const SETTLED_READS: u8 = 2;
-/// Reads of a build's first process and its cgroup just after its move, for what it holds
-/// charged outside ([`charged_before_move`]).
-const MOVE_READS: usize = 3;
 
 /// Everything a watcher needs to know about its build.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,8 +267,13 @@ struct Watched {
     /// The highest memory use of the cgroup sampled so far, where the kernel keeps no peak
     /// (cgroup v2 before Linux 5.19).
     sampled_peak: Option<u64>,
-    /// What the moved processes held before the move (charged outside the cgroup).
+    /// What the moved processes held before the move (charged outside the cgroup), but the
+    /// builder's when it was the first in ([`Watched::builder_outside`]).
     charged_outside: u64,
+    /// What the builder, when moved in first, holds charged outside: the highest of the
+    /// estimates ([`charged_outside_at_most`]) made at its move and at each later look while it
+    /// runs.
+    builder_outside: Option<u64>,
     reported_kills: u64,
     /// What the build was last told to use, MiB ([`Leases::in_use`]): 0 while it used no more
     /// than it reserves.
@@ -325,6 +327,7 @@ impl Watched {
             placed: HashSet::new(),
             sampled_peak: None,
             charged_outside: 0,
+            builder_outside: None,
             reported_kills: 0,
             told_in_use_mib: 0,
             kills_read: None,
@@ -431,12 +434,12 @@ impl Watched {
         for pid in outside {
             // What a process already held stays charged where it was (the kernel no longer
             // moves charges): what it has charged, just after the move, is added to the peak;
-            // for the first process in, less what it touched since ([`charged_before_move`]).
+            // for the builder moved in first, what it holds outside ([`Watched::builder_outside`]).
             if cgroup.add(pid).is_ok() {
-                self.charged_outside += match self.placed.is_empty() {
-                    true => charged_before_move(cgroup, pid),
-                    false => procfs::charged_bytes(pid).unwrap_or(0),
-                };
+                match self.placed.is_empty() && pid == b.pid {
+                    true => self.builder_outside = Some(charged_outside_at_most(cgroup, pid)),
+                    false => self.charged_outside += procfs::charged_bytes(pid).unwrap_or(0),
+                }
                 self.placed.insert(pid);
             }
         }
@@ -543,6 +546,10 @@ impl Watched {
     /// the larger of the two.
     fn tell_use(&mut self, leases: &dyn Leases) {
         let Some(cgroup) = self.cgroup.as_ref() else { return };
+        // A builder that allocated at once may still have been allocating at its move.
+        if let (Some(outside), Some(b)) = (self.builder_outside.as_mut(), self.builder.as_ref().filter(|b| !b.exited())) {
+            *outside = (*outside).max(charged_outside_at_most(cgroup, b.pid));
+        }
         let used_mib = cgroup.memory_now().map_or(0, |bytes| bytes.div_ceil(MIB));
         let over_mib = if used_mib > self.job.claim().memory_mib { used_mib } else { 0 };
         if over_mib != self.told_in_use_mib {
@@ -591,7 +598,7 @@ impl Watched {
             cpu: stats.and_then(|s| s.cpu_time),
             peak_bytes: stats
                 .and_then(|s| s.peak_memory_bytes.or(self.sampled_peak.filter(|peak| *peak > 0)))
-                .map(|peak| peak + self.charged_outside),
+                .map(|peak| peak + self.charged_outside + self.builder_outside.unwrap_or(0)),
             oom_kills: stats.map_or(0, |s| s.oom_kills),
             bounded: stats.is_some(),
             succeeded,
@@ -599,19 +606,16 @@ impl Watched {
     }
 }
 
-/// What process `pid`, just moved into `cgroup` as the first of its build, holds charged
-/// outside: what it holds less what it touched since the move, the cgroup's use (a kernel that
-/// moves charges leaves nothing outside). A page it touches between the two reads counts in
-/// both, so each estimate errs high by what it touched meanwhile (megabytes for a build
-/// allocating while the watcher is preempted): the lowest of [`MOVE_READS`] is kept.
-fn charged_before_move(cgroup: &BuildCgroup, pid: u32) -> u64 {
-    (0..MOVE_READS)
-        .map(|_| {
-            let inside = cgroup.memory_now().unwrap_or(0);
-            procfs::charged_bytes(pid).unwrap_or(0).saturating_sub(inside)
-        })
-        .min()
-        .unwrap_or(0)
+/// At most what process `pid`, the only one moved into `cgroup` from outside, holds charged
+/// outside: what it holds less the cgroup's use (a kernel that moves charges leaves nothing
+/// outside), read in that order. A page it touches between the two reads counts in the use
+/// alone, so the estimate errs low, by megabytes for a builder allocating as it was moved (the
+/// watcher preempted between the reads); read the other way round it erred as high (a CI run
+/// under emulation recorded 223 MiB for 200 MiB held). Exact once the process stops allocating,
+/// hence the highest estimate is kept.
+fn charged_outside_at_most(cgroup: &BuildCgroup, pid: u32) -> u64 {
+    let charged = procfs::charged_bytes(pid).unwrap_or(0);
+    charged.saturating_sub(cgroup.memory_now().unwrap_or(0))
 }
 
 /// What the broker hands the watcher.
