@@ -135,17 +135,29 @@ pub struct Finished {
     pub succeeded: bool,
 }
 
-/// How often the watcher looks for the builder: every millisecond at first, so that it is
-/// placed before it grows (Nix starts it within milliseconds of the answer), less often when
-/// Nix is slow to start it (a busy worker, a large sandbox to set up).
-fn search_pause(since_admission: Duration) -> Duration {
-    match since_admission.as_millis() {
+/// How often the watcher steps a build whose builder it has not found. Where it reads `/proc`
+/// for the builder (no process events, or events lost): every millisecond at first, so that
+/// it is placed before it grows (Nix starts it within milliseconds of the answer), less often
+/// when Nix is slow to start it (a busy worker, a large sandbox to set up). Where the builder's
+/// exec is an event that wakes the watcher, a step only looks whether Nix let the build go or
+/// finished it unseen, which the closes of its lock files also tell: every
+/// [`SEARCH_BY_EVENTS_EVERY`] (a millisecond's steps cost a third of the broker's CPU in a burst
+/// of short builds).
+fn search_pause(since_admission: Duration, by_events: bool) -> Duration {
+    let pause = match since_admission.as_millis() {
         0..500 => Duration::from_millis(1),
         500..2000 => Duration::from_millis(5),
         2000..10_000 => Duration::from_millis(20),
         _ => Duration::from_millis(100),
+    };
+    match by_events {
+        true => pause.max(SEARCH_BY_EVENTS_EVERY),
+        false => pause,
     }
 }
+
+/// How often a build whose builder is found by process events is stepped until it is found.
+const SEARCH_BY_EVENTS_EVERY: Duration = Duration::from_millis(20);
 
 /// When the watcher looks for the builder among all processes, should it not be a child of the
 /// worker (it always is, in every Nix from 2.8 on): at 2 s, then every 10 s.
@@ -342,7 +354,7 @@ impl Watched {
             recovered,
             // Nix forks the builder only after the answer, and holds the locks until the build
             // ends: a first look at once would find nothing (one taken over may run already).
-            due: if recovered { now } else { now + search_pause(Duration::ZERO) },
+            due: if recovered { now } else { now + search_pause(Duration::ZERO, false) },
         }
     }
 
@@ -398,7 +410,7 @@ impl Watched {
         self.polls += 1;
         self.due = now
             + match self.builder.as_ref() {
-                None => search_pause(self.admitted.elapsed()),
+                None => search_pause(self.admitted.elapsed(), !look_among_children),
                 // Ended (or its end cannot be waited for): Nix releases the locks within
                 // moments, and the lease with them.
                 Some(b) if !b.holds_log() || b.exited() => Duration::from_millis(5),
@@ -978,6 +990,10 @@ pub fn run(
         let searching = searching(&builds, &candidates);
         let execs = births.as_mut().map(|births| births.read_with(&ordered_for, searching)).unwrap_or_default();
         let look_among_children = births.as_ref().is_none_or(|births| births.lost);
+        if births.as_ref().is_some_and(|births| births.lost) {
+            // A builder whose exec was lost is looked for among its worker's children at once.
+            builds.iter_mut().filter(|b| b.builder.is_none()).for_each(|b| b.due = b.due.min(now));
+        }
         let mut started = if look_among_children { candidates.started(&mut scan) } else { Vec::new() };
         started.extend(match_execs(&execs, &mut builds, &mut candidates, &mut scan, leases, my_uid, now));
         for (mut job, builder) in started {
