@@ -36,6 +36,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::stream::ReadWhenReady;
 use super::{Declined, FromBroker, Hello, Told, ToBroker, TryBuild, BROKER_ARG, MAX_LINE, SOCKET};
 use crate::state::StateDir;
 
@@ -64,7 +65,7 @@ pub enum Failure {
 pub struct Client {
     state_dir: StateDir,
     hello: Hello,
-    connection: Option<BufReader<UnixStream>>,
+    connection: Option<BufReader<ReadWhenReady>>,
     /// Whether this connection's broker has been sent the hook's hello.
     said_hello: bool,
     /// Whether the broker answered a question on this connection (a new connection's broker
@@ -82,8 +83,6 @@ pub struct Client {
     unsent: HashMap<String, (TryBuild, u32)>,
     /// The builds the broker has been sent whole on this connection and not admitted since.
     told: HashSet<String>,
-    /// The read timeout set on this connection ([`keep_timeout`]).
-    read_timeout: Option<Duration>,
     /// The write timeout set on this connection ([`keep_timeout`]).
     write_timeout: Option<Duration>,
 }
@@ -103,7 +102,6 @@ impl Client {
             started: None,
             unsent: HashMap::new(),
             told: HashSet::new(),
-            read_timeout: None,
             write_timeout: None,
         }
     }
@@ -154,7 +152,7 @@ impl Client {
         let Some(connection) = self.connection.as_ref() else { return };
         let Ok(mut line) = serde_json::to_vec(&ToBroker::Withdrawn(build.job.drv.clone())) else { return };
         line.push(b'\n');
-        let _ = nix::sys::socket::send(connection.get_ref().as_raw_fd(), &line, nix::sys::socket::MsgFlags::MSG_DONTWAIT);
+        let _ = nix::sys::socket::send(connection.get_ref().get_ref().as_raw_fd(), &line, nix::sys::socket::MsgFlags::MSG_DONTWAIT);
     }
 
     /// `answer`, about `build`, as the hook takes it: the broker forgets a build it admits (it
@@ -248,7 +246,7 @@ impl Client {
     /// taken without waiting (the broker writes an answer whole).
     fn caught_up(&mut self) -> bool {
         let Some(connection) = self.connection.as_ref().filter(|_| self.late.is_some()) else { return false };
-        if connection.buffer().is_empty() && !readable_now(connection.get_ref()) {
+        if connection.buffer().is_empty() && !readable_now(connection.get_ref().get_ref()) {
             return false;
         }
         match self.take_late_answer(Instant::now() + Duration::from_millis(1)) {
@@ -279,7 +277,7 @@ impl Client {
         let mut slot_freed = false;
         loop {
             let Some(timeout) = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) else { return Ok(None) };
-            keep_timeout(&mut self.read_timeout, timeout, |t| connection.get_ref().set_read_timeout(t)).map_err(|e| e.to_string())?;
+            connection.get_mut().set_read_timeout(Some(timeout));
             let mut answer = Vec::new();
             match connection.by_ref().take(MAX_LINE).read_until(b'\n', &mut answer) {
                 Ok(0) => return Err("the broker closed the connection".to_string()),
@@ -308,16 +306,16 @@ impl Client {
     /// as full as that answer said. A look at the socket, without waiting.
     pub fn slot_may_be_free(&mut self) -> bool {
         let Some(connection) = self.connection.as_ref().filter(|_| self.answered) else { return true };
-        !connection.buffer().is_empty() || readable_now(connection.get_ref())
+        !connection.buffer().is_empty() || readable_now(connection.get_ref().get_ref())
     }
 
     /// Takes `stream` as the connection to a broker that knows nothing of this hook yet.
     fn connected(&mut self, stream: UnixStream) {
-        self.connection = Some(BufReader::new(stream));
+        self.connection = Some(BufReader::new(ReadWhenReady::new(stream)));
         self.said_hello = false;
         self.answered = false;
         self.told.clear();
-        (self.read_timeout, self.write_timeout) = (None, None);
+        self.write_timeout = None;
     }
 
     /// Drops the connection, and the answer the broker was late with on it.
@@ -356,8 +354,8 @@ impl Client {
         let connection = self.connection.as_mut().expect("connected above");
         let timeout = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero());
         let timeout = timeout.ok_or(format!("the broker did not read the request within {ANSWER_WITHIN:?}"))?;
-        keep_timeout(&mut self.write_timeout, timeout, |t| connection.get_ref().set_write_timeout(t)).map_err(|e| e.to_string())?;
-        connection.get_mut().write_all(&lines).map_err(|e| format!("writing to the broker: {e}"))
+        keep_timeout(&mut self.write_timeout, timeout, |t| connection.get_ref().get_ref().set_write_timeout(t)).map_err(|e| e.to_string())?;
+        connection.get_ref().get_ref().write_all(&lines).map_err(|e| format!("writing to the broker: {e}"))
     }
 
     /// `build` as this connection's broker is to be told of it: whole the first time, by its

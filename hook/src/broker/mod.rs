@@ -26,6 +26,7 @@
 //! (at most every 100 ms, never on a request's path).
 
 pub mod client;
+mod stream;
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -50,6 +51,7 @@ use crate::proc_events::ProcEvents;
 use crate::state::{self, StateDir};
 use crate::store_db::StoreDb;
 use crate::watch::{self, Order, WatchJob};
+use stream::ReadWhenReady;
 
 /// The argument that turns `nix-tier-hook` into the broker.
 pub const BROKER_ARG: &str = "--broker";
@@ -672,7 +674,7 @@ impl Drop for Connected<'_> {
 fn serve_client(stream: UnixStream, id: u64, board: &Board, orders: &Sender<Order>, wake: &OwnedFd) -> io::Result<()> {
     let connection = Connection { id, writer: Arc::new(Outbox::new(stream.try_clone()?)) };
     let writer = &*connection.writer;
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(ReadWhenReady::new(stream));
     let mut hello: Option<Hello> = None;
     // The builds this hook sent whole and that were not admitted since.
     let mut known: HashMap<String, TryBuild> = HashMap::new();
