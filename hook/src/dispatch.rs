@@ -154,11 +154,11 @@ impl Dispatcher {
         Ok(Answer::Reply { lines, reply })
     }
 
-    /// Whether the broker is still to be told of builds declined without asking it: the
-    /// caller tells it ([`Dispatcher::send_unsent`]) once Nix has been quiet for
-    /// [`crate::broker::client::UNSENT_DELAY`].
-    pub fn has_unsent(&self) -> bool {
-        self.broker.has_unsent()
+    /// How long until the broker is to be told of the builds declined without asking it, should
+    /// Nix ask nothing meanwhile (the caller then tells it, [`Dispatcher::send_unsent`]); `None`
+    /// when there are none.
+    pub fn unsent_due_in(&self) -> Option<std::time::Duration> {
+        self.broker.unsent_due_in()
     }
 
     /// Tells the broker of the builds declined without asking it.

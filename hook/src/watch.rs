@@ -824,9 +824,11 @@ impl Candidate {
     }
 }
 
-/// How long a program's execution is remembered for builds admitted after it: Nix forks the
-/// builder only after the hook's answer, but the watcher may read the event before the order.
-const EXEC_MEMORY: Duration = Duration::from_millis(100);
+/// How long a program's execution is remembered for builds ordered after it: Nix forks the
+/// builder of an admitted build only after the hook's answer, but the watcher may read the
+/// event before the order; a build the hook declined by itself, which Nix may start anyway, is
+/// told the broker up to [`crate::broker::client::UNSENT_WITHIN`] later.
+pub const EXEC_MEMORY: Duration = Duration::from_millis(100);
 
 /// What the process events tell of the Nix workers' children: each process's parent (from its
 /// fork) and the programs executed lately. A builder is found the moment it executes, with one

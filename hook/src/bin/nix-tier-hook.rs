@@ -9,7 +9,6 @@ use std::io::{self, Write};
 use std::panic::{self, AssertUnwindSafe};
 use std::process::ExitCode;
 
-use nix_tier_hook::broker::client::UNSENT_DELAY;
 use nix_tier_hook::{broker, config, nix_version, privileges};
 use nix_tier_hook::dispatch::{Answer, Dispatcher};
 use nix_tier_hook::protocol::{self, Reply};
@@ -47,10 +46,11 @@ fn main() -> ExitCode {
     let (mut dispatcher, mut notes) = started;
     let mut unanswered = false;
     let served = panic::catch_unwind(AssertUnwindSafe(|| loop {
-        // Builds declined without the broker are told it once Nix is quiet, not between the
-        // requests of a burst, while Nix waits for each answer.
-        if let Some(dispatcher) = dispatcher.as_mut().filter(|d| d.has_unsent()) {
-            if !readable_within(&input, UNSENT_DELAY) {
+        // Builds declined without the broker are told it with the next question, or when they
+        // are due if Nix asks nothing by then: not between the requests of a burst, while Nix
+        // waits for each answer.
+        if let Some(dispatcher) = dispatcher.as_mut() {
+            if dispatcher.unsent_due_in().is_some_and(|due_in| !readable_within(&input, due_in)) {
                 dispatcher.send_unsent();
             }
         }

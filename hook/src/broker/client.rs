@@ -16,11 +16,13 @@
 //! (software emulation, where an answer took 5-20 ms).
 //!
 //! Builds the hook declines by itself (Nix has no slot, or its worker is full) are told to the
-//! broker in one message once Nix has been quiet for [`UNSENT_DELAY`], or with the next question
-//! (and before the hook hands its session to build-remote or exits): Nix asks about a dozen
-//! builds in a burst whenever one ends, and a message for each would wake the broker a dozen
-//! times while Nix waits on this hook. A build is sent whole once per connection; after that it
-//! is named by its `.drv` until it is admitted.
+//! broker with the next question, or in one message of their own [`UNSENT_WITHIN`] after the
+//! first of them was declined when no question came by then (and before the hook hands its
+//! session to build-remote or exits): Nix asks about a dozen builds in a burst whenever one
+//! ends, and a message for each would wake the broker a dozen times while Nix waits on this
+//! hook; where builds end every few milliseconds, a message of their own after each burst cost
+//! 0.04-0.05 of bench/dispatch (i)'s wall ratio. A build is sent whole once per connection; after
+//! that it is named by its `.drv` until it is admitted.
 //!
 //! One exception: a broker this hook has just started (less than [`STARTING`] ago, and it runs
 //! or it left at once for another one starting) is [`Failure::Starting`], not failed, and the
@@ -46,9 +48,10 @@ pub const ANSWER_WITHIN: Duration = Duration::from_millis(40);
 pub const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long a broker this hook started may take to answer before it counts as failed.
 pub const STARTING: Duration = Duration::from_secs(2);
-/// How long Nix is to be quiet before the builds declined since the last message are told to
-/// the broker: the requests of one burst come tens of microseconds apart.
-pub const UNSENT_DELAY: Duration = Duration::from_millis(1);
+/// How long after the first of them builds declined without asking the broker are told it, at
+/// the latest. Nix may start such a build after all: the watcher matches its builder with it
+/// when told within [`crate::watch::EXEC_MEMORY`] of the builder's exec.
+pub const UNSENT_WITHIN: Duration = Duration::from_millis(20);
 /// How many builds a connection may name before it is opened anew (both sides forget them).
 const MAX_TOLD: usize = 4096;
 
@@ -81,6 +84,8 @@ pub struct Client {
     /// The builds declined without asking the broker and not yet told it, each with the number
     /// of times.
     unsent: HashMap<String, (TryBuild, u32)>,
+    /// When the first of `unsent` was declined (meaningless while there is none).
+    unsent_since: Instant,
     /// The builds the broker has been sent whole on this connection and not admitted since.
     told: HashSet<String>,
     /// The write timeout set on this connection ([`keep_timeout`]).
@@ -101,6 +106,7 @@ impl Client {
             late: None,
             started: None,
             unsent: HashMap::new(),
+            unsent_since: Instant::now(),
             told: HashSet::new(),
             write_timeout: None,
         }
@@ -172,12 +178,16 @@ impl Client {
     /// Notes a build declined without asking the broker, to be told with the next message
     /// ([`Client::send_unsent`]).
     pub fn tell_declined(&mut self, request: &TryBuild) {
+        if self.unsent.is_empty() {
+            self.unsent_since = Instant::now();
+        }
         self.unsent.entry(request.job.drv.clone()).or_insert_with(|| (request.clone(), 0)).1 += 1;
     }
 
-    /// Whether builds declined without asking the broker are still to be told it.
-    pub fn has_unsent(&self) -> bool {
-        !self.unsent.is_empty()
+    /// How long until the builds declined without asking the broker are to be told it, unless
+    /// a question takes them first ([`UNSENT_WITHIN`]); `None` when there are none.
+    pub fn unsent_due_in(&self) -> Option<Duration> {
+        (!self.unsent.is_empty()).then(|| UNSENT_WITHIN.saturating_sub(self.unsent_since.elapsed()))
     }
 
     /// Tells the broker of the builds declined without asking it (no answer is awaited, so a
