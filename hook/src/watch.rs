@@ -991,8 +991,9 @@ pub fn run(
         let mut scan = Scan::new(no_new_builders(&builds, &hooks));
         let searching = searching(&builds, &candidates);
         let execs = births.as_mut().map(|births| births.read_with(&ordered_for, searching)).unwrap_or_default();
-        let look_among_children = births.as_ref().is_none_or(|births| births.lost);
-        if births.as_ref().is_some_and(|births| births.lost) {
+        let events_lost = births.as_ref().is_some_and(|births| births.lost);
+        let look_among_children = births.is_none() || events_lost;
+        if events_lost {
             // A builder whose exec was lost is looked for among its worker's children at once.
             builds.iter_mut().filter(|b| b.builder.is_none()).for_each(|b| b.due = b.due.min(now));
         }
