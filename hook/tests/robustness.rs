@@ -143,6 +143,36 @@ fn broken_broker_files_are_set_aside_and_builds_counted() {
     });
 }
 
+/// The scheduling policy (sched(7)) of each of `pid`'s threads, by the thread's name.
+fn thread_policies(pid: i32) -> Vec<(String, u32)> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).expect("the broker's threads");
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let name = fs::read_to_string(task.path().join("comm")).ok()?.trim().to_string();
+            let stat = fs::read_to_string(task.path().join("stat")).ok()?;
+            // Field 41, counting from the pid; the name (field 2) may hold spaces.
+            let policy = stat.rsplit_once(')')?.1.split_whitespace().nth(41 - 3)?.parse().ok()?;
+            Some((name, policy))
+        })
+        .collect()
+}
+
+#[test]
+fn the_brokers_threads_off_the_reply_path_give_way_to_nix() {
+    let setup = Setup::new(8000);
+    let mut hook = setup.hook();
+    let (lines, _lock) = ask_holding_lock(&setup, &mut hook, "first-1.0");
+    assert!(!mentions(&lines, &["fails open"]), "{lines:?}");
+    let policies = thread_policies(broker_pid(&setup));
+    let policy = |name: &str| policies.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+    for background in ["watcher", "snapshot", "dependents"] {
+        assert_eq!(policy(background), Some(nix::libc::SCHED_BATCH as u32), "{background}: {policies:?}");
+    }
+    // The hook's connection is answered by a thread Nix's questions wake at once.
+    assert_eq!(policy("connection"), Some(nix::libc::SCHED_OTHER as u32), "{policies:?}");
+}
+
 #[test]
 fn a_stopped_broker_costs_a_short_wait_then_declines() {
     let setup = Setup::new(8000);

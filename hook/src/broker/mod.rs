@@ -11,7 +11,8 @@
 //! table is shared under a mutex held for the microseconds of a decision. A build's learned
 //! reservation and expected duration come from the history as read at the start and taught by
 //! every build recorded since ([`nix_tier_model::learning::Learned`]): no decision reads the
-//! database.
+//! database. The threads off the reply path give way to Nix's worker when they wake
+//! ([`in_background`]).
 //!
 //! It is started on demand by the first hook that finds no broker (or by a service manager,
 //! `--stay`), and only one runs per state directory: it holds `<state dir>/broker.lock` for its
@@ -599,7 +600,7 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
     let (orders, inbox) = mpsc::channel();
     {
         let board = Arc::clone(&board);
-        std::thread::spawn(move || count_dependents(&board, counting));
+        in_background("dependents", move || count_dependents(&board, counting))?;
     }
     let (wake_read, wake_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_CLOEXEC)?;
     let wake_write = Arc::new(wake_write);
@@ -613,12 +614,12 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
     {
         let board = Arc::clone(&board);
         let state_dir = state_dir.path().to_path_buf();
-        std::thread::spawn(move || watch::run(inbox, wake_read, events, &*board, &state_dir, &lock_files));
+        in_background("watcher", move || watch::run(inbox, wake_read, events, &*board, &state_dir, &lock_files))?;
     }
     {
         let board = Arc::clone(&board);
         let state_dir = state_dir.clone();
-        std::thread::spawn(move || keep_snapshot(&board, &state_dir, stay));
+        in_background("snapshot", move || keep_snapshot(&board, &state_dir, stay))?;
     }
     let me = nix::unistd::geteuid().as_raw();
     let mut connections = 0u64;
@@ -648,7 +649,7 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             shared.hooks.extend(peer.map(|cred| (id, cred.pid() as u32)));
         }
         let served = Arc::clone(&board);
-        let spawned = std::thread::Builder::new().spawn(move || {
+        let spawned = std::thread::Builder::new().name("connection".to_string()).spawn(move || {
             // Forgotten however the thread ends, so that an idle broker still exits.
             let _connected = Connected(&served, id);
             let _ = serve_client(stream, id, &served, &orders, &wake);
@@ -658,6 +659,24 @@ fn serve_in(state_dir: &StateDir, stay: bool, events: Option<ProcEvents>) -> io:
             board.disconnected(id);
         }
     }
+    Ok(())
+}
+
+/// Runs `work` in a thread named `name` that gives way to Nix: under `SCHED_BATCH` (sched(7))
+/// it keeps its fair share of the CPU, but does not preempt a running thread when it wakes.
+/// The broker's threads off the reply path (the watcher, the snapshot, the count of
+/// dependents) wake at every process event and every build's end; where Nix's worker is busy,
+/// each such wake-up took the worker's CPU from it (docs/benchmarks.md, "Night, 2026-12-04").
+/// The connection threads, which Nix waits for, keep the default policy. Processes started
+/// from such a thread get the default policy back.
+fn in_background(name: &str, work: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        let param = nix::libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler(2) only reads `param`; pid 0 is the calling thread. Should
+        // it fail, the thread runs as before.
+        let _ = unsafe { nix::libc::sched_setscheduler(0, nix::libc::SCHED_BATCH | nix::libc::SCHED_RESET_ON_FORK, &param) };
+        work()
+    })?;
     Ok(())
 }
 
