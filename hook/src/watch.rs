@@ -150,9 +150,10 @@ fn search_pause(since_admission: Duration, by_events: bool) -> Duration {
         2000..10_000 => Duration::from_millis(20),
         _ => Duration::from_millis(100),
     };
-    match by_events {
-        true => pause.max(SEARCH_BY_EVENTS_EVERY),
-        false => pause,
+    if by_events {
+        pause.max(SEARCH_BY_EVENTS_EVERY)
+    } else {
+        pause
     }
 }
 
