@@ -10,7 +10,7 @@
 use std::io::{self, Read};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags};
@@ -43,10 +43,12 @@ impl ReadWhenReady {
 
 impl Read for ReadWhenReady {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let timeout = self.timeout.map(TimeSpec::from_duration);
+        // A signal interrupts the wait, which goes on for what is left of the timeout.
+        let deadline = self.timeout.map(|timeout| Instant::now() + timeout);
         loop {
+            let left = deadline.map(|deadline| TimeSpec::from_duration(deadline.saturating_duration_since(Instant::now())));
             let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
-            match nix::poll::ppoll(&mut fds, timeout, None) {
+            match nix::poll::ppoll(&mut fds, left, None) {
                 Ok(0) => return Err(io::ErrorKind::WouldBlock.into()),
                 // Readable, closed or failed: the read says which, without waiting.
                 Ok(_) => return self.stream.read(buf),
@@ -61,7 +63,6 @@ impl Read for ReadWhenReady {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::time::Instant;
 
     #[test]
     fn a_read_waits_for_data_within_its_timeout_and_sees_the_peer_go() {
@@ -78,5 +79,34 @@ mod tests {
         assert_eq!(&buf[..7], b"answer\n");
         drop(theirs);
         assert_eq!(reader.read(&mut buf).unwrap(), 0, "the peer closed");
+    }
+
+    #[test]
+    fn signals_do_not_stretch_a_read_timeout() {
+        use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+        extern "C" fn ignore(_: i32) {}
+        // Without SA_RESTART, as a process with a handler of its own may have: ppoll fails with EINTR.
+        let action = SigAction::new(SigHandler::Handler(ignore), SaFlags::empty(), SigSet::empty());
+        unsafe { sigaction(Signal::SIGUSR1, &action) }.unwrap();
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            tx.send(nix::sys::pthread::pthread_self()).unwrap();
+            let mut reader = ReadWhenReady::new(ours);
+            reader.set_read_timeout(Some(Duration::from_millis(100)));
+            let began = Instant::now();
+            let error = reader.read(&mut [0u8; 8]).expect_err("nothing was written");
+            (error.kind(), began.elapsed())
+        });
+        let thread = rx.recv().unwrap();
+        // A signal every 10 ms for as long as the read lasts, up to two seconds.
+        let began = Instant::now();
+        while !reader.is_finished() && began.elapsed() < Duration::from_secs(2) {
+            let _ = nix::sys::pthread::pthread_kill(thread, Signal::SIGUSR1);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (kind, took) = reader.join().unwrap();
+        assert_eq!(kind, io::ErrorKind::WouldBlock);
+        assert!(took < Duration::from_millis(600), "a 100 ms timeout took {took:?} under signals");
     }
 }
