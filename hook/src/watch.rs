@@ -427,13 +427,14 @@ impl Watched {
     /// tree has been read [`SETTLED_READS`] times in a row with none of them outside, it is no
     /// longer read (two, as a read of `/proc`'s children lists may miss a child forked during
     /// it). With build users, every process of the uid is the build's, also those that left
-    /// the builder's tree (double forks): a scan of all of `/proc`, so every tenth step only.
+    /// the builder's tree (double forks), except Nix's own ([`nix_helper`]): a scan of all of
+    /// `/proc`, so every tenth step only.
     fn move_into_cgroup(&mut self) {
         let (Some(b), Some(cgroup)) = (self.builder.as_ref(), self.cgroup.as_ref()) else { return };
         let read_tree = self.clean_tree_reads < SETTLED_READS;
         let mut pids = if read_tree { procfs::tree(b.pid) } else { Vec::new() };
         if let (Some(uid), 0) = (self.build_user, self.polls % 10) {
-            pids.extend(procfs::pids_of_user(uid));
+            pids.extend(procfs::pids_of_user(uid).into_iter().filter(|pid| !nix_helper(*pid, b.pid, self.job.nix_pid)));
         }
         pids.retain(|pid| !self.placed.contains(pid));
         // Those forked inside are neither moved nor counted: what they hold is charged inside.
@@ -617,6 +618,16 @@ impl Watched {
             succeeded,
         })
     }
+}
+
+/// Whether `pid`, a process of a build's build user, is Nix's own rather than the build's: a
+/// child of its worker `nix_pid` other than the `builder`. As a build ends, Nix forks such a
+/// child that takes the build user's uid to kill what the build left (`kill(-1)`); it holds a
+/// copy of the worker's memory, tens of MiB that a move would count in the build's peak (the
+/// likeliest cause of a CI run under emulation recording 226 MiB for 200 MiB held), and it is
+/// Nix's to wait for.
+fn nix_helper(pid: u32, builder: u32, nix_pid: u32) -> bool {
+    pid != builder && procfs::parent(pid) == Some(nix_pid)
 }
 
 /// At most what process `pid`, the only one moved into `cgroup` from outside, holds charged
@@ -1487,6 +1498,17 @@ pub fn record(job: &WatchJob, finished: &Finished) -> BuildRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn children_of_the_worker_other_than_the_builder_are_nix_helpers() {
+        // This test process stands for Nix's worker, its child for one of its processes.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let (pid, worker) = (child.id(), std::process::id());
+        let verdicts = (nix_helper(pid, 1, worker), nix_helper(pid, pid, worker), nix_helper(pid, 1, worker + 1));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(verdicts, (true, false, false), "(Nix's, the builder, another worker's)");
+    }
 
     fn job(asked_unix_ms: Option<u64>) -> WatchJob {
         WatchJob {

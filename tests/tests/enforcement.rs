@@ -134,7 +134,7 @@ fn assert_hog_killed_beside_neighbour(sandbox: &NixSandbox, records: &Path, out:
     // allocated at once (before the watcher could move it): what it held outside is estimated
     // from its anonymous memory less its cgroup's use, which also counts file pages.
     let peak = neighbour["peakMiB"].as_u64().unwrap();
-    assert!((190..=220).contains(&peak), "peak {peak} MiB for 200 MiB held");
+    assert!((190..=220).contains(&peak), "peak {peak} MiB for 200 MiB held: {neighbour}\nbroker.log:\n{}", broker_log(sandbox));
 
     let status = nix_tier_json(sandbox, &["status"]);
     let kills = status["recentKills"].as_array().unwrap();
