@@ -307,6 +307,9 @@ struct Watched {
     locks_checked: Instant,
     /// Whether Nix closed one of the lock files since its locks were last read for it.
     lock_closed: bool,
+    /// Whether the locks were read since the watch began: where the closes are watched, every
+    /// release after that read is a close seen, so no other read is due until one is.
+    locks_read: bool,
     /// When it was found ended (locks released, builder gone); leftovers are ended from then.
     ended: Option<Instant>,
     /// When its lease was ended (its processes were gone), perhaps before Nix released the
@@ -330,6 +333,7 @@ impl Watched {
         Watched {
             output_locks: job.lock_files.iter().map(|f| OutputLock::open(f, closes)).collect(),
             lock_closed: false,
+            locks_read: false,
             job,
             lease,
             admitted: now,
@@ -369,10 +373,10 @@ impl Watched {
         // deletes the lock files of a build that succeeded before it lets go of them, so a
         // deleted one (an fstat) ends the build without reading the locks (costly: every descriptor
         // of the Nix process). They are read for a build that failed or that Nix let go without
-        // starting: after Nix closed one of its lock files (their closes are watched), else
-        // every 100 ms (where closes cannot be watched: every 20 ms while the builder is
-        // searched for); its lease does not wait on this, and a build that succeeds costs no
-        // read. While the watcher holds a copy of the
+        // starting: after Nix closed one of its lock files (their closes are watched; and once,
+        // 100 ms into the watch, for a close before it), else every 100 ms (where closes cannot
+        // be watched: every 20 ms while the builder is searched for); its lease does not wait
+        // on this, and a build that succeeds costs no read. While the watcher holds a copy of the
         // build's log, Nix has not seen the build end: it still holds the locks.
         let running = match self.builder.as_ref() {
             Some(b) if !b.exited() || b.holds_log() => true,
@@ -515,18 +519,19 @@ impl Watched {
     }
 
     /// Whether Nix still holds the build's output locks, read at most `every` (taken to hold
-    /// them in between). Where Nix's closes of the files are watched, they are
-    /// read after a close, and otherwise only every [`LOCKS_WATCHED_EVERY`]: that covers a close
-    /// before the watch began.
+    /// them in between). Where Nix's closes of the files are watched, they are read after a
+    /// close, and otherwise once, [`LOCKS_WATCHED_EVERY`] after the watch began: that covers a
+    /// close before it. Nix releases a lock only by closing its file, so no later read is due.
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
-        let every = match self.output_locks.iter().all(OutputLock::close_watched) {
-            true => every.max(LOCKS_WATCHED_EVERY),
-            false => every,
+        let due = match self.output_locks.iter().all(OutputLock::close_watched) {
+            true => self.lock_closed || (!self.locks_read && self.locks_checked.elapsed() >= every.max(LOCKS_WATCHED_EVERY)),
+            false => self.lock_closed || self.locks_checked.elapsed() >= every,
         };
-        if !self.lock_closed && self.locks_checked.elapsed() < every {
+        if !due {
             return true;
         }
         self.lock_closed = false;
+        self.locks_read = true;
         self.locks_checked = Instant::now();
         scan.holds(&self.output_locks, self.job.nix_pid)
     }
@@ -686,8 +691,8 @@ pub trait Leases {
     fn recorded(&self, row: &BuildRecord);
 }
 
-/// How often, at most, Nix's locks are read for a build whose lock files' closes are watched
-/// and none was seen.
+/// When, after the watch began (or the builder was found), Nix's locks are read for a build
+/// whose lock files' closes are watched and none was seen: once.
 const LOCKS_WATCHED_EVERY: Duration = Duration::from_millis(100);
 
 /// How long a candidate is looked for among its worker's new children.

@@ -315,6 +315,38 @@ fn a_withdrawn_question_lets_go_of_its_lease() {
     nix_tier_tests::hook_env::wait_for("the lease of w-1.0 to end", common::ANSWER_TIMEOUT, || (running() == Some(0)).then_some(()));
 }
 
+/// Nix lets go of an admitted build (no slot after all, a failure before it starts) by closing
+/// its lock files. The watcher reads Nix's locks once, 100 ms into the watch (a close before
+/// the watch began has no event), and after that only when it sees a close: the lease must still
+/// end at once when the lock is released later.
+#[test]
+fn a_build_let_go_after_its_locks_were_read_ends_its_lease() {
+    let setup = Setup::new(8000);
+    let mut build = build_section(8000);
+    build["defaultTier"] = "heavy".into(); // one heavy job at a time
+    let profile = setup.path().join("heavy.json");
+    write_profile(&profile, build);
+    let mut hook = setup.hook_with_profile(&profile);
+    // This process is the hook's Nix worker, holding the outputs' locks while it asks.
+    let (first, _, first_lock) = locked_drv(&setup, "first-1.0");
+    let lines = hook.ask(&first);
+    assert_eq!(reply(&lines), "# decline", "first admitted: {lines:?}");
+    let (second, _, _second_lock) = locked_drv(&setup, "second-1.0");
+    let lines = hook.ask(&second);
+    assert_eq!(reply(&lines), "# postpone", "the first holds the heavy slot: {lines:?}");
+    // Time, not an event, is the point here: past the watcher's one read, which finds the lock held.
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let lines = hook.ask(&second);
+    assert_eq!(reply(&lines), "# postpone", "the first's lock is held, its lease too: {lines:?}");
+    let released = std::time::Instant::now();
+    drop(first_lock);
+    nix_tier_tests::hook_env::wait_for("second-1.0 to be admitted once the first's lock is released", common::ANSWER_TIMEOUT, || {
+        (reply(&hook.ask(&second)) == "# decline").then_some(())
+    });
+    // Seen from the close: a read of the locks every 100 ms took as long.
+    assert!(released.elapsed() < std::time::Duration::from_millis(500), "the release was seen after {:?}", released.elapsed());
+}
+
 #[test]
 fn a_broker_answering_garbage_is_declined() {
     let setup = Setup::new(8000);
