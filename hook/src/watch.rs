@@ -520,14 +520,14 @@ impl Watched {
 
     /// Whether Nix still holds the build's output locks, read at most `every` (taken to hold
     /// them in between). Where Nix's closes of the files are watched, they are read after a
-    /// close, and otherwise once, [`LOCKS_WATCHED_EVERY`] after the watch began: that covers a
+    /// close, and otherwise once, [`WATCHED_LOCKS_READ_AFTER`] after the watch began: that covers a
     /// close before it. Nix releases a lock only by closing its file, so no later read is due.
     fn locks_held(&mut self, scan: &mut Scan, every: Duration) -> bool {
-        let due = match self.output_locks.iter().all(OutputLock::close_watched) {
-            true => self.lock_closed || (!self.locks_read && self.locks_checked.elapsed() >= every.max(LOCKS_WATCHED_EVERY)),
-            false => self.lock_closed || self.locks_checked.elapsed() >= every,
+        let read_due = match self.output_locks.iter().all(OutputLock::close_watched) {
+            true => !self.locks_read && self.locks_checked.elapsed() >= every.max(WATCHED_LOCKS_READ_AFTER),
+            false => self.locks_checked.elapsed() >= every,
         };
-        if !due {
+        if !self.lock_closed && !read_due {
             return true;
         }
         self.lock_closed = false;
@@ -702,7 +702,7 @@ pub trait Leases {
 
 /// When, after the watch began (or the builder was found), Nix's locks are read for a build
 /// whose lock files' closes are watched and none was seen: once.
-const LOCKS_WATCHED_EVERY: Duration = Duration::from_millis(100);
+const WATCHED_LOCKS_READ_AFTER: Duration = Duration::from_millis(100);
 
 /// How long a candidate is looked for among its worker's new children.
 pub const CANDIDATE_TTL: Duration = Duration::from_secs(10);
